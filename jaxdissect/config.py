@@ -1,0 +1,95 @@
+"""The shared base config: every file in configs/ starts from get_base_config().
+
+Field names follow the official CLIP-Dissect arguments (clip_model, target_model,
+target_layers, d_probe, concept_set, similarity_fn, pool_mode, batch_size,
+activation_dir, result_dir) so its users feel at home. The config is flat on purpose:
+any field is overridden with --config.NAME=VALUE.
+"""
+import ml_collections
+
+from jaxdissect import errors
+
+SIMILARITY_FUNCTIONS = ("soft_wpmi", "wpmi", "rank_reorder", "cos_similarity",
+                        "cos_similarity_cubed")
+POOL_MODES = ("avg", "max")
+TOKEN_POOL_MODES = ("cls", "avg")
+WORKDIR_PLACEHOLDER = "<workdir>"
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """All fields, with defaults that need no network (overridden per config)."""
+  config = ml_collections.ConfigDict()
+  # Models: HF ids or local directories (Flax msgpack or safetensors).
+  config.clip_model = "openai/clip-vit-base-patch16"
+  config.target_model = "microsoft/resnet-50"
+  # Comma-separated friendly names (conv1, layer1..layer4, fc) or module paths.
+  config.target_layers = "conv1,layer1,layer2,layer3,layer4"
+  # Comma-separated probe sources: tfds:NAME:SPLIT, folder:PATH.
+  config.d_probe = "tfds:imagenet2012:validation"
+  # A text file (one concept a line), wordfreq:LANG:N, or classes:target.
+  config.concept_set = "wordfreq:en:20000"
+  config.similarity_fn = "soft_wpmi"
+  config.pool_mode = "avg"
+  # How (batch, tokens, channels) outputs become (batch, channels): CLS token or mean.
+  config.token_pool = "cls"
+  config.batch_size = 256
+  config.activation_dir = f"{WORKDIR_PLACEHOLDER}/activations"
+  config.result_dir = f"{WORKDIR_PLACEHOLDER}/results"
+  config.overwrite = False
+  # How many alternative concepts (descriptions_topk.csv) and top images per unit.
+  config.num_alternatives = 5
+  config.num_top_images = 10
+  # Text tower batch size for embedding the concept set.
+  config.text_batch_size = 256
+  # Neurons per similarity chunk (0: chosen from a memory budget).
+  config.neuron_chunk_size = 0
+  # Parallel decode calls in tf.data (-1: autotune).
+  config.num_decode_threads = -1
+  # Seconds between progress log lines.
+  config.log_every_s = 10.0
+  return config
+
+
+def resolve_paths(config: ml_collections.ConfigDict,
+                  workdir: str) -> ml_collections.ConfigDict:
+  """Returns a copy with <workdir> replaced in every string field."""
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  for key, value in resolved.items():
+    if isinstance(value, str) and WORKDIR_PLACEHOLDER in value:
+      resolved[key] = value.replace(WORKDIR_PLACEHOLDER, workdir)
+  return resolved
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks what can be checked without loading anything; raises UserError."""
+  base = get_base_config()
+  unknown = sorted(set(config.keys()) - set(base.keys()))
+  if unknown:
+    raise errors.UserError(
+        unknown[0], f"unknown config field(s) {unknown}.",
+        f"use only the fields of jaxdissect.config.get_base_config(): "
+        f"{sorted(base.keys())}.")
+  if config.similarity_fn not in SIMILARITY_FUNCTIONS:
+    raise errors.UserError(
+        "similarity_fn", f"unknown similarity function {config.similarity_fn!r}.",
+        f"use one of {', '.join(SIMILARITY_FUNCTIONS)}.")
+  if config.pool_mode not in POOL_MODES:
+    raise errors.UserError("pool_mode", f"unknown pool mode {config.pool_mode!r}.",
+                           f"use one of {', '.join(POOL_MODES)}.")
+  if config.token_pool not in TOKEN_POOL_MODES:
+    raise errors.UserError("token_pool", f"unknown token pool {config.token_pool!r}.",
+                           f"use one of {', '.join(TOKEN_POOL_MODES)}.")
+  for field in ("batch_size", "text_batch_size"):
+    if int(config[field]) < 1:
+      raise errors.UserError(field, f"must be a positive integer, got {config[field]}.",
+                             f"set --config.{field}=256 or similar.")
+  for field in ("num_alternatives", "num_top_images"):
+    if int(config[field]) < 1:
+      raise errors.UserError(field, f"must be at least 1, got {config[field]}.",
+                             f"set --config.{field}=5.")
+  if not str(config.target_layers).strip():
+    raise errors.UserError("target_layers", "no layer given.",
+                           "set --config.target_layers=layer4 (see --list_layers).")
+  for field in ("clip_model", "target_model", "d_probe", "concept_set"):
+    if not str(config[field]).strip():
+      raise errors.UserError(field, "is empty.", f"set --config.{field}.")

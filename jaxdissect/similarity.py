@@ -1,0 +1,252 @@
+"""Similarity between neuron activations and CLIP concept activations, pure jnp.
+
+Every public function takes
+  concept_activation: (num_images, num_concepts), P[i, m] = cos(CLIP image i, text m)
+  activations:        (num_images, num_neurons), pooled activations of one layer
+and returns (num_neurons, num_concepts) scores, higher = better match. The formulas
+are those of ../shared/DESIGN.md. All functions are vectorised over neurons and
+chunked over them (`chunk_size` neurons at a time, chosen from a memory budget when
+None), so no Python loop runs per neuron and memory stays bounded.
+
+Ties among a neuron's top activations are broken by the lower image index (the rule
+of jax.lax.top_k), so results do not depend on batch size or sharding.
+"""
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Bytes one chunk's largest intermediate may take when chunk_size is None.
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+# rank_reorder divides by (mean concept activation)**scale_p: clamp the mean here.
+RANK_REORDER_MIN_MEAN = 1e-6
+# Columns whose L2 norm is below this are treated as having norm TINY (no NaN).
+TINY = 1e-12
+NUM_BASELINE_SHUFFLES = 5
+
+
+def _check_inputs(concept_activation, activations, name: str) -> tuple[int, int, int]:
+  if concept_activation.ndim != 2 or activations.ndim != 2:
+    raise ValueError(
+        f"{name}: concept_activation must be (num_images, num_concepts) and activations "
+        f"(num_images, num_neurons); got shapes {concept_activation.shape} and "
+        f"{activations.shape}.")
+  if concept_activation.shape[0] != activations.shape[0]:
+    raise ValueError(
+        f"{name}: concept_activation has {concept_activation.shape[0]} images but "
+        f"activations has {activations.shape[0]}; both must be rows of the same images.")
+  num_images, num_concepts = concept_activation.shape
+  return num_images, num_concepts, activations.shape[1]
+
+
+def _chunk(chunk_size: int | None, num_neurons: int, bytes_per_neuron: int) -> int:
+  if chunk_size is None:
+    chunk_size = max(1, DEFAULT_CHUNK_BYTES // max(1, bytes_per_neuron))
+  return int(max(1, min(chunk_size, num_neurons)))
+
+
+def top_activations(activations: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Each neuron's k largest activations, largest first, ties to the lower image index.
+
+  Args:
+    activations: (num_images, num_neurons).
+    k: how many images per neuron.
+  Returns:
+    values: (num_neurons, k) descending; indices: (num_neurons, k) image indices.
+  """
+  # lax.top_k returns equal values in increasing index order: the tie rule we want.
+  return jax.lax.top_k(jnp.asarray(activations).T, k)
+
+
+def _subtract_prior(log_likelihood: jax.Array, lam: float) -> jax.Array:
+  """L - lam * (logsumexp over neurons of L - log K). Couples all neurons of a layer."""
+  num_neurons = log_likelihood.shape[0]
+  prior = jax.nn.logsumexp(log_likelihood, axis=0) - math.log(num_neurons)
+  return log_likelihood - lam * prior[None, :]
+
+
+def _map_neurons(fn: Callable, xs, chunk: int):
+  """jax.lax.map over neurons, `chunk` neurons vectorised at a time."""
+  return jax.lax.map(fn, xs, batch_size=chunk)
+
+
+def cos_similarity(concept_activation, activations):
+  """Cosine over images between every neuron and every concept: (num_neurons, num_concepts).
+
+  Columns with zero norm (a neuron that is always 0) score 0 instead of NaN.
+  """
+  _check_inputs(concept_activation, activations, "cos_similarity")
+  return _cos_similarity(jnp.asarray(concept_activation, jnp.float32),
+                         jnp.asarray(activations, jnp.float32))
+
+
+@jax.jit
+def _cos_similarity(concept_activation, activations):
+  concepts = concept_activation / jnp.maximum(
+      jnp.linalg.norm(concept_activation, axis=0, keepdims=True), TINY)
+  neurons = activations / jnp.maximum(
+      jnp.linalg.norm(activations, axis=0, keepdims=True), TINY)
+  return jnp.matmul(neurons.T, concepts, precision=jax.lax.Precision.HIGHEST)
+
+
+def cos_similarity_cubed(concept_activation, activations, min_norm=1e-3):
+  """Cosine of centred, cubed columns (CLIP-Dissect's cos^3): (num_neurons, num_concepts)."""
+  _check_inputs(concept_activation, activations, "cos_similarity_cubed")
+  return _cos_similarity_cubed(jnp.asarray(concept_activation, jnp.float32),
+                               jnp.asarray(activations, jnp.float32), min_norm)
+
+
+@jax.jit
+def _cos_similarity_cubed(concept_activation, activations, min_norm):
+  def centre_cube_normalise(x):
+    x = (x - jnp.mean(x, axis=0, keepdims=True)) ** 3
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=0, keepdims=True), min_norm)
+
+  return jnp.matmul(centre_cube_normalise(activations).T,
+                    centre_cube_normalise(concept_activation),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def wpmi(concept_activation, activations, top_k=28, a=2.0, lam=0.6, min_prob=1e-7,
+         chunk_size=None):
+  """WPMI: sum over a neuron's top_k images of log softmax(a P), minus lam * prior.
+
+  Returns (num_neurons, num_concepts).
+  """
+  num_images, num_concepts, num_neurons = _check_inputs(concept_activation, activations,
+                                                        "wpmi")
+  _check_top_k(top_k, num_images, "wpmi")
+  chunk = _chunk(chunk_size, num_neurons, top_k * num_concepts * 4)
+  return _wpmi(jnp.asarray(concept_activation, jnp.float32),
+               jnp.asarray(activations, jnp.float32), a, lam, min_prob,
+               top_k=top_k, chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "chunk"))
+def _wpmi(concept_activation, activations, a, lam, min_prob, *, top_k, chunk):
+  probs = jax.nn.softmax(a * concept_activation, axis=1)
+  _, top_images = top_activations(activations, top_k)
+
+  def neuron_log_likelihood(image_ids):  # (top_k,) -> (num_concepts,)
+    return jnp.sum(jnp.log(probs[image_ids] + min_prob), axis=0)
+
+  log_likelihood = _map_neurons(neuron_log_likelihood, top_images, chunk)
+  return _subtract_prior(log_likelihood, lam)
+
+
+def soft_wpmi_membership(top_k: int, p_start: float, p_end: float) -> np.ndarray:
+  """p_j = p_start - (j / top_k)(p_start - p_end), j = 0 for the highest activation."""
+  ranks = np.arange(top_k, dtype=np.float64)
+  return p_start - (ranks / top_k) * (p_start - p_end)
+
+
+def soft_wpmi(concept_activation, activations, top_k=100, a=10.0, lam=1.0, min_prob=1e-7,
+              p_start=0.998, p_end=0.97, chunk_size=None):
+  """Soft-WPMI (CLIP-Dissect's default): (num_neurons, num_concepts).
+
+  L[k, m] = sum_j log(1 + p_j (S[idx_k[j], m] - 1) + min_prob), S = softmax(a P) over
+  concepts, idx_k the neuron's top_k images; returns L - lam * prior.
+  """
+  num_images, num_concepts, num_neurons = _check_inputs(concept_activation, activations,
+                                                        "soft_wpmi")
+  _check_top_k(top_k, num_images, "soft_wpmi")
+  chunk = _chunk(chunk_size, num_neurons, top_k * num_concepts * 4)
+  membership = jnp.asarray(soft_wpmi_membership(top_k, p_start, p_end), jnp.float32)
+  return _soft_wpmi(jnp.asarray(concept_activation, jnp.float32),
+                    jnp.asarray(activations, jnp.float32), membership, a, lam, min_prob,
+                    top_k=top_k, chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "chunk"))
+def _soft_wpmi(concept_activation, activations, membership, a, lam, min_prob, *, top_k,
+               chunk):
+  probs = jax.nn.softmax(a * concept_activation, axis=1)
+  _, top_images = top_activations(activations, top_k)
+
+  def neuron_log_likelihood(image_ids):  # (top_k,) -> (num_concepts,)
+    rows = probs[image_ids]
+    return jnp.sum(jnp.log(1.0 + membership[:, None] * (rows - 1.0) + min_prob), axis=0)
+
+  log_likelihood = _map_neurons(neuron_log_likelihood, top_images, chunk)
+  return _subtract_prior(log_likelihood, lam)
+
+
+def rank_reorder_baseline_permutations(num_top: int, seed: int) -> np.ndarray:
+  """The seeded shuffles of rank_reorder's random baseline: (5, num_top) int32."""
+  rng = np.random.default_rng(seed)
+  return np.stack([rng.permutation(num_top) for _ in range(NUM_BASELINE_SHUFFLES)]
+                 ).astype(np.int32)
+
+
+def rank_reorder(concept_activation, activations, top_fraction=0.05, p=3, scale_p=0.5,
+                 seed=0, chunk_size=None):
+  """Rank-reorder similarity: (num_neurons, num_concepts).
+
+  For each neuron, its top n = floor(N * top_fraction) activations are re-ordered by
+  each concept's ranking of the same images; the error against the true order,
+  relative to a seeded random-shuffle baseline, is divided by
+  (mean concept activation over those images) ** scale_p and negated.
+
+  Deliberate deviation: that mean is clamped at RANK_REORDER_MIN_MEAN, because a small
+  CLIP can give negative means and the power would be NaN; a zero random baseline
+  (a constant neuron) is clamped likewise.
+  """
+  num_images, num_concepts, num_neurons = _check_inputs(concept_activation, activations,
+                                                        "rank_reorder")
+  num_top = int(math.floor(num_images * top_fraction))
+  if num_top < 2:
+    raise ValueError(
+        f"rank_reorder: top_fraction={top_fraction} of {num_images} images keeps "
+        f"{num_top} images; at least 2 are needed. Use more probe images or a larger "
+        f"top_fraction.")
+  # argsort twice needs a few (num_top, num_concepts) int32 buffers per neuron.
+  chunk = _chunk(chunk_size, num_neurons, 4 * num_top * num_concepts * 4)
+  permutations = jnp.asarray(rank_reorder_baseline_permutations(num_top, seed))
+  return _rank_reorder(jnp.asarray(concept_activation, jnp.float32),
+                       jnp.asarray(activations, jnp.float32), permutations, p, scale_p,
+                       num_top=num_top, chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("num_top", "chunk"))
+def _rank_reorder(concept_activation, activations, permutations, p, scale_p, *, num_top,
+                  chunk):
+  values, top_images = top_activations(activations, num_top)
+
+  def neuron_scores(args):
+    top_values, image_ids = args  # (num_top,), descending
+    ascending = top_values[::-1]
+    rows = concept_activation[image_ids]  # (num_top, num_concepts)
+    ranks = jnp.argsort(jnp.argsort(rows, axis=0, stable=True), axis=0, stable=True)
+    reorganised = ascending[ranks]
+    error = jnp.mean(jnp.abs(top_values[:, None] - reorganised) ** p, axis=0)
+    baseline = jnp.mean(jnp.abs(ascending[None, :] - ascending[permutations]) ** p)
+    error = error / jnp.maximum(baseline, TINY)
+    mean_rows = jnp.maximum(jnp.mean(rows, axis=0), RANK_REORDER_MIN_MEAN)
+    return -error / mean_rows ** scale_p
+
+  return _map_neurons(neuron_scores, (values, top_images), chunk)
+
+
+def _check_top_k(top_k: int, num_images: int, name: str) -> None:
+  if top_k > num_images:
+    raise ValueError(
+        f"{name}: top_k={top_k} needs at least {top_k} probe images, got {num_images}. "
+        f"Use more probe images.")
+
+
+SIMILARITY_FUNCTIONS: dict[str, Callable] = {
+    "soft_wpmi": soft_wpmi,
+    "wpmi": wpmi,
+    "rank_reorder": rank_reorder,
+    "cos_similarity": cos_similarity,
+    "cos_similarity_cubed": cos_similarity_cubed,
+}
+
+
+def min_images(similarity_fn: str) -> int:
+  """The fewest probe images a similarity function accepts with its defaults."""
+  return {"soft_wpmi": 100, "wpmi": 28, "rank_reorder": 40, "cos_similarity": 2,
+          "cos_similarity_cubed": 2}[similarity_fn]

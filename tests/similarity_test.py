@@ -1,0 +1,196 @@
+"""Similarity functions against a NumPy float64 per-neuron reference written from DESIGN.md."""
+import math
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+from scipy import special
+
+from jaxdissect import similarity
+
+
+# ---------------------------------------------------------------- float64 references
+def ref_top(activations, k):
+  """Per neuron: indices of the k largest, ties to the lower image index."""
+  num_images, num_neurons = activations.shape
+  out = []
+  for n in range(num_neurons):
+    order = np.lexsort((np.arange(num_images), -activations[:, n]))
+    out.append(order[:k])
+  return out
+
+
+def ref_softmax(x):
+  x = x - x.max(axis=1, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(axis=1, keepdims=True)
+
+
+def ref_cos(P, A):
+  K, M = A.shape[1], P.shape[1]
+  out = np.zeros((K, M))
+  for k in range(K):
+    for m in range(M):
+      out[k, m] = A[:, k] @ P[:, m] / (np.linalg.norm(A[:, k]) * np.linalg.norm(P[:, m]))
+  return out
+
+
+def ref_cos_cubed(P, A, min_norm=1e-3):
+  def prep(col):
+    c = (col - col.mean()) ** 3
+    return c / max(np.linalg.norm(c), min_norm)
+  K, M = A.shape[1], P.shape[1]
+  out = np.zeros((K, M))
+  for k in range(K):
+    a = prep(A[:, k])
+    for m in range(M):
+      out[k, m] = a @ prep(P[:, m])
+  return out
+
+
+def ref_prior_subtract(L, lam):
+  K = L.shape[0]
+  prior = special.logsumexp(L, axis=0) - math.log(K)
+  return L - lam * prior
+
+
+def ref_wpmi(P, A, top_k=28, a=2.0, lam=0.6, min_prob=1e-7):
+  S = ref_softmax(a * P)
+  tops = ref_top(A, top_k)
+  L = np.stack([np.log(S[idx] + min_prob).sum(axis=0) for idx in tops])
+  return ref_prior_subtract(L, lam)
+
+
+def ref_soft_wpmi(P, A, top_k=100, a=10.0, lam=1.0, min_prob=1e-7, p_start=0.998,
+                  p_end=0.97):
+  S = ref_softmax(a * P)
+  tops = ref_top(A, top_k)
+  L = []
+  for idx in tops:
+    total = np.zeros(P.shape[1])
+    for j, i in enumerate(idx):
+      p_j = p_start - (j / top_k) * (p_start - p_end)
+      total += np.log(1 + p_j * (S[i] - 1) + min_prob)
+    L.append(total)
+  return ref_prior_subtract(np.stack(L), lam)
+
+
+def ref_rank_reorder(P, A, top_fraction=0.05, p=3, scale_p=0.5, seed=0):
+  N = P.shape[0]
+  n = int(math.floor(N * top_fraction))
+  perms = similarity.rank_reorder_baseline_permutations(n, seed)
+  scores = []
+  for k, idx in enumerate(ref_top(A, n)):
+    v = A[idx, k]  # descending
+    v_asc = np.sort(v)
+    C = P[idx, :]
+    row = np.zeros(P.shape[1])
+    baseline = np.mean([np.mean(np.abs(v_asc - v_asc[perm]) ** p) for perm in perms])
+    for m in range(P.shape[1]):
+      ranks = np.empty(n, dtype=int)
+      ranks[np.argsort(C[:, m], kind="stable")] = np.arange(n)
+      reorg = v_asc[ranks]
+      err = np.mean(np.abs(v - reorg) ** p) / baseline
+      mean_c = max(C[:, m].mean(), similarity.RANK_REORDER_MIN_MEAN)
+      row[m] = -err / mean_c ** scale_p
+    scores.append(row)
+  return np.stack(scores)
+
+
+REFERENCES = {
+    "cos_similarity": ref_cos,
+    "cos_similarity_cubed": ref_cos_cubed,
+    "wpmi": ref_wpmi,
+    "soft_wpmi": ref_soft_wpmi,
+    "rank_reorder": ref_rank_reorder,
+}
+CHUNKED = ("wpmi", "soft_wpmi", "rank_reorder")
+
+
+def random_inputs(num_images, num_concepts, num_neurons, seed):
+  rng = np.random.default_rng(seed)
+  # CLIP cosines sit in a narrow positive band; activations are ReLU-like.
+  P = 0.2 + 0.05 * rng.standard_normal((num_images, num_concepts))
+  A = np.maximum(rng.standard_normal((num_images, num_neurons)), 0) + 0.01 * rng.random(
+      (num_images, num_neurons))
+  return P, A
+
+
+def assert_matches_reference(test, ours, ref):
+  ours = np.asarray(ours, np.float64)
+  test.assertEqual(ours.shape, ref.shape)
+  test.assertTrue(np.all(np.isfinite(ours)))
+  rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+  test.assertLessEqual(rel, 1e-4, f"norm-wise relative error {rel}")
+  # Same argmax wherever the float64 top-2 gap is clear.
+  top2 = np.sort(ref, axis=1)[:, -2:]
+  clear = (top2[:, 1] - top2[:, 0]) > 1e-3
+  np.testing.assert_array_equal(ours.argmax(1)[clear], ref.argmax(1)[clear])
+
+
+class SimilarityTest(parameterized.TestCase):
+
+  @parameterized.product(
+      name=sorted(REFERENCES),
+      shape=[(120, 7, 5), (240, 33, 12), (400, 3, 40)],
+  )
+  def test_matches_float64_reference(self, name, shape):
+    P, A = random_inputs(*shape, seed=hash((name, shape)) % 1000)
+    ours = similarity.SIMILARITY_FUNCTIONS[name](P.astype(np.float32), A.astype(np.float32))
+    assert_matches_reference(self, ours, REFERENCES[name](P, A))
+
+  @parameterized.parameters(*CHUNKED)
+  def test_chunked_equals_unchunked(self, name):
+    P, A = random_inputs(300, 20, 13, seed=3)
+    fn = similarity.SIMILARITY_FUNCTIONS[name]
+    whole = np.asarray(fn(P, A, chunk_size=13))
+    for chunk in (1, 4, 5):
+      chunked = np.asarray(fn(P, A, chunk_size=chunk))
+      # Scores are differences of sums of ~100 logs: float32 rounding of those sums.
+      np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=5e-4)
+      np.testing.assert_array_equal(chunked.argmax(1), whole.argmax(1))
+
+  @parameterized.parameters(*sorted(REFERENCES))
+  def test_permuting_images_leaves_scores_unchanged(self, name):
+    P, A = random_inputs(300, 15, 9, seed=4)
+    perm = np.random.default_rng(5).permutation(300)
+    fn = similarity.SIMILARITY_FUNCTIONS[name]
+    np.testing.assert_allclose(np.asarray(fn(P[perm], A[perm])), np.asarray(fn(P, A)),
+                               rtol=1e-5, atol=1e-5)
+
+  def test_top_activations_ties_go_to_lower_image_index(self):
+    A = np.array([[1.0, 0.0], [3.0, 0.0], [3.0, 0.0], [2.0, 0.0], [3.0, 0.0]], np.float32)
+    values, idx = similarity.top_activations(A, 4)
+    np.testing.assert_array_equal(np.asarray(idx[0]), [1, 2, 4, 3])
+    np.testing.assert_array_equal(np.asarray(values[0]), [3, 3, 3, 2])
+    np.testing.assert_array_equal(np.asarray(idx[1]), [0, 1, 2, 3])
+
+  @parameterized.parameters("soft_wpmi", "wpmi")
+  def test_planted_concepts_are_recovered(self, name):
+    # Concept c(k) is present in a random 15% of images; neuron k fires there.
+    rng = np.random.default_rng(0)
+    num_images, num_concepts, num_neurons = 2000, 40, 25
+    present = rng.random((num_images, num_concepts)) < 0.15
+    P = 0.18 + 0.02 * rng.standard_normal((num_images, num_concepts)) + 0.08 * present
+    planted = rng.permutation(num_concepts)[:num_neurons]
+    A = (present[:, planted] * (1.0 + rng.random((num_images, num_neurons)))
+         + 0.3 * rng.random((num_images, num_neurons)))
+    scores = similarity.SIMILARITY_FUNCTIONS[name](P.astype(np.float32),
+                                                   A.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(scores).argmax(axis=1), planted)
+
+  def test_too_few_images_is_a_clear_error(self):
+    P, A = random_inputs(50, 4, 3, seed=0)
+    with self.assertRaisesRegex(ValueError, "at least 100 probe images"):
+      similarity.soft_wpmi(P, A)
+    with self.assertRaisesRegex(ValueError, "same images"):
+      similarity.cos_similarity(P[:10], A)
+
+  def test_rank_reorder_negative_mean_is_clamped_not_nan(self):
+    P, A = random_inputs(200, 6, 4, seed=1)
+    scores = similarity.rank_reorder(P - 1.0, A)
+    self.assertTrue(np.all(np.isfinite(np.asarray(scores))))
+
+
+if __name__ == "__main__":
+  absltest.main()
