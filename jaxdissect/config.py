@@ -12,7 +12,7 @@ from jaxdissect import errors
 SIMILARITY_FUNCTIONS = ("soft_wpmi", "wpmi", "rank_reorder", "cos_similarity",
                         "cos_similarity_cubed")
 POOL_MODES = ("avg", "max")
-TOKEN_POOL_MODES = ("cls", "avg")
+TOKEN_POOL_MODES = ("cls", "avg_patches")
 WORKDIR_PLACEHOLDER = "<workdir>"
 
 
@@ -30,7 +30,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.concept_set = "wordfreq:en:20000"
   config.similarity_fn = "soft_wpmi"
   config.pool_mode = "avg"
-  # How (batch, tokens, channels) outputs become (batch, channels): CLS token or mean.
+  # How (batch, tokens, channels) outputs become (batch, channels): the CLS token
+  # ("cls") or the mean of the patch tokens ("avg_patches").
   config.token_pool = "cls"
   config.batch_size = 256
   config.activation_dir = f"{WORKDIR_PLACEHOLDER}/activations"

@@ -1,0 +1,113 @@
+"""The probe pass: one jitted step per batch gives CLIP image embeddings and the pooled
+activations of every requested layer; only (batch, units) arrays leave the device.
+"""
+import dataclasses
+import time
+from typing import Iterable, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+from jaxdissect import sharding
+from jaxdissect.models import clip as clip_lib
+from jaxdissect.models import targets as targets_lib
+
+
+@dataclasses.dataclass
+class ProbeActivations:
+  """Everything the similarity needs from the images.
+
+  image_embeddings: (num_images, dim) L2-normalised CLIP image embeddings.
+  activations: layer name -> (num_images, num_units) pooled activations.
+  image_ids: (num_images,) ids in global index order.
+  """
+  image_embeddings: np.ndarray
+  activations: dict[str, np.ndarray]
+  image_ids: list[str]
+
+
+def make_probe_step(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
+                    layers: Sequence[targets_lib.LayerInfo], pool_mode: str,
+                    token_pool: str, mesh=None):
+  """jit(clip_params, target_variables, clip_pixels, target_pixels) ->
+  (embeddings (B, dim), {layer name: (B, units)})."""
+  paths = [info.path for info in layers]
+  keep = targets_lib.capture_filter(paths)
+
+  def step(clip_params, target_variables, clip_pixels, target_pixels):
+    embeddings = clip.image_embeddings(clip_params, clip_pixels)
+    _, intermediates = target.forward(target_variables, target_pixels, capture=keep)
+    pooled = {}
+    for info in layers:
+      array = targets_lib.get_intermediate(intermediates, info.path)
+      pooled[info.name] = targets_lib.pool(array, pool_mode, token_pool).astype(np.float32)
+    return embeddings.astype(np.float32), pooled
+
+  if mesh is None:
+    return jax.jit(step)
+  data = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(rep, rep, data, data), out_shardings=data)
+
+
+class RateLogger:
+  """Logs images/s and ETA at most every `every_s` seconds."""
+
+  def __init__(self, total: int, what: str, every_s: float = 10.0):
+    self.total, self.what, self.every_s = total, what, every_s
+    self.start = self.last = time.monotonic()
+    self.done = 0
+
+  def update(self, count: int) -> None:
+    self.done += count
+    now = time.monotonic()
+    if now - self.last >= self.every_s or self.done >= self.total:
+      self.last = now
+      elapsed = max(now - self.start, 1e-9)
+      rate = self.done / elapsed
+      eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+      logging.info("%s: %d/%d images, %.1f images/s, ETA %.0fs.", self.what, self.done,
+                   self.total, rate, eta)
+
+  @property
+  def rate(self) -> float:
+    return self.done / max(time.monotonic() - self.start, 1e-9)
+
+
+def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
+                   layers: Sequence[targets_lib.LayerInfo], batches: Iterable[dict],
+                   num_images: int, pool_mode: str = "avg", token_pool: str = "cls",
+                   mesh=None, log_every_s: float = 10.0) -> ProbeActivations:
+  """Runs the probe step over every batch; padding rows are dropped by the mask."""
+  step = make_probe_step(clip, target, layers, pool_mode, token_pool, mesh)
+  if mesh is not None:
+    rep = sharding.replicated(mesh)
+    clip_params = jax.device_put(clip.params, rep)
+    target_variables = jax.device_put(target.variables, rep)
+  else:
+    clip_params, target_variables = clip.params, target.variables
+  embeddings = np.zeros((num_images, clip.embedding_dim), np.float32)
+  activations = {info.name: np.zeros((num_images, info.num_units), np.float32)
+                 for info in layers}
+  image_ids = [None] * num_images
+  seen = np.zeros(num_images, bool)
+  progress = RateLogger(num_images, "Probe pass", log_every_s)
+  for batch in batches:
+    out_embeddings, out_pooled = step(clip_params, target_variables,
+                                      batch["clip_pixels"], batch["target_pixels"])
+    mask = batch["mask"]
+    index = batch["index"][mask]
+    embeddings[index] = np.asarray(out_embeddings)[mask]
+    for name, values in out_pooled.items():
+      activations[name][index] = np.asarray(values)[mask]
+    for i, image_id in zip(index, batch["image_id"][mask]):
+      image_ids[i] = image_id.decode("utf-8") if isinstance(image_id, bytes) else str(
+          image_id)
+    seen[index] = True
+    progress.update(int(mask.sum()))
+  if not seen.all():
+    raise RuntimeError(f"probe pass saw {int(seen.sum())} of {num_images} images; the "
+                       "probe source yielded fewer images than it announced.")
+  logging.info("Probe pass done: %d images at %.1f images/s.", num_images, progress.rate)
+  return ProbeActivations(embeddings, activations, image_ids)

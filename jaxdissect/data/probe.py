@@ -1,0 +1,269 @@
+"""Probe image sources and the one-pass tf.data pipeline that feeds the probe step.
+
+Sources: `tfds:NAME[:VERSION]:SPLIT` (tfds.load, honouring TFDS_DATA_DIR), `folder:PATH`
+(recursive jpg/jpeg/png, sorted by relative path), and in-memory arrays (Python API).
+Each image is decoded once and passed through two transforms (CLIP's and the target's);
+batches have a fixed size, the last one padded, with a mask that marks real images.
+Every image carries its global index (position in the concatenated sources) and an id
+(relative file name or TFDS key) that ends up in top_images.csv.
+"""
+import dataclasses
+import os
+import re
+from typing import Any, Callable, Iterator, Sequence
+
+from absl import logging
+import numpy as np
+
+from jaxdissect import errors
+from jaxdissect.data import preprocessing
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_TFDS_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+@dataclasses.dataclass
+class ProbeSource:
+  """One source of probe images.
+
+  Attributes:
+    description: the spec it came from, e.g. "folder:/data/probe".
+    num_images: how many images it yields.
+    identity: what the activation-store fingerprint hashes for it.
+    make_dataset: () -> tf.data.Dataset of {"image": uint8 (H, W, 3), "image_id": str}.
+  """
+  description: str
+  num_images: int
+  identity: dict[str, Any]
+  make_dataset: Callable[[], Any]
+
+
+def parse_probe_spec(spec: str, field: str = "d_probe") -> list[ProbeSource]:
+  """Comma-separated sources -> ProbeSource list (in order)."""
+  parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+  if not parts:
+    raise errors.UserError(field, "no probe source given.",
+                           "use tfds:NAME:SPLIT or folder:PATH (comma-separated).")
+  sources = []
+  for part in parts:
+    kind, _, rest = part.partition(":")
+    if kind == "folder" and rest:
+      sources.append(folder_source(rest, field))
+    elif kind == "tfds" and rest:
+      name, _, split = rest.partition(":")
+      head, _, tail = split.partition(":")
+      if _TFDS_VERSION.match(head) and tail:
+        name, split = f"{name}:{head}", tail
+      if not name or not split:
+        raise errors.UserError(field, f"{part!r} is not tfds:NAME:SPLIT.",
+                               "e.g. tfds:imagenet2012:validation.")
+      sources.append(tfds_source(name, split, field))
+    else:
+      raise errors.UserError(field, f"unknown probe source {part!r}.",
+                             "use tfds:NAME:SPLIT or folder:PATH (comma-separated).")
+  return sources
+
+
+def list_image_files(root: str) -> list[str]:
+  """Relative paths of the images under root, recursively, sorted."""
+  found = []
+  for directory, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for filename in filenames:
+      if filename.lower().endswith(IMAGE_EXTENSIONS):
+        found.append(os.path.relpath(os.path.join(directory, filename), root))
+  return sorted(p.replace(os.sep, "/") for p in found)
+
+
+def folder_source(path: str, field: str = "d_probe") -> ProbeSource:
+  root = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(root):
+    raise errors.UserError(field, f"probe folder {path!r} does not exist.",
+                           "give folder:PATH of an existing directory of images.")
+  files = list_image_files(root)
+  if not files:
+    raise errors.UserError(field, f"probe folder {path!r} holds no .jpg/.jpeg/.png files.",
+                           "put images in it (subfolders are searched) or use another "
+                           "source.")
+  # Sizes and modification times identify the files without reading them all.
+  listing = []
+  for rel in files:
+    stat = os.stat(os.path.join(root, rel))
+    listing.append([rel, stat.st_size, stat.st_mtime_ns])
+
+  def make_dataset():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    paths = [os.path.join(root, rel) for rel in files]
+    ds = tf.data.Dataset.from_tensor_slices({"path": paths, "image_id": files})
+    return ds.map(lambda x: {"image": _decode_file(x["path"]), "image_id": x["image_id"]},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  return ProbeSource(description=f"folder:{path}", num_images=len(files),
+                     identity={"kind": "folder", "root": root, "files": listing},
+                     make_dataset=make_dataset)
+
+
+def tfds_source(name: str, split: str, field: str = "d_probe") -> ProbeSource:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = os.environ.get("TFDS_DATA_DIR")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+    num_images = builder.info.splits[split].num_examples
+  except Exception as err:  # pylint: disable=broad-except
+    message = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    raise errors.UserError(
+        field, f"TFDS dataset {name!r} split {split!r} is not available "
+        f"({type(err).__name__}: {message}).",
+        "prepare it with `tfds build` (manual downloads go to TFDS_DATA_DIR/downloads/"
+        "manual) and set TFDS_DATA_DIR, or use folder:PATH.") from None
+  image_keys = [k for k, v in builder.info.features.items()
+                if type(v).__name__ == "Image"]
+  if not image_keys:
+    raise errors.UserError(field, f"TFDS dataset {name!r} has no image feature.",
+                           "use an image dataset.")
+  image_key = "image" if "image" in image_keys else image_keys[0]
+
+  def make_dataset():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            read_config=tfds.ReadConfig(add_tfds_id=True))
+    return ds.map(lambda x: {"image": x[image_key], "image_id": x["tfds_id"]},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  return ProbeSource(
+      description=f"tfds:{name}:{split}", num_images=int(num_images),
+      identity={"kind": "tfds", "name": builder.info.full_name, "split": split,
+                "num_examples": int(num_images)},
+      make_dataset=make_dataset)
+
+
+def array_source(images: np.ndarray, image_ids: Sequence[str] | None = None,
+                 description: str = "array") -> ProbeSource:
+  """In-memory images (N, H, W, 3) uint8 (or float in [0, 1]) as a probe source."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+    raise errors.UserError("images", f"expected (N, H, W, 3) images, got {images.shape}.",
+                           "pass an array of RGB images, channels last.")
+  if images.dtype != np.uint8:
+    if images.min() < 0 or images.max() > 1.0:
+      raise errors.UserError("images", "float images must lie in [0, 1].",
+                             "pass uint8 images or floats scaled to [0, 1].")
+    images = np.round(images * 255).astype(np.uint8)
+  if image_ids is None:
+    image_ids = [str(i) for i in range(len(images))]
+  image_ids = [str(i) for i in image_ids]
+  if len(image_ids) != len(images):
+    raise errors.UserError("image_ids", f"{len(image_ids)} ids for {len(images)} images.",
+                           "give one id per image.")
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+  def make_dataset():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.data.Dataset.from_tensor_slices({"image": images, "image_id": image_ids})
+
+  return ProbeSource(description=description, num_images=len(images),
+                     identity={"kind": "array", "sha256": digest, "ids": image_ids},
+                     make_dataset=make_dataset)
+
+
+def _to_rgb(image):
+  """Any decoded image -> uint8 (H, W, 3): grayscale tiled, alpha dropped, 16-bit scaled."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if image.dtype != tf.uint8:
+    image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
+  channels = tf.shape(image)[-1]
+  image = tf.cond(channels == 1, lambda: tf.tile(image, [1, 1, 3]),
+                  lambda: image[..., :3])
+  return tf.ensure_shape(image, (None, None, 3))
+
+
+def _decode_file(path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # dtype=uint8 scales 16-bit PNGs down; channels=0 keeps what the file has.
+  return tf.io.decode_image(tf.io.read_file(path), channels=0, dtype=tf.uint8,
+                            expand_animations=False)
+
+
+def _decode(element):
+  image = element["image"]
+  if image.shape.rank == 2:
+    image = image[..., None]
+  return _to_rgb(image)
+
+
+@dataclasses.dataclass
+class ProbeSet:
+  """The concatenation of sources, with global image indices."""
+  sources: list[ProbeSource]
+
+  @property
+  def num_images(self) -> int:
+    return sum(s.num_images for s in self.sources)
+
+  @property
+  def identity(self) -> list[dict[str, Any]]:
+    return [s.identity for s in self.sources]
+
+  def batches(self, clip_transform: preprocessing.ImageTransform,
+              target_transform: preprocessing.ImageTransform, batch_size: int,
+              num_parallel_calls: int = -1, shard_index: int = 0,
+              num_shards: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size batches: clip_pixels, target_pixels (B, h, w, 3) float32, index (B,)
+    int64 (-1 for padding), mask (B,) bool, image_id (B,) bytes.
+
+    With num_shards > 1, this process reads every num_shards-th image starting at
+    shard_index and pads to the same number of batches as every other shard.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    for name, transform in (("clip_model", clip_transform),
+                            ("target_model", target_transform)):
+      if transform.output_size is None:
+        raise errors.UserError(name, "its image transform has no fixed output size.",
+                               "its preprocessor_config.json needs crop_size or an exact "
+                               "size.")
+    per_shard = -(-self.num_images // num_shards)
+    num_batches = -(-per_shard // batch_size)
+    ds = None
+    offset = 0
+    for source in self.sources:
+      part = source.make_dataset()
+      start = offset
+      part = part.enumerate(start=start).map(
+          lambda i, x: {**x, "index": i})
+      ds = part if ds is None else ds.concatenate(part)
+      offset += source.num_images
+    if num_shards > 1:
+      ds = ds.shard(num_shards, shard_index)
+    local_count = len(range(shard_index, self.num_images, num_shards))
+    parallel = tf.data.AUTOTUNE if num_parallel_calls in (None, -1) else num_parallel_calls
+
+    def prepare(x):
+      image = _decode(x)
+      return {
+          "clip_pixels": preprocessing.apply_transform(image, clip_transform),
+          "target_pixels": preprocessing.apply_transform(image, target_transform),
+          "index": tf.cast(x["index"], tf.int64),
+          "image_id": x["image_id"],
+          "mask": tf.constant(True),
+      }
+
+    ds = ds.map(prepare, num_parallel_calls=parallel, deterministic=True)
+    num_pad = num_batches * batch_size - local_count
+    if num_pad:
+      padding = {
+          "clip_pixels": tf.zeros((*clip_transform.output_size, 3), tf.float32),
+          "target_pixels": tf.zeros((*target_transform.output_size, 3), tf.float32),
+          "index": tf.constant(-1, tf.int64),
+          "image_id": tf.constant(""),
+          "mask": tf.constant(False),
+      }
+      ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_pad))
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
+    logging.info("Probe set: %d images in %d batches of %d (%d padding rows).",
+                 local_count, num_batches, batch_size, num_pad)
+    return ds.as_numpy_iterator()

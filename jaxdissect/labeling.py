@@ -1,0 +1,97 @@
+"""From embeddings and activations to labels: similarity scores, argmax, alternatives."""
+import dataclasses
+from typing import Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdissect import similarity
+
+DEAD_LABEL = "<dead>"
+INVALID_LABEL = "<invalid>"
+
+
+@dataclasses.dataclass
+class LayerLabels:
+  """The labels of one layer's units.
+
+  labels: (num_units,) the best concept (or <dead> / <invalid>).
+  label_scores: (num_units,) its similarity.
+  alternative_ids: (num_units, num_alternatives) concept indices, best first.
+  alternative_scores: (num_units, num_alternatives).
+  top_image_ids: (num_units, num_top_images) global image indices, highest activation first.
+  top_image_activations: (num_units, num_top_images).
+  dead: (num_units,) bool, constant activation over the probe set.
+  invalid: (num_units,) bool, NaN or Inf activations.
+  """
+  labels: list[str]
+  label_scores: np.ndarray
+  alternative_ids: np.ndarray
+  alternative_scores: np.ndarray
+  top_image_ids: np.ndarray
+  top_image_activations: np.ndarray
+  dead: np.ndarray
+  invalid: np.ndarray
+
+  @property
+  def num_units(self) -> int:
+    return len(self.labels)
+
+
+def concept_activation(image_embeddings: np.ndarray, text_embeddings: np.ndarray):
+  """P = norm(I) @ norm(T).T: (num_images, num_concepts)."""
+  images = jnp.asarray(image_embeddings, jnp.float32)
+  texts = jnp.asarray(text_embeddings, jnp.float32)
+  images = images / jnp.maximum(jnp.linalg.norm(images, axis=1, keepdims=True), 1e-12)
+  texts = texts / jnp.maximum(jnp.linalg.norm(texts, axis=1, keepdims=True), 1e-12)
+  return jnp.matmul(images, texts.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray,
+                chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Scores (num_units, num_concepts), with dead and invalid units flagged.
+
+  Non-finite units are zeroed before scoring so they cannot poison the (soft-)WPMI
+  prior; dead units stay in it, as in the official method, so live scores are
+  unchanged by flagging them.
+  """
+  activations = np.asarray(activations, np.float32)
+  invalid = ~np.all(np.isfinite(activations), axis=0)
+  if invalid.any():
+    activations = activations.copy()
+    activations[:, invalid] = 0.0
+  dead = ~invalid & (activations.max(axis=0) == activations.min(axis=0))
+  fn = similarity.SIMILARITY_FUNCTIONS[similarity_fn]
+  kwargs = {}
+  if similarity_fn in ("soft_wpmi", "wpmi", "rank_reorder") and chunk_size:
+    kwargs["chunk_size"] = chunk_size
+  scores = np.asarray(fn(concept_activations, activations, **kwargs))
+  return scores, dead, invalid
+
+
+def label_units(scores: np.ndarray, activations: np.ndarray, concepts: Sequence[str],
+                dead: np.ndarray, invalid: np.ndarray, num_alternatives: int = 5,
+                num_top_images: int = 10) -> LayerLabels:
+  num_alternatives = min(num_alternatives, scores.shape[1])
+  num_top_images = min(num_top_images, activations.shape[0])
+  # top_k: ties go to the lower concept / image index.
+  alt_scores, alt_ids = jax.lax.top_k(jnp.asarray(scores), num_alternatives)
+  clean = np.where(np.isfinite(activations), activations, -np.inf).astype(np.float32)
+  top_values, top_ids = similarity.top_activations(clean, num_top_images)
+  alt_ids, alt_scores = np.asarray(alt_ids), np.asarray(alt_scores)
+  labels = [concepts[i] for i in alt_ids[:, 0]]
+  for unit in np.flatnonzero(dead):
+    labels[unit] = DEAD_LABEL
+  for unit in np.flatnonzero(invalid):
+    labels[unit] = INVALID_LABEL
+  if dead.any() or invalid.any():
+    logging.warning("%d dead unit(s) labelled %s and %d unit(s) with NaN/Inf activations "
+                    "labelled %s.", int(dead.sum()), DEAD_LABEL, int(invalid.sum()),
+                    INVALID_LABEL)
+  return LayerLabels(labels=labels, label_scores=alt_scores[:, 0].copy(),
+                     alternative_ids=alt_ids, alternative_scores=alt_scores,
+                     top_image_ids=np.asarray(top_ids),
+                     top_image_activations=np.asarray(top_values), dead=dead,
+                     invalid=invalid)

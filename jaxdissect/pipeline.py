@@ -1,0 +1,236 @@
+"""Orchestration: the Python API `dissect(...)` and the CLI's `run(config, workdir)`.
+
+Both go through the same steps: resolve layers (before any image is read), one probe
+pass (CLIP image embeddings + pooled activations), concept text embeddings, similarity
+per layer, labels. `run` adds the activation store and writes the result files.
+"""
+import os
+import platform
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from jaxdissect import activations as activations_lib
+from jaxdissect import config as config_lib
+from jaxdissect import errors
+from jaxdissect import labeling
+from jaxdissect import report
+from jaxdissect import results as results_lib
+from jaxdissect import sharding
+from jaxdissect import similarity
+from jaxdissect import store
+from jaxdissect.data import concepts as concepts_lib
+from jaxdissect.data import probe as probe_lib
+from jaxdissect.models import clip as clip_lib
+from jaxdissect.models import targets as targets_lib
+
+
+def _split_layers(layers: str | Sequence[str]) -> list[str]:
+  if isinstance(layers, str):
+    layers = layers.split(",")
+  return [name.strip() for name in layers if name and name.strip()]
+
+
+def _as_target(target) -> targets_lib.TargetModel:
+  if isinstance(target, targets_lib.TargetModel):
+    return target
+  if isinstance(target, str):
+    return targets_lib.load_target(target)
+  if isinstance(target, tuple) and len(target) in (2, 3):
+    module, variables, *rest = target
+    return targets_lib.TargetModel(
+        name=type(module).__name__, module=module, variables=variables,
+        transform=rest[0] if rest else targets_lib.DEFAULT_TRANSFORM)
+  raise errors.UserError("target", f"cannot use a {type(target).__name__} as a target.",
+                         "pass a TargetModel, an HF id / directory, or (module, variables"
+                         "[, transform]).")
+
+
+def _as_probe_set(images, image_ids=None) -> probe_lib.ProbeSet:
+  if isinstance(images, probe_lib.ProbeSet):
+    return images
+  if isinstance(images, probe_lib.ProbeSource):
+    return probe_lib.ProbeSet([images])
+  if isinstance(images, str):
+    return probe_lib.ProbeSet(probe_lib.parse_probe_spec(images, "images"))
+  return probe_lib.ProbeSet([probe_lib.array_source(images, image_ids)])
+
+
+def check_enough_images(num_images: int, similarity_fn: str, field: str = "d_probe"):
+  needed = similarity.min_images(similarity_fn)
+  if num_images < needed:
+    raise errors.UserError(
+        field, f"{num_images} probe images, but {similarity_fn} needs at least {needed} "
+        "(its top-k).", f"give at least {needed} probe images.")
+
+
+def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.ndarray,
+                concepts: Sequence[str], similarity_fn: str = "soft_wpmi",
+                num_alternatives: int = 5, num_top_images: int = 10,
+                neuron_chunk_size: int | None = None,
+                keep_scores: bool = False) -> results_lib.DissectionResult:
+  """Similarity and labels for every layer of a probe pass."""
+  concept_activations = labeling.concept_activation(probe.image_embeddings, text_embeddings)
+  layers, scores = {}, {}
+  for name, acts in probe.activations.items():
+    layer_scores, dead, invalid = labeling.score_layer(similarity_fn, concept_activations,
+                                                       acts, neuron_chunk_size)
+    layers[name] = labeling.label_units(layer_scores, acts, concepts, dead, invalid,
+                                        num_alternatives, num_top_images)
+    if keep_scores:
+      scores[name] = layer_scores
+    logging.info("Layer %s: %d units labelled with %s (%d distinct labels).", name,
+                 acts.shape[1], similarity_fn, len(set(layers[name].labels)))
+  return results_lib.DissectionResult(list(concepts), list(probe.image_ids), layers, scores)
+
+
+def dissect(target, concepts, images, clip, layers, *, image_ids=None,
+            similarity_fn: str = "soft_wpmi", pool_mode: str = "avg",
+            token_pool: str = "cls", batch_size: int = 64, text_batch_size: int = 256,
+            num_alternatives: int = 5, num_top_images: int = 10, mesh=None,
+            keep_scores: bool = True) -> results_lib.DissectionResult:
+  """Labels every unit of `layers` of `target` with a concept, from a notebook.
+
+  Args:
+    target: a TargetModel, an HF id / directory, a python:pkg.module:factory spec, or a
+      (flax module, variables[, ImageTransform]) tuple (module called on NHWC pixels).
+    concepts: a list of strings, or a concept-set spec (file, wordfreq:en:N,
+      classes:target).
+    images: (N, H, W, 3) uint8 array, a probe spec ("folder:PATH", "tfds:NAME:SPLIT"),
+      or a ProbeSource / ProbeSet.
+    clip: a ClipModel or an HF id / directory of a Flax CLIP.
+    layers: comma-separated string or list of friendly names / module paths.
+    image_ids: ids for array images (default "0", "1", ...).
+  Returns:
+    DissectionResult: .layers[name].labels, .scores[name] (num_units, num_concepts),
+    .to_dataframe().
+  """
+  target = _as_target(target)
+  layer_infos = target.resolve_layers(_split_layers(layers))
+  clip = clip if isinstance(clip, clip_lib.ClipModel) else clip_lib.load_clip(clip)
+  if isinstance(concepts, str):
+    concepts = concepts_lib.load_concepts(concepts, target.id2label)
+  else:
+    concepts = concepts_lib.clean_concepts(concepts, "concepts argument")
+  if not concepts:
+    raise errors.UserError("concepts", "no concept given.", "pass a non-empty list.")
+  if similarity_fn not in similarity.SIMILARITY_FUNCTIONS:
+    raise errors.UserError("similarity_fn", f"unknown {similarity_fn!r}.",
+                           f"use one of {sorted(similarity.SIMILARITY_FUNCTIONS)}.")
+  probe_set = _as_probe_set(images, image_ids)
+  check_enough_images(probe_set.num_images, similarity_fn, "images")
+  mesh = mesh or sharding.make_mesh()
+  sharding.check_batch_size(batch_size, mesh)
+  batches = probe_set.batches(clip.transform, target.transform, batch_size)
+  probe = activations_lib.run_probe_pass(clip, target, layer_infos, batches,
+                                         probe_set.num_images, pool_mode, token_pool, mesh)
+  text_embeddings = clip_lib.embed_texts(clip, concepts, text_batch_size)
+  return label_probe(probe, text_embeddings, concepts, similarity_fn, num_alternatives,
+                     num_top_images, keep_scores=keep_scores)
+
+
+# --------------------------------------------------------------------------- CLI
+def _load_models(config):
+  target = targets_lib.load_target(config.target_model)
+  layer_infos = target.resolve_layers(_split_layers(config.target_layers))
+  clip = clip_lib.load_clip(config.clip_model)
+  return target, layer_infos, clip
+
+
+def list_layers(config: ml_collections.ConfigDict) -> str:
+  """The table --list_layers prints: friendly names, then every module path."""
+  target = targets_lib.load_target(config.target_model)
+  lines = [f"{'name':<50} {'units':>6}  output shape (batch of 1)"]
+  for info in target.layer_table():
+    lines.append(f"{info.name:<50} {info.num_units:>6}  {info.shape}")
+  return "\n".join(lines)
+
+
+def _environment() -> dict[str, Any]:
+  import flax  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  versions = {"python": platform.python_version(), "jax": jax.__version__,
+              "flax": flax.__version__, "transformers": transformers.__version__,
+              "numpy": np.__version__}
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    versions["tensorflow"] = tf.__version__
+  except ImportError:
+    pass
+  return {"versions": versions, "devices": [str(d) for d in jax.devices()],
+          "process_count": jax.process_count()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
+  """Dissects as `config` says and writes result_dir; returns its path."""
+  config_lib.validate(config)
+  config = config_lib.resolve_paths(config, workdir)
+  results_lib.check_result_dir(config.result_dir, config.overwrite)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+
+  target, layer_infos, clip = _load_models(config)
+  logging.info("Layers: %s", ", ".join(f"{i.name} ({i.path}, {i.num_units} units)"
+                                       for i in layer_infos))
+  concepts = concepts_lib.load_concepts(config.concept_set, target.id2label)
+  logging.info("Concept set %s: %d concepts.", config.concept_set, len(concepts))
+  probe_set = probe_lib.ProbeSet(probe_lib.parse_probe_spec(config.d_probe))
+  check_enough_images(probe_set.num_images, config.similarity_fn)
+
+  clip_hash = targets_lib.params_fingerprint(clip.params)
+  probe_key = store.fingerprint({
+      "clip": clip.name, "clip_params": clip_hash,
+      "target": target.name, "target_params": targets_lib.params_fingerprint(
+          target.variables),
+      "layers": [[i.name, i.path] for i in layer_infos],
+      "pool_mode": config.pool_mode, "token_pool": config.token_pool,
+      "probe": probe_set.identity, "num_images": probe_set.num_images,
+      "clip_transform": clip.transform.to_json(),
+      "target_transform": target.transform.to_json(),
+  })
+  probe = store.load_probe(config.activation_dir, probe_key)
+  if probe is not None:
+    logging.info("Probe activations reused from %s (key %s).", config.activation_dir,
+                 probe_key)
+  else:
+    batches = probe_set.batches(clip.transform, target.transform, config.batch_size,
+                                config.num_decode_threads)
+    probe = activations_lib.run_probe_pass(clip, target, layer_infos, batches,
+                                           probe_set.num_images, config.pool_mode,
+                                           config.token_pool, mesh, config.log_every_s)
+    store.save_probe(config.activation_dir, probe_key, probe,
+                     {"clip": clip.name, "target": target.name,
+                      "num_images": probe_set.num_images})
+
+  text_key = store.fingerprint({"clip": clip.name, "clip_params": clip_hash,
+                                "concepts": concepts,
+                                "max_text_length": clip.max_text_length})
+  cached_text = store.load_text(config.activation_dir, text_key)
+  if cached_text is not None:
+    text_embeddings, _ = cached_text
+    logging.info("Text embeddings reused from %s (key %s).", config.activation_dir,
+                 text_key)
+  else:
+    text_embeddings = clip_lib.embed_texts(clip, concepts, config.text_batch_size)
+    store.save_text(config.activation_dir, text_key, text_embeddings, concepts,
+                    {"clip": clip.name})
+
+  result = label_probe(probe, text_embeddings, concepts, config.similarity_fn,
+                       config.num_alternatives, config.num_top_images,
+                       config.neuron_chunk_size or None)
+  config_json = {
+      "config": config.to_dict(), "workdir": os.path.abspath(workdir),
+      "layers": {i.name: {"path": i.path, "units": i.num_units} for i in layer_infos},
+      "num_images": probe_set.num_images, "num_concepts": len(concepts),
+      "probe_key": probe_key, "text_key": text_key, **_environment(),
+  }
+  if jax.process_index() != 0:
+    return config.result_dir
+  path = results_lib.write_result_dir(
+      config.result_dir, config.overwrite,
+      lambda d: results_lib.write_files(d, result, config_json, report.write_report))
+  logging.info("Results written to %s.", path)
+  return path

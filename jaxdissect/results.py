@@ -1,0 +1,128 @@
+"""The result of a dissection and the files a run writes, atomically.
+
+Files (DESIGN.md): descriptions.csv (layer,unit,description,similarity — the official
+tool's format), descriptions_topk.csv, top_images.csv, config.json, report/.
+"""
+import csv
+import dataclasses
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+from jaxdissect import errors
+from jaxdissect import labeling
+
+
+def _fmt(value: float) -> str:
+  return f"{float(value):.6f}"
+
+
+@dataclasses.dataclass
+class DissectionResult:
+  """Labels of every unit of every dissected layer.
+
+  concepts: the concept set (num_concepts,). image_ids: probe image ids (num_images,).
+  layers: layer name -> LayerLabels. scores: layer name -> (num_units, num_concepts).
+  """
+  concepts: list[str]
+  image_ids: list[str]
+  layers: dict[str, labeling.LayerLabels]
+  scores: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def description_rows(self) -> list[dict[str, Any]]:
+    return [{"layer": name, "unit": unit, "description": layer.labels[unit],
+             "similarity": float(layer.label_scores[unit])}
+            for name, layer in self.layers.items() for unit in range(layer.num_units)]
+
+  def to_dataframe(self):
+    """descriptions.csv as a pandas DataFrame."""
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+    return pd.DataFrame(self.description_rows(),
+                        columns=["layer", "unit", "description", "similarity"])
+
+  def descriptions_csv(self) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["layer", "unit", "description", "similarity"])
+    for row in self.description_rows():
+      writer.writerow([row["layer"], row["unit"], row["description"],
+                       _fmt(row["similarity"])])
+    return out.getvalue()
+
+  def topk_csv(self) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["layer", "unit", "rank", "concept", "similarity"])
+    for name, layer in self.layers.items():
+      for unit in range(layer.num_units):
+        for rank, (cid, score) in enumerate(zip(layer.alternative_ids[unit],
+                                                layer.alternative_scores[unit])):
+          writer.writerow([name, unit, rank, self.concepts[cid], _fmt(score)])
+    return out.getvalue()
+
+  def top_images_csv(self) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["layer", "unit", "rank", "image_id", "activation"])
+    for name, layer in self.layers.items():
+      for unit in range(layer.num_units):
+        for rank, (iid, value) in enumerate(zip(layer.top_image_ids[unit],
+                                                layer.top_image_activations[unit])):
+          writer.writerow([name, unit, rank, self.image_ids[iid], _fmt(value)])
+    return out.getvalue()
+
+
+def check_result_dir(result_dir: str, overwrite: bool) -> None:
+  """Refuses a non-empty result_dir unless overwrite; called before any work."""
+  if os.path.isfile(result_dir):
+    raise errors.UserError("result_dir", f"{result_dir!r} is a file.",
+                           "give a directory path.")
+  if os.path.isdir(result_dir) and os.listdir(result_dir) and not overwrite:
+    raise errors.UserError(
+        "result_dir", f"{result_dir!r} already holds results.",
+        "choose another --config.result_dir, or pass --config.overwrite=True to "
+        "replace them.")
+
+
+def write_result_dir(result_dir: str, overwrite: bool,
+                     write_contents: Callable[[str], None]) -> str:
+  """Writes into a temp dir beside result_dir, then swaps it into place."""
+  result_dir = os.path.abspath(result_dir)
+  check_result_dir(result_dir, overwrite)
+  parent = os.path.dirname(result_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(result_dir)}.tmp-", dir=parent)
+  try:
+    write_contents(tmp)
+    os.chmod(tmp, 0o755)
+    if os.path.isdir(result_dir):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(result_dir)}.old-", dir=parent)
+      os.rename(result_dir, os.path.join(old, "previous"))
+      os.rename(tmp, result_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, result_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return result_dir
+
+
+def write_files(directory: str, result: DissectionResult, config_json: dict[str, Any],
+                write_report: Callable[[str, DissectionResult], None] | None) -> None:
+  with open(os.path.join(directory, "descriptions.csv"), "w", encoding="utf-8",
+            newline="") as f:
+    f.write(result.descriptions_csv())
+  with open(os.path.join(directory, "descriptions_topk.csv"), "w", encoding="utf-8",
+            newline="") as f:
+    f.write(result.topk_csv())
+  with open(os.path.join(directory, "top_images.csv"), "w", encoding="utf-8",
+            newline="") as f:
+    f.write(result.top_images_csv())
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config_json, f, indent=2, sort_keys=True, default=str)
+  if write_report is not None:
+    write_report(os.path.join(directory, "report"), result)

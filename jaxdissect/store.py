@@ -1,0 +1,127 @@
+"""The activation store: probe activations and text embeddings keyed by a fingerprint.
+
+Layout under activation_dir:
+  probe-<key>/manifest.json, image_embeddings.npy, image_ids.json, layer-<i>.npy
+  text-<key>/manifest.json, text_embeddings.npy, concepts.json
+The key is a hash of everything that changes the stored values (models and their
+weights, layers, pooling, probe identity, preprocessing, counts, format version), so a
+stale entry can never be returned. Entries are written to a temporary directory and
+renamed into place, so a killed run leaves no half-written entry; the manifest holds a
+sha256 per file and a damaged entry is recomputed, never read.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from jaxdissect import activations as activations_lib
+
+FORMAT_VERSION = 1
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+  blob = json.dumps({"format_version": FORMAT_VERSION, **parts}, sort_keys=True,
+                    default=str)
+  return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
+
+
+def _sha256_file(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _write_entry(root: str, name: str, arrays: dict[str, np.ndarray],
+                 jsons: dict[str, Any], meta: dict[str, Any]) -> str:
+  """Writes files into a temp dir beside the entry, then renames it into place."""
+  os.makedirs(root, exist_ok=True)
+  final = os.path.join(root, name)
+  tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
+  try:
+    files = {}
+    for filename, array in arrays.items():
+      path = os.path.join(tmp, filename)
+      np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+      files[filename] = _sha256_file(path)
+    for filename, value in jsons.items():
+      path = os.path.join(tmp, filename)
+      with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f)
+      files[filename] = _sha256_file(path)
+    with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+      json.dump({"format_version": FORMAT_VERSION, "files": files, **meta}, f, indent=1)
+    if os.path.isdir(final):
+      # Another run finished the same entry first (same key: same contents).
+      shutil.rmtree(tmp)
+      return final
+    os.rename(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return final
+
+
+def _read_entry(root: str, name: str) -> tuple[str, dict[str, Any]] | None:
+  """Returns (dir, manifest) if the entry exists and every checksum matches."""
+  entry = os.path.join(root, name)
+  manifest_path = os.path.join(entry, "manifest.json")
+  if not os.path.isfile(manifest_path):
+    return None
+  try:
+    with open(manifest_path, encoding="utf-8") as f:
+      manifest = json.load(f)
+    for filename, digest in manifest["files"].items():
+      if _sha256_file(os.path.join(entry, filename)) != digest:
+        raise ValueError(f"checksum mismatch in {filename}")
+  except (OSError, ValueError, KeyError) as err:
+    logging.warning("Store entry %s is damaged (%s); recomputing it.", entry, err)
+    shutil.rmtree(entry, ignore_errors=True)
+    return None
+  return entry, manifest
+
+
+def save_probe(root: str, key: str, probe: activations_lib.ProbeActivations,
+               meta: dict[str, Any]) -> str:
+  layer_names = list(probe.activations)
+  arrays = {"image_embeddings.npy": probe.image_embeddings}
+  for i, name in enumerate(layer_names):
+    arrays[f"layer-{i}.npy"] = probe.activations[name]
+  return _write_entry(root, f"probe-{key}", arrays,
+                      {"image_ids.json": probe.image_ids},
+                      {"layers": layer_names, **meta})
+
+
+def load_probe(root: str, key: str) -> activations_lib.ProbeActivations | None:
+  found = _read_entry(root, f"probe-{key}")
+  if found is None:
+    return None
+  entry, manifest = found
+  embeddings = np.load(os.path.join(entry, "image_embeddings.npy"))
+  layers = {name: np.load(os.path.join(entry, f"layer-{i}.npy"))
+            for i, name in enumerate(manifest["layers"])}
+  with open(os.path.join(entry, "image_ids.json"), encoding="utf-8") as f:
+    image_ids = json.load(f)
+  return activations_lib.ProbeActivations(embeddings, layers, image_ids)
+
+
+def save_text(root: str, key: str, embeddings: np.ndarray, concepts: list[str],
+              meta: dict[str, Any]) -> str:
+  return _write_entry(root, f"text-{key}", {"text_embeddings.npy": embeddings},
+                      {"concepts.json": concepts}, meta)
+
+
+def load_text(root: str, key: str) -> tuple[np.ndarray, list[str]] | None:
+  found = _read_entry(root, f"text-{key}")
+  if found is None:
+    return None
+  entry, _ = found
+  with open(os.path.join(entry, "concepts.json"), encoding="utf-8") as f:
+    concepts = json.load(f)
+  return np.load(os.path.join(entry, "text_embeddings.npy")), concepts
