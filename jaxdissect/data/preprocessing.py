@@ -145,10 +145,15 @@ def apply_transform(image, transform: ImageTransform):
     new_h, new_w = resize_output_size(height, width, transform.resize_shortest_edge)
   method = {"lanczos3": "lanczos3", "bicubic": "bicubic", "bilinear": "bilinear",
             "nearest": "nearest", "area": "area"}[transform.resample]
-  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]),
-                            method=method, antialias=method != "nearest")
-  # PIL hands back uint8: round and clip the same way.
-  resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+  antialias = method != "nearest"
+  # PIL resamples in two passes, width then height, rounding and clipping to uint8 after
+  # each (half up); doing the same keeps cubic overshoot near saturated pixels identical.
+  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, new_w]),
+                            method=method, antialias=antialias)
+  resized = tf.clip_by_value(tf.floor(resized + 0.5), 0.0, 255.0)
+  resized = tf.image.resize(resized, tf.stack([new_h, new_w]), method=method,
+                            antialias=antialias)
+  resized = tf.clip_by_value(tf.floor(resized + 0.5), 0.0, 255.0)
   if transform.crop_size is not None:
     crop_h, crop_w = transform.crop_size
     top = (tf.shape(resized)[0] - crop_h) // 2
