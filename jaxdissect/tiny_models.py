@@ -49,7 +49,14 @@ def write_clip_tokenizer(out_dir: str) -> None:
 
 
 def make_tiny_clip(out_dir: str, image_size: int = 32, seed: int = 0,
-                   safetensors: bool = False) -> str:
+                   safetensors: bool = False, vision_weight_scale: float = 20.0,
+                   text_weight_scale: float = 20.0) -> str:
+  """A random CLIP whose image embeddings depend on the image.
+
+  At the default init scale every image embeds to nearly the same vector (mean cosine
+  0.99999 between images), which makes any label a coin toss; scaling the vision
+  tower's kernels by `vision_weight_scale` spreads them (mean cosine ~0.5 at 20).
+  """
   from transformers import CLIPConfig, CLIPImageProcessor, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
   write_clip_tokenizer(out_dir)
   vocab_size = 2 * 256 + 2
@@ -62,6 +69,17 @@ def make_tiny_clip(out_dir: str, image_size: int = 32, seed: int = 0,
                          num_attention_heads=2, image_size=image_size, patch_size=8),
       projection_dim=16)
   model = FlaxCLIPModel(config, seed=seed)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def scale(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "kernel" not in name:
+      return leaf
+    if "vision_model" in name:
+      return leaf * vision_weight_scale
+    return leaf * text_weight_scale if "text_model" in name else leaf
+
+  model.params = jax.tree_util.tree_map_with_path(scale, model.params)
   model.save_pretrained(out_dir, safe_serialization=safetensors)
   CLIPImageProcessor(size={"shortest_edge": image_size},
                      crop_size={"height": image_size, "width": image_size}

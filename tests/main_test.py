@@ -1,0 +1,152 @@
+"""End to end through main.py with tiny models saved by save_pretrained and loaded back."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+from jaxdissect import tiny_models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONCEPTS = list(tiny_models.DEMO_CONCEPTS)
+NUM_IMAGES = 130
+
+
+def run_main(*args, check=True):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def read_csv(path):
+  with open(path, newline="", encoding="utf-8") as f:
+    return list(csv.reader(f))
+
+
+class MainEndToEndTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    cls.clip = tiny_models.make_tiny_clip(os.path.join(cls.tmp, "clip"))
+    cls.basic = tiny_models.make_tiny_resnet(os.path.join(cls.tmp, "basic"), "basic")
+    cls.bottleneck = tiny_models.make_tiny_resnet(os.path.join(cls.tmp, "bottleneck"),
+                                                  "bottleneck", safetensors=True)
+    cls.images = os.path.join(cls.tmp, "images")
+    cls.image_ids = tiny_models.write_image_folder(cls.images, NUM_IMAGES)
+    cls.concepts = tiny_models.write_concepts(os.path.join(cls.tmp, "concepts.txt"),
+                                              CONCEPTS)
+
+  def args(self, workdir, **overrides):
+    fields = {"clip_model": self.clip, "target_model": self.basic,
+              "target_layers": "conv1,layer1,layer2,layer3,layer4,fc",
+              "d_probe": f"folder:{self.images}", "concept_set": self.concepts,
+              "batch_size": 32, "log_every_s": 0.0}
+    fields.update(overrides)
+    return ["--config", os.path.join(REPO, "configs", "resnet50.py"),
+            "--workdir", workdir] + [f"--config.{k}={v}" for k, v in fields.items()]
+
+  def check_results(self, result_dir, units, concepts):
+    self.assertCountEqual(os.listdir(result_dir),
+                          ["descriptions.csv", "descriptions_topk.csv", "top_images.csv",
+                           "config.json", "report"])
+    rows = read_csv(os.path.join(result_dir, "descriptions.csv"))
+    self.assertEqual(rows[0], ["layer", "unit", "description", "similarity"])
+    per_layer = {}
+    for layer, unit, description, score in rows[1:]:
+      per_layer.setdefault(layer, []).append(int(unit))
+      self.assertIn(description, concepts)
+      float(score)
+    self.assertEqual({k: len(v) for k, v in per_layer.items()}, units)
+    for layer, unit_ids in per_layer.items():
+      self.assertEqual(unit_ids, list(range(units[layer])))
+    topk = read_csv(os.path.join(result_dir, "descriptions_topk.csv"))
+    self.assertEqual(topk[0], ["layer", "unit", "rank", "concept", "similarity"])
+    self.assertLen(topk, 1 + 5 * sum(units.values()))
+    # The rank-0 alternative is the label.
+    labels = {(r[0], r[1]): r[2] for r in rows[1:]}
+    for layer, unit, rank, concept, _ in topk[1:]:
+      if rank == "0":
+        self.assertEqual(labels[(layer, unit)], concept)
+    top = read_csv(os.path.join(result_dir, "top_images.csv"))
+    self.assertEqual(top[0], ["layer", "unit", "rank", "image_id", "activation"])
+    self.assertLen(top, 1 + 10 * sum(units.values()))
+    self.assertTrue({r[3] for r in top[1:]} <= set(self.image_ids))
+    with open(os.path.join(result_dir, "config.json"), encoding="utf-8") as f:
+      config = json.load(f)
+    self.assertEqual(config["num_images"], NUM_IMAGES)
+    self.assertIn("jax", config["versions"])
+    report = os.listdir(os.path.join(result_dir, "report"))
+    self.assertIn("index.html", report)
+    self.assertLen(report, 1 + len(units))
+    return rows
+
+  def test_basic_resnet_end_to_end_reuse_and_batch_size_invariance(self):
+    workdir = tempfile.mkdtemp(dir=self.tmp)
+    first = run_main(*self.args(workdir))
+    self.assertIn("images/s", first.stderr)
+    units = {"conv1": 8, "layer1": 8, "layer2": 16, "layer3": 16, "layer4": 24, "fc": 5}
+    rows = self.check_results(os.path.join(workdir, "results"), units, CONCEPTS)
+
+    again = run_main(*self.args(workdir, overwrite=True))
+    self.assertIn("Probe activations reused", again.stderr)
+    self.assertIn("Text embeddings reused", again.stderr)
+    self.assertEqual(read_csv(os.path.join(workdir, "results", "descriptions.csv")), rows)
+
+    other = tempfile.mkdtemp(dir=self.tmp)
+    small = run_main(*self.args(other, batch_size=7))
+    self.assertNotIn("reused", small.stderr)
+    rows7 = read_csv(os.path.join(other, "results", "descriptions.csv"))
+    self.assertEqual([r[:3] for r in rows7], [r[:3] for r in rows])
+    for r7, r32 in zip(rows7[1:], rows[1:]):
+      self.assertAlmostEqual(float(r7[3]), float(r32[3]), places=3)
+
+  def test_bottleneck_with_class_name_concepts(self):
+    workdir = tempfile.mkdtemp(dir=self.tmp)
+    run_main(*self.args(workdir, target_model=self.bottleneck, concept_set="classes:target",
+                        target_layers="layer4,fc", similarity_fn="wpmi", pool_mode="max"))
+    self.check_results(os.path.join(workdir, "results"), {"layer4": 32, "fc": 5},
+                       ["apple", "boat", "cat", "dog", "egg"])
+
+  def test_existing_result_dir_is_refused(self):
+    workdir = tempfile.mkdtemp(dir=self.tmp)
+    os.makedirs(os.path.join(workdir, "results"))
+    with open(os.path.join(workdir, "results", "keep.txt"), "w") as f:
+      f.write("mine")
+    proc = run_main(*self.args(workdir), check=False)
+    self.assertEqual(proc.returncode, 2)
+    last = proc.stderr.strip().splitlines()[-1]
+    self.assertIn("result_dir", last)
+    self.assertIn("overwrite", last)
+    self.assertNotIn("Traceback", proc.stderr)
+    self.assertEqual(os.listdir(os.path.join(workdir, "results")), ["keep.txt"])
+
+  def test_unknown_layer_fails_before_reading_images(self):
+    workdir = tempfile.mkdtemp(dir=self.tmp)
+    # The probe folder does not exist: the layer error must come first.
+    proc = run_main(*self.args(workdir, target_layers="layer4,nope",
+                               d_probe=f"folder:{self.tmp}/missing"), check=False)
+    self.assertEqual(proc.returncode, 2)
+    last = proc.stderr.strip().splitlines()[-1]
+    self.assertTrue(last.startswith("error: target_layers:"), last)
+    self.assertIn("'nope'", last)
+    self.assertIn("layer4", last)
+    self.assertNotIn("Traceback", proc.stderr)
+
+  def test_list_layers(self):
+    proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp)), "--list_layers")
+    lines = proc.stdout.splitlines()
+    names = [line.split()[0] for line in lines[1:]]
+    self.assertEqual(names[:6], ["conv1", "layer1", "layer2", "layer3", "layer4", "fc"])
+    self.assertIn("resnet.encoder.stages.3", names)
+
+
+if __name__ == "__main__":
+  absltest.main()

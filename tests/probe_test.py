@@ -1,0 +1,138 @@
+"""Probe sources and the batching pipeline: ids, order, conversions, padding, TFDS."""
+import os
+import tempfile
+
+from absl.testing import absltest
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from jaxdissect import errors
+from jaxdissect import tiny_models
+from jaxdissect.data import preprocessing
+from jaxdissect.data import probe
+
+IDENTITY_8 = preprocessing.ImageTransform(resize_to=(8, 8), resample="nearest",
+                                          rescale_factor=1.0, mean=(0, 0, 0),
+                                          std=(1, 1, 1))
+HALF_6 = preprocessing.ImageTransform(resize_shortest_edge=6, crop_size=(6, 6))
+
+
+class TinyProbeDataset(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset built in the test, read back through tfds_source."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(
+            num_classes=2)}))
+
+  def _split_generators(self, dl_manager):
+    return {"validation": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, image in enumerate(tiny_models.render_images(9, seed=3)):
+      yield f"key{i}", {"image": image, "label": i % 2}
+
+
+def collect(probe_set, batch_size, **kwargs):
+  batches = list(probe_set.batches(IDENTITY_8, HALF_6, batch_size, **kwargs))
+  merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  return batches, merged
+
+
+class ProbeTest(absltest.TestCase):
+
+  def test_folder_is_recursive_sorted_and_padded(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      rel = tiny_models.write_image_folder(tmp, 11)
+      with open(os.path.join(tmp, "notes.txt"), "w") as f:
+        f.write("not an image")
+      source = probe.folder_source(tmp)
+      self.assertEqual(source.num_images, 11)
+      batches, merged = collect(probe.ProbeSet([source]), 4)
+      self.assertLen(batches, 3)
+      for batch in batches:
+        self.assertEqual(batch["clip_pixels"].shape, (4, 8, 8, 3))
+        self.assertEqual(batch["target_pixels"].shape, (4, 6, 6, 3))
+      np.testing.assert_array_equal(merged["mask"], [True] * 11 + [False])
+      np.testing.assert_array_equal(merged["index"][:11], np.arange(11))
+      self.assertEqual(merged["index"][11], -1)
+      self.assertEqual([i.decode() for i in merged["image_id"][:11]], rel)
+      # The pixels are those of the file, decoded once (nearest resize of a PNG).
+      first_png = next(i for i, r in enumerate(rel) if r.endswith(".png"))
+      image = np.asarray(Image.open(os.path.join(tmp, rel[first_png])).resize(
+          (8, 8), Image.NEAREST))
+      self.assertLess(np.abs(merged["clip_pixels"][first_png] - image).mean(), 40)
+
+  def test_grayscale_rgba_and_16_bit_become_rgb(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      gray = np.full((10, 12), 200, np.uint8)
+      Image.fromarray(gray, "L").save(os.path.join(tmp, "0_gray.png"))
+      rgba = np.zeros((10, 12, 4), np.uint8)
+      rgba[..., 0] = 255
+      rgba[..., 3] = 10
+      Image.fromarray(rgba, "RGBA").save(os.path.join(tmp, "1_rgba.png"))
+      deep = np.full((10, 12), 65535 // 2, np.uint16)
+      Image.fromarray(deep).save(os.path.join(tmp, "2_deep.png"))
+      Image.fromarray(np.full((1, 1, 3), 90, np.uint8)).save(os.path.join(tmp, "3_one.jpg"))
+      _, merged = collect(probe.ProbeSet([probe.folder_source(tmp)]), 4)
+      pixels = merged["clip_pixels"]
+      np.testing.assert_allclose(pixels[0], 200, atol=1)
+      np.testing.assert_allclose(pixels[1][..., 0], 255, atol=1)
+      np.testing.assert_allclose(pixels[1][..., 1:], 0, atol=1)
+      np.testing.assert_allclose(pixels[2], 127, atol=1)
+      np.testing.assert_allclose(pixels[3], 90, atol=3)
+
+  def test_sources_concatenate_with_global_indices_and_shards(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      tiny_models.write_image_folder(tmp, 5)
+      arrays = probe.array_source(np.zeros((4, 9, 9, 3), np.uint8), ["x", "y", "z", "w"])
+      probe_set = probe.ProbeSet([probe.folder_source(tmp), arrays])
+      self.assertEqual(probe_set.num_images, 9)
+      _, merged = collect(probe_set, 3)
+      np.testing.assert_array_equal(merged["index"], np.arange(9))
+      self.assertEqual([i.decode() for i in merged["image_id"][5:]], ["x", "y", "z", "w"])
+      seen = []
+      for shard in range(2):
+        batches, part = collect(probe_set, 2, shard_index=shard, num_shards=2)
+        self.assertLen(batches, 3)  # ceil(ceil(9 / 2) / 2): the same on every shard
+        seen += list(part["index"][part["mask"]])
+      self.assertEqual(sorted(seen), list(range(9)))
+
+  def test_tfds_source_reads_split_with_keys(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      TinyProbeDataset(data_dir=tmp).download_and_prepare()
+      old = os.environ.get("TFDS_DATA_DIR")
+      os.environ["TFDS_DATA_DIR"] = tmp
+      try:
+        sources = probe.parse_probe_spec("tfds:tiny_probe_dataset:validation[:7]")
+      finally:
+        if old is None:
+          os.environ.pop("TFDS_DATA_DIR")
+        else:
+          os.environ["TFDS_DATA_DIR"] = old
+      self.assertEqual(sources[0].num_images, 7)
+      _, merged = collect(probe.ProbeSet(sources), 4)
+      ids = [i.decode() for i in merged["image_id"][merged["mask"]]]
+      self.assertLen(set(ids), 7)
+      self.assertTrue(all(i.startswith("tiny_probe_dataset-validation") for i in ids), ids)
+
+  def test_bad_specs_name_the_field(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      for spec in ("", "s3:bucket", f"folder:{tmp}/missing", f"folder:{tmp}",
+                   "tfds:no_such_dataset_xyz:train"):
+        with self.assertRaises(errors.UserError, msg=spec) as ctx:
+          probe.parse_probe_spec(spec)
+        self.assertEqual(ctx.exception.field, "d_probe")
+
+  def test_tfds_spec_with_version_and_slice(self):
+    # Parsing only: name with version, split with a colon inside the slice.
+    with self.assertRaises(errors.UserError) as ctx:
+      probe.parse_probe_spec("tfds:no_such_dataset_xyz:1.0.0:validation[:10]")
+    self.assertIn("no_such_dataset_xyz:1.0.0", ctx.exception.one_line())
+    self.assertIn("validation[:10]", ctx.exception.one_line())
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,58 @@
+"""The activation store: atomic entries, checksums, fingerprints."""
+import os
+
+from absl.testing import absltest
+import numpy as np
+
+from jaxdissect import activations
+from jaxdissect import store
+
+
+def make_probe(seed=0):
+  rng = np.random.default_rng(seed)
+  return activations.ProbeActivations(
+      rng.standard_normal((5, 4)).astype(np.float32),
+      {"layer4": rng.standard_normal((5, 3)).astype(np.float32),
+       "fc": rng.standard_normal((5, 2)).astype(np.float32)},
+      [f"img{i}.png" for i in range(5)])
+
+
+class StoreTest(absltest.TestCase):
+
+  def test_round_trip(self):
+    root = self.create_tempdir().full_path
+    probe = make_probe()
+    store.save_probe(root, "k1", probe, {"note": "x"})
+    loaded = store.load_probe(root, "k1")
+    np.testing.assert_array_equal(loaded.image_embeddings, probe.image_embeddings)
+    self.assertEqual(list(loaded.activations), ["layer4", "fc"])
+    np.testing.assert_array_equal(loaded.activations["fc"], probe.activations["fc"])
+    self.assertEqual(loaded.image_ids, probe.image_ids)
+    self.assertIsNone(store.load_probe(root, "other"))
+    self.assertEqual([n for n in os.listdir(root) if n.startswith(".tmp")], [])
+
+  def test_corrupted_or_truncated_entry_is_dropped_not_read(self):
+    root = self.create_tempdir().full_path
+    entry = store.save_probe(root, "k", make_probe(), {})
+    path = os.path.join(entry, "layer-0.npy")
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) - 4)
+    with self.assertLogs(level="WARNING"):
+      self.assertIsNone(store.load_probe(root, "k"))
+    self.assertFalse(os.path.exists(entry))
+    entry = store.save_text(root, "t", np.ones((3, 4), np.float32), ["a", "b", "c"], {})
+    with open(os.path.join(entry, "text_embeddings.npy"), "r+b") as f:
+      f.seek(-1, os.SEEK_END)
+      f.write(b"\x01")
+    with self.assertLogs(level="WARNING"):
+      self.assertIsNone(store.load_text(root, "t"))
+
+  def test_fingerprint_is_order_free_and_sensitive(self):
+    a = store.fingerprint({"x": 1, "y": [1, 2]})
+    self.assertEqual(a, store.fingerprint({"y": [1, 2], "x": 1}))
+    self.assertNotEqual(a, store.fingerprint({"x": 1, "y": [2, 1]}))
+    self.assertNotEqual(a, store.fingerprint({"x": 2, "y": [1, 2]}))
+
+
+if __name__ == "__main__":
+  absltest.main()
