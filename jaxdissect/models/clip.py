@@ -67,33 +67,21 @@ def load_clip(name_or_path: str, field: str = "clip_model") -> ClipModel:
   """Loads a Flax CLIP (flax msgpack or safetensors, never torch) with its tokenizer."""
   import transformers  # pylint: disable=g-import-not-at-top
   name_or_path = loading.check_location(name_or_path, field, "openai/clip-vit-base-patch16")
-  try:
-    config = transformers.AutoConfig.from_pretrained(name_or_path)
-  except Exception as err:  # pylint: disable=broad-except
-    raise errors.UserError(
-        field, f"cannot load a model config from {name_or_path!r} "
-        f"({type(err).__name__}: {loading.first_line(err)}).",
-        "give an HF id or a local directory holding config.json.") from None
+  config = loading.load_config(name_or_path, field)
   if getattr(config, "model_type", None) != "clip":
     raise errors.UserError(
         field, f"{name_or_path!r} is a {getattr(config, 'model_type', '?')!r} model, "
         "not CLIP.", "point clip_model at a CLIP checkpoint.")
-  try:
-    # _do_init=False: no random init of weights that loading overwrites anyway.
-    model, params = transformers.FlaxCLIPModel.from_pretrained(name_or_path, config=config,
-                                                               _do_init=False)
-  except Exception as err:  # pylint: disable=broad-except
-    raise errors.UserError(
-        field, f"cannot load Flax CLIP weights from {name_or_path!r} "
-        f"({type(err).__name__}: {loading.first_line(err)}).",
-        "the directory needs flax_model.msgpack or model.safetensors.") from None
-  try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
-  except Exception as err:  # pylint: disable=broad-except
-    raise errors.UserError(
-        field, f"cannot load the tokenizer of {name_or_path!r} "
-        f"({type(err).__name__}: {loading.first_line(err)}).",
-        "save the CLIP tokenizer beside the model (tokenizer.save_pretrained).") from None
+  # _do_init=False: no random init of weights that loading overwrites anyway.
+  model, params = loading.load_or_explain(
+      lambda: transformers.FlaxCLIPModel.from_pretrained(name_or_path, config=config,
+                                                         _do_init=False),
+      field, f"Flax CLIP weights from {name_or_path!r}",
+      "the directory needs flax_model.msgpack or model.safetensors.")
+  tokenizer = loading.load_or_explain(
+      lambda: transformers.AutoTokenizer.from_pretrained(name_or_path), field,
+      f"the tokenizer of {name_or_path!r}",
+      "save the CLIP tokenizer beside the model (tokenizer.save_pretrained).")
   vision = config.vision_config
   fallback = preprocessing.ImageTransform(
       resize_shortest_edge=vision.image_size, crop_size=(vision.image_size,) * 2,

@@ -33,3 +33,21 @@ def check_location(name: str, field: str, example: str) -> str:
 def first_line(err: BaseException) -> str:
   lines = str(err).strip().splitlines()
   return lines[0][:300] if lines else ""
+
+
+def load_or_explain(load, field: str, what: str, fix: str):
+  """Calls load(); any failure becomes a one-line UserError naming `field` and `fix`."""
+  try:
+    return load()
+  except errors.UserError:
+    raise
+  except Exception as err:  # pylint: disable=broad-except
+    raise errors.UserError(field, f"cannot load {what} ({type(err).__name__}: "
+                           f"{first_line(err)}).", fix) from None
+
+
+def load_config(location: str, field: str):
+  import transformers  # pylint: disable=g-import-not-at-top
+  return load_or_explain(lambda: transformers.AutoConfig.from_pretrained(location), field,
+                         f"a model config from {location!r}",
+                         "give an HF id or a local directory holding config.json.")

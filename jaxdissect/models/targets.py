@@ -199,15 +199,8 @@ def load_target(spec: str, field: str = "target_model") -> TargetModel:
   """`python:pkg.module:factory`, or an HF id / local directory of a Flax vision model."""
   if spec.startswith("python:"):
     return _load_python_target(spec, field)
-  import transformers  # pylint: disable=g-import-not-at-top
   location = loading.check_location(spec, field, "microsoft/resnet-50")
-  try:
-    config = transformers.AutoConfig.from_pretrained(location)
-  except Exception as err:  # pylint: disable=broad-except
-    raise errors.UserError(
-        field, f"cannot load a model config from {spec!r} "
-        f"({type(err).__name__}: {loading.first_line(err)}).",
-        "give an HF id or a local directory holding config.json.") from None
+  config = loading.load_config(location, field)
   model_type = getattr(config, "model_type", None)
   loader = _HF_LOADERS.get(model_type)
   if loader is None:
@@ -215,15 +208,9 @@ def load_target(spec: str, field: str = "target_model") -> TargetModel:
         field, f"{spec!r} is a {model_type!r} model; supported: {sorted(_HF_LOADERS)}.",
         "use an HF Flax ResNet or ViT, or wrap any flax module as "
         "python:pkg.module:factory.")
-  try:
-    target = loader(location, config)
-  except errors.UserError:
-    raise
-  except Exception as err:  # pylint: disable=broad-except
-    raise errors.UserError(
-        field, f"cannot load Flax weights from {spec!r} "
-        f"({type(err).__name__}: {loading.first_line(err)}).",
-        "the directory needs flax_model.msgpack or model.safetensors.") from None
+  target = loading.load_or_explain(
+      lambda: loader(location, config), field, f"Flax weights from {spec!r}",
+      "the directory needs flax_model.msgpack or model.safetensors.")
   target.name = spec
   logging.info("Loaded target %s (%s), image transform %s.", spec, model_type,
                target.transform)
