@@ -16,6 +16,7 @@ import numpy as np
 from jaxdissect import activations as activations_lib
 from jaxdissect import config as config_lib
 from jaxdissect import errors
+from jaxdissect import evaluate
 from jaxdissect import labeling
 from jaxdissect import report
 from jaxdissect import results as results_lib
@@ -221,6 +222,15 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   result = label_probe(probe, text_embeddings, concepts, config.similarity_fn,
                        config.num_alternatives, config.num_top_images,
                        config.neuron_chunk_size or None)
+  truths = {info.name: target.truth_for(info) for info in layer_infos
+            if target.truth_for(info) is not None}
+  evaluation = None
+  if truths:
+    embed = evaluate.make_embedder(concepts, text_embeddings,
+                                   lambda texts: clip_lib.embed_texts(clip, texts))
+    evaluation = evaluate.evaluate_result(result, truths, embed)
+    logging.info("Label precision against known truth:\n%s",
+                 evaluate.format_table(evaluation))
   config_json = {
       "config": config.to_dict(), "workdir": os.path.abspath(workdir),
       "layers": {i.name: {"path": i.path, "units": i.num_units} for i in layer_infos},
@@ -229,8 +239,12 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   }
   if jax.process_index() != 0:
     return config.result_dir
-  path = results_lib.write_result_dir(
-      config.result_dir, config.overwrite,
-      lambda d: results_lib.write_files(d, result, config_json, report.write_report))
+
+  def write_contents(directory):
+    results_lib.write_files(directory, result, config_json, report.write_report)
+    if evaluation is not None:
+      evaluate.write_json(evaluate.evaluation_path(directory), evaluation)
+
+  path = results_lib.write_result_dir(config.result_dir, config.overwrite, write_contents)
   logging.info("Results written to %s.", path)
   return path

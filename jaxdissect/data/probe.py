@@ -49,6 +49,8 @@ def parse_probe_spec(spec: str, field: str = "d_probe") -> list[ProbeSource]:
     kind, _, rest = part.partition(":")
     if kind == "folder" and rest:
       sources.append(folder_source(rest, field))
+    elif kind == "synthetic" and rest:
+      sources.append(synthetic_source(rest, field))
     elif kind == "tfds" and rest:
       name, _, split = rest.partition(":")
       head, _, tail = split.partition(":")
@@ -60,7 +62,8 @@ def parse_probe_spec(spec: str, field: str = "d_probe") -> list[ProbeSource]:
       sources.append(tfds_source(name, split, field))
     else:
       raise errors.UserError(field, f"unknown probe source {part!r}.",
-                             "use tfds:NAME:SPLIT or folder:PATH (comma-separated).")
+                             "use tfds:NAME:SPLIT, folder:PATH or synthetic:SET:N "
+                             "(comma-separated).")
   return sources
 
 
@@ -137,6 +140,27 @@ def tfds_source(name: str, split: str, field: str = "d_probe") -> ProbeSource:
       identity={"kind": "tfds", "name": builder.info.full_name, "split": split,
                 "num_examples": int(num_images)},
       make_dataset=make_dataset)
+
+
+def synthetic_source(spec: str, field: str = "d_probe") -> ProbeSource:
+  """synthetic:SET:N[:SEED]: N rendered scenes of the synthetic world (SET: in_dist,
+  shifted), ids synthetic-SET-SEED-i."""
+  from jaxdissect.synthetic import world  # pylint: disable=g-import-not-at-top
+  parts = spec.split(":")
+  if (len(parts) not in (2, 3) or parts[0] not in world.PROBE_SETS
+      or not all(p.isdigit() for p in parts[1:]) or int(parts[1]) < 1):
+    raise errors.UserError(field, f"synthetic:{spec} is not synthetic:SET:N[:SEED].",
+                           f"SET is one of {sorted(world.PROBE_SETS)}, e.g. "
+                           "synthetic:in_dist:2000.")
+  name, count = parts[0], int(parts[1])
+  seed = int(parts[2]) if len(parts) == 3 else 0
+  backgrounds, max_objects, offset = world.PROBE_SETS[name]
+  images, _, _ = world.make_dataset(count, seed + offset, backgrounds, max_objects)
+  source = array_source(images, [f"synthetic-{name}-{seed}-{i}" for i in range(count)],
+                        description=f"synthetic:{spec}")
+  source.identity = {"kind": "synthetic", "spec": spec, "sha256":
+                     source.identity["sha256"]}
+  return source
 
 
 def array_source(images: np.ndarray, image_ids: Sequence[str] | None = None,

@@ -50,6 +50,8 @@ class TargetModel:
     call_kwargs: extra keyword arguments of the forward pass (e.g. deterministic=True).
     path_prefix: the base-model prefix ("resnet", "vit") tried in front of module
       paths the user gives relative to the base model.
+    ground_truth: friendly layer name -> the true label of each of its units, where
+      known (a classifier's fc: its class names).
   """
   name: str
   module: Any
@@ -59,6 +61,16 @@ class TargetModel:
   id2label: Mapping[int, str] | None = None
   call_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   path_prefix: str = ""
+  ground_truth: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+
+  def truth_for(self, info: "LayerInfo") -> list[str] | None:
+    """The true unit labels of a resolved layer, whichever name it was requested by."""
+    if info.name in self.ground_truth:
+      return list(self.ground_truth[info.name])
+    for alias, path in self.layer_aliases.items():
+      if path == info.path and alias in self.ground_truth:
+        return list(self.ground_truth[alias])
+    return None
 
   def forward(self, variables, pixels, capture: Callable | bool = False):
     """Returns (output, intermediates) of a forward pass capturing `capture` modules."""
@@ -240,6 +252,13 @@ def _id2label(config) -> dict[int, str] | None:
   return labels
 
 
+def _class_truth(id2label) -> dict[str, list[str]]:
+  """A classifier's fc units are its classes."""
+  if not id2label:
+    return {}
+  return {"fc": [id2label[i] for i in range(len(id2label))]}
+
+
 def _load_hf_resnet(location: str, config) -> TargetModel:
   import transformers  # pylint: disable=g-import-not-at-top
   architectures = getattr(config, "architectures", None) or []
@@ -258,10 +277,11 @@ def _load_hf_resnet(location: str, config) -> TargetModel:
   if is_classifier:
     aliases["fc"] = "classifier"
   transform = preprocessing.load_transform(location, DEFAULT_TRANSFORM)
+  id2label = _id2label(config) if is_classifier else None
   return TargetModel(name=location, module=model.module, variables=variables,
-                     transform=transform, layer_aliases=aliases,
-                     id2label=_id2label(config) if is_classifier else None,
-                     call_kwargs={"deterministic": True}, path_prefix=prefix)
+                     transform=transform, layer_aliases=aliases, id2label=id2label,
+                     call_kwargs={"deterministic": True}, path_prefix=prefix,
+                     ground_truth=_class_truth(id2label))
 
 
 def _load_hf_vit(location: str, config) -> TargetModel:
@@ -287,10 +307,11 @@ def _load_hf_vit(location: str, config) -> TargetModel:
                                           resample="bilinear", mean=(0.5, 0.5, 0.5),
                                           std=(0.5, 0.5, 0.5))
   transform = preprocessing.load_transform(location, fallback)
+  id2label = _id2label(config) if is_classifier else None
   return TargetModel(name=location, module=model.module, variables=variables,
-                     transform=transform, layer_aliases=aliases,
-                     id2label=_id2label(config) if is_classifier else None,
-                     call_kwargs={"deterministic": True}, path_prefix=prefix)
+                     transform=transform, layer_aliases=aliases, id2label=id2label,
+                     call_kwargs={"deterministic": True}, path_prefix=prefix,
+                     ground_truth=_class_truth(id2label))
 
 
 _HF_LOADERS = {"resnet": _load_hf_resnet, "vit": _load_hf_vit}

@@ -1,0 +1,184 @@
+"""Label quality on the synthetic world, in the layout of the paper's Table 3.
+
+For each probe set (in-distribution, shifted backgrounds) and each similarity function,
+the final layer (fc, true labels = shape names) and the planted units (true labels =
+colour names, "striped") are labelled and scored. Two reference rows:
+  - oracle: soft-WPMI with P from the ground-truth annotations (P[i, m] = 1 when concept
+    m is in scene i) instead of CLIP: the ceiling the CLIP model limits us to;
+  - netdissect: each unit's activation map (CAM for fc units) upsampled to the image,
+    thresholded at its top 0.5% quantile, labelled with the concept whose masks it
+    overlaps best (IoU), as in Bau et al.
+"""
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdissect import activations as activations_lib
+from jaxdissect import evaluate
+from jaxdissect import labeling
+from jaxdissect import pipeline
+from jaxdissect import similarity
+from jaxdissect.data import probe as probe_lib
+from jaxdissect.models import clip as clip_lib
+from jaxdissect.models import targets as targets_lib
+from jaxdissect.synthetic import planted
+from jaxdissect.synthetic import train as train_lib
+from jaxdissect.synthetic import world
+
+LAYERS = ("fc", "planted.colour", "planted.texture")
+METHODS = ("soft_wpmi", "wpmi", "rank_reorder", "cos_similarity_cubed", "cos_similarity")
+NETDISSECT_QUANTILE = 0.995
+
+
+@dataclasses.dataclass
+class ProbeData:
+  name: str
+  images: np.ndarray  # (N, 64, 64, 3) uint8
+  scenes: list
+  masks: list  # per image {concept: (64, 64) bool}
+
+
+def render_probe(name: str, num_images: int, seed: int = 0) -> ProbeData:
+  backgrounds, max_objects, offset = world.PROBE_SETS[name]
+  images, scenes, masks = world.make_dataset(num_images, seed + offset, backgrounds,
+                                             max_objects, with_masks=True)
+  return ProbeData(name, images, scenes, masks)
+
+
+def oracle_concept_activation(scenes, concepts: Sequence[str]) -> np.ndarray:
+  """(num_images, num_concepts): 1 where the annotation names the concept."""
+  index = {c: i for i, c in enumerate(concepts)}
+  matrix = np.zeros((len(scenes), len(concepts)), np.float32)
+  for i, scene in enumerate(scenes):
+    for word in scene.concepts():
+      if word in index:
+        matrix[i, index[word]] = 1.0
+  return matrix
+
+
+def activation_maps(target, images_pixels: np.ndarray, batch_size: int = 100):
+  """Spatial maps per layer for NetDissect: {layer: (N, h, w, units)}; fc via CAM."""
+  paths = {"layer4": target.layer_aliases["layer4"],
+           "planted.colour": target.layer_aliases["planted.colour"],
+           "planted.texture": target.layer_aliases["planted.texture"]}
+  keep = targets_lib.capture_filter(list(paths.values()))
+  dense = target.variables["params"]["target"]["classifier"]["1"]
+
+  @jax.jit
+  def maps(variables, pixels):
+    _, inter = target.forward(variables, pixels, capture=keep)
+    features = targets_lib.get_intermediate(inter, paths["layer4"])
+    # Class activation maps: the fc layer applied at every position of layer4.
+    cam = jnp.einsum("bhwc,ck->bhwk", features, dense["kernel"]) + dense["bias"]
+    return {"fc": cam,
+            "planted.colour": targets_lib.get_intermediate(inter, paths["planted.colour"]),
+            "planted.texture": targets_lib.get_intermediate(inter, paths["planted.texture"])}
+
+  out = {}
+  for start in range(0, len(images_pixels), batch_size):
+    part = maps(target.variables, images_pixels[start:start + batch_size])
+    for key, value in part.items():
+      out.setdefault(key, []).append(np.asarray(value))
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def netdissect_labels(unit_maps: np.ndarray, masks: list, concepts: Sequence[str],
+                      image_size: int = world.IMAGE_SIZE) -> tuple[list[str], np.ndarray]:
+  """unit_maps: (N, h, w, units). Returns (labels, iou (units, concepts))."""
+  n, _, _, units = unit_maps.shape
+  up = np.asarray(jax.image.resize(jnp.asarray(unit_maps), (n, image_size, image_size,
+                                                             units), "bilinear"))
+  concept_masks = np.zeros((len(concepts), n, image_size, image_size), bool)
+  index = {c: i for i, c in enumerate(concepts)}
+  for i, image_masks in enumerate(masks):
+    for word, mask in image_masks.items():
+      if word in index:
+        concept_masks[index[word], i] = mask
+  iou = np.zeros((units, len(concepts)))
+  for u in range(units):
+    values = up[..., u]
+    active = values > np.quantile(values, NETDISSECT_QUANTILE)
+    inter = np.einsum("nhw,cnhw->c", active, concept_masks, dtype=np.int64)
+    union = active.sum() + concept_masks.sum(axis=(1, 2, 3)) - inter
+    iou[u] = inter / np.maximum(union, 1)
+  return [concepts[i] for i in iou.argmax(axis=1)], iou
+
+
+def _layer_from_scores(scores, acts, concepts):
+  dead = np.zeros(scores.shape[0], bool)
+  return labeling.label_units(scores, acts, concepts, dead, dead.copy())
+
+
+def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
+        methods: Sequence[str] = METHODS, netdissect: bool = True,
+        oracle: bool = True, checkpoint_dir: str | None = None) -> list[dict]:
+  """Returns one record per (method, probe, layer)."""
+  checkpoint_dir = checkpoint_dir or train_lib.CHECKPOINT_DIR
+  clip = clip_lib.load_clip(f"{checkpoint_dir}/clip")
+  target = planted.make_target(checkpoint_dir)
+  infos = target.resolve_layers(list(LAYERS))
+  concepts = list(world.CONCEPTS)
+  text = clip_lib.embed_texts(clip, concepts)
+  embed = evaluate.make_embedder(concepts, text, lambda t: clip_lib.embed_texts(clip, t))
+  truths = {info.name: target.truth_for(info) for info in infos}
+  records = []
+  for probe_name in probes:
+    data = render_probe(probe_name, num_images)
+    source = probe_lib.array_source(data.images)
+    batches = probe_lib.ProbeSet([source]).batches(clip.transform, target.transform, 100)
+    probe = activations_lib.run_probe_pass(clip, target, infos, batches, len(data.images),
+                                           log_every_s=60)
+
+    def add(method, result):
+      for layer, row in evaluate.evaluate_result(result, truths, embed).items():
+        records.append({"method": method, "probe": probe_name, "layer": layer,
+                        **{k: row[k] for k in ("top1", "top5", "clip_cos", "num_units")}})
+
+    for method in methods:
+      add(method, pipeline.label_probe(probe, text, concepts, method))
+    if oracle:
+      p_oracle = oracle_concept_activation(data.scenes, concepts)
+      layers = {}
+      for name, acts in probe.activations.items():
+        scores = np.asarray(similarity.soft_wpmi(p_oracle, acts))
+        layers[name] = _layer_from_scores(scores, acts, concepts)
+      add("soft_wpmi (oracle P)", pipeline.results_lib.DissectionResult(
+          concepts, probe.image_ids, layers))
+    if netdissect:
+      pixels = np.stack([b for b in _target_pixels(data.images, target)])
+      maps = activation_maps(target, pixels)
+      layers = {}
+      for name in LAYERS:
+        _, iou = netdissect_labels(maps[name], data.masks, concepts)
+        layers[name] = _layer_from_scores(iou, probe.activations[name], concepts)
+      add("netdissect (IoU)", pipeline.results_lib.DissectionResult(
+          concepts, probe.image_ids, layers))
+  return records
+
+
+def _target_pixels(images: np.ndarray, target) -> np.ndarray:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jaxdissect.data import preprocessing  # pylint: disable=g-import-not-at-top
+  return np.stack([preprocessing.apply_transform(tf.constant(im), target.transform).numpy()
+                   for im in images])
+
+
+def format_table(records: Sequence[dict]) -> str:
+  """Rows: method x probe; columns: fc top-1 / top-5 / CLIP cos, planted top-1."""
+  rows = {}
+  for r in records:
+    rows.setdefault((r["method"], r["probe"]), {})[r["layer"]] = r
+  lines = [f"{'method':<22} {'probe':<9} {'fc top1':>8} {'fc top5':>8} {'fc cos':>7} "
+           f"{'planted top1':>13} {'planted cos':>12}"]
+  for (method, probe_name), layers in rows.items():
+    fc = layers["fc"]
+    planted_rows = [layers[k] for k in layers if k.startswith("planted.")]
+    units = sum(r["num_units"] for r in planted_rows)
+    planted_top1 = sum(r["top1"] * r["num_units"] for r in planted_rows) / units
+    planted_cos = sum(r["clip_cos"] * r["num_units"] for r in planted_rows) / units
+    lines.append(f"{method:<22} {probe_name:<9} {fc['top1']:>8.3f} {fc['top5']:>8.3f} "
+                 f"{fc['clip_cos']:>7.3f} {planted_top1:>13.3f} {planted_cos:>12.3f}")
+  return "\n".join(lines)

@@ -1,0 +1,240 @@
+"""Trains the synthetic world's CLIP and target ResNet, deterministically.
+
+    python -m jaxdissect.synthetic.train [--out DIR] [--clip_steps N] [--target_steps N]
+
+Writes DIR/clip (FlaxCLIPModel + CLIPTokenizerFast + preprocessor_config.json) and
+DIR/resnet (FlaxResNetForImageClassification classifying the shape), both loadable with
+from_pretrained. The default DIR is the package's checkpoints/ folder, whose committed
+contents are what configs/synthetic.py uses, so nothing has to be trained to use it.
+"""
+import argparse
+import json
+import os
+import time
+
+from absl import logging
+import numpy as np
+
+from jaxdissect.synthetic import world
+
+CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_TEXT_LENGTH = 16
+
+
+# ------------------------------------------------------------------ tokenizer
+def write_tokenizer(out_dir: str, words) -> None:
+  """A CLIPTokenizerFast whose vocabulary holds every world word as one token.
+
+  BPE merges spell each word left to right; any other word falls back to characters.
+  """
+  from transformers import CLIPTokenizerFast  # pylint: disable=g-import-not-at-top
+  from jaxdissect import tiny_models  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  chars = tiny_models._byte_characters()  # pylint: disable=protected-access
+  vocab = {}
+  for token in chars + [c + "</w>" for c in chars]:
+    vocab[token] = len(vocab)
+  merges = []
+  for word in words:
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    current = pieces[0]
+    for piece in pieces[1:]:
+      merge = f"{current} {piece}"
+      current += piece
+      if merge not in merges:
+        merges.append(merge)
+      vocab.setdefault(current, len(vocab))
+    # With ignore_merges (below), a word found in the vocabulary as it is becomes one
+    # token; otherwise the merges of one word can split another ("he" of heart inside
+    # "checkered").
+    vocab.setdefault(word, len(vocab))
+  vocab["<|startoftext|>"] = len(vocab)
+  vocab["<|endoftext|>"] = len(vocab)  # the highest id: CLIP pools the text there
+  with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+    json.dump(vocab, f)
+  with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  CLIPTokenizerFast(vocab_file=os.path.join(out_dir, "vocab.json"),
+                    merges_file=os.path.join(out_dir, "merges.txt")).save_pretrained(out_dir)
+  tokenizer_json = os.path.join(out_dir, "tokenizer.json")
+  with open(tokenizer_json, encoding="utf-8") as f:
+    spec = json.load(f)
+  spec["model"]["ignore_merges"] = True
+  with open(tokenizer_json, "w", encoding="utf-8") as f:
+    json.dump(spec, f)
+
+
+def normalise_images(images: np.ndarray, mean, std) -> np.ndarray:
+  return ((images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
+          / np.asarray(std, np.float32))
+
+
+# ------------------------------------------------------------------ CLIP
+def train_clip(out_dir: str, steps: int = 2500, batch_size: int = 128, seed: int = 0,
+               num_images: int = 40000) -> str:
+  """Contrastive training with multi-positive targets (a caption matches every image it
+  describes), so frequent single-word captions are not pushed apart from their images."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
+
+  write_tokenizer(out_dir, world.ATTRIBUTE_WORDS + world.TEMPLATE_WORDS)
+  tokenizer = AutoTokenizer.from_pretrained(out_dir)
+  vocab_size = len(tokenizer.get_vocab())
+  config = CLIPConfig(
+      text_config=dict(vocab_size=vocab_size, hidden_size=96, intermediate_size=192,
+                       num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=MAX_TEXT_LENGTH,
+                       bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                       pad_token_id=vocab_size - 1),
+      vision_config=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4,
+                         num_attention_heads=4, image_size=world.IMAGE_SIZE,
+                         patch_size=8),
+      projection_dim=64)
+  model = FlaxCLIPModel(config, seed=seed)
+  params = model.params
+  logging.info("Rendering %d training images for CLIP.", num_images)
+  images, scenes, _ = world.make_dataset(num_images, seed=10_000 + seed)
+  pixels = normalise_images(images, CLIP_MEAN, CLIP_STD)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, min(200, steps // 10), steps,
+                                                1e-5)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(schedule, weight_decay=0.05))
+  opt_state = optimizer.init(params)
+
+  def embed(params, pixel_batch, ids, mask):
+    def features(module, pv, ids, mask):
+      image = module.visual_projection(module.vision_model(pixel_values=pv,
+                                                           deterministic=True)[1])
+      pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+      text = module.text_projection(module.text_model(
+          input_ids=ids, attention_mask=mask, position_ids=pos, deterministic=True)[1])
+      return image, text
+    image, text = model.module.apply({"params": params}, pixel_batch, ids, mask,
+                                     method=features)
+    image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
+    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    return image, text
+
+  def loss_fn(params, pixel_batch, ids, mask, matches):
+    image, text = embed(params, pixel_batch, ids, mask)
+    logits = jnp.exp(params["logit_scale"]) * image @ text.T
+    image_targets = matches / matches.sum(axis=1, keepdims=True)
+    text_targets = matches.T / matches.T.sum(axis=1, keepdims=True)
+    loss = 0.5 * (optax.softmax_cross_entropy(logits, image_targets).mean()
+                  + optax.softmax_cross_entropy(logits.T, text_targets).mean())
+    return loss
+
+  @jax.jit
+  def step(params, opt_state, pixel_batch, ids, mask, matches):
+    loss, grads = jax.value_and_grad(loss_fn)(params, pixel_batch, ids, mask, matches)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, np.log(100.0))
+    return params, opt_state, loss
+
+  rng = np.random.default_rng(seed)
+  start = time.monotonic()
+  for i in range(steps):
+    idx = rng.choice(num_images, batch_size, replace=False)
+    batch_scenes = [scenes[j] for j in idx]
+    captions = [world.caption(s, rng) for s in batch_scenes]
+    matches = np.array([[world.caption_matches(c, s) for c in captions]
+                        for s in batch_scenes], np.float32)
+    encoded = tokenizer(captions, padding="max_length", max_length=MAX_TEXT_LENGTH,
+                        truncation=True, return_tensors="np")
+    params, opt_state, loss = step(params, opt_state, pixels[idx],
+                                   encoded["input_ids"].astype(np.int32),
+                                   encoded["attention_mask"].astype(np.int32), matches)
+    if i % 100 == 0 or i == steps - 1:
+      logging.info("CLIP step %d/%d loss %.4f (%.1f steps/s)", i, steps, float(loss),
+                   (i + 1) / (time.monotonic() - start))
+  model.params = jax.device_get(params)
+  model.save_pretrained(out_dir)
+  CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
+                     crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE},
+                     image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)
+                     ).save_pretrained(out_dir)
+  return out_dir
+
+
+# ------------------------------------------------------------------ target ResNet
+def train_target(out_dir: str, steps: int = 1500, batch_size: int = 64, seed: int = 0,
+                 num_images: int = 20000) -> str:
+  """A small ResNet (HF Flax, basic blocks) that classifies the shape of one object."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from transformers import ConvNextImageProcessor, FlaxResNetForImageClassification, ResNetConfig  # pylint: disable=g-import-not-at-top
+
+  config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128],
+                        depths=[1, 1, 1, 1], layer_type="basic",
+                        num_labels=len(world.SHAPES), id2label=dict(enumerate(world.SHAPES)),
+                        label2id={s: i for i, s in enumerate(world.SHAPES)})
+  model = FlaxResNetForImageClassification(
+      config, seed=seed, input_shape=(1, world.IMAGE_SIZE, world.IMAGE_SIZE, 3))
+  variables = model.params
+  logging.info("Rendering %d training images for the target.", num_images)
+  images, scenes, _ = world.make_dataset(num_images, seed=20_000 + seed, max_objects=1)
+  pixels = normalise_images(images, IMAGENET_MEAN, IMAGENET_STD)
+  labels = np.array([world.SHAPES.index(s.objects[0].shape) for s in scenes], np.int32)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, min(100, steps // 10), steps,
+                                                1e-5)
+  optimizer = optax.adamw(schedule, weight_decay=1e-4)
+  opt_state = optimizer.init(variables["params"])
+
+  def loss_fn(params, batch_stats, x, y):
+    logits, updates = model.module.apply({"params": params, "batch_stats": batch_stats}, x,
+                                         deterministic=False, mutable=["batch_stats"])
+    logits = logits.logits if hasattr(logits, "logits") else logits[0]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, (updates["batch_stats"], jnp.mean(jnp.argmax(logits, -1) == y))
+
+  @jax.jit
+  def step(params, batch_stats, opt_state, x, y):
+    (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss, acc
+
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  rng = np.random.default_rng(seed)
+  start = time.monotonic()
+  for i in range(steps):
+    idx = rng.choice(num_images, batch_size, replace=False)
+    params, batch_stats, opt_state, loss, acc = step(params, batch_stats, opt_state,
+                                                     pixels[idx], labels[idx])
+    if i % 100 == 0 or i == steps - 1:
+      logging.info("Target step %d/%d loss %.4f acc %.3f (%.1f steps/s)", i, steps,
+                   float(loss), float(acc), (i + 1) / (time.monotonic() - start))
+  model.params = jax.device_get({"params": params, "batch_stats": batch_stats})
+  model.save_pretrained(out_dir)
+  ConvNextImageProcessor(size={"shortest_edge": world.IMAGE_SIZE}, crop_pct=1.0,
+                         resample=3, image_mean=list(IMAGENET_MEAN),
+                         image_std=list(IMAGENET_STD)).save_pretrained(out_dir)
+  return out_dir
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default=CHECKPOINT_DIR)
+  parser.add_argument("--clip_steps", type=int, default=2500)
+  parser.add_argument("--target_steps", type=int, default=1500)
+  parser.add_argument("--only", choices=("clip", "target"), default=None)
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  if args.only in (None, "clip"):
+    train_clip(os.path.join(args.out, "clip"), steps=args.clip_steps)
+  if args.only in (None, "target"):
+    train_target(os.path.join(args.out, "resnet"), steps=args.target_steps)
+  print(f"Checkpoints written to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,47 @@
+"""Label precision against known truth."""
+from absl.testing import absltest
+import numpy as np
+
+from jaxdissect import evaluate
+from jaxdissect import labeling
+
+VECTORS = {"cat": [1.0, 0.0], "dog": [0.6, 0.8], "car": [0.0, 1.0]}
+
+
+def embed(texts):
+  return np.asarray([VECTORS[t] for t in texts])
+
+
+class EvaluateTest(absltest.TestCase):
+
+  def test_top1_top5_and_cosine(self):
+    labels = ["cat", "dog", labeling.DEAD_LABEL, "car"]
+    alternatives = [["cat", "dog"], ["dog", "cat"], ["car", "cat"], ["car", "dog"]]
+    truth = ["cat", "cat", "cat", "dog"]
+    scores = evaluate.label_precision(labels, alternatives, truth, embed)
+    self.assertAlmostEqual(scores["top1"], 0.25)
+    self.assertAlmostEqual(scores["top5"], 1.0)
+    # cosines: cat-cat 1, dog-cat 0.6, dead 0, car-dog 0.8
+    self.assertAlmostEqual(scores["clip_cos"], (1 + 0.6 + 0 + 0.8) / 4)
+    self.assertEqual(scores["num_units"], 4)
+
+  def test_embedder_looks_up_and_embeds_missing(self):
+    asked = []
+
+    def embed_new(texts):
+      asked.append(list(texts))
+      return np.ones((len(texts), 2))
+
+    lookup = evaluate.make_embedder(["cat", "dog"], np.eye(2), embed_new)
+    out = lookup(["dog", "zebra", "cat", "zebra"])
+    np.testing.assert_array_equal(out, [[0, 1], [1, 1], [1, 0], [1, 1]])
+    lookup(["zebra"])
+    self.assertEqual(asked, [["zebra"]])
+
+  def test_length_mismatch_is_an_error(self):
+    with self.assertRaises(ValueError):
+      evaluate.label_precision(["cat"], [["cat"]], ["cat", "dog"], embed)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,96 @@
+"""The synthetic world: determinism, masks, captions; the planted units' known functions."""
+from absl.testing import absltest
+import jax
+import numpy as np
+
+from jaxdissect.synthetic import planted
+from jaxdissect.synthetic import train
+from jaxdissect.synthetic import world
+
+
+class WorldTest(absltest.TestCase):
+
+  def test_vocabulary_sizes_and_concept_file(self):
+    self.assertGreaterEqual(len(world.SHAPES), 8)
+    self.assertGreaterEqual(len(world.COLOURS), 8)
+    self.assertLen(world.TEXTURES, 4)
+    self.assertGreaterEqual(len(world.BACKGROUNDS), 4)
+    self.assertGreaterEqual(len(world.CONCEPTS), 50)
+    self.assertLen(set(world.CONCEPTS), len(world.CONCEPTS))
+    with open(world.CONCEPTS_FILE, encoding="utf-8") as f:
+      self.assertEqual(f.read().split("\n")[:-1], list(world.CONCEPTS))
+
+  def test_rendering_is_seeded(self):
+    a, scenes_a, _ = world.make_dataset(6, seed=4)
+    b, scenes_b, _ = world.make_dataset(6, seed=4)
+    c, _, _ = world.make_dataset(6, seed=5)
+    np.testing.assert_array_equal(a, b)
+    self.assertEqual(scenes_a, scenes_b)
+    self.assertFalse(np.array_equal(a, c))
+    self.assertEqual(a.shape, (6, 64, 64, 3))
+    self.assertEqual(a.dtype, np.uint8)
+
+  def test_masks_match_annotations(self):
+    images, scenes, masks = world.make_dataset(40, seed=1, with_masks=True)
+    for image, scene, mask in zip(images, scenes, masks):
+      self.assertEqual(set(mask), scene.concepts())
+      objects = np.zeros((64, 64), bool)
+      for obj in scene.objects:
+        objects |= mask[obj.shape]
+      np.testing.assert_array_equal(mask[scene.background], ~objects)
+      # A plain, visible object's colour mask holds its colour.
+      for obj in scene.objects:
+        region = mask[obj.colour]
+        if obj.texture == "plain" and region.sum() > 20:
+          mean = image[region].mean(axis=0)
+          np.testing.assert_allclose(mean, world.COLOURS[obj.colour], atol=12)
+
+  def test_captions_describe_their_scene(self):
+    rng = np.random.default_rng(0)
+    _, scenes, _ = world.make_dataset(200, seed=2)
+    for scene in scenes:
+      text = world.caption(scene, rng)
+      self.assertTrue(world.caption_matches(text, scene), (text, scene))
+    scene = world.Scene((world.SceneObject("star", "red", "plain", (30, 30), 10, 0),),
+                        "grass")
+    self.assertTrue(world.caption_matches("a red star on grass", scene))
+    self.assertFalse(world.caption_matches("blue star", scene))
+    self.assertFalse(world.caption_matches("red star on sky", scene))
+
+  def test_tokenizer_keeps_world_words_whole(self):
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    out = self.create_tempdir().full_path
+    train.write_tokenizer(out, world.ATTRIBUTE_WORDS + world.TEMPLATE_WORDS)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    self.assertEqual(tokenizer.tokenize("a checkered Star on grass"),
+                     ["a", "checkered", "star", "on", "grass"])
+    ids = tokenizer("striped")["input_ids"]
+    self.assertEqual(ids[-1], max(tokenizer.get_vocab().values()))  # eos pools the text
+
+
+class PlantedTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.images, cls.scenes, cls.masks = world.make_dataset(500, seed=3, with_masks=True)
+    pixels = ((cls.images / 255.0 - np.asarray(train.IMAGENET_MEAN))
+              / np.asarray(train.IMAGENET_STD)).astype(np.float32)
+    module = planted.PlantedNet()
+    cls.outputs = np.asarray(jax.jit(module.apply)(planted.planted_variables(), pixels))
+
+  def test_colour_units_measure_colour_area(self):
+    for k, colour in enumerate(planted.COLOUR_NAMES):
+      area = np.array([m.get(colour, np.zeros((64, 64))).mean() for m in self.masks])
+      self.assertGreater(np.corrcoef(self.outputs[:, k], area)[0, 1], 0.99, colour)
+
+  def test_stripe_unit_prefers_striped_objects(self):
+    k = len(planted.COLOUR_NAMES)
+    striped = np.array(["striped" in s.concepts() for s in self.scenes])
+    top = np.argsort(-self.outputs[:, k], kind="stable")[:50]
+    self.assertGreater(striped[top].mean(), 0.75)
+    self.assertGreater(self.outputs[striped, k].mean(), 3 * self.outputs[~striped, k].mean())
+
+
+if __name__ == "__main__":
+  absltest.main()
