@@ -22,11 +22,45 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host).")
 
 
+def _parse_flags(argv):
+  """absl parses --config and --config.X before main runs: errors become one line, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as err:  # pylint: disable=broad-except
+    # Only the first line: some loaders list every path they tried.
+    text = " ".join(str(err).strip().splitlines()[0].split()) if str(err).strip() else ""
+    overrides = [a.split("=")[0][len("--config."):] for a in argv[1:]
+                 if a.startswith("--config.")]
+    field = next((o for o in overrides if f"'{o}'" in text or o in text), "config")
+    if field != "config" and isinstance(err, flags.IllegalFlagValueError):
+      fix = f"give --config.{field} a value of the field's type."
+      problem = f"invalid value ({text[:200]})."
+    elif field != "config":
+      fix = ("use a field of jaxdissect/config.py:get_base_config() "
+             "(python main.py --helpfull lists flags).")
+      problem = f"--config.{field} is not a config field ({type(err).__name__}: {text[:200]})."
+    else:
+      fix = "pass --config with an existing, valid Python config file such as configs/resnet50.py."
+      problem = f"cannot load the config ({type(err).__name__}: {text[:300]})."
+    print(f"error: {field}: {problem} Fix: {fix}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from jaxdissect import errors  # pylint: disable=g-import-not-at-top
-  if _CONFIG.value is None:
+  config = _CONFIG.value
+  try:
+    if config is not None:
+      config.keys()
+  except OSError as err:  # config_flags defers a failed load until first access
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    print(f"error: config: cannot load the config file ({lines[-1] if lines else err}). "
+          "Fix: pass --config with an existing Python config file such as "
+          "configs/resnet50.py.", file=sys.stderr)
+    sys.exit(2)
+  if config is None:
     print("error: config: no config given. Fix: pass --config configs/resnet50.py.",
           file=sys.stderr)
     sys.exit(2)
@@ -38,13 +72,13 @@ def main(argv):
                  jax.process_count(), jax.local_device_count())
     from jaxdissect import pipeline  # pylint: disable=g-import-not-at-top
     if _LIST_LAYERS.value:
-      print(pipeline.list_layers(_CONFIG.value))
+      print(pipeline.list_layers(config))
       return
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    pipeline.run(config, _WORKDIR.value)
   except errors.UserError as err:
     print(f"error: {err.one_line()}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -148,6 +148,26 @@ class MainEndToEndTest(absltest.TestCase):
     self.assertIn("layer4", last)
     self.assertNotIn("Traceback", proc.stderr)
 
+  def test_config_errors_are_one_line(self):
+    bad = os.path.join(self.tmp, "bad_config.py")
+    with open(bad, "w") as f:
+      f.write("def get_config(:\n")
+    demo = os.path.join(REPO, "configs", "demo.py")
+    cases = {
+        "config": ["--config", os.path.join(self.tmp, "missing.py")],
+        "config ": ["--config", bad],
+        "bogus": ["--config", demo, "--config.bogus=1"],
+        "batch_size": ["--config", demo, "--config.batch_size=abc"],
+        "similarity_fn": ["--config", demo, "--config.similarity_fn=nope"],
+    }
+    for field, args in cases.items():
+      proc = run_main(*args, check=False)
+      self.assertEqual(proc.returncode, 2, (field, proc.stderr[-2000:]))
+      self.assertNotIn("Traceback", proc.stderr)
+      last = proc.stderr.strip().splitlines()[-1]
+      self.assertTrue(last.startswith(f"error: {field.strip()}:"), last)
+      self.assertIn("Fix:", last)
+
   def test_list_layers(self):
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp)), "--list_layers")
     lines = proc.stdout.splitlines()

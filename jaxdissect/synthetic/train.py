@@ -74,7 +74,7 @@ def normalise_images(images: np.ndarray, mean, std) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ CLIP
-def train_clip(out_dir: str, steps: int = 2500, batch_size: int = 128, seed: int = 0,
+def train_clip(out_dir: str, steps: int = 5000, batch_size: int = 128, seed: int = 0,
                num_images: int = 40000) -> str:
   """Contrastive training with multi-positive targets (a caption matches every image it
   describes), so frequent single-word captions are not pushed apart from their images."""
@@ -92,7 +92,7 @@ def train_clip(out_dir: str, steps: int = 2500, batch_size: int = 128, seed: int
                        max_position_embeddings=MAX_TEXT_LENGTH,
                        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
                        pad_token_id=vocab_size - 1),
-      vision_config=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4,
+      vision_config=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, image_size=world.IMAGE_SIZE,
                          patch_size=8),
       projection_dim=64)
@@ -101,8 +101,8 @@ def train_clip(out_dir: str, steps: int = 2500, batch_size: int = 128, seed: int
   logging.info("Rendering %d training images for CLIP.", num_images)
   images, scenes, _ = world.make_dataset(num_images, seed=10_000 + seed)
   pixels = normalise_images(images, CLIP_MEAN, CLIP_STD)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, min(200, steps // 10), steps,
-                                                1e-5)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 1.5e-3, min(200, steps // 10),
+                                                steps, 1e-5)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                           optax.adamw(schedule, weight_decay=0.05))
   opt_state = optimizer.init(params)
@@ -164,7 +164,7 @@ def train_clip(out_dir: str, steps: int = 2500, batch_size: int = 128, seed: int
 
 
 # ------------------------------------------------------------------ target ResNet
-def train_target(out_dir: str, steps: int = 1500, batch_size: int = 64, seed: int = 0,
+def train_target(out_dir: str, steps: int = 4000, batch_size: int = 64, seed: int = 0,
                  num_images: int = 20000) -> str:
   """A small ResNet (HF Flax, basic blocks) that classifies the shape of one object."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -224,8 +224,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default=CHECKPOINT_DIR)
-  parser.add_argument("--clip_steps", type=int, default=2500)
-  parser.add_argument("--target_steps", type=int, default=1500)
+  parser.add_argument("--clip_steps", type=int, default=5000)
+  parser.add_argument("--target_steps", type=int, default=4000)
   parser.add_argument("--only", choices=("clip", "target"), default=None)
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)

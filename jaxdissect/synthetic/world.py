@@ -153,7 +153,8 @@ def sample_scene(rng: np.random.Generator, backgrounds: Sequence[str] = BACKGROU
       rng.integers(2, max_objects + 1))
   objects = []
   for _ in range(num_objects):
-    radius = float(rng.uniform(0.16, 0.3) * size)
+    # Large enough to span several 8x8 patches: shape is what a small ViT learns last.
+    radius = float(rng.uniform(0.2, 0.34) * size)
     margin = radius * 0.6
     objects.append(SceneObject(
         shape=SHAPES[rng.integers(len(SHAPES))],
@@ -197,10 +198,11 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
   """A caption naming a random subset of one object's attributes and maybe the background,
   in a random order: single words are frequent so that they embed well."""
   obj = scene.objects[rng.integers(len(scene.objects))]
-  words = [w for w, keep in ((obj.colour, rng.random() < 0.6),
+  # Shape words most often: colour and background are learnt first anyway.
+  words = [w for w, keep in ((obj.colour, rng.random() < 0.5),
                              (obj.texture, rng.random() < 0.5),
-                             (obj.shape, rng.random() < 0.6)) if keep]
-  if rng.random() < 0.35 or not words:
+                             (obj.shape, rng.random() < 0.75)) if keep]
+  if rng.random() < 0.25 or not words:
     words.append(scene.background)
   if rng.random() < 0.3:
     rng.shuffle(words)

@@ -1,0 +1,65 @@
+"""Accuracy floors on the synthetic world with the committed checkpoints (under a minute).
+
+A regression in the similarity code, pooling, preprocessing or the checkpoints shows up
+here as labels that no longer match the known truth.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+from jaxdissect.synthetic import benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Measured on the full benchmark (2,000 images) these are higher; a 1,000-image run
+# keeps CI fast and still fails loudly on a real regression.
+FLOORS = {
+    ("soft_wpmi", "fc"): 0.9,
+    ("soft_wpmi (oracle P)", "fc"): 0.98,
+    ("soft_wpmi", "planted"): 0.9,
+}
+
+
+class SyntheticQualityTest(absltest.TestCase):
+
+  def test_accuracy_floors(self):
+    records = benchmark.run(num_images=1000, probes=("in_dist",),
+                            methods=("soft_wpmi",), netdissect=False, oracle=True)
+    by_key = {}
+    for r in records:
+      layer = "planted" if r["layer"].startswith("planted.") else r["layer"]
+      total, units = by_key.get((r["method"], layer), (0.0, 0))
+      by_key[(r["method"], layer)] = (total + r["top1"] * r["num_units"],
+                                      units + r["num_units"])
+    for key, floor in FLOORS.items():
+      total, units = by_key[key]
+      self.assertGreaterEqual(total / units, floor, f"{key}: {total / units:.3f}")
+
+  def test_embedded_default_writes_evaluation_json(self):
+    workdir = tempfile.mkdtemp()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "main.py"), "--config",
+         os.path.join(REPO, "configs", "synthetic.py"), "--workdir", workdir,
+         "--config.d_probe=synthetic:in_dist:300",
+         "--config.target_layers=layer4,fc,planted.colour,planted.texture"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(os.path.join(workdir, "results", "evaluation.json"), encoding="utf-8") as f:
+      evaluation = json.load(f)
+    self.assertEqual(set(evaluation), {"fc", "planted.colour", "planted.texture"})
+    for layer, row in evaluation.items():
+      self.assertEqual(set(row), {"top1", "top5", "clip_cos", "num_units", "num_concepts"})
+      self.assertEqual(row["num_concepts"], 56)
+      for key in ("top1", "top5"):
+        self.assertBetween(row[key], 0.0, 1.0)
+    self.assertEqual(evaluation["fc"]["num_units"], 8)
+    self.assertEqual(evaluation["planted.colour"]["num_units"], 8)
+
+
+if __name__ == "__main__":
+  absltest.main()
