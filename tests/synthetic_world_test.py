@@ -92,5 +92,23 @@ class PlantedTest(absltest.TestCase):
     self.assertGreater(self.outputs[striped, k].mean(), 3 * self.outputs[~striped, k].mean())
 
 
+
+class TrainingDeterminismTest(absltest.TestCase):
+
+  def test_short_training_runs_are_identical(self):
+    from jaxdissect.models import targets  # pylint: disable=g-import-not-at-top
+    from transformers import FlaxCLIPModel, FlaxResNetForImageClassification  # pylint: disable=g-import-not-at-top
+    hashes = []
+    for run in range(2):
+      out = self.create_tempdir(f"run{run}").full_path
+      train.train_clip(f"{out}/clip", steps=3, batch_size=16, num_images=64)
+      train.train_target(f"{out}/resnet", steps=3, batch_size=16, num_images=64)
+      clip = FlaxCLIPModel.from_pretrained(f"{out}/clip")
+      resnet = FlaxResNetForImageClassification.from_pretrained(f"{out}/resnet")
+      hashes.append((targets.params_fingerprint(clip.params),
+                     targets.params_fingerprint(resnet.params)))
+    self.assertEqual(hashes[0], hashes[1])
+
+
 if __name__ == "__main__":
   absltest.main()
