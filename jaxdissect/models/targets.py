@@ -259,18 +259,24 @@ def _class_truth(id2label) -> dict[str, list[str]]:
   return {"fc": [id2label[i] for i in range(len(id2label))]}
 
 
-def _load_hf_resnet(location: str, config) -> TargetModel:
-  import transformers  # pylint: disable=g-import-not-at-top
+def _load_hf_model(location: str, config, classifier_cls, base_cls, prefix: str,
+                   **base_kwargs):
+  """The classification model (its base under `prefix`) unless config names the base."""
   architectures = getattr(config, "architectures", None) or []
   is_classifier = not architectures or any("Classification" in a for a in architectures)
   if is_classifier:
-    model, variables = _from_pretrained(transformers.FlaxResNetForImageClassification,
-                                        location, config)
-    prefix = "resnet"
+    model, variables = _from_pretrained(classifier_cls, location, config)
   else:
-    model, variables = _from_pretrained(transformers.FlaxResNetModel, location, config)
+    model, variables = _from_pretrained(base_cls, location, config, **base_kwargs)
     prefix = ""
-  base = f"{prefix}/" if prefix else ""
+  return model, variables, is_classifier, prefix, (f"{prefix}/" if prefix else "")
+
+
+def _load_hf_resnet(location: str, config) -> TargetModel:
+  import transformers  # pylint: disable=g-import-not-at-top
+  model, variables, is_classifier, prefix, base = _load_hf_model(
+      location, config, transformers.FlaxResNetForImageClassification,
+      transformers.FlaxResNetModel, "resnet")
   aliases = {"conv1": f"{base}embedder/embedder/convolution"}
   for i in range(len(config.hidden_sizes)):
     aliases[f"layer{i + 1}"] = f"{base}encoder/stages/{i}"
@@ -286,17 +292,9 @@ def _load_hf_resnet(location: str, config) -> TargetModel:
 
 def _load_hf_vit(location: str, config) -> TargetModel:
   import transformers  # pylint: disable=g-import-not-at-top
-  architectures = getattr(config, "architectures", None) or []
-  is_classifier = not architectures or any("Classification" in a for a in architectures)
-  if is_classifier:
-    model, variables = _from_pretrained(transformers.FlaxViTForImageClassification,
-                                        location, config)
-    prefix = "vit"
-  else:
-    model, variables = _from_pretrained(transformers.FlaxViTModel, location, config,
-                                        add_pooling_layer=False)
-    prefix = ""
-  base = f"{prefix}/" if prefix else ""
+  model, variables, is_classifier, prefix, base = _load_hf_model(
+      location, config, transformers.FlaxViTForImageClassification,
+      transformers.FlaxViTModel, "vit", add_pooling_layer=False)
   # torchvision vit_b_16 style names for the encoder blocks.
   aliases = {f"encoder_layer_{i}": f"{base}encoder/layer/{i}"
              for i in range(config.num_hidden_layers)}
