@@ -36,15 +36,12 @@ def _split_layers(layers: str | Sequence[str]) -> list[str]:
 
 
 def _as_target(target) -> targets_lib.TargetModel:
-  if isinstance(target, targets_lib.TargetModel):
-    return target
   if isinstance(target, str):
     return targets_lib.load_target(target)
-  if isinstance(target, tuple) and len(target) in (2, 3):
-    module, variables, *rest = target
-    return targets_lib.TargetModel(
-        name=type(module).__name__, module=module, variables=variables,
-        transform=rest[0] if rest else targets_lib.DEFAULT_TRANSFORM)
+  name = type(target[0]).__name__ if isinstance(target, tuple) and target else "target"
+  made = targets_lib.as_target_model(target, name)
+  if made is not None:
+    return made
   raise errors.UserError("target", f"cannot use a {type(target).__name__} as a target.",
                          "pass a TargetModel, an HF id / directory, or (module, variables"
                          "[, transform]).")
@@ -222,8 +219,8 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   result = label_probe(probe, text_embeddings, concepts, config.similarity_fn,
                        config.num_alternatives, config.num_top_images,
                        config.neuron_chunk_size or None)
-  truths = {info.name: target.truth_for(info) for info in layer_infos
-            if target.truth_for(info) is not None}
+  truths = {info.name: truth for info in layer_infos
+            if (truth := target.truth_for(info)) is not None}
   evaluation = None
   if truths:
     embed = evaluate.make_embedder(concepts, text_embeddings,

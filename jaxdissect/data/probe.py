@@ -154,8 +154,7 @@ def synthetic_source(spec: str, field: str = "d_probe") -> ProbeSource:
                            "synthetic:in_dist:2000.")
   name, count = parts[0], int(parts[1])
   seed = int(parts[2]) if len(parts) == 3 else 0
-  backgrounds, max_objects, offset = world.PROBE_SETS[name]
-  images, _, _ = world.make_dataset(count, seed + offset, backgrounds, max_objects)
+  images, _, _ = world.render_probe_set(name, count, seed)
   source = array_source(images, [f"synthetic-{name}-{seed}-{i}" for i in range(count)],
                         description=f"synthetic:{spec}")
   source.identity = {"kind": "synthetic", "spec": spec, "sha256":
@@ -256,9 +255,7 @@ class ProbeSet:
     offset = 0
     for source in self.sources:
       part = source.make_dataset()
-      start = offset
-      part = part.enumerate(start=start).map(
-          lambda i, x: {**x, "index": i})
+      part = part.enumerate(start=offset).map(lambda i, x: {**x, "index": i})
       ds = part if ds is None else ds.concatenate(part)
       offset += source.num_images
     if num_shards > 1:

@@ -259,9 +259,11 @@ def _class_truth(id2label) -> dict[str, list[str]]:
   return {"fc": [id2label[i] for i in range(len(id2label))]}
 
 
-def _load_hf_model(location: str, config, classifier_cls, base_cls, prefix: str,
-                   **base_kwargs):
-  """The classification model (its base under `prefix`) unless config names the base."""
+def _load_hf_target(location: str, config, classifier_cls, base_cls, prefix: str,
+                    base_aliases: Callable[[str], dict[str, str]],
+                    fallback: preprocessing.ImageTransform, **base_kwargs) -> TargetModel:
+  """The classification model (its base under `prefix`, plus `fc`) unless the config
+  names the base model. base_aliases(path prefix) gives the friendly names of the base."""
   architectures = getattr(config, "architectures", None) or []
   is_classifier = not architectures or any("Classification" in a for a in architectures)
   if is_classifier:
@@ -269,47 +271,47 @@ def _load_hf_model(location: str, config, classifier_cls, base_cls, prefix: str,
   else:
     model, variables = _from_pretrained(base_cls, location, config, **base_kwargs)
     prefix = ""
-  return model, variables, is_classifier, prefix, (f"{prefix}/" if prefix else "")
+  aliases = base_aliases(f"{prefix}/" if prefix else "")
+  if is_classifier:
+    aliases["fc"] = "classifier"
+  id2label = _id2label(config) if is_classifier else None
+  return TargetModel(name=location, module=model.module, variables=variables,
+                     transform=preprocessing.load_transform(location, fallback),
+                     layer_aliases=aliases, id2label=id2label,
+                     call_kwargs={"deterministic": True}, path_prefix=prefix,
+                     ground_truth=_class_truth(id2label))
 
 
 def _load_hf_resnet(location: str, config) -> TargetModel:
   import transformers  # pylint: disable=g-import-not-at-top
-  model, variables, is_classifier, prefix, base = _load_hf_model(
-      location, config, transformers.FlaxResNetForImageClassification,
-      transformers.FlaxResNetModel, "resnet")
-  aliases = {"conv1": f"{base}embedder/embedder/convolution"}
-  for i in range(len(config.hidden_sizes)):
-    aliases[f"layer{i + 1}"] = f"{base}encoder/stages/{i}"
-  if is_classifier:
-    aliases["fc"] = "classifier"
-  transform = preprocessing.load_transform(location, DEFAULT_TRANSFORM)
-  id2label = _id2label(config) if is_classifier else None
-  return TargetModel(name=location, module=model.module, variables=variables,
-                     transform=transform, layer_aliases=aliases, id2label=id2label,
-                     call_kwargs={"deterministic": True}, path_prefix=prefix,
-                     ground_truth=_class_truth(id2label))
+
+  def aliases(base):
+    names = {"conv1": f"{base}embedder/embedder/convolution"}
+    for i in range(len(config.hidden_sizes)):
+      names[f"layer{i + 1}"] = f"{base}encoder/stages/{i}"
+    return names
+
+  return _load_hf_target(location, config, transformers.FlaxResNetForImageClassification,
+                         transformers.FlaxResNetModel, "resnet", aliases,
+                         DEFAULT_TRANSFORM)
 
 
 def _load_hf_vit(location: str, config) -> TargetModel:
   import transformers  # pylint: disable=g-import-not-at-top
-  model, variables, is_classifier, prefix, base = _load_hf_model(
-      location, config, transformers.FlaxViTForImageClassification,
-      transformers.FlaxViTModel, "vit", add_pooling_layer=False)
-  # torchvision vit_b_16 style names for the encoder blocks.
-  aliases = {f"encoder_layer_{i}": f"{base}encoder/layer/{i}"
+
+  def aliases(base):
+    # torchvision vit_b_16 style names for the encoder blocks.
+    names = {f"encoder_layer_{i}": f"{base}encoder/layer/{i}"
              for i in range(config.num_hidden_layers)}
-  aliases["ln"] = f"{base}layernorm"
-  if is_classifier:
-    aliases["fc"] = "classifier"
+    names["ln"] = f"{base}layernorm"
+    return names
+
   fallback = preprocessing.ImageTransform(resize_to=(config.image_size,) * 2,
                                           resample="bilinear", mean=(0.5, 0.5, 0.5),
                                           std=(0.5, 0.5, 0.5))
-  transform = preprocessing.load_transform(location, fallback)
-  id2label = _id2label(config) if is_classifier else None
-  return TargetModel(name=location, module=model.module, variables=variables,
-                     transform=transform, layer_aliases=aliases, id2label=id2label,
-                     call_kwargs={"deterministic": True}, path_prefix=prefix,
-                     ground_truth=_class_truth(id2label))
+  return _load_hf_target(location, config, transformers.FlaxViTForImageClassification,
+                         transformers.FlaxViTModel, "vit", aliases, fallback,
+                         add_pooling_layer=False)
 
 
 _HF_LOADERS = {"resnet": _load_hf_resnet, "vit": _load_hf_vit}
@@ -329,17 +331,22 @@ def _load_python_target(spec: str, field: str) -> TargetModel:
                            f"{loading.first_line(err)}).",
                            "make the module importable (PYTHONPATH) and check the "
                            "factory name.") from None
-  made = factory()
-  if isinstance(made, TargetModel):
-    result = made
-  elif isinstance(made, tuple) and len(made) in (2, 3):
-    module, variables, *rest = made
-    result = TargetModel(name=spec, module=module, variables=variables,
-                         transform=rest[0] if rest else DEFAULT_TRANSFORM)
-  else:
-    raise errors.UserError(field, f"{spec} returned {type(made).__name__}.",
+  result = as_target_model(factory(), spec)
+  if result is None:
+    raise errors.UserError(field, f"{spec} did not return a TargetModel.",
                            "the factory must return a jaxdissect TargetModel or a "
                            "(module, variables[, transform]) tuple.")
-  if result.name in ("", None):
-    result.name = spec
   return result
+
+
+def as_target_model(made, name: str) -> TargetModel | None:
+  """A TargetModel as it is, or one built from (module, variables[, transform]); else None."""
+  if isinstance(made, TargetModel):
+    if made.name in ("", None):
+      made.name = name
+    return made
+  if isinstance(made, tuple) and len(made) in (2, 3):
+    module, variables, *rest = made
+    return TargetModel(name=name, module=module, variables=variables,
+                       transform=rest[0] if rest else DEFAULT_TRANSFORM)
+  return None

@@ -42,9 +42,7 @@ class ProbeData:
 
 
 def render_probe(name: str, num_images: int, seed: int = 0) -> ProbeData:
-  backgrounds, max_objects, offset = world.PROBE_SETS[name]
-  images, scenes, masks = world.make_dataset(num_images, seed + offset, backgrounds,
-                                             max_objects, with_masks=True)
+  images, scenes, masks = world.render_probe_set(name, num_images, seed, with_masks=True)
   return ProbeData(name, images, scenes, masks)
 
 

@@ -245,3 +245,9 @@ PROBE_SETS = {
     "in_dist": (BACKGROUNDS, 2, 0),
     "shifted": (SHIFTED_BACKGROUNDS, 2, 1_000_003),
 }
+
+
+def render_probe_set(name: str, num_images: int, seed: int = 0, with_masks: bool = False):
+  """make_dataset for one of PROBE_SETS: (images, scenes, masks or None)."""
+  backgrounds, max_objects, offset = PROBE_SETS[name]
+  return make_dataset(num_images, seed + offset, backgrounds, max_objects, with_masks)
