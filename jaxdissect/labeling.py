@@ -49,8 +49,24 @@ def concept_activation(image_embeddings: np.ndarray, text_embeddings: np.ndarray
   return jnp.matmul(images, texts.T, precision=jax.lax.Precision.HIGHEST)
 
 
+@dataclasses.dataclass
+class LayerScores:
+  """scores: (num_units, num_concepts). tiebreak: (num_units, num_concepts) or None, the
+  key that orders exactly tied scores (similarity.prior_margin for (soft-)WPMI).
+  dead, invalid: (num_units,) bool."""
+  scores: np.ndarray
+  dead: np.ndarray
+  invalid: np.ndarray
+  tiebreak: np.ndarray | None = None
+
+
+PRIOR_FUNCTIONS = ("soft_wpmi", "wpmi")
+# Below this many units, a layer's (soft-)WPMI prior is estimated from too few neurons.
+MIN_UNITS_FOR_PRIOR = 2
+
+
 def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray,
-                chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                chunk_size: int | None = None) -> LayerScores:
   """Scores (num_units, num_concepts), with dead and invalid units flagged.
 
   Non-finite units are zeroed before scoring so they cannot poison the (soft-)WPMI
@@ -67,20 +83,52 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
   kwargs = {}
   if similarity_fn in ("soft_wpmi", "wpmi", "rank_reorder") and chunk_size:
     kwargs["chunk_size"] = chunk_size
-  scores = np.asarray(fn(concept_activations, activations, **kwargs))
-  return scores, dead, invalid
+  if similarity_fn not in PRIOR_FUNCTIONS:
+    return LayerScores(np.asarray(fn(concept_activations, activations, **kwargs)), dead,
+                       invalid)
+  if activations.shape[1] < MIN_UNITS_FOR_PRIOR:
+    logging.warning("%s estimates each concept's prior from the other units of the layer; "
+                    "this layer has %d unit(s), so every score is %s and the label "
+                    "means little. Dissect it together with other units, or use "
+                    "cos_similarity.", similarity_fn, activations.shape[1],
+                    "0" if similarity_fn == "soft_wpmi" else "(1 - lam) L")
+  scores, log_likelihood = fn(concept_activations, activations,
+                              return_log_likelihood=True, **kwargs)
+  return LayerScores(np.asarray(scores), dead, invalid,
+                     np.asarray(similarity.prior_margin(log_likelihood)))
+
+
+def _order_with_ties(scores: np.ndarray, tiebreak: np.ndarray | None,
+                     count: int) -> tuple[np.ndarray, np.ndarray]:
+  """The `count` best concepts per unit: by score, then by tiebreak among equal scores,
+  then by lower concept index. Returns (ids, scores), each (num_units, count)."""
+  width = min(count + 1, scores.shape[1])
+  top_scores, top_ids = (np.asarray(x) for x in jax.lax.top_k(jnp.asarray(scores), width))
+  ids = top_ids[:, :count].copy()
+  if tiebreak is None:
+    return ids, top_scores[:, :count].copy()
+  tied = np.flatnonzero(np.any(top_scores[:, 1:] == top_scores[:, :-1], axis=1))
+  for unit in tied:
+    # lexsort: the last key is the primary one; it is stable, so equal keys keep index order.
+    ids[unit] = np.lexsort((-tiebreak[unit], -scores[unit]))[:count]
+  return ids, np.take_along_axis(scores, ids, axis=1)
 
 
 def label_units(scores: np.ndarray, activations: np.ndarray, concepts: Sequence[str],
                 dead: np.ndarray, invalid: np.ndarray, num_alternatives: int = 5,
-                num_top_images: int = 10) -> LayerLabels:
+                num_top_images: int = 10, tiebreak: np.ndarray | None = None
+                ) -> LayerLabels:
+  """Labels from scores (num_units, num_concepts) and activations (num_images, num_units).
+
+  Equal scores are ordered by tiebreak (larger first) where given, then by the lower
+  concept index; equal activations by the lower image index.
+  """
+  scores = np.asarray(scores)
   num_alternatives = min(num_alternatives, scores.shape[1])
   num_top_images = min(num_top_images, activations.shape[0])
-  # top_k: ties go to the lower concept / image index.
-  alt_scores, alt_ids = jax.lax.top_k(jnp.asarray(scores), num_alternatives)
+  alt_ids, alt_scores = _order_with_ties(scores, tiebreak, num_alternatives)
   clean = np.where(np.isfinite(activations), activations, -np.inf).astype(np.float32)
   top_values, top_ids = similarity.top_activations(clean, num_top_images)
-  alt_ids, alt_scores = np.asarray(alt_ids), np.asarray(alt_scores)
   labels = [concepts[i] for i in alt_ids[:, 0]]
   for unit in np.flatnonzero(dead):
     labels[unit] = DEAD_LABEL

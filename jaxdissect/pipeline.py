@@ -74,12 +74,13 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
   concept_activations = labeling.concept_activation(probe.image_embeddings, text_embeddings)
   layers, scores = {}, {}
   for name, acts in probe.activations.items():
-    layer_scores, dead, invalid = labeling.score_layer(similarity_fn, concept_activations,
-                                                       acts, neuron_chunk_size)
-    layers[name] = labeling.label_units(layer_scores, acts, concepts, dead, invalid,
-                                        num_alternatives, num_top_images)
+    scored = labeling.score_layer(similarity_fn, concept_activations, acts,
+                                  neuron_chunk_size)
+    layers[name] = labeling.label_units(scored.scores, acts, concepts, scored.dead,
+                                        scored.invalid, num_alternatives, num_top_images,
+                                        tiebreak=scored.tiebreak)
     if keep_scores:
-      scores[name] = layer_scores
+      scores[name] = scored.scores
     logging.info("Layer %s: %d units labelled with %s (%d distinct labels).", name,
                  acts.shape[1], similarity_fn, len(set(layers[name].labels)))
   return results_lib.DissectionResult(list(concepts), list(probe.image_ids), layers, scores)

@@ -61,11 +61,51 @@ def top_activations(activations: jax.Array, k: int) -> tuple[jax.Array, jax.Arra
   return jax.lax.top_k(jnp.asarray(activations).T, k)
 
 
-def _subtract_prior(log_likelihood: jax.Array, lam: float) -> jax.Array:
-  """L - lam * (logsumexp over neurons of L - log K). Couples all neurons of a layer."""
+def _best_neuron_parts(log_likelihood: jax.Array):
+  """(is_best (K, M) bool, logsumexp over all neurons (M,), over all but the best (M,))."""
   num_neurons = log_likelihood.shape[0]
-  prior = jax.nn.logsumexp(log_likelihood, axis=0) - math.log(num_neurons)
-  return log_likelihood - lam * prior[None, :]
+  best = jnp.argmax(log_likelihood, axis=0)
+  is_best = jnp.arange(num_neurons)[:, None] == best[None, :]
+  lse_all = jax.nn.logsumexp(log_likelihood, axis=0)
+  lse_without_best = jax.nn.logsumexp(jnp.where(is_best, -jnp.inf, log_likelihood), axis=0)
+  return is_best, lse_all, lse_without_best
+
+
+@jax.jit
+def _subtract_prior(log_likelihood: jax.Array, lam: float) -> jax.Array:
+  """L - lam * (logsumexp over neurons of L - log K). Couples all neurons of a layer.
+
+  Computed as (1 - lam) L + lam (log K - gap), gap = logsumexp(L) - L, where for the
+  neuron with the largest L the gap is softplus(logsumexp(others) - L): no cancellation
+  of two large numbers, so a concept that one neuron owns scores exactly lam log K
+  (less (1 - lam) L) instead of that plus float32 noise of order ulp(L). Exact ties are
+  then broken by prior_margin.
+  """
+  num_neurons = log_likelihood.shape[0]
+  is_best, lse_all, lse_without_best = _best_neuron_parts(log_likelihood)
+  gap = jnp.where(is_best, jax.nn.softplus(lse_without_best[None, :] - log_likelihood),
+                  lse_all[None, :] - log_likelihood)
+  return (1.0 - lam) * log_likelihood + lam * (math.log(num_neurons) - gap)
+
+
+@jax.jit
+def prior_margin(log_likelihood: jax.Array) -> jax.Array:
+  """L[k, m] - logsumexp over the other neurons o != k of L[o, m]: (num_neurons, num_concepts).
+
+  Why: when one neuron's L for a concept exceeds every other neuron's by more than about
+  17 nats, its (soft-)WPMI score is lam log K to float32 precision, whatever the
+  precision of L, and in a small layer several concepts tie there. The exact score,
+  (1 - lam) L + lam log K - lam softplus(-margin), still grows with the margin, which is
+  representable for any gap: it orders those ties the way exact arithmetic would. For
+  the neuron with the largest L the best neuron is left out of the logsumexp; for the
+  others the logsumexp over all neurons stands in (leaving out a neuron that is not the
+  largest changes little, and their scores do not saturate).
+  """
+  if log_likelihood.shape[0] == 1:
+    return jnp.full_like(log_likelihood, jnp.inf)
+  is_best, lse_all, lse_without_best = _best_neuron_parts(log_likelihood)
+  return jnp.where(is_best, log_likelihood - lse_without_best[None, :],
+                   log_likelihood - lse_all[None, :])
 
 
 def _map_neurons(fn: Callable, xs, chunk: int):
@@ -111,30 +151,32 @@ def _cos_similarity_cubed(concept_activation, activations, min_norm):
 
 
 def wpmi(concept_activation, activations, top_k=28, a=2.0, lam=0.6, min_prob=1e-7,
-         chunk_size=None):
+         chunk_size=None, return_log_likelihood=False):
   """WPMI: sum over a neuron's top_k images of log softmax(a P), minus lam * prior.
 
-  Returns (num_neurons, num_concepts).
+  Returns scores (num_neurons, num_concepts), and with return_log_likelihood also L
+  (num_neurons, num_concepts), from which prior_margin breaks float32 ties.
   """
   num_images, num_concepts, num_neurons = _check_inputs(concept_activation, activations,
                                                         "wpmi")
   _check_top_k(top_k, num_images, "wpmi")
   chunk = _chunk(chunk_size, num_neurons, top_k * num_concepts * 4)
-  return _wpmi(jnp.asarray(concept_activation, jnp.float32),
-               jnp.asarray(activations, jnp.float32), a, lam, min_prob,
-               top_k=top_k, chunk=chunk)
+  log_likelihood = _wpmi(jnp.asarray(concept_activation, jnp.float32),
+                         jnp.asarray(activations, jnp.float32), a, min_prob,
+                         top_k=top_k, chunk=chunk)
+  scores = _subtract_prior(log_likelihood, lam)
+  return (scores, log_likelihood) if return_log_likelihood else scores
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "chunk"))
-def _wpmi(concept_activation, activations, a, lam, min_prob, *, top_k, chunk):
+def _wpmi(concept_activation, activations, a, min_prob, *, top_k, chunk):
   probs = jax.nn.softmax(a * concept_activation, axis=1)
   _, top_images = top_activations(activations, top_k)
 
   def neuron_log_likelihood(image_ids):  # (top_k,) -> (num_concepts,)
     return jnp.sum(jnp.log(probs[image_ids] + min_prob), axis=0)
 
-  log_likelihood = _map_neurons(neuron_log_likelihood, top_images, chunk)
-  return _subtract_prior(log_likelihood, lam)
+  return _map_neurons(neuron_log_likelihood, top_images, chunk)
 
 
 def soft_wpmi_membership(top_k: int, p_start: float, p_end: float) -> np.ndarray:
@@ -144,25 +186,27 @@ def soft_wpmi_membership(top_k: int, p_start: float, p_end: float) -> np.ndarray
 
 
 def soft_wpmi(concept_activation, activations, top_k=100, a=10.0, lam=1.0, min_prob=1e-7,
-              p_start=0.998, p_end=0.97, chunk_size=None):
+              p_start=0.998, p_end=0.97, chunk_size=None, return_log_likelihood=False):
   """Soft-WPMI (CLIP-Dissect's default): (num_neurons, num_concepts).
 
   L[k, m] = sum_j log(1 + p_j (S[idx_k[j], m] - 1) + min_prob), S = softmax(a P) over
-  concepts, idx_k the neuron's top_k images; returns L - lam * prior.
+  concepts, idx_k the neuron's top_k images; returns L - lam * prior (and L with
+  return_log_likelihood).
   """
   num_images, num_concepts, num_neurons = _check_inputs(concept_activation, activations,
                                                         "soft_wpmi")
   _check_top_k(top_k, num_images, "soft_wpmi")
   chunk = _chunk(chunk_size, num_neurons, top_k * num_concepts * 4)
   membership = jnp.asarray(soft_wpmi_membership(top_k, p_start, p_end), jnp.float32)
-  return _soft_wpmi(jnp.asarray(concept_activation, jnp.float32),
-                    jnp.asarray(activations, jnp.float32), membership, a, lam, min_prob,
-                    top_k=top_k, chunk=chunk)
+  log_likelihood = _soft_wpmi(jnp.asarray(concept_activation, jnp.float32),
+                              jnp.asarray(activations, jnp.float32), membership, a,
+                              min_prob, top_k=top_k, chunk=chunk)
+  scores = _subtract_prior(log_likelihood, lam)
+  return (scores, log_likelihood) if return_log_likelihood else scores
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "chunk"))
-def _soft_wpmi(concept_activation, activations, membership, a, lam, min_prob, *, top_k,
-               chunk):
+def _soft_wpmi(concept_activation, activations, membership, a, min_prob, *, top_k, chunk):
   probs = jax.nn.softmax(a * concept_activation, axis=1)
   _, top_images = top_activations(activations, top_k)
 
@@ -170,8 +214,7 @@ def _soft_wpmi(concept_activation, activations, membership, a, lam, min_prob, *,
     rows = probs[image_ids]
     return jnp.sum(jnp.log(1.0 + membership[:, None] * (rows - 1.0) + min_prob), axis=0)
 
-  log_likelihood = _map_neurons(neuron_log_likelihood, top_images, chunk)
-  return _subtract_prior(log_likelihood, lam)
+  return _map_neurons(neuron_log_likelihood, top_images, chunk)
 
 
 def rank_reorder_baseline_permutations(num_top: int, seed: int) -> np.ndarray:

@@ -6,6 +6,7 @@ from absl.testing import parameterized
 import numpy as np
 from scipy import special
 
+from jaxdissect import labeling
 from jaxdissect import similarity
 
 
@@ -190,6 +191,63 @@ class SimilarityTest(parameterized.TestCase):
     P, A = random_inputs(200, 6, 4, seed=1)
     scores = similarity.rank_reorder(P - 1.0, A)
     self.assertTrue(np.all(np.isfinite(np.asarray(scores))))
+
+
+def ref_margin(L):
+  """float64: L[k, m] - logsumexp over o != k of L[o, m]."""
+  K = L.shape[0]
+  return np.stack([L[k] - special.logsumexp(np.delete(L, k, axis=0), axis=0)
+                   for k in range(K)])
+
+
+class PriorSaturationTest(parameterized.TestCase):
+  """A concept one neuron owns by a wide margin scores lam log K in float32: such ties
+  are exact and are broken by the margin, as exact arithmetic would break them."""
+
+  def test_owned_concepts_score_exactly_log_k(self):
+    L = np.array([[-100.0, -50.0, -70.0, -300.0],
+                  [-400.0, -400.0, -400.0, -250.0],
+                  [-400.0, -390.0, -410.0, -310.0]], np.float32)
+    scores = np.asarray(similarity._subtract_prior(L, 1.0))  # pylint: disable=protected-access
+    log_k = np.float32(math.log(3))
+    np.testing.assert_array_equal(scores[0, :3], [log_k] * 3)
+    np.testing.assert_array_equal(scores[1, 3], log_k)
+    np.testing.assert_allclose(scores, ref_prior_subtract(L.astype(np.float64), 1.0),
+                               atol=1e-5)
+
+  @parameterized.parameters(0.0, 5.0, 200.0)
+  def test_margin_of_best_neuron_matches_float64(self, spread):
+    rng = np.random.default_rng(int(spread))
+    L = rng.normal(0, 1 + spread, (6, 9)) - 300.0
+    margin = np.asarray(similarity.prior_margin(L.astype(np.float32)))
+    best = L.argmax(axis=0)
+    expected = ref_margin(L)
+    np.testing.assert_allclose(margin[best, np.arange(9)], expected[best, np.arange(9)],
+                               rtol=1e-5, atol=2e-3)
+
+  def test_tied_scores_go_to_the_larger_margin(self):
+    # Neuron 0 owns concepts 1 and 2 (margins 40 and 60 nats): both score log 3 in
+    # float32; exactly, log 3 - softplus(-60) > log 3 - softplus(-40), so concept 2.
+    L = np.array([[-500.0, -300.0, -310.0, -200.0],
+                  [-200.0, -340.0, -370.0, -200.0],
+                  [-200.0, -345.0, -380.0, -200.0]], np.float32)
+    scores = np.asarray(similarity._subtract_prior(L, 1.0))  # pylint: disable=protected-access
+    self.assertEqual(scores[0, 1], scores[0, 2])
+    margin = np.asarray(similarity.prior_margin(L))
+    activations = np.eye(3, dtype=np.float32)
+    dead = np.zeros(3, bool)
+    layer = labeling.label_units(scores, activations, ["a", "b", "c", "d"], dead, dead,
+                                 num_alternatives=3, tiebreak=margin)
+    self.assertEqual(layer.labels[0], "c")
+    self.assertEqual(list(layer.alternative_ids[0][:2]), [2, 1])
+    # Without the key, equal scores keep the lower concept index.
+    plain = labeling.label_units(scores, activations, ["a", "b", "c", "d"], dead, dead)
+    self.assertEqual(plain.labels[0], "b")
+
+  def test_a_single_unit_layer_has_no_tiebreak_preference(self):
+    L = np.array([[-5.0, -1.0, -3.0]], np.float32)
+    np.testing.assert_array_equal(np.asarray(similarity._subtract_prior(L, 1.0)), 0.0)  # pylint: disable=protected-access
+    self.assertTrue(np.all(np.isinf(np.asarray(similarity.prior_margin(L)))))
 
 
 if __name__ == "__main__":
