@@ -91,6 +91,24 @@ class PlantedTest(absltest.TestCase):
     self.assertGreater(striped[top].mean(), 0.75)
     self.assertGreater(self.outputs[striped, k].mean(), 3 * self.outputs[~striped, k].mean())
 
+  def test_stripe_unit_does_not_prefer_a_colour_or_background(self):
+    # Contrast-normalised: its top images are not dominated by black-and-white stripes
+    # or by the wavy water background.
+    k = len(planted.COLOUR_NAMES)
+    top = np.argsort(-self.outputs[:, k], kind="stable")[:100]
+    colours = [o.colour for i in top for o in self.scenes[i].objects if o.texture == "striped"]
+    backgrounds = [self.scenes[i].background for i in top]
+    self.assertLess(max(colours.count(c) for c in set(colours)) / len(colours), 0.3)
+    self.assertLess(max(backgrounds.count(b) for b in set(backgrounds)) / len(top), 0.45)
+
+  def test_surface_units_measure_background_area(self):
+    for j, surface in enumerate(planted.BACKGROUND_PALETTE):
+      k = len(planted.COLOUR_NAMES) + 1 + j
+      area = np.array([m[surface].mean() if s.background == surface else 0.0
+                       for s, m in zip(self.scenes, self.masks)])
+      self.assertGreater(np.corrcoef(self.outputs[:, k], area)[0, 1], 0.9, surface)
+      self.assertLess(self.outputs[area == 0, k].max(), 0.05, surface)
+
 
 
 class TrainingDeterminismTest(absltest.TestCase):

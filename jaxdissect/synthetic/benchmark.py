@@ -105,9 +105,9 @@ def netdissect_labels(unit_maps: np.ndarray, masks: list, concepts: Sequence[str
   return [concepts[i] for i in iou.argmax(axis=1)], iou
 
 
-def _layer_from_scores(scores, acts, concepts):
+def _layer_from_scores(scores, acts, concepts, tiebreak=None):
   dead = np.zeros(scores.shape[0], bool)
-  return labeling.label_units(scores, acts, concepts, dead, dead.copy())
+  return labeling.label_units(scores, acts, concepts, dead, dead.copy(), tiebreak=tiebreak)
 
 
 def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
@@ -141,8 +141,8 @@ def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
       p_oracle = oracle_concept_activation(data.scenes, concepts)
       layers = {}
       for name, acts in probe.activations.items():
-        scores = np.asarray(similarity.soft_wpmi(p_oracle, acts))
-        layers[name] = _layer_from_scores(scores, acts, concepts)
+        scored = labeling.score_layer("soft_wpmi", p_oracle, acts)
+        layers[name] = _layer_from_scores(scored.scores, acts, concepts, scored.tiebreak)
       add("soft_wpmi (oracle P)", pipeline.results_lib.DissectionResult(
           concepts, probe.image_ids, layers))
     if netdissect:

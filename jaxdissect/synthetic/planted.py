@@ -2,8 +2,13 @@
 
 The planted network is a flax.linen module with fixed, hand-set weights whose units
 compute known functions of the image: one unit per named colour (how much of the image
-is that colour) and a stripe detector (oriented contrast energy in one direction but not
-the orthogonal one). Their true labels are known by construction.
+is that colour), and a texture layer of a stripe detector (oriented contrast energy in one
+direction but not the orthogonal one) beside one unit per background surface (how much
+of the image has that background's palette). Their true labels are known by construction.
+
+Why the texture layer has more than the stripe unit: (soft-)WPMI estimates each concept's
+prior from the other units of the same layer, so a layer of one unit scores every concept
+0 (L - prior(L) = 0 at lam = 1) and its label is meaningless.
 
 The synthetic target combines the trained shape-classifier ResNet (HF Flax, so conv1,
 layer1..layer4 and fc keep their meaning) and the planted network in one module, so one
@@ -22,13 +27,21 @@ from jaxdissect.synthetic import train as train_lib
 from jaxdissect.synthetic import world
 
 COLOUR_NAMES = tuple(world.COLOURS)
-TEXTURE_UNITS = ("striped",)
+# The mean colour of each background surface (world._background at its mid-tones).
+BACKGROUND_PALETTE = {
+    "grass": (72.5, 150.0, 50.0), "sky": (140.0, 185.0, 235.0),
+    "sand": (217.5, 192.5, 135.0), "water": (45.0, 135.0, 185.0),
+}
+TEXTURE_UNITS = ("striped",) + tuple(BACKGROUND_PALETTE)
 # Per-pixel colour membership falls to 0 at this RGB distance (RGB in [0, 1]).
 COLOUR_RADIUS = 0.08
+# Backgrounds vary more than object colours (blades, clouds, waves, noise), yet the
+# nearest object colour (green, 0.15 from grass) must stay outside.
+BACKGROUND_RADIUS = 0.15
 NUM_ORIENTATIONS = 8
 STRIPE_PERIODS = (6.0, 9.0)
 # Oriented energy below this (backgrounds' low-contrast grass blades and waves) is ignored.
-STRIPE_THRESHOLD = 0.1
+STRIPE_THRESHOLD = 0.15
 ENVELOPE = 1.0
 
 
@@ -62,8 +75,9 @@ class ColourAmount(nn.Module):
 
 
 class StripeDetector(nn.Module):
-  """(B, H, W, 3) RGB in [0, 1] -> (B, H, W, 1): energy along the strongest orientation
-  minus energy along the orthogonal one (stripes, not checks or dots), thresholded."""
+  """(B, H, W, 3) RGB in [0, 1] -> (B, H, W, 1) in [0, 1]: how much the energy along the
+  strongest orientation exceeds the orthogonal one (stripes, not checks or dots), where
+  that energy is above the background's."""
 
   @nn.compact
   def __call__(self, rgb):
@@ -80,10 +94,24 @@ class StripeDetector(nn.Module):
     energy = jnp.max(energy, axis=3)
     orthogonal = jnp.roll(energy, NUM_ORIENTATIONS // 2, axis=-1)
     # Strong energy in one orientation (high-contrast gratings, not background noise)
-    # and little in the orthogonal one (not checks, dots or noise).
-    strength = nn.relu(energy - STRIPE_THRESHOLD)
-    oriented = nn.relu(energy - 2.0 * orthogonal)
-    return jnp.max(strength * oriented, axis=-1, keepdims=True)
+    # and little in the orthogonal one (not checks, dots or noise). Both factors are in
+    # [0, 1] and do not grow with contrast beyond the gate, so that black-and-white
+    # stripes do not outrank green ones and the unit means "striped", not "black".
+    gate = jnp.clip((energy - STRIPE_THRESHOLD) / (0.5 * STRIPE_THRESHOLD), 0.0, 1.0)
+    selectivity = nn.relu(energy - 2.0 * orthogonal) / (energy + 1e-3)
+    return jnp.max(gate * selectivity, axis=-1, keepdims=True)
+
+
+class TextureUnits(nn.Module):
+  """(B, H, W, 3) RGB in [0, 1] -> (B, H, W, len(TEXTURE_UNITS)): the stripe detector,
+  then one palette-membership map per background surface."""
+
+  @nn.compact
+  def __call__(self, rgb):
+    stripes = StripeDetector(name="stripes")(rgb)
+    surfaces = ColourAmount([np.asarray(c) / 255.0 for c in BACKGROUND_PALETTE.values()],
+                            radius=BACKGROUND_RADIUS, name="surfaces")(rgb)
+    return jnp.concatenate([stripes, surfaces], axis=-1)
 
 
 class PlantedNet(nn.Module):
@@ -96,7 +124,7 @@ class PlantedNet(nn.Module):
     rgb = pixels * jnp.asarray(self.std) + jnp.asarray(self.mean)
     colour = ColourAmount([np.asarray(world.COLOURS[c]) / 255.0 for c in COLOUR_NAMES],
                           name="colour")(rgb)
-    texture = StripeDetector(name="texture")(rgb)
+    texture = TextureUnits(name="texture")(rgb)
     return jnp.concatenate([jnp.mean(colour, axis=(1, 2)), jnp.mean(texture, axis=(1, 2))],
                            axis=-1)
 
