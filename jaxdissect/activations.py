@@ -2,6 +2,7 @@
 activations of every requested layer; only (batch, units) arrays leave the device.
 """
 import dataclasses
+import hashlib
 import time
 from typing import Iterable, Sequence
 
@@ -49,6 +50,32 @@ def make_probe_step(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
   data = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(rep, rep, data, data), out_shardings=data)
+
+
+def computation_fingerprint(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
+                            layers: Sequence[targets_lib.LayerInfo], pool_mode: str,
+                            token_pool: str) -> str:
+  """A hash of the probe step's StableHLO, lowered unsharded at batch size 1.
+
+  Why: weights, layer names and transforms do not say what the code computes. Editing a
+  module's __call__ (a python: target, a patched library) keeps every one of them, and a
+  store keyed on them alone would return the old activations. The lowered program holds
+  the computation (weights are arguments, not constants) and no source locations, and it
+  does not depend on batch size or device count, so stored entries stay reusable across
+  both.
+  """
+  step = make_probe_step(clip, target, layers, pool_mode, token_pool)
+
+  def abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
+                                                       if not hasattr(x, "dtype")
+                                                       else x.dtype), tree)
+
+  clip_pixels = jax.ShapeDtypeStruct((1, *clip.transform.output_size, 3), np.float32)
+  target_pixels = jax.ShapeDtypeStruct((1, *target.transform.output_size, 3), np.float32)
+  text = step.lower(abstract(clip.params), abstract(target.variables), clip_pixels,
+                    target_pixels).as_text()
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
 class RateLogger:

@@ -189,6 +189,8 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
       "probe": probe_set.identity, "num_images": probe_set.num_images,
       "clip_transform": clip.transform.to_json(),
       "target_transform": target.transform.to_json(),
+      "computation": activations_lib.computation_fingerprint(
+          clip, target, layer_infos, config.pool_mode, config.token_pool),
   })
   probe = store.load_probe(config.activation_dir, probe_key)
   if probe is not None:

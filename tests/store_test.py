@@ -1,11 +1,35 @@
 """The activation store: atomic entries, checksums, fingerprints."""
 import os
+import tempfile
 
 from absl.testing import absltest
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import activations
 from jaxdissect import store
+from jaxdissect import tiny_models
+from jaxdissect.models import clip as clip_lib
+from jaxdissect.models import targets
+
+
+class Block(nn.Module):
+  nonlinearity: str
+
+  @nn.compact
+  def __call__(self, x):
+    return getattr(nn, self.nonlinearity)(nn.Dense(4, name="dense")(x))
+
+
+class Net(nn.Module):
+  """Same parameters whatever the nonlinearity: only the code differs."""
+  nonlinearity: str = "relu"
+
+  @nn.compact
+  def __call__(self, pixels):
+    return Block(self.nonlinearity, name="block")(jnp.mean(pixels, axis=(1, 2)))
 
 
 def make_probe(seed=0):
@@ -52,6 +76,33 @@ class StoreTest(absltest.TestCase):
     self.assertEqual(a, store.fingerprint({"y": [1, 2], "x": 1}))
     self.assertNotEqual(a, store.fingerprint({"x": 1, "y": [2, 1]}))
     self.assertNotEqual(a, store.fingerprint({"x": 2, "y": [1, 2]}))
+
+
+class ComputationFingerprintTest(absltest.TestCase):
+  """The store key covers the computation, not only weights, names and transforms."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.clip = clip_lib.load_clip(tiny_models.make_tiny_clip(
+        os.path.join(tempfile.mkdtemp(), "clip")))
+    cls.variables = Net().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+  def key(self, nonlinearity="relu", variables=None):
+    target = targets.TargetModel(name="net", module=Net(nonlinearity),
+                                 variables=variables or self.variables,
+                                 transform=self.clip.transform)
+    layers = target.resolve_layers(["block"])
+    return activations.computation_fingerprint(self.clip, target, layers, "avg", "cls")
+
+  def test_same_computation_same_key(self):
+    self.assertEqual(self.key(), self.key())
+    # Weights are arguments of the program, not part of it (they have their own hash).
+    other = Net().init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    self.assertEqual(self.key(), self.key(variables=other))
+
+  def test_edited_code_changes_the_key(self):
+    self.assertNotEqual(self.key("relu"), self.key("gelu"))
 
 
 if __name__ == "__main__":
