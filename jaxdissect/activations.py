@@ -105,9 +105,14 @@ class RateLogger:
 def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
                    layers: Sequence[targets_lib.LayerInfo], batches: Iterable[dict],
                    num_images: int, pool_mode: str = "avg", token_pool: str = "cls",
-                   mesh=None, log_every_s: float = 10.0) -> ProbeActivations:
-  """Runs the probe step over every batch; padding rows are dropped by the mask."""
-  step = make_probe_step(clip, target, layers, pool_mode, token_pool, mesh)
+                   mesh=None, log_every_s: float = 10.0, first_index: int = 0,
+                   step=None) -> ProbeActivations:
+  """Runs the probe step over every batch; padding rows are dropped by the mask.
+
+  The batches hold images first_index..first_index+num_images-1 (global indices). Pass
+  the same `step` (make_probe_step) to every chunk of one pass so it compiles once.
+  """
+  step = step or make_probe_step(clip, target, layers, pool_mode, token_pool, mesh)
   if mesh is not None:
     rep = sharding.replicated(mesh)
     clip_params = jax.device_put(clip.params, rep)
@@ -124,7 +129,7 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
     out_embeddings, out_pooled = step(clip_params, target_variables,
                                       batch["clip_pixels"], batch["target_pixels"])
     mask = batch["mask"]
-    index = batch["index"][mask]
+    index = batch["index"][mask] - first_index
     embeddings[index] = np.asarray(out_embeddings)[mask]
     for name, values in out_pooled.items():
       activations[name][index] = np.asarray(values)[mask]

@@ -34,6 +34,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ("cls") or the mean of the patch tokens ("avg_patches").
   config.token_pool = "cls"
   config.batch_size = 256
+  # The probe pass saves its progress every this many images (rounded up to a multiple
+  # of batch_size), so a killed run resumes from the last saved chunk.
+  config.probe_chunk_images = 10240
   config.activation_dir = f"{WORKDIR_PLACEHOLDER}/activations"
   config.result_dir = f"{WORKDIR_PLACEHOLDER}/results"
   config.overwrite = False
@@ -77,6 +80,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.pool_mode not in POOL_MODES:
     raise errors.UserError("pool_mode", f"unknown pool mode {config.pool_mode!r}.",
                            f"use one of {', '.join(POOL_MODES)}.")
+  if not isinstance(config.probe_chunk_images, int) or config.probe_chunk_images < 1:
+    raise errors.UserError("probe_chunk_images",
+                           f"must be a positive integer, got {config.probe_chunk_images!r}.",
+                           "set --config.probe_chunk_images to a number of images, e.g. "
+                           "10240.")
   if config.token_pool not in TOKEN_POOL_MODES:
     raise errors.UserError("token_pool", f"unknown token pool {config.token_pool!r}.",
                            f"use one of {', '.join(TOKEN_POOL_MODES)}.")

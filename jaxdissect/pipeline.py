@@ -163,6 +163,44 @@ def _environment() -> dict[str, Any]:
           "process_count": jax.process_count()}
 
 
+def probe_chunks(num_images: int, chunk_images: int, batch_size: int) -> list[tuple[int, int]]:
+  """[start, stop) ranges of the resumable probe pass. Chunks are whole batches, so a
+  resumed pass forms exactly the batches of an uninterrupted one."""
+  size = -(-chunk_images // batch_size) * batch_size
+  return [(start, min(start + size, num_images)) for start in range(0, num_images, size)]
+
+
+def _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos, mesh
+                          ) -> activations_lib.ProbeActivations:
+  """The probe pass in chunks, each saved atomically as it finishes; chunks saved by an
+  earlier (killed) run with the same key are reused, not recomputed."""
+  chunks = probe_chunks(probe_set.num_images, config.probe_chunk_images, config.batch_size)
+  step = activations_lib.make_probe_step(clip, target, layer_infos, config.pool_mode,
+                                         config.token_pool, mesh)
+  parts, reused = [], 0
+  for number, (start, stop) in enumerate(chunks, 1):
+    part = store.load_probe_chunk(config.activation_dir, probe_key, start, stop)
+    if part is not None:
+      reused += 1
+    else:
+      batches = probe_set.batches(clip.transform, target.transform, config.batch_size,
+                                  config.num_decode_threads, start=start, stop=stop)
+      part = activations_lib.run_probe_pass(
+          clip, target, layer_infos, batches, stop - start, config.pool_mode,
+          config.token_pool, mesh, config.log_every_s, first_index=start, step=step)
+      store.save_probe_chunk(config.activation_dir, probe_key, start, stop, part)
+      logging.info("Probe chunk %d/%d saved (images %d..%d).", number, len(chunks), start,
+                   stop - 1)
+    parts.append(part)
+  logging.info("Probe pass: %d of %d chunk(s) reused from an earlier run, %d computed.",
+               reused, len(chunks), len(chunks) - reused)
+  return activations_lib.ProbeActivations(
+      np.concatenate([p.image_embeddings for p in parts]),
+      {info.name: np.concatenate([p.activations[info.name] for p in parts])
+       for info in layer_infos},
+      [image_id for p in parts for image_id in p.image_ids])
+
+
 def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   """Dissects as `config` says and writes result_dir; returns its path."""
   config_lib.validate(config)
@@ -197,14 +235,12 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
     logging.info("Probe activations reused from %s (key %s).", config.activation_dir,
                  probe_key)
   else:
-    batches = probe_set.batches(clip.transform, target.transform, config.batch_size,
-                                config.num_decode_threads)
-    probe = activations_lib.run_probe_pass(clip, target, layer_infos, batches,
-                                           probe_set.num_images, config.pool_mode,
-                                           config.token_pool, mesh, config.log_every_s)
+    probe = _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos,
+                                  mesh)
     store.save_probe(config.activation_dir, probe_key, probe,
                      {"clip": clip.name, "target": target.name,
                       "num_images": probe_set.num_images})
+    store.remove_probe_chunks(config.activation_dir, probe_key)
 
   text_key = store.fingerprint({"clip": clip.name, "clip_params": clip_hash,
                                 "concepts": concepts,
@@ -215,10 +251,12 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
     logging.info("Text embeddings reused from %s (key %s).", config.activation_dir,
                  text_key)
   else:
+    logging.info("Embedding %d concepts.", len(concepts))
     text_embeddings = clip_lib.embed_texts(clip, concepts, config.text_batch_size)
     store.save_text(config.activation_dir, text_key, text_embeddings, concepts,
                     {"clip": clip.name})
 
+  logging.info("Scoring %d layer(s) with %s.", len(layer_infos), config.similarity_fn)
   result = label_probe(probe, text_embeddings, concepts, config.similarity_fn,
                        config.num_alternatives, config.num_top_images,
                        config.neuron_chunk_size or None)
@@ -245,6 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
     if evaluation is not None:
       evaluate.write_json(evaluate.evaluation_path(directory), evaluation)
 
+  logging.info("Writing results to %s.", config.result_dir)
   path = results_lib.write_result_dir(config.result_dir, config.overwrite, write_contents)
   logging.info("Results written to %s.", path)
   return path

@@ -2,6 +2,8 @@
 
 Layout under activation_dir:
   probe-<key>/manifest.json, image_embeddings.npy, image_ids.json, layer-<i>.npy
+  partial-<key>/chunk-<start>-<stop>/ the same files for the images start..stop-1,
+      saved while the probe pass runs and deleted once probe-<key> is written
   text-<key>/manifest.json, text_embeddings.npy, concepts.json
 The key is a hash of everything that changes the stored values (models and their
 weights, layers, pooling, probe identity, preprocessing, counts, format version), so a
@@ -57,11 +59,14 @@ def _write_entry(root: str, name: str, arrays: dict[str, np.ndarray],
       files[filename] = _sha256_file(path)
     with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
       json.dump({"format_version": FORMAT_VERSION, "files": files, **meta}, f, indent=1)
-    if os.path.isdir(final):
-      # Another run finished the same entry first (same key: same contents).
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      if not os.path.isdir(final):
+        raise
+      # Another run sharing the store finished the same entry first (same key: same
+      # contents); its copy stands.
       shutil.rmtree(tmp)
-      return final
-    os.rename(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -87,19 +92,53 @@ def _read_entry(root: str, name: str) -> tuple[str, dict[str, Any]] | None:
   return entry, manifest
 
 
-def save_probe(root: str, key: str, probe: activations_lib.ProbeActivations,
-               meta: dict[str, Any]) -> str:
+def _save_probe_entry(root: str, name: str, probe: activations_lib.ProbeActivations,
+                      meta: dict[str, Any]) -> str:
   layer_names = list(probe.activations)
   arrays = {"image_embeddings.npy": probe.image_embeddings}
-  for i, name in enumerate(layer_names):
-    arrays[f"layer-{i}.npy"] = probe.activations[name]
-  return _write_entry(root, f"probe-{key}", arrays,
-                      {"image_ids.json": probe.image_ids},
+  for i, layer in enumerate(layer_names):
+    arrays[f"layer-{i}.npy"] = probe.activations[layer]
+  return _write_entry(root, name, arrays, {"image_ids.json": probe.image_ids},
                       {"layers": layer_names, **meta})
 
 
+def save_probe(root: str, key: str, probe: activations_lib.ProbeActivations,
+               meta: dict[str, Any]) -> str:
+  return _save_probe_entry(root, f"probe-{key}", probe, meta)
+
+
 def load_probe(root: str, key: str) -> activations_lib.ProbeActivations | None:
-  found = _read_entry(root, f"probe-{key}")
+  return _load_probe_entry(root, f"probe-{key}")
+
+
+def _chunk_root(root: str, key: str) -> str:
+  return os.path.join(root, f"partial-{key}")
+
+
+def save_probe_chunk(root: str, key: str, start: int, stop: int,
+                     probe: activations_lib.ProbeActivations) -> str | None:
+  """Saves images start..stop-1 of an unfinished pass; None if it could not (another run
+  sharing the store finished the pass and removed the chunks meanwhile)."""
+  try:
+    return _save_probe_entry(_chunk_root(root, key), f"chunk-{start:012d}-{stop:012d}",
+                             probe, {"start": start, "stop": stop})
+  except OSError as err:
+    logging.warning("Chunk %d..%d of probe-%s not saved (%s); the pass goes on.", start,
+                    stop - 1, key, err)
+    return None
+
+
+def load_probe_chunk(root: str, key: str, start: int,
+                     stop: int) -> activations_lib.ProbeActivations | None:
+  return _load_probe_entry(_chunk_root(root, key), f"chunk-{start:012d}-{stop:012d}")
+
+
+def remove_probe_chunks(root: str, key: str) -> None:
+  shutil.rmtree(_chunk_root(root, key), ignore_errors=True)
+
+
+def _load_probe_entry(root: str, name: str) -> activations_lib.ProbeActivations | None:
+  found = _read_entry(root, name)
   if found is None:
     return None
   entry, manifest = found

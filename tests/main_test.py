@@ -167,6 +167,7 @@ class MainEndToEndTest(absltest.TestCase):
         "bogus": ["--config", demo, "--config.bogus=1"],
         "batch_size": ["--config", demo, "--config.batch_size=abc"],
         "similarity_fn": ["--config", demo, "--config.similarity_fn=nope"],
+        "probe_chunk_images": ["--config", demo, "--config.probe_chunk_images=0"],
     }
     for field, args in cases.items():
       proc = run_main(*args, check=False)

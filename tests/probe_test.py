@@ -100,6 +100,28 @@ class ProbeTest(absltest.TestCase):
         seen += list(part["index"][part["mask"]])
       self.assertEqual(sorted(seen), list(range(9)))
 
+  def test_image_range_reads_the_same_images_as_a_full_pass(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      tiny_models.write_image_folder(tmp, 4)
+      arrays = probe.array_source(np.arange(5 * 9 * 9 * 3, dtype=np.uint32).reshape(
+          5, 9, 9, 3).astype(np.uint8))
+      probe_set = probe.ProbeSet([probe.folder_source(tmp), arrays])
+      _, full = collect(probe_set, 2)
+      # A range across the two sources: global indices, same pixels, padded batches.
+      batches, part = collect(probe_set, 2, start=3, stop=8)
+      self.assertLen(batches, 3)
+      np.testing.assert_array_equal(part["index"], [3, 4, 5, 6, 7, -1])
+      np.testing.assert_array_equal(part["clip_pixels"][:5], full["clip_pixels"][3:8])
+      self.assertEqual(list(part["image_id"][:5]), list(full["image_id"][3:8]))
+      with self.assertRaisesRegex(ValueError, "empty image range"):
+        collect(probe_set, 2, start=9)
+
+  def test_probe_chunks_are_whole_batches(self):
+    from jaxdissect import pipeline  # pylint: disable=g-import-not-at-top
+    self.assertEqual(pipeline.probe_chunks(1000, 300, 128),
+                     [(0, 384), (384, 768), (768, 1000)])
+    self.assertEqual(pipeline.probe_chunks(10, 10240, 4), [(0, 10)])
+
   def test_tfds_source_reads_split_with_keys(self):
     with tempfile.TemporaryDirectory() as tmp:
       TinyProbeDataset(data_dir=tmp).download_and_prepare()

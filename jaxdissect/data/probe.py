@@ -235,12 +235,15 @@ class ProbeSet:
   def batches(self, clip_transform: preprocessing.ImageTransform,
               target_transform: preprocessing.ImageTransform, batch_size: int,
               num_parallel_calls: int = -1, shard_index: int = 0,
-              num_shards: int = 1) -> Iterator[dict[str, np.ndarray]]:
+              num_shards: int = 1, start: int = 0,
+              stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Fixed-size batches: clip_pixels, target_pixels (B, h, w, 3) float32, index (B,)
-    int64 (-1 for padding), mask (B,) bool, image_id (B,) bytes.
+    int64 global image index (-1 for padding), mask (B,) bool, image_id (B,) bytes.
 
-    With num_shards > 1, this process reads every num_shards-th image starting at
-    shard_index and pads to the same number of batches as every other shard.
+    Only images start..stop-1 are read (a chunk of a resumable pass); the images before
+    start are skipped before decoding. With num_shards > 1, this process reads every
+    num_shards-th image of that range starting at shard_index and pads to the same
+    number of batches as every other shard.
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     for name, transform in (("clip_model", clip_transform),
@@ -249,7 +252,11 @@ class ProbeSet:
         raise errors.UserError(name, "its image transform has no fixed output size.",
                                "its preprocessor_config.json needs crop_size or an exact "
                                "size.")
-    per_shard = -(-self.num_images // num_shards)
+    stop = self.num_images if stop is None else min(stop, self.num_images)
+    if not 0 <= start < stop:
+      raise ValueError(f"empty image range [{start}, {stop}) of {self.num_images} images")
+    count = stop - start
+    per_shard = -(-count // num_shards)
     num_batches = -(-per_shard // batch_size)
     ds = None
     offset = 0
@@ -258,9 +265,10 @@ class ProbeSet:
       part = part.enumerate(start=offset).map(lambda i, x: {**x, "index": i})
       ds = part if ds is None else ds.concatenate(part)
       offset += source.num_images
+    ds = ds.skip(start).take(count)
     if num_shards > 1:
       ds = ds.shard(num_shards, shard_index)
-    local_count = len(range(shard_index, self.num_images, num_shards))
+    local_count = len(range(shard_index, count, num_shards))
     parallel = tf.data.AUTOTUNE if num_parallel_calls in (None, -1) else num_parallel_calls
 
     def prepare(x):
@@ -285,6 +293,6 @@ class ProbeSet:
       }
       ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_pad))
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
-    logging.info("Probe set: %d images in %d batches of %d (%d padding rows).",
-                 local_count, num_batches, batch_size, num_pad)
+    logging.info("Probe images %d..%d: %d images in %d batches of %d (%d padding rows).",
+                 start, stop - 1, local_count, num_batches, batch_size, num_pad)
     return ds.as_numpy_iterator()

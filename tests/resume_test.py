@@ -1,0 +1,146 @@
+"""Preemption: main.py killed with SIGKILL at several points resumes to identical results.
+
+Each case starts main.py, kills it (SIGKILL, no chance to clean up) as soon as it logs
+the line that opens a phase, restarts it, and compares every result file with an
+uninterrupted run's, byte for byte (config.json: all but the fields that name the run
+itself: its workdir paths and overwrite).
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CHUNKS = 4
+ARGS = ["--config.d_probe=synthetic:in_dist:400", "--config.batch_size=50",
+        "--config.probe_chunk_images=100",
+        "--config.target_layers=layer4,fc,planted.colour,planted.texture"]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def command(workdir, *extra):
+  return [sys.executable, os.path.join(REPO, "main.py"), "--config",
+          os.path.join(REPO, "configs", "synthetic.py"), "--workdir", workdir, *ARGS,
+          *extra]
+
+
+def run_and_kill_at(workdir, trigger: str) -> bool:
+  """Runs main.py until a log line matches `trigger`, then SIGKILLs it. Returns whether
+  the trigger was seen (False: the run ended first)."""
+  proc = subprocess.Popen(command(workdir), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          text=True, env=ENV)
+  seen = False
+  for line in proc.stderr:
+    if re.search(trigger, line):
+      proc.send_signal(signal.SIGKILL)
+      seen = True
+      break
+  proc.stderr.close()
+  proc.wait(timeout=600)
+  return seen
+
+
+def result_files(result_dir) -> dict[str, bytes]:
+  files = {}
+  for root, _, names in os.walk(result_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, result_dir)] = f.read()
+  return files
+
+
+def without_run_fields(config_json: bytes) -> dict:
+  """config.json less what names this run: its workdir, and overwrite (the restart sets it)."""
+  config = json.loads(config_json)
+  config.pop("workdir")
+  for field in ("activation_dir", "result_dir", "overwrite"):
+    config["config"].pop(field)
+  return config
+
+
+class ResumeTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.reference_dir = tempfile.mkdtemp()
+    proc = subprocess.run(command(cls.reference_dir), capture_output=True, text=True,
+                          timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cls.reference = result_files(os.path.join(cls.reference_dir, "results"))
+
+  def assert_same_results(self, workdir):
+    files = result_files(os.path.join(workdir, "results"))
+    self.assertEqual(sorted(files), sorted(self.reference))
+    for name, content in files.items():
+      if name == "config.json":
+        self.assertEqual(without_run_fields(content), without_run_fields(self.reference[name]))
+      else:
+        self.assertEqual(content, self.reference[name], name)
+
+  @parameterized.named_parameters(
+      ("probe_pass", r"Probe chunk 2/4 saved"),
+      ("text_pass", r"Embedding \d+ concepts"),
+      ("similarity", r"Scoring \d+ layer"),
+      ("writing_results", r"Writing results"),
+  )
+  def test_killed_run_resumes_to_identical_results(self, trigger):
+    workdir = tempfile.mkdtemp()
+    self.assertTrue(run_and_kill_at(workdir, trigger), "the run ended before the trigger")
+    # Overwrite: a kill that lands after the results were renamed into place leaves a
+    # finished result_dir, which a plain rerun would (rightly) refuse.
+    proc = subprocess.run(command(workdir, "--config.overwrite=True"), capture_output=True,
+                          text=True, timeout=600, env=ENV)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assert_same_results(workdir)
+    activation_dir = os.path.join(workdir, "activations")
+    self.assertEqual([n for n in os.listdir(activation_dir) if n.startswith("partial-")], [])
+    if trigger.startswith("Probe"):
+      reused = re.search(r"Probe pass: (\d+) of 4 chunk\(s\) reused", proc.stderr)
+      self.assertIsNotNone(reused, proc.stderr[-3000:])
+      # Chunks 1 and 2 were saved before the kill; chunk 3 may have been too.
+      self.assertBetween(int(reused.group(1)), 2, 3)
+    else:
+      self.assertIn("Probe activations reused", proc.stderr)
+
+  def test_damaged_chunk_is_recomputed_not_read(self):
+    workdir = tempfile.mkdtemp()
+    self.assertTrue(run_and_kill_at(workdir, r"Probe chunk 2/4 saved"))
+    activation_dir = os.path.join(workdir, "activations")
+    (partial,) = [n for n in os.listdir(activation_dir) if n.startswith("partial-")]
+    first = sorted(n for n in os.listdir(os.path.join(activation_dir, partial))
+                   if n.startswith("chunk-"))[0]
+    path = os.path.join(activation_dir, partial, first, "layer-1.npy")
+    with open(path, "r+b") as f:
+      f.seek(-4, os.SEEK_END)
+      f.write(b"\x00\x00\x80\x7f")  # a NaN in place of the last value
+    proc = subprocess.run(command(workdir), capture_output=True, text=True, timeout=600,
+                          env=ENV)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("is damaged", proc.stderr)
+    self.assert_same_results(workdir)
+
+
+  def test_two_runs_sharing_one_activation_dir_at_once(self):
+    shared = tempfile.mkdtemp()
+    workdirs = [tempfile.mkdtemp(), tempfile.mkdtemp()]
+    procs = [subprocess.Popen(command(w, f"--config.activation_dir={shared}"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=ENV) for w in workdirs]
+    for proc in procs:
+      _, stderr = proc.communicate(timeout=600)
+      self.assertEqual(proc.returncode, 0, stderr[-3000:])
+    for workdir in workdirs:
+      self.assert_same_results(workdir)
+    self.assertEqual(sorted(n.split("-")[0] for n in os.listdir(shared)), ["probe", "text"])
+
+
+if __name__ == "__main__":
+  absltest.main()
