@@ -22,10 +22,12 @@ class ProbeActivations:
   image_embeddings: (num_images, dim) L2-normalised CLIP image embeddings.
   activations: layer name -> (num_images, num_units) pooled activations.
   image_ids: (num_images,) ids in global index order.
+  skipped: global indices of probe images that could not be decoded (not in the rows).
   """
   image_embeddings: np.ndarray
   activations: dict[str, np.ndarray]
   image_ids: list[str]
+  skipped: list[int] = dataclasses.field(default_factory=list)
 
 
 def make_probe_step(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
@@ -138,8 +140,12 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
           image_id)
     seen[index] = True
     progress.update(int(mask.sum()))
-  if not seen.all():
-    raise RuntimeError(f"probe pass saw {int(seen.sum())} of {num_images} images; the "
-                       "probe source yielded fewer images than it announced.")
   logging.info("Probe pass done: %d images at %.1f images/s.", num_images, progress.rate)
-  return ProbeActivations(embeddings, activations, image_ids)
+  if seen.all():
+    return ProbeActivations(embeddings, activations, image_ids)
+  # The input pipeline drops images it cannot decode; they leave the rows here.
+  skipped = [first_index + int(i) for i in np.flatnonzero(~seen)]
+  logging.warning("%d of %d probe image(s) could not be decoded and were skipped.",
+                  len(skipped), num_images)
+  return ProbeActivations(embeddings[seen], {k: v[seen] for k, v in activations.items()},
+                          [image_ids[i] for i in np.flatnonzero(seen)], skipped)

@@ -37,6 +37,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The probe pass saves its progress every this many images (rounded up to a multiple
   # of batch_size), so a killed run resumes from the last saved chunk.
   config.probe_chunk_images = 10240
+  # Probe images that cannot be decoded: "skip" (listed in skipped_images.txt) or "error".
+  config.on_bad_image = "skip"
   config.activation_dir = f"{WORKDIR_PLACEHOLDER}/activations"
   config.result_dir = f"{WORKDIR_PLACEHOLDER}/results"
   config.overwrite = False
@@ -80,6 +82,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.pool_mode not in POOL_MODES:
     raise errors.UserError("pool_mode", f"unknown pool mode {config.pool_mode!r}.",
                            f"use one of {', '.join(POOL_MODES)}.")
+  if config.on_bad_image not in ("skip", "error"):
+    raise errors.UserError("on_bad_image", f"unknown value {config.on_bad_image!r}.",
+                           "use skip or error.")
   if not isinstance(config.probe_chunk_images, int) or config.probe_chunk_images < 1:
     raise errors.UserError("probe_chunk_images",
                            f"must be a positive integer, got {config.probe_chunk_images!r}.",

@@ -192,13 +192,15 @@ def _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_info
       logging.info("Probe chunk %d/%d saved (images %d..%d).", number, len(chunks), start,
                    stop - 1)
     parts.append(part)
-  logging.info("Probe pass: %d of %d chunk(s) reused from an earlier run, %d computed.",
-               reused, len(chunks), len(chunks) - reused)
+  if reused:
+    logging.info("Probe pass: %d of %d chunk(s) reused from an earlier run, %d computed.",
+                 reused, len(chunks), len(chunks) - reused)
   return activations_lib.ProbeActivations(
       np.concatenate([p.image_embeddings for p in parts]),
       {info.name: np.concatenate([p.activations[info.name] for p in parts])
        for info in layer_infos},
-      [image_id for p in parts for image_id in p.image_ids])
+      [image_id for p in parts for image_id in p.image_ids],
+      [index for p in parts for index in p.skipped])
 
 
 def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
@@ -242,6 +244,18 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
                       "num_images": probe_set.num_images})
     store.remove_probe_chunks(config.activation_dir, probe_key)
 
+  skipped = [(i, probe_set.describe(i)) for i in probe.skipped]
+  if skipped and config.on_bad_image == "error":
+    listed = ", ".join(name for _, name in skipped[:5])
+    raise errors.UserError(
+        "d_probe", f"{len(skipped)} probe image(s) could not be decoded ({listed}"
+        f"{', ...' if len(skipped) > 5 else ''}).",
+        "repair or remove them, or set --config.on_bad_image=skip to skip them.")
+  if skipped:
+    logging.warning("Skipped %d undecodable probe image(s); they are listed in "
+                    "skipped_images.txt.", len(skipped))
+  check_enough_images(len(probe.image_ids), config.similarity_fn)
+
   text_key = store.fingerprint({"clip": clip.name, "clip_params": clip_hash,
                                 "concepts": concepts,
                                 "max_text_length": clip.max_text_length})
@@ -280,6 +294,9 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
 
   def write_contents(directory):
     results_lib.write_files(directory, result, config_json, report.write_report)
+    if skipped:
+      with open(os.path.join(directory, "skipped_images.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(f"{index}\t{name}\n" for index, name in skipped))
     if evaluation is not None:
       evaluate.write_json(evaluate.evaluation_path(directory), evaluation)
 

@@ -98,7 +98,8 @@ def _save_probe_entry(root: str, name: str, probe: activations_lib.ProbeActivati
   arrays = {"image_embeddings.npy": probe.image_embeddings}
   for i, layer in enumerate(layer_names):
     arrays[f"layer-{i}.npy"] = probe.activations[layer]
-  return _write_entry(root, name, arrays, {"image_ids.json": probe.image_ids},
+  return _write_entry(root, name, arrays, {"image_ids.json": probe.image_ids,
+                                           "skipped.json": probe.skipped},
                       {"layers": layer_names, **meta})
 
 
@@ -147,7 +148,11 @@ def _load_probe_entry(root: str, name: str) -> activations_lib.ProbeActivations 
             for i, name in enumerate(manifest["layers"])}
   with open(os.path.join(entry, "image_ids.json"), encoding="utf-8") as f:
     image_ids = json.load(f)
-  return activations_lib.ProbeActivations(embeddings, layers, image_ids)
+  skipped = []
+  if "skipped.json" in manifest["files"]:
+    with open(os.path.join(entry, "skipped.json"), encoding="utf-8") as f:
+      skipped = json.load(f)
+  return activations_lib.ProbeActivations(embeddings, layers, image_ids, skipped)
 
 
 def save_text(root: str, key: str, embeddings: np.ndarray, concepts: list[str],

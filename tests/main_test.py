@@ -177,6 +177,42 @@ class MainEndToEndTest(absltest.TestCase):
       self.assertTrue(last.startswith(f"error: {field.strip()}:"), last)
       self.assertIn("Fix:", last)
 
+  def test_bad_images_are_skipped_and_listed_or_an_error(self):
+    import shutil  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    folder = tempfile.mkdtemp(dir=self.tmp)
+    shutil.copytree(self.images, folder, dirs_exist_ok=True)
+    with open(os.path.join(folder, "aa_garbage.jpg"), "wb") as f:
+      f.write(b"not an image at all")
+    with open(os.path.join(self.images, self.image_ids[0]), "rb") as f:
+      good = f.read()
+    with open(os.path.join(folder, "ab_truncated.png"), "wb") as f:
+      f.write(good[:len(good) // 2])
+    # Odd but valid images are converted, not skipped.
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(os.path.join(folder, "ac_1x1.png"))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2500, 3000, 3), np.uint8)
+                    ).save(os.path.join(folder, "ad_huge.png"))
+    workdir = tempfile.mkdtemp(dir=self.tmp)
+    run_main(*self.args(workdir, d_probe=f"folder:{folder}", target_layers="fc"))
+    with open(os.path.join(workdir, "results", "skipped_images.txt"), encoding="utf-8") as f:
+      skipped = [line.split("\t") for line in f.read().splitlines()]
+    from jaxdissect.data import probe  # pylint: disable=g-import-not-at-top
+    files = probe.list_image_files(folder)
+    self.assertEqual(skipped, [[str(files.index(name)), name]
+                               for name in ("aa_garbage.jpg", "ab_truncated.png")])
+    with open(os.path.join(workdir, "results", "config.json"), encoding="utf-8") as f:
+      self.assertEqual(json.load(f)["num_images"], NUM_IMAGES + 4)
+    ids = {r[3] for r in read_csv(os.path.join(workdir, "results", "top_images.csv"))[1:]}
+    self.assertFalse(ids & {"aa_garbage.jpg", "ab_truncated.png"})
+    proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), d_probe=f"folder:{folder}",
+                               target_layers="fc", on_bad_image="error"), check=False)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    self.assertTrue(last.startswith("error: d_probe:"), last)
+    self.assertIn("aa_garbage.jpg", last)
+    self.assertNotIn("Traceback", proc.stderr)
+
   def test_list_layers(self):
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp)), "--list_layers")
     lines = proc.stdout.splitlines()

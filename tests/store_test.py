@@ -46,12 +46,14 @@ class StoreTest(absltest.TestCase):
   def test_round_trip(self):
     root = self.create_tempdir().full_path
     probe = make_probe()
+    probe.skipped = [7, 9]
     store.save_probe(root, "k1", probe, {"note": "x"})
     loaded = store.load_probe(root, "k1")
     np.testing.assert_array_equal(loaded.image_embeddings, probe.image_embeddings)
     self.assertEqual(list(loaded.activations), ["layer4", "fc"])
     np.testing.assert_array_equal(loaded.activations["fc"], probe.activations["fc"])
     self.assertEqual(loaded.image_ids, probe.image_ids)
+    self.assertEqual(loaded.skipped, [7, 9])
     self.assertIsNone(store.load_probe(root, "other"))
     self.assertEqual([n for n in os.listdir(root) if n.startswith(".tmp")], [])
 

@@ -30,12 +30,18 @@ class ProbeSource:
     description: the spec it came from, e.g. "folder:/data/probe".
     num_images: how many images it yields.
     identity: what the activation-store fingerprint hashes for it.
-    make_dataset: () -> tf.data.Dataset of {"image": uint8 (H, W, 3), "image_id": str}.
+    make_dataset: () -> tf.data.Dataset of records {"image_id": str, ...}, not yet
+      decoded, so that skipping records (a resumed chunk, another shard) costs no decode.
+    decode: record -> {"image": uint8 (H, W, C), "image_id"} in tf.data; a record it
+      fails on (corrupt, truncated) is skipped and reported, not fatal.
+    image_ids: every image's id where known before reading (file names), else None.
   """
   description: str
   num_images: int
   identity: dict[str, Any]
   make_dataset: Callable[[], Any]
+  decode: Callable[[Any], Any] = lambda record: record
+  image_ids: Sequence[str] | None = None
 
 
 def parse_probe_spec(spec: str, field: str = "d_probe") -> list[ProbeSource]:
@@ -97,13 +103,14 @@ def folder_source(path: str, field: str = "d_probe") -> ProbeSource:
   def make_dataset():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     paths = [os.path.join(root, rel) for rel in files]
-    ds = tf.data.Dataset.from_tensor_slices({"path": paths, "image_id": files})
-    return ds.map(lambda x: {"image": _decode_file(x["path"]), "image_id": x["image_id"]},
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return tf.data.Dataset.from_tensor_slices({"path": paths, "image_id": files})
+
+  def decode(record):
+    return {"image": _decode_file(record["path"]), "image_id": record["image_id"]}
 
   return ProbeSource(description=f"folder:{path}", num_images=len(files),
                      identity={"kind": "folder", "root": root, "files": listing},
-                     make_dataset=make_dataset)
+                     make_dataset=make_dataset, decode=decode, image_ids=files)
 
 
 def tfds_source(name: str, split: str, field: str = "d_probe") -> ProbeSource:
@@ -129,17 +136,19 @@ def tfds_source(name: str, split: str, field: str = "d_probe") -> ProbeSource:
   image_key = "image" if "image" in image_keys else image_keys[0]
 
   def make_dataset():
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     ds = builder.as_dataset(split=split, shuffle_files=False,
-                            read_config=tfds.ReadConfig(add_tfds_id=True))
-    return ds.map(lambda x: {"image": x[image_key], "image_id": x["tfds_id"]},
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                            read_config=tfds.ReadConfig(add_tfds_id=True),
+                            decoders={image_key: tfds.decode.SkipDecoding()})
+    return ds.map(lambda x: {"encoded": x[image_key], "image_id": x["tfds_id"]})
+
+  def decode(record):
+    return {"image": _decode_bytes(record["encoded"]), "image_id": record["image_id"]}
 
   return ProbeSource(
       description=f"tfds:{name}:{split}", num_images=int(num_images),
       identity={"kind": "tfds", "name": builder.info.full_name, "split": split,
                 "num_examples": int(num_images)},
-      make_dataset=make_dataset)
+      make_dataset=make_dataset, decode=decode)
 
 
 def synthetic_source(spec: str, field: str = "d_probe") -> ProbeSource:
@@ -191,7 +200,7 @@ def array_source(images: np.ndarray, image_ids: Sequence[str] | None = None,
 
   return ProbeSource(description=description, num_images=len(images),
                      identity={"kind": "array", "sha256": digest, "ids": image_ids},
-                     make_dataset=make_dataset)
+                     make_dataset=make_dataset, image_ids=image_ids)
 
 
 def _to_rgb(image):
@@ -207,9 +216,13 @@ def _to_rgb(image):
 
 def _decode_file(path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return _decode_bytes(tf.io.read_file(path))
+
+
+def _decode_bytes(encoded):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # dtype=uint8 scales 16-bit PNGs down; channels=0 keeps what the file has.
-  return tf.io.decode_image(tf.io.read_file(path), channels=0, dtype=tf.uint8,
-                            expand_animations=False)
+  return tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
 
 
 def _decode(element):
@@ -231,6 +244,16 @@ class ProbeSet:
   @property
   def identity(self) -> list[dict[str, Any]]:
     return [s.identity for s in self.sources]
+
+  def describe(self, index: int) -> str:
+    """The id of image `index` where it is known without reading it, else its source."""
+    for source in self.sources:
+      if index < source.num_images:
+        if source.image_ids is not None:
+          return str(source.image_ids[index])
+        return f"{source.description} #{index}"
+      index -= source.num_images
+    raise IndexError(index)
 
   def batches(self, clip_transform: preprocessing.ImageTransform,
               target_transform: preprocessing.ImageTransform, batch_size: int,
@@ -258,16 +281,6 @@ class ProbeSet:
     count = stop - start
     per_shard = -(-count // num_shards)
     num_batches = -(-per_shard // batch_size)
-    ds = None
-    offset = 0
-    for source in self.sources:
-      part = source.make_dataset()
-      part = part.enumerate(start=offset).map(lambda i, x: {**x, "index": i})
-      ds = part if ds is None else ds.concatenate(part)
-      offset += source.num_images
-    ds = ds.skip(start).take(count)
-    if num_shards > 1:
-      ds = ds.shard(num_shards, shard_index)
     local_count = len(range(shard_index, count, num_shards))
     parallel = tf.data.AUTOTUNE if num_parallel_calls in (None, -1) else num_parallel_calls
 
@@ -281,18 +294,36 @@ class ProbeSet:
           "mask": tf.constant(True),
       }
 
+    ds, offset = None, 0
+    for source in self.sources:
+      lo, hi = max(start, offset), min(stop, offset + source.num_images)
+      if lo < hi:
+        # Index, range and shard are taken on undecoded records; decoding comes last.
+        part = source.make_dataset().enumerate(start=offset).map(
+            lambda i, x: {**x, "index": i}).skip(lo - offset).take(hi - lo)
+        if num_shards > 1:
+          part = part.filter(
+              lambda x: (x["index"] - start) % num_shards == shard_index)
+        part = part.map(
+            lambda x, decode=source.decode: {**decode(x), "index": x["index"]},
+            num_parallel_calls=parallel, deterministic=True)
+        ds = part if ds is None else ds.concatenate(part)
+      offset += source.num_images
     ds = ds.map(prepare, num_parallel_calls=parallel, deterministic=True)
-    num_pad = num_batches * batch_size - local_count
-    if num_pad:
-      padding = {
-          "clip_pixels": tf.zeros((*clip_transform.output_size, 3), tf.float32),
-          "target_pixels": tf.zeros((*target_transform.output_size, 3), tf.float32),
-          "index": tf.constant(-1, tf.int64),
-          "image_id": tf.constant(""),
-          "mask": tf.constant(False),
-      }
-      ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_pad))
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
+    # A record that cannot be decoded is dropped here; its index never reaches the probe
+    # step, which reports it as skipped. Padding without end, cut at num_batches, keeps
+    # the batch count (equal on every shard) whatever was dropped.
+    ds = ds.ignore_errors()
+    padding = {
+        "clip_pixels": tf.zeros((*clip_transform.output_size, 3), tf.float32),
+        "target_pixels": tf.zeros((*target_transform.output_size, 3), tf.float32),
+        "index": tf.constant(-1, tf.int64),
+        "image_id": tf.constant(""),
+        "mask": tf.constant(False),
+    }
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+    ds = ds.batch(batch_size, drop_remainder=True).take(num_batches).prefetch(2)
     logging.info("Probe images %d..%d: %d images in %d batches of %d (%d padding rows).",
-                 start, stop - 1, local_count, num_batches, batch_size, num_pad)
+                 start, stop - 1, local_count, num_batches, batch_size,
+                 num_batches * batch_size - local_count)
     return ds.as_numpy_iterator()
