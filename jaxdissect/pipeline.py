@@ -203,6 +203,31 @@ def _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_info
       [index for p in parts for index in p.skipped])
 
 
+def probe_store_key(config, clip, target, layer_infos, probe_set) -> str:
+  """The activation-store key of a probe pass: everything that changes its values
+  (weights, computation, layers, pooling, probe files, preprocessing) and nothing that
+  does not (batch size, device count, similarity, output paths)."""
+  return store.fingerprint({
+      "clip": clip.name, "clip_params": targets_lib.params_fingerprint(clip.params),
+      "target": target.name, "target_params": targets_lib.params_fingerprint(
+          target.variables),
+      "layers": [[i.name, i.path] for i in layer_infos],
+      "pool_mode": config.pool_mode, "token_pool": config.token_pool,
+      "probe": probe_set.identity, "num_images": probe_set.num_images,
+      "clip_transform": clip.transform.to_json(),
+      "target_transform": target.transform.to_json(),
+      "computation": activations_lib.computation_fingerprint(
+          clip, target, layer_infos, config.pool_mode, config.token_pool),
+  })
+
+
+def text_store_key(clip, concepts: Sequence[str]) -> str:
+  return store.fingerprint({"clip": clip.name,
+                            "clip_params": targets_lib.params_fingerprint(clip.params),
+                            "concepts": list(concepts),
+                            "max_text_length": clip.max_text_length})
+
+
 def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   """Dissects as `config` says and writes result_dir; returns its path."""
   config_lib.validate(config)
@@ -219,19 +244,7 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   probe_set = probe_lib.ProbeSet(probe_lib.parse_probe_spec(config.d_probe))
   check_enough_images(probe_set.num_images, config.similarity_fn)
 
-  clip_hash = targets_lib.params_fingerprint(clip.params)
-  probe_key = store.fingerprint({
-      "clip": clip.name, "clip_params": clip_hash,
-      "target": target.name, "target_params": targets_lib.params_fingerprint(
-          target.variables),
-      "layers": [[i.name, i.path] for i in layer_infos],
-      "pool_mode": config.pool_mode, "token_pool": config.token_pool,
-      "probe": probe_set.identity, "num_images": probe_set.num_images,
-      "clip_transform": clip.transform.to_json(),
-      "target_transform": target.transform.to_json(),
-      "computation": activations_lib.computation_fingerprint(
-          clip, target, layer_infos, config.pool_mode, config.token_pool),
-  })
+  probe_key = probe_store_key(config, clip, target, layer_infos, probe_set)
   probe = store.load_probe(config.activation_dir, probe_key)
   if probe is not None:
     logging.info("Probe activations reused from %s (key %s).", config.activation_dir,
@@ -256,9 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
                     "skipped_images.txt.", len(skipped))
   check_enough_images(len(probe.image_ids), config.similarity_fn)
 
-  text_key = store.fingerprint({"clip": clip.name, "clip_params": clip_hash,
-                                "concepts": concepts,
-                                "max_text_length": clip.max_text_length})
+  text_key = text_store_key(clip, concepts)
   cached_text = store.load_text(config.activation_dir, text_key)
   if cached_text is not None:
     text_embeddings, _ = cached_text
