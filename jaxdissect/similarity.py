@@ -123,13 +123,21 @@ def cos_similarity(concept_activation, activations):
                          jnp.asarray(activations, jnp.float32))
 
 
+def _max_abs(x):
+  """Per column max |x| (1 where the column is all 0): (1, num_columns)."""
+  scale = jnp.max(jnp.abs(x), axis=0, keepdims=True)
+  return jnp.where(scale > 0, scale, 1.0)
+
+
 @jax.jit
 def _cos_similarity(concept_activation, activations):
-  concepts = concept_activation / jnp.maximum(
-      jnp.linalg.norm(concept_activation, axis=0, keepdims=True), TINY)
-  neurons = activations / jnp.maximum(
-      jnp.linalg.norm(activations, axis=0, keepdims=True), TINY)
-  return jnp.matmul(neurons.T, concepts, precision=jax.lax.Precision.HIGHEST)
+  def normalise(x):
+    # Dividing by the max first keeps the sum of squares finite for huge activations.
+    x = x / _max_abs(x)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=0, keepdims=True), TINY)
+
+  return jnp.matmul(normalise(activations).T, normalise(concept_activation),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def cos_similarity_cubed(concept_activation, activations, min_norm=1e-3):
@@ -142,8 +150,17 @@ def cos_similarity_cubed(concept_activation, activations, min_norm=1e-3):
 @jax.jit
 def _cos_similarity_cubed(concept_activation, activations, min_norm):
   def centre_cube_normalise(x):
-    x = (x - jnp.mean(x, axis=0, keepdims=True)) ** 3
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=0, keepdims=True), min_norm)
+    # (c / s) ** 3 with s = max |c| stays in [-1, 1], where c ** 3 overflows float32 for
+    # |c| > 7e12. c ** 3 / max(|c ** 3|, min_norm) is then y / |y| where
+    # |y| s ** 3 >= min_norm, else y s ** 3 / min_norm (a near-constant column).
+    centred = x - jnp.mean(x, axis=0, keepdims=True)
+    scale = _max_abs(centred)
+    cubed = (centred / scale) ** 3
+    norm = jnp.linalg.norm(cubed, axis=0, keepdims=True)
+    large = norm * scale ** 3 >= min_norm
+    factor = jnp.where(large, 1.0 / jnp.maximum(norm, TINY),
+                       jnp.where(large, 1.0, scale) ** 3 / min_norm)
+    return cubed * factor
 
   return jnp.matmul(centre_cube_normalise(activations).T,
                     centre_cube_normalise(concept_activation),
@@ -260,6 +277,10 @@ def _rank_reorder(concept_activation, activations, permutations, p, scale_p, *, 
 
   def neuron_scores(args):
     top_values, image_ids = args  # (num_top,), descending
+    # error / baseline is unchanged by shifting and scaling the values; mapping them to
+    # [0, 1] first keeps |v - v'| ** p finite for activations near float32's limits.
+    span = top_values[0] - top_values[-1]
+    top_values = (top_values - top_values[-1]) / jnp.where(span > 0, span, 1.0)
     ascending = top_values[::-1]
     rows = concept_activation[image_ids]  # (num_top, num_concepts)
     ranks = jnp.argsort(jnp.argsort(rows, axis=0, stable=True), axis=0, stable=True)
