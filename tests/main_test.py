@@ -213,6 +213,17 @@ class MainEndToEndTest(absltest.TestCase):
     self.assertIn("aa_garbage.jpg", last)
     self.assertNotIn("Traceback", proc.stderr)
 
+  def test_fewer_images_than_top_k_names_the_minimum(self):
+    folder = tempfile.mkdtemp(dir=self.tmp)
+    tiny_models.write_image_folder(folder, 40)
+    proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), d_probe=f"folder:{folder}"),
+                    check=False)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    self.assertTrue(last.startswith("error: d_probe:"), last)
+    self.assertIn("at least 100", last)
+    self.assertNotIn("Traceback", proc.stderr)
+
   def test_list_layers(self):
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp)), "--list_layers")
     lines = proc.stdout.splitlines()

@@ -250,5 +250,33 @@ class PriorSaturationTest(parameterized.TestCase):
     self.assertTrue(np.all(np.isinf(np.asarray(similarity.prior_margin(L)))))
 
 
+class DeadAndInvalidUnitsTest(parameterized.TestCase):
+
+  @parameterized.parameters("soft_wpmi", "wpmi", "cos_similarity", "rank_reorder")
+  def test_flagged_labelled_and_live_scores_unchanged(self, name):
+    P, A = random_inputs(300, 7, 5, seed=4)
+    A = A.astype(np.float32)
+    A[:, 1] = 0.25  # dead: constant
+    A[17, 3] = np.nan  # invalid
+    A[5, 4] = np.inf  # invalid
+    scored = labeling.score_layer(name, P, A)
+    np.testing.assert_array_equal(scored.dead, [False, True, False, False, False])
+    np.testing.assert_array_equal(scored.invalid, [False, False, False, True, True])
+    with self.assertLogs(level="WARNING") as logs:
+      layer = labeling.label_units(scored.scores, A, [f"c{i}" for i in range(7)],
+                                   scored.dead, scored.invalid, tiebreak=scored.tiebreak)
+    self.assertTrue(any("1 dead" in m and "2 unit(s) with NaN/Inf" in m
+                        for m in logs.output), logs.output)
+    self.assertEqual(layer.labels[1], labeling.DEAD_LABEL)
+    self.assertEqual(layer.labels[3:], [labeling.INVALID_LABEL] * 2)
+    # Live units score as if the invalid units were 0 and the dead one kept (it stays
+    # in the (soft-)WPMI prior, as in the official method).
+    cleaned = A.copy()
+    cleaned[:, 3:] = 0.0
+    expected = np.asarray(similarity.SIMILARITY_FUNCTIONS[name](P, cleaned))
+    np.testing.assert_allclose(scored.scores[[0, 2]], expected[[0, 2]], rtol=1e-6)
+    self.assertFalse(np.isnan(scored.scores[[0, 2]]).any())
+
+
 if __name__ == "__main__":
   absltest.main()
