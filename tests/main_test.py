@@ -224,6 +224,31 @@ class MainEndToEndTest(absltest.TestCase):
     self.assertIn("at least 100", last)
     self.assertNotIn("Traceback", proc.stderr)
 
+  def test_bad_models_and_concept_files_are_one_line_errors(self):
+    def write(name, data):
+      path = os.path.join(self.tmp, name)
+      with open(path, "wb") as f:
+        f.write(data)
+      return path
+
+    cases = {
+        "clip_model": {"clip_model": os.path.join(self.tmp, "no_such_clip")},
+        "clip_model ": {"clip_model": self.basic},  # a ResNet, not a CLIP
+        "target_model": {"target_model": os.path.join(self.tmp, "no_such_target")},
+        "concept_set": {"concept_set": os.path.join(self.tmp, "no_such_concepts.txt")},
+        "concept_set ": {"concept_set": write("empty.txt", b"")},
+        "concept_set  ": {"concept_set": write("blank.txt", b"\n \n\t\n")},
+        "concept_set   ": {"concept_set": write("latin1.txt", "caf\xe9\n".encode("latin-1"))},
+        "d_probe": {"d_probe": f"folder:{os.path.join(self.tmp, 'no_such_folder')}"},
+    }
+    for field, overrides in cases.items():
+      proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), **overrides), check=False)
+      self.assertEqual(proc.returncode, 2, (field, proc.stderr[-2000:]))
+      self.assertNotIn("Traceback", proc.stderr, field)
+      last = proc.stderr.strip().splitlines()[-1]
+      self.assertTrue(last.startswith(f"error: {field.strip()}:"), (field, last))
+      self.assertIn("Fix:", last)
+
   def test_list_layers(self):
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp)), "--list_layers")
     lines = proc.stdout.splitlines()
