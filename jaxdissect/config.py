@@ -47,6 +47,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.num_top_images = 10
   # Text tower batch size for embedding the concept set.
   config.text_batch_size = 256
+  # Largest images x concepts matrix P held in memory (GB); above it soft_wpmi, wpmi and
+  # the cosines stream P from the embeddings.
+  config.concept_matrix_max_gb = 2.0
   # Neurons per similarity chunk (0: chosen from a memory budget).
   config.neuron_chunk_size = 0
   # Parallel decode calls in tf.data (-1: autotune).

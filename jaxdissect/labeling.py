@@ -1,5 +1,6 @@
 """From embeddings and activations to labels: similarity scores, argmax, alternatives."""
 import dataclasses
+import functools
 from typing import Sequence
 
 from absl import logging
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import similarity
+from jaxdissect import streaming
 
 DEAD_LABEL = "<dead>"
 INVALID_LABEL = "<invalid>"
@@ -66,9 +68,13 @@ MIN_UNITS_FOR_PRIOR = 2
 
 
 def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray,
-                chunk_size: int | None = None) -> LayerScores:
+                chunk_size: int | None = None, *,
+                embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> LayerScores:
   """Scores (num_units, num_concepts), with dead and invalid units flagged.
 
+  concept_activations: P (num_images, num_concepts); or None with embeddings = (image
+  embeddings (num_images, dim), text embeddings (num_concepts, dim)), for the streaming
+  functions that never hold P.
   Non-finite units are zeroed before scoring so they cannot poison the (soft-)WPMI
   prior; dead units stay in it, as in the official method, so live scores are
   unchanged by flagging them.
@@ -79,21 +85,23 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
     activations = activations.copy()
     activations[:, invalid] = 0.0
   dead = ~invalid & (activations.max(axis=0) == activations.min(axis=0))
-  fn = similarity.SIMILARITY_FUNCTIONS[similarity_fn]
   kwargs = {}
-  if similarity_fn in ("soft_wpmi", "wpmi", "rank_reorder") and chunk_size:
-    kwargs["chunk_size"] = chunk_size
+  if embeddings is not None:
+    fn = functools.partial(streaming.FUNCTIONS[similarity_fn], *embeddings)
+  else:
+    fn = functools.partial(similarity.SIMILARITY_FUNCTIONS[similarity_fn],
+                           concept_activations)
+    if similarity_fn in ("soft_wpmi", "wpmi", "rank_reorder") and chunk_size:
+      kwargs["chunk_size"] = chunk_size
   if similarity_fn not in PRIOR_FUNCTIONS:
-    return LayerScores(np.asarray(fn(concept_activations, activations, **kwargs)), dead,
-                       invalid)
+    return LayerScores(np.asarray(fn(activations, **kwargs)), dead, invalid)
   if activations.shape[1] < MIN_UNITS_FOR_PRIOR:
     logging.warning("%s estimates each concept's prior from the other units of the layer; "
                     "this layer has %d unit(s), so every score is %s and the label "
                     "means little. Dissect it together with other units, or use "
                     "cos_similarity.", similarity_fn, activations.shape[1],
                     "0" if similarity_fn == "soft_wpmi" else "(1 - lam) L")
-  scores, log_likelihood = fn(concept_activations, activations,
-                              return_log_likelihood=True, **kwargs)
+  scores, log_likelihood = fn(activations, return_log_likelihood=True, **kwargs)
   return LayerScores(np.asarray(scores), dead, invalid,
                      np.asarray(similarity.prior_margin(log_likelihood)))
 

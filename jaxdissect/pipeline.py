@@ -23,6 +23,7 @@ from jaxdissect import results as results_lib
 from jaxdissect import sharding
 from jaxdissect import similarity
 from jaxdissect import store
+from jaxdissect import streaming
 from jaxdissect.data import concepts as concepts_lib
 from jaxdissect.data import probe as probe_lib
 from jaxdissect.models import clip as clip_lib
@@ -57,6 +58,9 @@ def _as_probe_set(images, image_ids=None) -> probe_lib.ProbeSet:
   return probe_lib.ProbeSet([probe_lib.array_source(images, image_ids)])
 
 
+DEFAULT_CONCEPT_MATRIX_MAX_GB = 2.0
+
+
 def check_enough_images(num_images: int, similarity_fn: str, field: str = "d_probe"):
   needed = similarity.min_images(similarity_fn)
   if num_images < needed:
@@ -69,13 +73,33 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
                 concepts: Sequence[str], similarity_fn: str = "soft_wpmi",
                 num_alternatives: int = 5, num_top_images: int = 10,
                 neuron_chunk_size: int | None = None,
-                keep_scores: bool = False) -> results_lib.DissectionResult:
-  """Similarity and labels for every layer of a probe pass."""
-  concept_activations = labeling.concept_activation(probe.image_embeddings, text_embeddings)
+                keep_scores: bool = False,
+                concept_matrix_max_gb: float = DEFAULT_CONCEPT_MATRIX_MAX_GB
+                ) -> results_lib.DissectionResult:
+  """Similarity and labels for every layer of a probe pass.
+
+  P (num_images x num_concepts) is held in memory only while it takes at most
+  concept_matrix_max_gb; beyond that the streaming functions compute what they need of
+  it from the embeddings (rank_reorder has no streaming form and always holds P).
+  """
+  num_images, num_concepts = len(probe.image_embeddings), len(text_embeddings)
+  matrix_gb = num_images * num_concepts * 4 / 2**30
+  stream = (similarity_fn in streaming.STREAMING_FUNCTIONS
+            and matrix_gb > concept_matrix_max_gb)
+  if stream:
+    logging.info("P (%d images x %d concepts, %.2f GB) exceeds concept_matrix_max_gb=%g: "
+                 "streaming %s from the embeddings.", num_images, num_concepts, matrix_gb,
+                 concept_matrix_max_gb, similarity_fn)
+    concept_activations = None
+    embeddings = (probe.image_embeddings, text_embeddings)
+  else:
+    concept_activations = labeling.concept_activation(probe.image_embeddings,
+                                                      text_embeddings)
+    embeddings = None
   layers, scores = {}, {}
   for name, acts in probe.activations.items():
     scored = labeling.score_layer(similarity_fn, concept_activations, acts,
-                                  neuron_chunk_size)
+                                  neuron_chunk_size, embeddings=embeddings)
     layers[name] = labeling.label_units(scored.scores, acts, concepts, scored.dead,
                                         scored.invalid, num_alternatives, num_top_images,
                                         tiebreak=scored.tiebreak)
@@ -284,7 +308,8 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   logging.info("Scoring %d layer(s) with %s.", len(layer_infos), config.similarity_fn)
   result = label_probe(probe, text_embeddings, concepts, config.similarity_fn,
                        config.num_alternatives, config.num_top_images,
-                       config.neuron_chunk_size or None)
+                       config.neuron_chunk_size or None,
+                       concept_matrix_max_gb=config.concept_matrix_max_gb)
   truths = {info.name: truth for info in layer_infos
             if (truth := target.truth_for(info)) is not None}
   evaluation = None

@@ -147,23 +147,27 @@ def cos_similarity_cubed(concept_activation, activations, min_norm=1e-3):
                                jnp.asarray(activations, jnp.float32), min_norm)
 
 
+def _centre_cube_normalise(x, min_norm):
+  """Columns centred, cubed and divided by max(norm, min_norm): (rows, columns).
+
+  (c / s) ** 3 with s = max |c| stays in [-1, 1], where c ** 3 overflows float32 for
+  |c| > 7e12. c ** 3 / max(|c ** 3|, min_norm) is then y / |y| where |y| s ** 3 >=
+  min_norm, else y s ** 3 / min_norm (a near-constant column).
+  """
+  centred = x - jnp.mean(x, axis=0, keepdims=True)
+  scale = _max_abs(centred)
+  cubed = (centred / scale) ** 3
+  norm = jnp.linalg.norm(cubed, axis=0, keepdims=True)
+  large = norm * scale ** 3 >= min_norm
+  factor = jnp.where(large, 1.0 / jnp.maximum(norm, TINY),
+                     jnp.where(large, 1.0, scale) ** 3 / min_norm)
+  return cubed * factor
+
+
 @jax.jit
 def _cos_similarity_cubed(concept_activation, activations, min_norm):
-  def centre_cube_normalise(x):
-    # (c / s) ** 3 with s = max |c| stays in [-1, 1], where c ** 3 overflows float32 for
-    # |c| > 7e12. c ** 3 / max(|c ** 3|, min_norm) is then y / |y| where
-    # |y| s ** 3 >= min_norm, else y s ** 3 / min_norm (a near-constant column).
-    centred = x - jnp.mean(x, axis=0, keepdims=True)
-    scale = _max_abs(centred)
-    cubed = (centred / scale) ** 3
-    norm = jnp.linalg.norm(cubed, axis=0, keepdims=True)
-    large = norm * scale ** 3 >= min_norm
-    factor = jnp.where(large, 1.0 / jnp.maximum(norm, TINY),
-                       jnp.where(large, 1.0, scale) ** 3 / min_norm)
-    return cubed * factor
-
-  return jnp.matmul(centre_cube_normalise(activations).T,
-                    centre_cube_normalise(concept_activation),
+  return jnp.matmul(_centre_cube_normalise(activations, min_norm).T,
+                    _centre_cube_normalise(concept_activation, min_norm),
                     precision=jax.lax.Precision.HIGHEST)
 
 

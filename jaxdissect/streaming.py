@@ -1,0 +1,174 @@
+"""Similarity without the (num_images, num_concepts) matrix P in memory.
+
+The functions here take the CLIP embeddings instead of P and compute the parts of P they
+need on demand, so their peak memory does not grow with images x concepts:
+  - (soft-)WPMI only reads P at each neuron's top_k images: those rows are recomputed
+    from the image and text embeddings, a chunk of neurons at a time;
+  - the cosine similarities are sums over images: accumulated over image chunks (cos^3
+    in two passes, the column means first).
+Each equals its in-memory counterpart in similarity.py to float32 rounding (tested).
+P is defined as in labeling.concept_activation: norm(I) @ norm(T).T.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxdissect import similarity
+
+# Bytes of temporaries a chunk (of neurons or of images) may take.
+CHUNK_BUDGET_BYTES = 256 * 2**20
+STREAMING_FUNCTIONS = ("soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed")
+
+
+def _normalise(x):
+  x = jnp.asarray(x, jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _rows(images, texts):
+  """P rows for some images: (..., D) x (M, D) -> (..., M)."""
+  return jnp.matmul(images, texts.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _image_chunk(num_images: int, num_concepts: int, num_columns: int) -> int:
+  per_image = 4 * (num_concepts + num_columns) * 3
+  return max(1, min(num_images, CHUNK_BUDGET_BYTES // per_image))
+
+
+def _neuron_chunk(top_k: int, num_concepts: int) -> int:
+  return max(1, CHUNK_BUDGET_BYTES // (top_k * num_concepts * 4 * 3))
+
+
+def _check(image_embeddings, text_embeddings, activations, name):
+  if image_embeddings.shape[0] != activations.shape[0]:
+    raise ValueError(f"{name}: {image_embeddings.shape[0]} image embeddings but "
+                     f"activations for {activations.shape[0]} images.")
+  if image_embeddings.shape[1] != text_embeddings.shape[1]:
+    raise ValueError(f"{name}: image and text embeddings differ in width "
+                     f"({image_embeddings.shape[1]} vs {text_embeddings.shape[1]}).")
+
+
+def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
+                          term, name):
+  """L (num_neurons, num_concepts) = sum over each neuron's top_k images of term(S, j),
+  S = softmax(a P) at those images, recomputed per chunk of neurons."""
+  _check(image_embeddings, text_embeddings, activations, name)
+  num_images, num_concepts = activations.shape[0], text_embeddings.shape[0]
+  if top_k > num_images:
+    raise ValueError(f"{name}: top_k={top_k} needs at least {top_k} probe images, got "
+                     f"{num_images}. Use more probe images.")
+  return _top_k_log_likelihood_jit(
+      _normalise(image_embeddings), _normalise(text_embeddings),
+      jnp.asarray(activations, jnp.float32), term, top_k=top_k,
+      chunk=_neuron_chunk(top_k, num_concepts))
+
+
+@functools.partial(jax.jit, static_argnames=("term", "top_k", "chunk"))
+def _top_k_log_likelihood_jit(images, texts, activations, term, *, top_k, chunk):
+  _, top_images = similarity.top_activations(activations, top_k)
+
+  def neuron(image_ids):  # (top_k,) -> (num_concepts,)
+    return term(_rows(images[image_ids], texts))
+
+  return jax.lax.map(neuron, top_images, batch_size=chunk)
+
+
+def wpmi(image_embeddings, text_embeddings, activations, top_k=28, a=2.0, lam=0.6,
+         min_prob=1e-7, return_log_likelihood=False):
+  """similarity.wpmi(P, A) without P."""
+  term = functools.partial(_wpmi_term, a=a, min_prob=min_prob)
+  log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
+                                         top_k, term, "wpmi")
+  scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
+  return (scores, log_likelihood) if return_log_likelihood else scores
+
+
+def _wpmi_term(rows, *, a, min_prob):
+  return jnp.sum(jnp.log(jax.nn.softmax(a * rows, axis=-1) + min_prob), axis=0)
+
+
+def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=100, a=10.0, lam=1.0,
+              min_prob=1e-7, p_start=0.998, p_end=0.97, return_log_likelihood=False):
+  """similarity.soft_wpmi(P, A) without P."""
+  membership = tuple(float(p) for p in similarity.soft_wpmi_membership(top_k, p_start,
+                                                                       p_end))
+  term = functools.partial(_soft_wpmi_term, a=a, min_prob=min_prob, membership=membership)
+  log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
+                                         top_k, term, "soft_wpmi")
+  scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
+  return (scores, log_likelihood) if return_log_likelihood else scores
+
+
+def _soft_wpmi_term(rows, *, a, min_prob, membership):
+  probs = jax.nn.softmax(a * rows, axis=-1)
+  weights = jnp.asarray(membership, jnp.float32)[:, None]
+  return jnp.sum(jnp.log(1.0 + weights * (probs - 1.0) + min_prob), axis=0)
+
+
+def _image_chunks(num_images: int, size: int):
+  return [(start, min(start + size, num_images)) for start in range(0, num_images, size)]
+
+
+def cos_similarity(image_embeddings, text_embeddings, activations):
+  """similarity.cos_similarity(P, A) without P: A^T P and the column norms of P summed
+  over image chunks."""
+  _check(image_embeddings, text_embeddings, activations, "cos_similarity")
+  images, texts = _normalise(image_embeddings), _normalise(text_embeddings)
+  activations = jnp.asarray(activations, jnp.float32)
+  # Scale-free: divide by the column max first, as the in-memory function does.
+  activations = activations / similarity._max_abs(activations)  # pylint: disable=protected-access
+  num_images, num_concepts = activations.shape[0], texts.shape[0]
+  size = _image_chunk(num_images, num_concepts, activations.shape[1])
+  # P lies in [-1, 1], so its squares and products need no rescaling.
+  cross = jnp.zeros((activations.shape[1], num_concepts), jnp.float32)
+  squares = jnp.zeros((num_concepts,), jnp.float32)
+  for start, stop in _image_chunks(num_images, size):
+    cross, squares = _cos_step(cross, squares, images[start:stop], texts,
+                               activations[start:stop])
+  neuron_norms = jnp.maximum(jnp.linalg.norm(activations, axis=0), similarity.TINY)
+  concept_norms = jnp.maximum(jnp.sqrt(squares), similarity.TINY)
+  return cross / neuron_norms[:, None] / concept_norms[None, :]
+
+
+@jax.jit
+def _cos_step(cross, squares, images, texts, activations):
+  rows = _rows(images, texts)
+  cross = cross + jnp.matmul(activations.T, rows, precision=jax.lax.Precision.HIGHEST)
+  return cross, squares + jnp.sum(rows * rows, axis=0)
+
+
+def cos_similarity_cubed(image_embeddings, text_embeddings, activations, min_norm=1e-3):
+  """similarity.cos_similarity_cubed(P, A) without P: the column means of P in a first
+  pass over image chunks, then the cubed, centred cross products and norms."""
+  _check(image_embeddings, text_embeddings, activations, "cos_similarity_cubed")
+  images, texts = _normalise(image_embeddings), _normalise(text_embeddings)
+  activations = jnp.asarray(activations, jnp.float32)
+  num_images, num_concepts = activations.shape[0], texts.shape[0]
+  chunks = _image_chunks(num_images, _image_chunk(num_images, num_concepts,
+                                                  activations.shape[1]))
+  sums = jnp.zeros((num_concepts,), jnp.float32)
+  for start, stop in chunks:
+    sums = sums + jnp.sum(_rows(images[start:stop], texts), axis=0)
+  means = sums / num_images
+  # The neuron side fits in memory (images x neurons): normalised as in similarity.py.
+  neurons = similarity._centre_cube_normalise(activations, min_norm)  # pylint: disable=protected-access
+  cross = jnp.zeros((activations.shape[1], num_concepts), jnp.float32)
+  cubed_squares = jnp.zeros((num_concepts,), jnp.float32)
+  for start, stop in chunks:
+    cross, cubed_squares = _cos_cubed_step(cross, cubed_squares, images[start:stop], texts,
+                                           neurons[start:stop], means)
+  # P's centred values lie in [-2, 2]: their cubes need no rescaling before the norm.
+  norms = jnp.maximum(jnp.sqrt(cubed_squares), min_norm)
+  return cross / norms[None, :]
+
+
+@jax.jit
+def _cos_cubed_step(cross, cubed_squares, images, texts, neurons, means):
+  cubes = (_rows(images, texts) - means[None, :]) ** 3
+  cross = cross + jnp.matmul(neurons.T, cubes, precision=jax.lax.Precision.HIGHEST)
+  return cross, cubed_squares + jnp.sum(cubes * cubes, axis=0)
+
+
+FUNCTIONS = {"soft_wpmi": soft_wpmi, "wpmi": wpmi, "cos_similarity": cos_similarity,
+             "cos_similarity_cubed": cos_similarity_cubed}

@@ -1,0 +1,74 @@
+"""Streaming similarity (no images x concepts matrix) equals the in-memory functions."""
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+from jaxdissect import activations as activations_lib
+from jaxdissect import labeling
+from jaxdissect import pipeline
+from jaxdissect import similarity
+from jaxdissect import streaming
+
+
+def embeddings(num_images, num_concepts, num_neurons, dim=16, seed=0):
+  rng = np.random.default_rng(seed)
+  concept_directions = rng.standard_normal((num_concepts, dim)).astype(np.float32)
+  # Images mix a few concepts, so that P has structure; neurons follow some concepts.
+  weights = np.maximum(rng.standard_normal((num_images, num_concepts)), 0) ** 2
+  images = (weights @ concept_directions + 0.5 * rng.standard_normal(
+      (num_images, dim))).astype(np.float32)
+  follow = rng.integers(0, num_concepts, num_neurons)
+  activations = (weights[:, follow] + 0.1 * rng.random((num_images, num_neurons))
+                 ).astype(np.float32)
+  return images, concept_directions, activations
+
+
+class StreamingTest(parameterized.TestCase):
+
+  @parameterized.product(name=list(streaming.FUNCTIONS),
+                         shape=[(150, 9, 4), (400, 40, 17), (1000, 7, 3)])
+  def test_equals_in_memory(self, name, shape):
+    images, texts, activations = embeddings(*shape, seed=sum(shape))
+    P = np.asarray(labeling.concept_activation(images, texts))
+    expected = np.asarray(similarity.SIMILARITY_FUNCTIONS[name](P, activations))
+    got = np.asarray(streaming.FUNCTIONS[name](images, texts, activations))
+    # float32 rounding of sums of top_k logs: relative to the scale of the scores.
+    np.testing.assert_allclose(got, expected, rtol=2e-5,
+                               atol=2e-5 * max(1.0, np.abs(expected).max()))
+    np.testing.assert_array_equal(got.argmax(axis=1), expected.argmax(axis=1))
+
+  def test_small_chunks_change_nothing(self):
+    images, texts, activations = embeddings(700, 12, 9, seed=3)
+    whole = {n: np.asarray(f(images, texts, activations))
+             for n, f in streaming.FUNCTIONS.items()}
+    budget = streaming.CHUNK_BUDGET_BYTES
+    try:
+      streaming.CHUNK_BUDGET_BYTES = 20_000  # a few images / neurons per chunk
+      for name, f in streaming.FUNCTIONS.items():
+        np.testing.assert_allclose(np.asarray(f(images, texts, activations)), whole[name],
+                                   rtol=2e-5, atol=2e-5 * max(1.0, np.abs(whole[name]).max()),
+                                   err_msg=name)
+    finally:
+      streaming.CHUNK_BUDGET_BYTES = budget
+
+
+  @parameterized.parameters(*streaming.STREAMING_FUNCTIONS)
+  def test_label_probe_streams_past_the_budget_with_the_same_labels(self, name):
+    images, texts, activations = embeddings(500, 30, 12, seed=11)
+    probe = activations_lib.ProbeActivations(
+        images, {"a": activations, "b": activations[:, :5] ** 2},
+        [f"im{i}" for i in range(500)])
+    concepts = [f"c{i}" for i in range(30)]
+    with self.assertLogs(level="INFO") as logs:
+      streamed = pipeline.label_probe(probe, texts, concepts, name,
+                                      concept_matrix_max_gb=0.0)
+    self.assertTrue(any("streaming" in m for m in logs.output))
+    held = pipeline.label_probe(probe, texts, concepts, name)
+    for layer in ("a", "b"):
+      self.assertEqual(streamed.layers[layer].labels, held.layers[layer].labels)
+      np.testing.assert_array_equal(streamed.layers[layer].alternative_ids[:, :3],
+                                    held.layers[layer].alternative_ids[:, :3])
+
+
+if __name__ == "__main__":
+  absltest.main()
