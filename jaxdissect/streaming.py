@@ -93,17 +93,19 @@ def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=100, a=10.0,
   """similarity.soft_wpmi(P, A) without P."""
   membership = tuple(float(p) for p in similarity.soft_wpmi_membership(top_k, p_start,
                                                                        p_end))
-  term = functools.partial(_soft_wpmi_term, a=a, min_prob=min_prob, membership=membership)
+  term = functools.partial(_soft_wpmi_term, a=a, min_prob=min_prob, membership=membership,
+                           floor=similarity.soft_wpmi_term_floor(p_start, p_end, min_prob))
   log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
                                          top_k, term, "soft_wpmi")
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
-def _soft_wpmi_term(rows, *, a, min_prob, membership):
+def _soft_wpmi_term(rows, *, a, min_prob, membership, floor):
   probs = jax.nn.softmax(a * rows, axis=-1)
   weights = jnp.asarray(membership, jnp.float32)[:, None]
-  return jnp.sum(jnp.log(1.0 + weights * (probs - 1.0) + min_prob), axis=0)
+  return similarity.sum_of_logs_of_bounded(1.0 + weights * (probs - 1.0) + min_prob,
+                                           floor)
 
 
 def _image_chunks(num_images: int, size: int):

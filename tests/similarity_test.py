@@ -3,6 +3,7 @@ import math
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
@@ -248,6 +249,24 @@ class PriorSaturationTest(parameterized.TestCase):
     L = np.array([[-5.0, -1.0, -3.0]], np.float32)
     np.testing.assert_array_equal(np.asarray(similarity._subtract_prior(L, 1.0)), 0.0)  # pylint: disable=protected-access
     self.assertTrue(np.all(np.isinf(np.asarray(similarity.prior_margin(L)))))
+
+
+class BlockedLogTest(parameterized.TestCase):
+
+  @parameterized.parameters((100, 0.002), (37, 0.002), (28, 1e-7), (5, 0.5))
+  def test_equals_float64_sum_of_logs_at_the_floor(self, count, floor):
+    rng = np.random.default_rng(count)
+    terms = np.where(rng.random((count, 7)) < 0.5, floor, rng.uniform(floor, 1, (count, 7)))
+    got = np.asarray(similarity.sum_of_logs_of_bounded(jnp.asarray(terms, jnp.float32),
+                                                       floor))
+    np.testing.assert_allclose(got, np.log(terms).sum(axis=0), rtol=2e-6)
+    self.assertTrue(np.all(np.isfinite(got)))
+
+  def test_soft_wpmi_with_full_membership_stays_finite(self):
+    P, A = random_inputs(200, 6, 4, seed=5)
+    scores = np.asarray(similarity.soft_wpmi(P, A, p_start=1.0, p_end=1.0))
+    np.testing.assert_allclose(scores, ref_soft_wpmi(P, A, p_start=1.0, p_end=1.0),
+                               rtol=1e-4, atol=1e-3)
 
 
 class DeadAndInvalidUnitsTest(parameterized.TestCase):

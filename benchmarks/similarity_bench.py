@@ -1,0 +1,154 @@
+"""Similarity functions against a per-neuron NumPy loop (the official tool's shape).
+
+    python benchmarks/similarity_bench.py --out benchmarks/results/similarity_bench.json \
+        [--sizes 10000x20000x256,50000x20000x2048] [--functions soft_wpmi,cos_similarity]
+
+For each size (images x concepts x neurons) and function: seconds for ours (in-memory P,
+jitted, compile excluded by a warm-up on the same shapes), ours streaming (no P, from
+the embeddings), and the per-neuron NumPy baseline, measured in the same run; the ratio
+baseline / ours; and the peak RSS of each (every measurement runs in its own process).
+Inputs are random CLIP-like embeddings (dim 64) and ReLU activations, seeded.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+EMBED_DIM = 64
+DEFAULT_SIZES = "10000x20000x256,50000x20000x2048,20000x5000x512"
+
+
+def make_inputs(num_images, num_concepts, num_neurons, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((num_images, EMBED_DIM)).astype(np.float32)
+  texts = rng.standard_normal((num_concepts, EMBED_DIM)).astype(np.float32)
+  activations = np.maximum(rng.standard_normal((num_images, num_neurons)), 0).astype(
+      np.float32)
+  return images, texts, activations
+
+
+def numpy_concept_activation(images, texts):
+  images = images / np.linalg.norm(images, axis=1, keepdims=True)
+  texts = texts / np.linalg.norm(texts, axis=1, keepdims=True)
+  return images @ texts.T
+
+
+def numpy_baseline(name, images, texts, activations):
+  """One neuron at a time, as the official code loops: (num_neurons, num_concepts)."""
+  P = numpy_concept_activation(images, texts)
+  num_neurons = activations.shape[1]
+  if name in ("soft_wpmi", "wpmi"):
+    top_k, a, lam = (100, 10.0, 1.0) if name == "soft_wpmi" else (28, 2.0, 0.6)
+    logits = a * P
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    ranks = np.arange(top_k)
+    membership = (0.998 - ranks / top_k * (0.998 - 0.97))[:, None]
+    L = np.empty((num_neurons, P.shape[1]), np.float32)
+    for k in range(num_neurons):
+      idx = np.argsort(-activations[:, k], kind="stable")[:top_k]
+      if name == "soft_wpmi":
+        L[k] = np.log(1 + membership * (probs[idx] - 1) + 1e-7).sum(axis=0)
+      else:
+        L[k] = np.log(probs[idx] + 1e-7).sum(axis=0)
+    m = L.max(axis=0)
+    prior = m + np.log(np.exp(L - m).sum(axis=0)) - np.log(num_neurons)
+    return L - lam * prior
+  if name == "cos_similarity":
+    Pn = P / np.linalg.norm(P, axis=0, keepdims=True)
+    out = np.empty((num_neurons, P.shape[1]), np.float32)
+    for k in range(num_neurons):
+      column = activations[:, k] / max(np.linalg.norm(activations[:, k]), 1e-12)
+      out[k] = column @ Pn
+    return out
+  raise ValueError(name)
+
+
+def _measure(kind, name, size, queue):
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxdissect import labeling, similarity, streaming  # pylint: disable=g-import-not-at-top
+  images, texts, activations = make_inputs(*size)
+  if kind == "numpy":
+    start = time.perf_counter()
+    scores = numpy_baseline(name, images, texts, activations)
+  else:
+    def ours():
+      if kind == "streaming":
+        return streaming.FUNCTIONS[name](images, texts, activations)
+      P = labeling.concept_activation(images, texts)
+      return similarity.SIMILARITY_FUNCTIONS[name](P, activations)
+    jax.block_until_ready(ours())  # compile
+    start = time.perf_counter()
+    scores = np.asarray(jax.block_until_ready(ours()))
+  seconds = time.perf_counter() - start
+  peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  queue.put({"seconds": seconds, "peak_rss_gb": peak_gb,
+             "labels": np.asarray(scores).argmax(axis=1).tolist()})
+
+
+def measure(kind, name, size):
+  ctx = multiprocessing.get_context("spawn")
+  queue = ctx.Queue()
+  proc = ctx.Process(target=_measure, args=(kind, name, size, queue))
+  proc.start()
+  result = queue.get()
+  proc.join()
+  return result
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default=DEFAULT_SIZES)
+  parser.add_argument("--functions", default="soft_wpmi,wpmi,cos_similarity")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  records = []
+  header = (f"{'function':<16} {'images':>7} {'concepts':>8} {'neurons':>7} "
+            f"{'ours s':>8} {'stream s':>8} {'numpy s':>8} {'speedup':>8} "
+            f"{'ours GB':>8} {'stream GB':>9} {'numpy GB':>8} {'agree':>6}")
+  print(header, flush=True)
+  for size_text in args.sizes.split(","):
+    size = tuple(int(x) for x in size_text.split("x"))
+    for name in args.functions.split(","):
+      ours = measure("ours", name, size)
+      stream = measure("streaming", name, size)
+      baseline = measure("numpy", name, size)
+      agree = float(np.mean(np.asarray(ours["labels"]) == np.asarray(baseline["labels"])))
+      record = {"function": name, "images": size[0], "concepts": size[1],
+                "neurons": size[2], "ours_seconds": ours["seconds"],
+                "streaming_seconds": stream["seconds"],
+                "numpy_seconds": baseline["seconds"],
+                "speedup": baseline["seconds"] / ours["seconds"],
+                "ours_peak_rss_gb": ours["peak_rss_gb"],
+                "streaming_peak_rss_gb": stream["peak_rss_gb"],
+                "numpy_peak_rss_gb": baseline["peak_rss_gb"],
+                "label_agreement": agree}
+      records.append(record)
+      print(f"{name:<16} {size[0]:>7} {size[1]:>8} {size[2]:>7} "
+            f"{ours['seconds']:>8.2f} {stream['seconds']:>8.2f} {baseline['seconds']:>8.2f} "
+            f"{record['speedup']:>7.1f}x {ours['peak_rss_gb']:>8.2f} "
+            f"{stream['peak_rss_gb']:>9.2f} {baseline['peak_rss_gb']:>8.2f} {agree:>6.3f}",
+            flush=True)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"device": _device(), "records": records}, f, indent=1)
+    os.replace(tmp, args.out)
+
+
+def _device():
+  import jax  # pylint: disable=g-import-not-at-top
+  return {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+          "python": sys.version.split()[0]}
+
+
+if __name__ == "__main__":
+  main()
