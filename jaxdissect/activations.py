@@ -1,6 +1,7 @@
 """The probe pass: one jitted step per batch gives CLIP image embeddings and the pooled
 activations of every requested layer; only (batch, units) arrays leave the device.
 """
+import collections
 import dataclasses
 import hashlib
 import time
@@ -52,6 +53,20 @@ def make_probe_step(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
   data = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(rep, rep, data, data), out_shardings=data)
+
+
+def prefetch_to_device(batches: Iterable[dict], placement=None, size: int = 2):
+  """Yields (batch, clip_pixels, target_pixels) with the pixels already put on the
+  device(s) (`placement`: a sharding, or None for the default device), `size` batches
+  ahead of the consumer."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append((batch, jax.device_put(batch["clip_pixels"], placement),
+                  jax.device_put(batch["target_pixels"], placement)))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def computation_fingerprint(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
@@ -115,21 +130,24 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
   the same `step` (make_probe_step) to every chunk of one pass so it compiles once.
   """
   step = step or make_probe_step(clip, target, layers, pool_mode, token_pool, mesh)
+  # Parameters go to the device(s) once; left on the host they would be copied again
+  # at every step.
   if mesh is not None:
-    rep = sharding.replicated(mesh)
-    clip_params = jax.device_put(clip.params, rep)
-    target_variables = jax.device_put(target.variables, rep)
+    clip_params = jax.device_put(clip.params, sharding.replicated(mesh))
+    target_variables = jax.device_put(target.variables, sharding.replicated(mesh))
+    pixel_placement = sharding.batch_sharding(mesh)
   else:
-    clip_params, target_variables = clip.params, target.variables
+    clip_params, target_variables = jax.device_put((clip.params, target.variables))
+    pixel_placement = None
   embeddings = np.zeros((num_images, clip.embedding_dim), np.float32)
   activations = {info.name: np.zeros((num_images, info.num_units), np.float32)
                  for info in layers}
   image_ids = [None] * num_images
   seen = np.zeros(num_images, bool)
   progress = RateLogger(num_images, "Probe pass", log_every_s)
-  for batch in batches:
-    out_embeddings, out_pooled = step(clip_params, target_variables,
-                                      batch["clip_pixels"], batch["target_pixels"])
+
+  def collect(batch, outputs):
+    out_embeddings, out_pooled = outputs
     mask = batch["mask"]
     index = batch["index"][mask] - first_index
     embeddings[index] = np.asarray(out_embeddings)[mask]
@@ -140,6 +158,18 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
           image_id)
     seen[index] = True
     progress.update(int(mask.sum()))
+
+  # Dispatch is asynchronous: the next batches are already on the device (prefetch) and
+  # a step's outputs are read back only after the next step is dispatched, so decoding,
+  # transfer and compute overlap.
+  pending = None
+  for batch, clip_pixels, target_pixels in prefetch_to_device(batches, pixel_placement):
+    outputs = step(clip_params, target_variables, clip_pixels, target_pixels)
+    if pending is not None:
+      collect(*pending)
+    pending = (batch, outputs)
+  if pending is not None:
+    collect(*pending)
   logging.info("Probe pass done: %d images at %.1f images/s.", num_images, progress.rate)
   if seen.all():
     return ProbeActivations(embeddings, activations, image_ids)

@@ -122,6 +122,30 @@ class ProbeTest(absltest.TestCase):
                      [(0, 384), (384, 768), (768, 1000)])
     self.assertEqual(pipeline.probe_chunks(10, 10240, 4), [(0, 10)])
 
+  def test_probe_step_compiles_once_across_chunks(self):
+    from jaxdissect import activations  # pylint: disable=g-import-not-at-top
+    from jaxdissect.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+    from jaxdissect.models import targets  # pylint: disable=g-import-not-at-top
+    with tempfile.TemporaryDirectory() as tmp:
+      clip = clip_lib.load_clip(tiny_models.make_tiny_clip(os.path.join(tmp, "clip")))
+      target = targets.load_target(tiny_models.make_tiny_resnet(os.path.join(tmp, "r")))
+      layers = target.resolve_layers(["layer2", "fc"])
+      probe_set = probe.ProbeSet([probe.array_source(np.stack(
+          tiny_models.render_images(23, seed=2, min_size=40, max_size=40)))])
+      step = activations.make_probe_step(clip, target, layers, "avg", "cls")
+      parts = []
+      for start, stop in ((0, 8), (8, 16), (16, 23)):  # the last chunk is padded
+        batches = probe_set.batches(clip.transform, target.transform, 4, start=start,
+                                    stop=stop)
+        parts.append(activations.run_probe_pass(clip, target, layers, batches,
+                                                stop - start, first_index=start,
+                                                step=step))
+      self.assertEqual(step._cache_size(), 1)  # pylint: disable=protected-access
+      whole = activations.run_probe_pass(
+          clip, target, layers, probe_set.batches(clip.transform, target.transform, 4), 23)
+      np.testing.assert_allclose(np.concatenate([p.activations["fc"] for p in parts]),
+                                 whole.activations["fc"], rtol=1e-5, atol=1e-6)
+
   def test_tfds_source_reads_split_with_keys(self):
     with tempfile.TemporaryDirectory() as tmp:
       TinyProbeDataset(data_dir=tmp).download_and_prepare()
