@@ -69,6 +69,22 @@ def check_enough_images(num_images: int, similarity_fn: str, field: str = "d_pro
         "(its top-k).", f"give at least {needed} probe images.")
 
 
+def _matrix_out_of_memory(err: Exception, doing: str, num_images: int, num_concepts: int,
+                          similarity_fn: str) -> Exception:
+  """The one-line error for an in-memory P that did not fit; other errors unchanged."""
+  if isinstance(err, jax.errors.JaxRuntimeError) and not any(
+      s in str(err) for s in ("RESOURCE_EXHAUSTED", "Out of memory")):
+    return err
+  gb = num_images * num_concepts * 4 / 2**30
+  how = (f"so that {similarity_fn} streams P" if similarity_fn in
+         streaming.STREAMING_FUNCTIONS else "and use a similarity_fn that streams P "
+         f"({', '.join(streaming.STREAMING_FUNCTIONS)})")
+  return errors.UserError(
+      "concept_matrix_max_gb", f"{doing} held in memory ({num_images} images x "
+      f"{num_concepts} concepts, {gb:.2f} GB) ran out of memory.",
+      f"set --config.concept_matrix_max_gb below {gb:.2f} {how}.")
+
+
 def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.ndarray,
                 concepts: Sequence[str], similarity_fn: str = "soft_wpmi",
                 num_alternatives: int = 5, num_top_images: int = 10,
@@ -93,13 +109,21 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
     concept_activations = None
     embeddings = (probe.image_embeddings, text_embeddings)
   else:
-    concept_activations = labeling.concept_activation(probe.image_embeddings,
-                                                      text_embeddings)
+    try:
+      concept_activations = labeling.concept_activation(probe.image_embeddings,
+                                                        text_embeddings)
+    except (MemoryError, jax.errors.JaxRuntimeError) as err:
+      raise _matrix_out_of_memory(err, "computing P", num_images, num_concepts,
+                                  similarity_fn) from None
     embeddings = None
   layers, scores = {}, {}
   for name, acts in probe.activations.items():
-    scored = labeling.score_layer(similarity_fn, concept_activations, acts,
-                                  neuron_chunk_size, embeddings=embeddings)
+    try:
+      scored = labeling.score_layer(similarity_fn, concept_activations, acts,
+                                    neuron_chunk_size, embeddings=embeddings)
+    except (MemoryError, jax.errors.JaxRuntimeError) as err:
+      raise _matrix_out_of_memory(err, f"scoring layer {name} with P", num_images,
+                                  num_concepts, similarity_fn) from None
     layers[name] = labeling.label_units(scored.scores, acts, concepts, scored.dead,
                                         scored.invalid, num_alternatives, num_top_images,
                                         tiebreak=scored.tiebreak)

@@ -39,11 +39,15 @@ class MemoryLimitTest(absltest.TestCase):
     self.assertEqual(streamed.returncode, 0, streamed.stderr[-3000:])
     self.assertIn("streaming soft_wpmi", streamed.stderr)
     self.assertTrue(os.path.isfile(os.path.join(workdir, "results", "descriptions.csv")))
-    # The same run forced to hold P fails under the same limit (activations reused).
+    # The same run forced to hold P fails under the same limit (activations reused), with
+    # one line that says how to make it stream.
     in_memory = run_limited(workdir, "--config.concept_matrix_max_gb=1000",
                             "--config.overwrite=True")
-    self.assertNotEqual(in_memory.returncode, 0)
     self.assertIn("Probe activations reused", in_memory.stderr)
+    self.assertEqual(in_memory.returncode, 2, in_memory.stderr[-3000:])
+    last = in_memory.stderr.strip().splitlines()[-1]
+    self.assertTrue(last.startswith("error: concept_matrix_max_gb:"), last)
+    self.assertNotIn("Traceback", in_memory.stderr)
 
 
 if __name__ == "__main__":
