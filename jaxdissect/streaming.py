@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdissect import similarity
 
@@ -49,27 +50,35 @@ def _check(image_embeddings, text_embeddings, activations, name):
                      f"({image_embeddings.shape[1]} vs {text_embeddings.shape[1]}).")
 
 
-def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
-                          term, name):
-  """L (num_neurons, num_concepts) = sum over each neuron's top_k images of term(S, j),
-  S = softmax(a P) at those images, recomputed per chunk of neurons."""
+def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k, a,
+                          min_prob, name, membership=None, term_floor=None):
+  """L (num_neurons, num_concepts): for each neuron, the sum over its top_k images of
+  log(S + min_prob) (wpmi; membership None) or log(1 + p_j (S - 1) + min_prob)
+  (soft_wpmi), S = softmax(a P) at those images, recomputed per chunk of neurons."""
   _check(image_embeddings, text_embeddings, activations, name)
   num_images, num_concepts = activations.shape[0], text_embeddings.shape[0]
-  if top_k > num_images:
-    raise ValueError(f"{name}: top_k={top_k} needs at least {top_k} probe images, got "
-                     f"{num_images}. Use more probe images.")
+  similarity._check_top_k(top_k, num_images, name)  # pylint: disable=protected-access
+  soft = membership is not None
   return _top_k_log_likelihood_jit(
       _normalise(image_embeddings), _normalise(text_embeddings),
-      jnp.asarray(activations, jnp.float32), term, top_k=top_k,
-      chunk=_neuron_chunk(top_k, num_concepts))
+      jnp.asarray(activations, jnp.float32),
+      jnp.asarray(membership if soft else np.ones(top_k), jnp.float32), a, min_prob,
+      soft=soft, top_k=top_k, chunk=_neuron_chunk(top_k, num_concepts),
+      term_floor=term_floor)
 
 
-@functools.partial(jax.jit, static_argnames=("term", "top_k", "chunk"))
-def _top_k_log_likelihood_jit(images, texts, activations, term, *, top_k, chunk):
+# Only hashable settings are static, so layers of equal shapes share one compilation.
+@functools.partial(jax.jit, static_argnames=("soft", "top_k", "chunk", "term_floor"))
+def _top_k_log_likelihood_jit(images, texts, activations, membership, a, min_prob, *,
+                              soft, top_k, chunk, term_floor):
   _, top_images = similarity.top_activations(activations, top_k)
 
   def neuron(image_ids):  # (top_k,) -> (num_concepts,)
-    return term(_rows(images[image_ids], texts))
+    probs = jax.nn.softmax(a * _rows(images[image_ids], texts), axis=-1)
+    if soft:
+      return similarity.sum_of_logs_of_bounded(
+          1.0 + membership[:, None] * (probs - 1.0) + min_prob, term_floor)
+    return jnp.sum(jnp.log(probs + min_prob), axis=0)
 
   return jax.lax.map(neuron, top_images, batch_size=chunk)
 
@@ -77,35 +86,21 @@ def _top_k_log_likelihood_jit(images, texts, activations, term, *, top_k, chunk)
 def wpmi(image_embeddings, text_embeddings, activations, top_k=28, a=2.0, lam=0.6,
          min_prob=1e-7, return_log_likelihood=False):
   """similarity.wpmi(P, A) without P."""
-  term = functools.partial(_wpmi_term, a=a, min_prob=min_prob)
   log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
-                                         top_k, term, "wpmi")
+                                         top_k, a, min_prob, "wpmi")
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
-
-
-def _wpmi_term(rows, *, a, min_prob):
-  return jnp.sum(jnp.log(jax.nn.softmax(a * rows, axis=-1) + min_prob), axis=0)
 
 
 def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=100, a=10.0, lam=1.0,
               min_prob=1e-7, p_start=0.998, p_end=0.97, return_log_likelihood=False):
   """similarity.soft_wpmi(P, A) without P."""
-  membership = tuple(float(p) for p in similarity.soft_wpmi_membership(top_k, p_start,
-                                                                       p_end))
-  term = functools.partial(_soft_wpmi_term, a=a, min_prob=min_prob, membership=membership,
-                           floor=similarity.soft_wpmi_term_floor(p_start, p_end, min_prob))
-  log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
-                                         top_k, term, "soft_wpmi")
+  log_likelihood = _top_k_log_likelihood(
+      image_embeddings, text_embeddings, activations, top_k, a, min_prob, "soft_wpmi",
+      membership=similarity.soft_wpmi_membership(top_k, p_start, p_end),
+      term_floor=similarity.soft_wpmi_term_floor(p_start, p_end, min_prob))
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
-
-
-def _soft_wpmi_term(rows, *, a, min_prob, membership, floor):
-  probs = jax.nn.softmax(a * rows, axis=-1)
-  weights = jnp.asarray(membership, jnp.float32)[:, None]
-  return similarity.sum_of_logs_of_bounded(1.0 + weights * (probs - 1.0) + min_prob,
-                                           floor)
 
 
 def _image_chunks(num_images: int, size: int):
