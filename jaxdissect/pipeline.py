@@ -251,12 +251,15 @@ def _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_info
       [index for p in parts for index in p.skipped])
 
 
-def probe_store_key(config, clip, target, layer_infos, probe_set) -> str:
+def probe_store_key(config, clip, target, layer_infos, probe_set,
+                    clip_hash: str | None = None) -> str:
   """The activation-store key of a probe pass: everything that changes its values
   (weights, computation, layers, pooling, probe files, preprocessing) and nothing that
-  does not (batch size, device count, similarity, output paths)."""
+  does not (batch size, device count, similarity, output paths). clip_hash: the CLIP
+  weights' params_fingerprint, when the caller has it already."""
   return store.fingerprint({
-      "clip": clip.name, "clip_params": targets_lib.params_fingerprint(clip.params),
+      "clip": clip.name,
+      "clip_params": clip_hash or targets_lib.params_fingerprint(clip.params),
       "target": target.name, "target_params": targets_lib.params_fingerprint(
           target.variables),
       "layers": [[i.name, i.path] for i in layer_infos],
@@ -269,9 +272,10 @@ def probe_store_key(config, clip, target, layer_infos, probe_set) -> str:
   })
 
 
-def text_store_key(clip, concepts: Sequence[str]) -> str:
+def text_store_key(clip, concepts: Sequence[str], clip_hash: str | None = None) -> str:
   return store.fingerprint({"clip": clip.name,
-                            "clip_params": targets_lib.params_fingerprint(clip.params),
+                            "clip_params": clip_hash or targets_lib.params_fingerprint(
+                                clip.params),
                             "concepts": list(concepts),
                             "max_text_length": clip.max_text_length})
 
@@ -292,7 +296,9 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   probe_set = probe_lib.ProbeSet(probe_lib.parse_probe_spec(config.d_probe))
   check_enough_images(probe_set.num_images, config.similarity_fn)
 
-  probe_key = probe_store_key(config, clip, target, layer_infos, probe_set)
+  # Hashing every CLIP weight takes seconds for a large model: once for both keys.
+  clip_hash = targets_lib.params_fingerprint(clip.params)
+  probe_key = probe_store_key(config, clip, target, layer_infos, probe_set, clip_hash)
   probe = store.load_probe(config.activation_dir, probe_key)
   if probe is not None:
     logging.info("Probe activations reused from %s (key %s).", config.activation_dir,
@@ -317,7 +323,7 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
                     "skipped_images.txt.", len(skipped))
   check_enough_images(len(probe.image_ids), config.similarity_fn)
 
-  text_key = text_store_key(clip, concepts)
+  text_key = text_store_key(clip, concepts, clip_hash)
   cached_text = store.load_text(config.activation_dir, text_key)
   if cached_text is not None:
     text_embeddings, _ = cached_text
