@@ -84,9 +84,8 @@ def computation_fingerprint(clip: clip_lib.ClipModel, target: targets_lib.Target
   step = make_probe_step(clip, target, layers, pool_mode, token_pool)
 
   def abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
-                                                       if not hasattr(x, "dtype")
-                                                       else x.dtype), tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x)),
+                        tree)
 
   clip_pixels = jax.ShapeDtypeStruct((1, *clip.transform.output_size, 3), np.float32)
   target_pixels = jax.ShapeDtypeStruct((1, *target.transform.output_size, 3), np.float32)
@@ -132,13 +131,10 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
   step = step or make_probe_step(clip, target, layers, pool_mode, token_pool, mesh)
   # Parameters go to the device(s) once; left on the host they would be copied again
   # at every step.
-  if mesh is not None:
-    clip_params = jax.device_put(clip.params, sharding.replicated(mesh))
-    target_variables = jax.device_put(target.variables, sharding.replicated(mesh))
-    pixel_placement = sharding.batch_sharding(mesh)
-  else:
-    clip_params, target_variables = jax.device_put((clip.params, target.variables))
-    pixel_placement = None
+  param_placement = None if mesh is None else sharding.replicated(mesh)
+  pixel_placement = None if mesh is None else sharding.batch_sharding(mesh)
+  clip_params, target_variables = jax.device_put((clip.params, target.variables),
+                                                 param_placement)
   embeddings = np.zeros((num_images, clip.embedding_dim), np.float32)
   activations = {info.name: np.zeros((num_images, info.num_units), np.float32)
                  for info in layers}

@@ -305,11 +305,10 @@ class ProbeSet:
           part = part.filter(
               lambda x: (x["index"] - start) % num_shards == shard_index)
         part = part.map(
-            lambda x, decode=source.decode: {**decode(x), "index": x["index"]},
+            lambda x, decode=source.decode: prepare({**decode(x), "index": x["index"]}),
             num_parallel_calls=parallel, deterministic=True)
         ds = part if ds is None else ds.concatenate(part)
       offset += source.num_images
-    ds = ds.map(prepare, num_parallel_calls=parallel, deterministic=True)
     # A record that cannot be decoded is dropped here; its index never reaches the probe
     # step, which reports it as skipped. Padding without end, cut at num_batches, keeps
     # the batch count (equal on every shard) whatever was dropped.
