@@ -24,6 +24,16 @@ def run_main(*args, check=True, env_extra=None):
   return proc
 
 
+def assert_one_line_error(test, proc, field, context=None):
+  """Exit 2, no traceback, and a last line `error: FIELD: ... Fix: ...`; returns it."""
+  test.assertEqual(proc.returncode, 2, (context, proc.stderr[-2000:]))
+  test.assertNotIn("Traceback", proc.stderr, context)
+  last = proc.stderr.strip().splitlines()[-1]
+  test.assertTrue(last.startswith(f"error: {field}:"), (context, last))
+  test.assertIn("Fix:", last, context)
+  return last
+
+
 def read_csv(path):
   with open(path, newline="", encoding="utf-8") as f:
     return list(csv.reader(f))
@@ -149,12 +159,9 @@ class MainEndToEndTest(absltest.TestCase):
     # The probe folder does not exist: the layer error must come first.
     proc = run_main(*self.args(workdir, target_layers="layer4,nope",
                                d_probe=f"folder:{self.tmp}/missing"), check=False)
-    self.assertEqual(proc.returncode, 2)
-    last = proc.stderr.strip().splitlines()[-1]
-    self.assertTrue(last.startswith("error: target_layers:"), last)
+    last = assert_one_line_error(self, proc, "target_layers")
     self.assertIn("'nope'", last)
     self.assertIn("layer4", last)
-    self.assertNotIn("Traceback", proc.stderr)
 
   def test_config_errors_are_one_line(self):
     bad = os.path.join(self.tmp, "bad_config.py")
@@ -171,11 +178,7 @@ class MainEndToEndTest(absltest.TestCase):
     }
     for field, args in cases.items():
       proc = run_main(*args, check=False)
-      self.assertEqual(proc.returncode, 2, (field, proc.stderr[-2000:]))
-      self.assertNotIn("Traceback", proc.stderr)
-      last = proc.stderr.strip().splitlines()[-1]
-      self.assertTrue(last.startswith(f"error: {field.strip()}:"), last)
-      self.assertIn("Fix:", last)
+      assert_one_line_error(self, proc, field.strip(), field)
 
   def test_bad_images_are_skipped_and_listed_or_an_error(self):
     import shutil  # pylint: disable=g-import-not-at-top
@@ -207,22 +210,16 @@ class MainEndToEndTest(absltest.TestCase):
     self.assertFalse(ids & {"aa_garbage.jpg", "ab_truncated.png"})
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), d_probe=f"folder:{folder}",
                                target_layers="fc", on_bad_image="error"), check=False)
-    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-    last = proc.stderr.strip().splitlines()[-1]
-    self.assertTrue(last.startswith("error: d_probe:"), last)
+    last = assert_one_line_error(self, proc, "d_probe")
     self.assertIn("aa_garbage.jpg", last)
-    self.assertNotIn("Traceback", proc.stderr)
 
   def test_fewer_images_than_top_k_names_the_minimum(self):
     folder = tempfile.mkdtemp(dir=self.tmp)
     tiny_models.write_image_folder(folder, 40)
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), d_probe=f"folder:{folder}"),
                     check=False)
-    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-    last = proc.stderr.strip().splitlines()[-1]
-    self.assertTrue(last.startswith("error: d_probe:"), last)
+    last = assert_one_line_error(self, proc, "d_probe")
     self.assertIn("at least 100", last)
-    self.assertNotIn("Traceback", proc.stderr)
 
   def test_bad_models_and_concept_files_are_one_line_errors(self):
     def write(name, data):
@@ -243,11 +240,7 @@ class MainEndToEndTest(absltest.TestCase):
     }
     for field, overrides in cases.items():
       proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), **overrides), check=False)
-      self.assertEqual(proc.returncode, 2, (field, proc.stderr[-2000:]))
-      self.assertNotIn("Traceback", proc.stderr, field)
-      last = proc.stderr.strip().splitlines()[-1]
-      self.assertTrue(last.startswith(f"error: {field.strip()}:"), (field, last))
-      self.assertIn("Fix:", last)
+      assert_one_line_error(self, proc, field.strip(), field)
 
   def test_list_layers(self):
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp)), "--list_layers")
