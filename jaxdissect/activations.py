@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from jaxdissect import sharding
+from jaxdissect import topk
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import targets as targets_lib
 
@@ -24,45 +25,72 @@ class ProbeActivations:
   activations: layer name -> (num_images, num_units) pooled activations.
   image_ids: (num_images,) ids in global index order.
   skipped: global indices of probe images that could not be decoded (not in the rows).
+  top: layer name -> the running top-k and statistics (global image ids), or {} when
+    not kept (then computed from the activations, see top_for).
   """
   image_embeddings: np.ndarray
   activations: dict[str, np.ndarray]
   image_ids: list[str]
   skipped: list[int] = dataclasses.field(default_factory=list)
+  top: dict[str, topk.RunningTopK] = dataclasses.field(default_factory=dict)
+
+  def top_for(self, layer: str, k: int) -> topk.RunningTopK:
+    """The layer's top-k with ids as rows of `activations` (skipped images removed)."""
+    running = self.top.get(layer)
+    if running is None or running.k < k:
+      # Not kept, or fewer than asked for: from the stored matrix, read in chunks.
+      return topk.from_activations(self.activations[layer], k)
+    return topk.RunningTopK(running.values[:k], topk.rows_of(
+        running.ids[:k].astype(np.int64), self.skipped).astype(np.int32),
+                            running.minimum, running.maximum, running.finite)
 
 
 def make_probe_step(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
                     layers: Sequence[targets_lib.LayerInfo], pool_mode: str,
                     token_pool: str, mesh=None):
-  """jit(clip_params, target_variables, clip_pixels, target_pixels) ->
-  (embeddings (B, dim), {layer name: (B, units)})."""
+  """jit(clip_params, target_variables, clip_pixels, target_pixels, index, mask, state)
+  -> (embeddings (B, dim), {layer name: (B, units)}, state).
+
+  index: (B,) int32 global image indices; mask: (B,) bool, False on padding rows.
+  state: {layer name: topk state}, the running top-k merged with this batch in-graph
+  (donated: it stays on the device between steps).
+  """
   paths = [info.path for info in layers]
   keep = targets_lib.capture_filter(paths)
 
-  def step(clip_params, target_variables, clip_pixels, target_pixels):
+  def step(clip_params, target_variables, clip_pixels, target_pixels, index, mask, state):
     embeddings = clip.image_embeddings(clip_params, clip_pixels)
     _, intermediates = target.forward(target_variables, target_pixels, capture=keep)
-    pooled = {}
+    pooled, new_state = {}, {}
     for info in layers:
       array = targets_lib.get_intermediate(intermediates, info.path)
       pooled[info.name] = targets_lib.pool(array, pool_mode, token_pool).astype(np.float32)
-    return embeddings.astype(np.float32), pooled
+      new_state[info.name] = topk.update_state(state[info.name], pooled[info.name], index,
+                                               mask)
+    return embeddings.astype(np.float32), pooled, new_state
 
   if mesh is None:
-    return jax.jit(step)
+    return jax.jit(step, donate_argnums=6)
   data = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
-  return jax.jit(step, in_shardings=(rep, rep, data, data), out_shardings=data)
+  return jax.jit(step, in_shardings=(rep, rep, data, data, data, data, rep),
+                 out_shardings=(data, data, rep), donate_argnums=6)
+
+
+def initial_state(layers: Sequence[targets_lib.LayerInfo], k: int = topk.RUNNING_TOP_K):
+  return {info.name: topk.empty_state(k, info.num_units) for info in layers}
 
 
 def prefetch_to_device(batches: Iterable[dict], placement=None, size: int = 2):
-  """Yields (batch, clip_pixels, target_pixels) with the pixels already put on the
-  device(s) (`placement`: a sharding, or None for the default device), `size` batches
-  ahead of the consumer."""
+  """Yields (batch, (clip_pixels, target_pixels, index, mask)) with those arrays already
+  put on the device(s) (`placement`: a sharding, or None for the default device), `size`
+  batches ahead of the consumer."""
   queue = collections.deque()
   for batch in batches:
-    queue.append((batch, jax.device_put(batch["clip_pixels"], placement),
-                  jax.device_put(batch["target_pixels"], placement)))
+    queue.append((batch, jax.device_put(
+        (batch["clip_pixels"], batch["target_pixels"],
+         np.asarray(batch["index"], np.int32), np.asarray(batch["mask"], bool)),
+        placement)))
     if len(queue) > size:
       yield queue.popleft()
   while queue:
@@ -90,7 +118,9 @@ def computation_fingerprint(clip: clip_lib.ClipModel, target: targets_lib.Target
   clip_pixels = jax.ShapeDtypeStruct((1, *clip.transform.output_size, 3), np.float32)
   target_pixels = jax.ShapeDtypeStruct((1, *target.transform.output_size, 3), np.float32)
   text = step.lower(abstract(clip.params), abstract(target.variables), clip_pixels,
-                    target_pixels).as_text()
+                    target_pixels, jax.ShapeDtypeStruct((1,), np.int32),
+                    jax.ShapeDtypeStruct((1,), bool),
+                    abstract(initial_state(layers))).as_text()
   return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
@@ -158,20 +188,24 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
   # Dispatch is asynchronous: the next batches are already on the device (prefetch) and
   # a step's outputs are read back only after the next step is dispatched, so decoding,
   # transfer and compute overlap.
+  # Committed from the start, as the step's outputs are: an uncommitted first state
+  # would give the step a second cache entry (a recompile at the second batch).
+  state = jax.device_put(initial_state(layers), param_placement or jax.devices()[0])
   pending = None
-  for batch, clip_pixels, target_pixels in prefetch_to_device(batches, pixel_placement):
-    outputs = step(clip_params, target_variables, clip_pixels, target_pixels)
+  for batch, arrays in prefetch_to_device(batches, pixel_placement):
+    *outputs, state = step(clip_params, target_variables, *arrays, state)
     if pending is not None:
       collect(*pending)
     pending = (batch, outputs)
   if pending is not None:
     collect(*pending)
   logging.info("Probe pass done: %d images at %.1f images/s.", num_images, progress.rate)
+  top = {name: topk.from_state(layer_state) for name, layer_state in state.items()}
   if seen.all():
-    return ProbeActivations(embeddings, activations, image_ids)
+    return ProbeActivations(embeddings, activations, image_ids, top=top)
   # The input pipeline drops images it cannot decode; they leave the rows here.
   skipped = [first_index + int(i) for i in np.flatnonzero(~seen)]
   logging.warning("%d of %d probe image(s) could not be decoded and were skipped.",
                   len(skipped), num_images)
   return ProbeActivations(embeddings[seen], {k: v[seen] for k, v in activations.items()},
-                          [image_ids[i] for i in np.flatnonzero(seen)], skipped)
+                          [image_ids[i] for i in np.flatnonzero(seen)], skipped, top)

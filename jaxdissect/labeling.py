@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxdissect import similarity
 from jaxdissect import streaming
+from jaxdissect import topk as topk_lib
 
 DEAD_LABEL = "<dead>"
 INVALID_LABEL = "<invalid>"
@@ -67,25 +68,46 @@ PRIOR_FUNCTIONS = ("soft_wpmi", "wpmi")
 MIN_UNITS_FOR_PRIOR = 2
 
 
-def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray,
+def _top_images_of_zeroed(top: topk_lib.RunningTopK, top_k: int) -> np.ndarray:
+  """(num_units, top_k) rows: the running top-k, with invalid units given the top-k of
+  an all-zero column (the first rows), as scoring the zeroed matrix would."""
+  ids = top.ids[:top_k].T.copy()
+  ids[top.invalid] = np.arange(top_k, dtype=ids.dtype)
+  return ids
+
+
+def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray | None,
                 chunk_size: int | None = None, *,
-                embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> LayerScores:
+                embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+                top: topk_lib.RunningTopK | None = None) -> LayerScores:
   """Scores (num_units, num_concepts), with dead and invalid units flagged.
 
   concept_activations: P (num_images, num_concepts); or None with embeddings = (image
   embeddings (num_images, dim), text embeddings (num_concepts, dim)), for the streaming
   functions that never hold P.
+  top: the layer's running top-k with ids as rows (ProbeActivations.top_for). With it
+  and embeddings, (soft-)WPMI never reads `activations` (which may then be None or a
+  memmap that stays on disk).
   Non-finite units are zeroed before scoring so they cannot poison the (soft-)WPMI
   prior; dead units stay in it, as in the official method, so live scores are
   unchanged by flagging them.
   """
-  activations = np.asarray(activations, np.float32)
-  invalid = ~np.all(np.isfinite(activations), axis=0)
-  if invalid.any():
-    activations = activations.copy()
-    activations[:, invalid] = 0.0
-  dead = ~invalid & (activations.max(axis=0) == activations.min(axis=0))
   kwargs = {}
+  if (top is not None and embeddings is not None and similarity_fn in PRIOR_FUNCTIONS
+      and top.k >= similarity.default_top_k(similarity_fn)):
+    invalid, dead = top.invalid, top.dead
+    kwargs["top_images"] = _top_images_of_zeroed(
+        top, similarity.default_top_k(similarity_fn))
+    num_units = len(invalid)
+    activations = None
+  else:
+    activations = np.asarray(activations, np.float32)
+    invalid = ~np.all(np.isfinite(activations), axis=0)
+    if invalid.any():
+      activations = activations.copy()
+      activations[:, invalid] = 0.0
+    dead = ~invalid & (activations.max(axis=0) == activations.min(axis=0))
+    num_units = activations.shape[1]
   if embeddings is not None:
     fn = functools.partial(streaming.FUNCTIONS[similarity_fn], *embeddings)
   else:
@@ -95,11 +117,11 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
       kwargs["chunk_size"] = chunk_size
   if similarity_fn not in PRIOR_FUNCTIONS:
     return LayerScores(np.asarray(fn(activations, **kwargs)), dead, invalid)
-  if activations.shape[1] < MIN_UNITS_FOR_PRIOR:
+  if num_units < MIN_UNITS_FOR_PRIOR:
     logging.warning("%s estimates each concept's prior from the other units of the layer; "
                     "this layer has %d unit(s), so every score is %s and the label "
                     "means little. Dissect it together with other units, or use "
-                    "cos_similarity.", similarity_fn, activations.shape[1],
+                    "cos_similarity.", similarity_fn, num_units,
                     "0" if similarity_fn == "soft_wpmi" else "(1 - lam) L")
   scores, log_likelihood = fn(activations, return_log_likelihood=True, **kwargs)
   return LayerScores(np.asarray(scores), dead, invalid,
@@ -122,21 +144,29 @@ def _order_with_ties(scores: np.ndarray, tiebreak: np.ndarray | None,
   return ids, np.take_along_axis(scores, ids, axis=1)
 
 
-def label_units(scores: np.ndarray, activations: np.ndarray, concepts: Sequence[str],
-                dead: np.ndarray, invalid: np.ndarray, num_alternatives: int = 5,
-                num_top_images: int = 10, tiebreak: np.ndarray | None = None
-                ) -> LayerLabels:
-  """Labels from scores (num_units, num_concepts) and activations (num_images, num_units).
+def label_units(scores: np.ndarray, activations: np.ndarray | None,
+                concepts: Sequence[str], dead: np.ndarray, invalid: np.ndarray,
+                num_alternatives: int = 5, num_top_images: int = 10,
+                tiebreak: np.ndarray | None = None,
+                top: topk_lib.RunningTopK | None = None) -> LayerLabels:
+  """Labels from scores (num_units, num_concepts) and activations (num_images, num_units)
+  or, instead of activations, the running top-k `top` (ids as rows, k >= the number of
+  top images listed).
 
   Equal scores are ordered by tiebreak (larger first) where given, then by the lower
   concept index; equal activations by the lower image index.
   """
   scores = np.asarray(scores)
   num_alternatives = min(num_alternatives, scores.shape[1])
-  num_top_images = min(num_top_images, activations.shape[0])
   alt_ids, alt_scores = _order_with_ties(scores, tiebreak, num_alternatives)
-  clean = np.where(np.isfinite(activations), activations, -np.inf).astype(np.float32)
-  top_values, top_ids = similarity.top_activations(clean, num_top_images)
+  if top is not None:
+    seen = int(np.sum(top.ids[:, 0] != topk_lib.EMPTY_ID)) if top.ids.size else 0
+    num_top_images = min(num_top_images, top.k, seen)
+    top_values, top_ids = top.values[:num_top_images].T, top.ids[:num_top_images].T
+  else:
+    num_top_images = min(num_top_images, activations.shape[0])
+    clean = np.where(np.isfinite(activations), activations, -np.inf).astype(np.float32)
+    top_values, top_ids = similarity.top_activations(clean, num_top_images)
   labels = [concepts[i] for i in alt_ids[:, 0]]
   for unit in np.flatnonzero(dead):
     labels[unit] = DEAD_LABEL

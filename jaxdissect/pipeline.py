@@ -117,20 +117,25 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
                                   similarity_fn) from None
     embeddings = None
   layers, scores = {}, {}
+  top_k = max(num_top_images, similarity.default_top_k(similarity_fn)
+              if similarity_fn in labeling.PRIOR_FUNCTIONS else 0)
   for name, acts in probe.activations.items():
+    # The probe pass's running top-k: (soft-)WPMI and the listed top images need
+    # nothing else of the (num_images, num_units) matrix.
+    top = probe.top_for(name, min(top_k, num_images))
     try:
       scored = labeling.score_layer(similarity_fn, concept_activations, acts,
-                                    neuron_chunk_size, embeddings=embeddings)
+                                    neuron_chunk_size, embeddings=embeddings, top=top)
     except (MemoryError, jax.errors.JaxRuntimeError) as err:
       raise _matrix_out_of_memory(err, f"scoring layer {name} with P", num_images,
                                   num_concepts, similarity_fn) from None
-    layers[name] = labeling.label_units(scored.scores, acts, concepts, scored.dead,
+    layers[name] = labeling.label_units(scored.scores, None, concepts, scored.dead,
                                         scored.invalid, num_alternatives, num_top_images,
-                                        tiebreak=scored.tiebreak)
+                                        tiebreak=scored.tiebreak, top=top)
     if keep_scores:
       scores[name] = scored.scores
     logging.info("Layer %s: %d units labelled with %s (%d distinct labels).", name,
-                 acts.shape[1], similarity_fn, len(set(layers[name].labels)))
+                 layers[name].num_units, similarity_fn, len(set(layers[name].labels)))
   return results_lib.DissectionResult(list(concepts), list(probe.image_ids), layers, scores)
 
 
@@ -218,37 +223,38 @@ def probe_chunks(num_images: int, chunk_images: int, batch_size: int) -> list[tu
   return [(start, min(start + size, num_images)) for start in range(0, num_images, size)]
 
 
-def _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos, mesh
-                          ) -> activations_lib.ProbeActivations:
+def _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos, mesh,
+                          meta) -> activations_lib.ProbeActivations:
   """The probe pass in chunks, each saved atomically as it finishes; chunks saved by an
-  earlier (killed) run with the same key are reused, not recomputed."""
+  earlier (killed) run with the same key are reused, not recomputed. The chunks are then
+  assembled into the store entry, which is returned memory-mapped."""
   chunks = probe_chunks(probe_set.num_images, config.probe_chunk_images, config.batch_size)
   step = activations_lib.make_probe_step(clip, target, layer_infos, config.pool_mode,
                                          config.token_pool, mesh)
-  parts, reused = [], 0
+  reused = 0
   for number, (start, stop) in enumerate(chunks, 1):
-    part = store.load_probe_chunk(config.activation_dir, probe_key, start, stop)
-    if part is not None:
+    if store.load_probe_chunk(config.activation_dir, probe_key, start, stop,
+                              mmap=True) is not None:
       reused += 1
-    else:
-      batches = probe_set.batches(clip.transform, target.transform, config.batch_size,
-                                  config.num_decode_threads, start=start, stop=stop)
-      part = activations_lib.run_probe_pass(
-          clip, target, layer_infos, batches, stop - start, config.pool_mode,
-          config.token_pool, mesh, config.log_every_s, first_index=start, step=step)
-      store.save_probe_chunk(config.activation_dir, probe_key, start, stop, part)
-      logging.info("Probe chunk %d/%d saved (images %d..%d).", number, len(chunks), start,
-                   stop - 1)
-    parts.append(part)
+      continue
+    batches = probe_set.batches(clip.transform, target.transform, config.batch_size,
+                                config.num_decode_threads, start=start, stop=stop)
+    part = activations_lib.run_probe_pass(
+        clip, target, layer_infos, batches, stop - start, config.pool_mode,
+        config.token_pool, mesh, config.log_every_s, first_index=start, step=step)
+    if store.save_probe_chunk(config.activation_dir, probe_key, start, stop,
+                              part) is None:
+      finished = store.load_probe(config.activation_dir, probe_key, mmap=True)
+      if finished is not None:  # another run sharing the store finished the pass
+        return finished
+      raise errors.UserError("activation_dir", f"cannot save probe chunks under "
+                             f"{config.activation_dir}.", "give a writable activation_dir.")
+    logging.info("Probe chunk %d/%d saved (images %d..%d).", number, len(chunks), start,
+                 stop - 1)
   if reused:
     logging.info("Probe pass: %d of %d chunk(s) reused from an earlier run, %d computed.",
                  reused, len(chunks), len(chunks) - reused)
-  return activations_lib.ProbeActivations(
-      np.concatenate([p.image_embeddings for p in parts]),
-      {info.name: np.concatenate([p.activations[info.name] for p in parts])
-       for info in layer_infos},
-      [image_id for p in parts for image_id in p.image_ids],
-      [index for p in parts for index in p.skipped])
+  return store.assemble_probe(config.activation_dir, probe_key, chunks, meta)
 
 
 def probe_store_key(config, clip, target, layer_infos, probe_set,
@@ -299,16 +305,15 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   # Hashing every CLIP weight takes seconds for a large model: once for both keys.
   clip_hash = targets_lib.params_fingerprint(clip.params)
   probe_key = probe_store_key(config, clip, target, layer_infos, probe_set, clip_hash)
-  probe = store.load_probe(config.activation_dir, probe_key)
+  # Memory-mapped: the (num_images, ...) arrays are read from disk as they are used.
+  probe = store.load_probe(config.activation_dir, probe_key, mmap=True)
   if probe is not None:
     logging.info("Probe activations reused from %s (key %s).", config.activation_dir,
                  probe_key)
   else:
     probe = _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos,
-                                  mesh)
-    store.save_probe(config.activation_dir, probe_key, probe,
-                     {"clip": clip.name, "target": target.name,
-                      "num_images": probe_set.num_images})
+                                  mesh, {"clip": clip.name, "target": target.name,
+                                         "num_images": probe_set.num_images})
     store.remove_probe_chunks(config.activation_dir, probe_key)
 
   skipped = [(i, probe_set.describe(i)) for i in probe.skipped]

@@ -345,6 +345,11 @@ SIMILARITY_FUNCTIONS: dict[str, Callable] = {
 }
 
 
+def default_top_k(similarity_fn: str) -> int:
+  """The top_k default of soft_wpmi / wpmi (the images per neuron they read)."""
+  return {"soft_wpmi": 100, "wpmi": 28}[similarity_fn]
+
+
 def min_images(similarity_fn: str) -> int:
   """The fewest probe images a similarity function accepts with its defaults."""
   return {"soft_wpmi": 100, "wpmi": 28, "rank_reorder": 40, "cos_similarity": 2,

@@ -1,7 +1,8 @@
 """The activation store: probe activations and text embeddings keyed by a fingerprint.
 
 Layout under activation_dir:
-  probe-<key>/manifest.json, image_embeddings.npy, image_ids.json, layer-<i>.npy
+  probe-<key>/manifest.json, image_embeddings.npy, image_ids.json, layer-<i>.npy,
+      top-<i>-{values,ids,minimum,maximum,finite}.npy (the running top-k of layer i)
   partial-<key>/chunk-<start>-<stop>/ the same files for the images start..stop-1,
       saved while the probe pass runs and deleted once probe-<key> is written
   text-<key>/manifest.json, text_embeddings.npy, concepts.json
@@ -22,8 +23,10 @@ from absl import logging
 import numpy as np
 
 from jaxdissect import activations as activations_lib
+from jaxdissect import topk as topk_lib
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+TOP_FIELDS = ("values", "ids", "minimum", "maximum", "finite")
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -40,9 +43,13 @@ def _sha256_file(path: str) -> str:
   return digest.hexdigest()
 
 
-def _write_entry(root: str, name: str, arrays: dict[str, np.ndarray],
+def _write_entry(root: str, name: str, arrays: dict[str, Any],
                  jsons: dict[str, Any], meta: dict[str, Any]) -> str:
-  """Writes files into a temp dir beside the entry, then renames it into place."""
+  """Writes files into a temp dir beside the entry, then renames it into place.
+
+  arrays: file name -> an array, or a callable writer(path) that writes the .npy file
+  itself (to stream an array too large for memory).
+  """
   os.makedirs(root, exist_ok=True)
   final = os.path.join(root, name)
   tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
@@ -50,7 +57,10 @@ def _write_entry(root: str, name: str, arrays: dict[str, np.ndarray],
     files = {}
     for filename, array in arrays.items():
       path = os.path.join(tmp, filename)
-      np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+      if callable(array):
+        array(path)
+      else:
+        np.save(path, np.ascontiguousarray(array), allow_pickle=False)
       files[filename] = _sha256_file(path)
     for filename, value in jsons.items():
       path = os.path.join(tmp, filename)
@@ -98,9 +108,15 @@ def _save_probe_entry(root: str, name: str, probe: activations_lib.ProbeActivati
   arrays = {"image_embeddings.npy": probe.image_embeddings}
   for i, layer in enumerate(layer_names):
     arrays[f"layer-{i}.npy"] = probe.activations[layer]
+    if layer in probe.top:
+      arrays.update(_top_arrays(i, probe.top[layer]))
   return _write_entry(root, name, arrays, {"image_ids.json": probe.image_ids,
                                            "skipped.json": probe.skipped},
                       {"layers": layer_names, **meta})
+
+
+def _top_arrays(i: int, top: topk_lib.RunningTopK) -> dict[str, np.ndarray]:
+  return {f"top-{i}-{field}.npy": getattr(top, field) for field in TOP_FIELDS}
 
 
 def save_probe(root: str, key: str, probe: activations_lib.ProbeActivations,
@@ -108,8 +124,9 @@ def save_probe(root: str, key: str, probe: activations_lib.ProbeActivations,
   return _save_probe_entry(root, f"probe-{key}", probe, meta)
 
 
-def load_probe(root: str, key: str) -> activations_lib.ProbeActivations | None:
-  return _load_probe_entry(root, f"probe-{key}")
+def load_probe(root: str, key: str,
+               mmap: bool = False) -> activations_lib.ProbeActivations | None:
+  return _load_probe_entry(root, f"probe-{key}", mmap)
 
 
 def _chunk_root(root: str, key: str) -> str:
@@ -129,30 +146,87 @@ def save_probe_chunk(root: str, key: str, start: int, stop: int,
     return None
 
 
-def load_probe_chunk(root: str, key: str, start: int,
-                     stop: int) -> activations_lib.ProbeActivations | None:
-  return _load_probe_entry(_chunk_root(root, key), f"chunk-{start:012d}-{stop:012d}")
+def load_probe_chunk(root: str, key: str, start: int, stop: int,
+                     mmap: bool = False) -> activations_lib.ProbeActivations | None:
+  return _load_probe_entry(_chunk_root(root, key), f"chunk-{start:012d}-{stop:012d}",
+                           mmap)
 
 
 def remove_probe_chunks(root: str, key: str) -> None:
   shutil.rmtree(_chunk_root(root, key), ignore_errors=True)
 
 
-def _load_probe_entry(root: str, name: str) -> activations_lib.ProbeActivations | None:
+def _load_probe_entry(root: str, name: str,
+                      mmap: bool = False) -> activations_lib.ProbeActivations | None:
+  """mmap: the (num_images, ...) arrays stay on disk (np.memmap), read as they are used."""
   found = _read_entry(root, name)
   if found is None:
     return None
   entry, manifest = found
-  embeddings = np.load(os.path.join(entry, "image_embeddings.npy"))
-  layers = {name: np.load(os.path.join(entry, f"layer-{i}.npy"))
+  mode = "r" if mmap else None
+  embeddings = np.load(os.path.join(entry, "image_embeddings.npy"), mmap_mode=mode)
+  layers = {name: np.load(os.path.join(entry, f"layer-{i}.npy"), mmap_mode=mode)
             for i, name in enumerate(manifest["layers"])}
+  top = {}
+  for i, layer in enumerate(manifest["layers"]):
+    if f"top-{i}-ids.npy" in manifest["files"]:
+      top[layer] = topk_lib.RunningTopK(**{
+          field: np.load(os.path.join(entry, f"top-{i}-{field}.npy"))
+          for field in TOP_FIELDS})
   with open(os.path.join(entry, "image_ids.json"), encoding="utf-8") as f:
     image_ids = json.load(f)
   skipped = []
   if "skipped.json" in manifest["files"]:
     with open(os.path.join(entry, "skipped.json"), encoding="utf-8") as f:
       skipped = json.load(f)
-  return activations_lib.ProbeActivations(embeddings, layers, image_ids, skipped)
+  return activations_lib.ProbeActivations(embeddings, layers, image_ids, skipped, top)
+
+
+def assemble_probe(root: str, key: str, chunks: list[tuple[int, int]],
+                   meta: dict[str, Any]) -> activations_lib.ProbeActivations:
+  """Writes probe-<key> from its saved chunks, one chunk in memory at a time, and
+  returns it memory-mapped: a million-image pass never holds its matrices in RAM.
+  Every chunk must be saved (save_probe_chunk) before."""
+  existing = _load_probe_entry(root, f"probe-{key}", mmap=True)
+  if existing is not None:  # another run sharing the store assembled it first
+    return existing
+
+  def chunk(start, stop):
+    part = _load_probe_entry(_chunk_root(root, key), f"chunk-{start:012d}-{stop:012d}",
+                             mmap=True)
+    if part is None:
+      raise FileNotFoundError(f"chunk {start}..{stop - 1} of probe-{key} is missing.")
+    return part
+
+  # Each chunk is verified once and memory-mapped; the writers read it from there.
+  parts = [chunk(start, stop) for start, stop in chunks]
+  layer_names = list(parts[0].activations)
+  image_ids = [image_id for part in parts for image_id in part.image_ids]
+  skipped = [index for part in parts for index in part.skipped]
+  num_rows = len(image_ids)
+
+  def writer(get):
+    """A writer that copies one array of every chunk into one .npy, in order."""
+    def write(path):
+      out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                      shape=(num_rows, *get(parts[0]).shape[1:]))
+      row = 0
+      for part in parts:
+        block = get(part)
+        out[row:row + len(block)] = block
+        row += len(block)
+      out.flush()
+      del out
+    return write
+
+  arrays = {"image_embeddings.npy": writer(lambda p: p.image_embeddings)}
+  for i, name in enumerate(layer_names):
+    arrays[f"layer-{i}.npy"] = writer(lambda p, name=name: p.activations[name])
+    arrays.update(_top_arrays(i, topk_lib.merge([part.top[name] for part in parts])))
+  _write_entry(root, f"probe-{key}", arrays, {"image_ids.json": image_ids,
+                                               "skipped.json": skipped},
+               {"layers": layer_names, **meta})
+  return _load_probe_entry(root, f"probe-{key}", mmap=True)
 
 
 def save_text(root: str, key: str, embeddings: np.ndarray, concepts: list[str],

@@ -51,28 +51,49 @@ def _check(image_embeddings, text_embeddings, activations, name):
 
 
 def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k, a,
-                          min_prob, name, membership=None, term_floor=None):
+                          min_prob, name, membership=None, term_floor=None,
+                          top_images=None):
   """L (num_neurons, num_concepts): for each neuron, the sum over its top_k images of
   log(S + min_prob) (wpmi; membership None) or log(1 + p_j (S - 1) + min_prob)
-  (soft_wpmi), S = softmax(a P) at those images, recomputed per chunk of neurons."""
-  _check(image_embeddings, text_embeddings, activations, name)
-  num_images, num_concepts = activations.shape[0], text_embeddings.shape[0]
-  similarity._check_top_k(top_k, num_images, name)  # pylint: disable=protected-access
+  (soft_wpmi), S = softmax(a P) at those images, recomputed per chunk of neurons.
+
+  top_images: (num_neurons, >= top_k) image rows, highest activation first (the probe
+  pass's running top-k); when given, activations is not read (it may be None).
+  """
+  num_images = image_embeddings.shape[0]
+  if top_images is None:
+    _check(image_embeddings, text_embeddings, activations, name)
+    similarity._check_top_k(top_k, num_images, name)  # pylint: disable=protected-access
+    _, top_images = similarity.top_activations(jnp.asarray(activations, jnp.float32),
+                                               top_k)
+  else:
+    similarity._check_top_k(top_k, num_images, name)  # pylint: disable=protected-access
+    if top_images.shape[1] < top_k:
+      raise ValueError(f"{name}: top_images has {top_images.shape[1]} images per neuron, "
+                       f"fewer than top_k={top_k}.")
+  top_images = np.asarray(top_images)[:, :top_k]
+  # Only the rows of the top images are read: a memmap of a million embeddings stays
+  # on disk, and the device gets at most num_neurons x top_k rows.
+  rows, local_ids = np.unique(top_images, return_inverse=True)
+  if rows.size and (rows[0] < 0 or rows[-1] >= num_images):
+    raise ValueError(f"{name}: top_images holds rows outside 0..{num_images - 1}.")
+  images = np.asarray(image_embeddings[rows], np.float32)
+  num_concepts = text_embeddings.shape[0]
+  if images.shape[1] != text_embeddings.shape[1]:
+    raise ValueError(f"{name}: image and text embeddings differ in width "
+                     f"({images.shape[1]} vs {text_embeddings.shape[1]}).")
   soft = membership is not None
   return _top_k_log_likelihood_jit(
-      _normalise(image_embeddings), _normalise(text_embeddings),
-      jnp.asarray(activations, jnp.float32),
+      _normalise(images), _normalise(text_embeddings),
+      jnp.asarray(local_ids.reshape(top_images.shape), jnp.int32),
       jnp.asarray(membership if soft else np.ones(top_k), jnp.float32), a, min_prob,
-      soft=soft, top_k=top_k, chunk=_neuron_chunk(top_k, num_concepts),
-      term_floor=term_floor)
+      soft=soft, chunk=_neuron_chunk(top_k, num_concepts), term_floor=term_floor)
 
 
 # Only hashable settings are static, so layers of equal shapes share one compilation.
-@functools.partial(jax.jit, static_argnames=("soft", "top_k", "chunk", "term_floor"))
-def _top_k_log_likelihood_jit(images, texts, activations, membership, a, min_prob, *,
-                              soft, top_k, chunk, term_floor):
-  _, top_images = similarity.top_activations(activations, top_k)
-
+@functools.partial(jax.jit, static_argnames=("soft", "chunk", "term_floor"))
+def _top_k_log_likelihood_jit(images, texts, top_images, membership, a, min_prob, *,
+                              soft, chunk, term_floor):
   def neuron(image_ids):  # (top_k,) -> (num_concepts,)
     probs = jax.nn.softmax(a * _rows(images[image_ids], texts), axis=-1)
     if soft:
@@ -84,21 +105,26 @@ def _top_k_log_likelihood_jit(images, texts, activations, membership, a, min_pro
 
 
 def wpmi(image_embeddings, text_embeddings, activations, top_k=28, a=2.0, lam=0.6,
-         min_prob=1e-7, return_log_likelihood=False):
-  """similarity.wpmi(P, A) without P."""
+         min_prob=1e-7, return_log_likelihood=False, top_images=None):
+  """similarity.wpmi(P, A) without P. image_embeddings: (num_images, dim), may be a
+  memmap; top_images: see _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
-                                         top_k, a, min_prob, "wpmi")
+                                         top_k, a, min_prob, "wpmi",
+                                         top_images=top_images)
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
 def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=100, a=10.0, lam=1.0,
-              min_prob=1e-7, p_start=0.998, p_end=0.97, return_log_likelihood=False):
-  """similarity.soft_wpmi(P, A) without P."""
+              min_prob=1e-7, p_start=0.998, p_end=0.97, return_log_likelihood=False,
+              top_images=None):
+  """similarity.soft_wpmi(P, A) without P. image_embeddings: (num_images, dim), may be
+  a memmap; top_images: see _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(
       image_embeddings, text_embeddings, activations, top_k, a, min_prob, "soft_wpmi",
       membership=similarity.soft_wpmi_membership(top_k, p_start, p_end),
-      term_floor=similarity.soft_wpmi_term_floor(p_start, p_end, min_prob))
+      term_floor=similarity.soft_wpmi_term_floor(p_start, p_end, min_prob),
+      top_images=top_images)
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
 

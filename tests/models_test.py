@@ -60,8 +60,9 @@ class ModelsTest(parameterized.TestCase):
     size = target.transform.output_size
     target_pixels = rng.standard_normal((3, *size, 3)).astype(np.float32)
     clip_pixels = rng.standard_normal((3, 32, 32, 3)).astype(np.float32)
-    embeddings, pooled = step(self.clip.params, target.variables, clip_pixels,
-                              target_pixels)
+    embeddings, pooled, _ = step(self.clip.params, target.variables, clip_pixels,
+                                 target_pixels, np.arange(3, dtype=np.int32),
+                                 np.ones(3, bool), activations.initial_state(infos))
     return infos, target_pixels, np.asarray(embeddings), pooled
 
   @parameterized.product(kind=["basic", "bottleneck"], pool_mode=["avg", "max"])

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 from jaxdissect import errors
 from jaxdissect import tiny_models
+from jaxdissect import topk
 from jaxdissect.data import preprocessing
 from jaxdissect.data import probe
 
@@ -145,6 +146,12 @@ class ProbeTest(absltest.TestCase):
           clip, target, layers, probe_set.batches(clip.transform, target.transform, 4), 23)
       np.testing.assert_allclose(np.concatenate([p.activations["fc"] for p in parts]),
                                  whole.activations["fc"], rtol=1e-5, atol=1e-6)
+      # The running top-k kept in-graph, merged over chunks, is the top-k of the matrix.
+      merged = topk.merge([p.top["layer2"] for p in parts])
+      expected = topk.from_activations(whole.activations["layer2"], topk.RUNNING_TOP_K)
+      np.testing.assert_array_equal(merged.ids, expected.ids)
+      np.testing.assert_array_equal(merged.ids, whole.top["layer2"].ids)
+      self.assertEqual(int(np.sum(merged.ids != topk.EMPTY_ID)), 23 * merged.ids.shape[1])
 
   def test_tfds_source_reads_split_with_keys(self):
     with tempfile.TemporaryDirectory() as tmp:
