@@ -79,7 +79,7 @@ def _top_images_of_zeroed(top: topk_lib.RunningTopK, top_k: int) -> np.ndarray:
 def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray | None,
                 chunk_size: int | None = None, *,
                 embeddings: tuple[np.ndarray, np.ndarray] | None = None,
-                top: topk_lib.RunningTopK | None = None) -> LayerScores:
+                top: topk_lib.RunningTopK | None = None, mesh=None) -> LayerScores:
   """Scores (num_units, num_concepts), with dead and invalid units flagged.
 
   concept_activations: P (num_images, num_concepts); or None with embeddings = (image
@@ -88,6 +88,7 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
   top: the layer's running top-k with ids as rows (ProbeActivations.top_for). With it
   and embeddings, (soft-)WPMI never reads `activations` (which may then be None or a
   memmap that stays on disk).
+  mesh: with embeddings, the neurons are split over its devices.
   Non-finite units are zeroed before scoring so they cannot poison the (soft-)WPMI
   prior; dead units stay in it, as in the official method, so live scores are
   unchanged by flagging them.
@@ -109,7 +110,7 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
     dead = ~invalid & (activations.max(axis=0) == activations.min(axis=0))
     num_units = activations.shape[1]
   if embeddings is not None:
-    fn = functools.partial(streaming.FUNCTIONS[similarity_fn], *embeddings)
+    fn = functools.partial(streaming.FUNCTIONS[similarity_fn], *embeddings, mesh=mesh)
   else:
     fn = functools.partial(similarity.SIMILARITY_FUNCTIONS[similarity_fn],
                            concept_activations)

@@ -90,13 +90,15 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
                 num_alternatives: int = 5, num_top_images: int = 10,
                 neuron_chunk_size: int | None = None,
                 keep_scores: bool = False,
-                concept_matrix_max_gb: float = DEFAULT_CONCEPT_MATRIX_MAX_GB
-                ) -> results_lib.DissectionResult:
+                concept_matrix_max_gb: float = DEFAULT_CONCEPT_MATRIX_MAX_GB,
+                mesh=None) -> results_lib.DissectionResult:
   """Similarity and labels for every layer of a probe pass.
 
   P (num_images x num_concepts) is held in memory only while it takes at most
   concept_matrix_max_gb; beyond that the streaming functions compute what they need of
-  it from the embeddings (rank_reorder has no streaming form and always holds P).
+  it from the embeddings (rank_reorder has no streaming form and always holds P), with
+  the neurons split over the devices of `mesh`. Which path is taken depends on the sizes
+  only, never on the device count, so the labels are the same on any number of devices.
   """
   num_images, num_concepts = len(probe.image_embeddings), len(text_embeddings)
   matrix_gb = num_images * num_concepts * 4 / 2**30
@@ -125,7 +127,8 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
     top = probe.top_for(name, min(top_k, num_images))
     try:
       scored = labeling.score_layer(similarity_fn, concept_activations, acts,
-                                    neuron_chunk_size, embeddings=embeddings, top=top)
+                                    neuron_chunk_size, embeddings=embeddings, top=top,
+                                    mesh=mesh if stream else None)
     except (MemoryError, jax.errors.JaxRuntimeError) as err:
       raise _matrix_out_of_memory(err, f"scoring layer {name} with P", num_images,
                                   num_concepts, similarity_fn) from None
@@ -344,7 +347,7 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   result = label_probe(probe, text_embeddings, concepts, config.similarity_fn,
                        config.num_alternatives, config.num_top_images,
                        config.neuron_chunk_size or None,
-                       concept_matrix_max_gb=config.concept_matrix_max_gb)
+                       concept_matrix_max_gb=config.concept_matrix_max_gb, mesh=mesh)
   truths = {info.name: truth for info in layer_infos
             if (truth := target.truth_for(info)) is not None}
   evaluation = None

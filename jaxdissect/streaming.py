@@ -13,12 +13,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec
 import numpy as np
 
+from jaxdissect import sharding
 from jaxdissect import similarity
 
 # Bytes of temporaries a chunk (of neurons or of images) may take.
 CHUNK_BUDGET_BYTES = 256 * 2**20
+# Neurons per vectorised step of (soft-)WPMI at most: bounds the padding of small layers.
+MAX_NEURON_CHUNK = 32
 STREAMING_FUNCTIONS = ("soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed")
 
 
@@ -52,13 +57,16 @@ def _check(image_embeddings, text_embeddings, activations, name):
 
 def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k, a,
                           min_prob, name, membership=None, term_floor=None,
-                          top_images=None):
+                          top_images=None, mesh: Mesh | None = None):
   """L (num_neurons, num_concepts): for each neuron, the sum over its top_k images of
   log(S + min_prob) (wpmi; membership None) or log(1 + p_j (S - 1) + min_prob)
   (soft_wpmi), S = softmax(a P) at those images, recomputed per chunk of neurons.
 
   top_images: (num_neurons, >= top_k) image rows, highest activation first (the probe
   pass's running top-k); when given, activations is not read (it may be None).
+  mesh: shard the neurons over its devices (embeddings replicated). Each neuron's row
+  of L is computed by the same code on any device count, so L is bit-identical to the
+  unsharded one.
   """
   num_images = image_embeddings.shape[0]
   if top_images is None:
@@ -83,17 +91,30 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
     raise ValueError(f"{name}: image and text embeddings differ in width "
                      f"({images.shape[1]} vs {text_embeddings.shape[1]}).")
   soft = membership is not None
-  return _top_k_log_likelihood_jit(
-      _normalise(images), _normalise(text_embeddings),
-      jnp.asarray(local_ids.reshape(top_images.shape), jnp.int32),
-      jnp.asarray(membership if soft else np.ones(top_k), jnp.float32), a, min_prob,
-      soft=soft, chunk=_neuron_chunk(top_k, num_concepts), term_floor=term_floor)
+  top_images = local_ids.reshape(top_images.shape).astype(np.int32)
+  num_neurons = top_images.shape[0]
+  devices = 1 if mesh is None else mesh.devices.size
+  # Every vectorised step has the same shape on any device count: (chunk, top_k, ...)
+  # with chunk independent of the mesh, the neurons padded (copies of neuron 0, dropped
+  # below) to whole chunks on every device. Then L is bit-identical however it is split.
+  chunk = min(_neuron_chunk(top_k, num_concepts), MAX_NEURON_CHUNK)
+  padded = -(-num_neurons // (devices * chunk)) * devices * chunk
+  top_images = np.concatenate([top_images, np.repeat(top_images[:1],
+                                                     padded - num_neurons, axis=0)])
+  args = (_normalise(images), _normalise(text_embeddings), jnp.asarray(top_images),
+          jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
+          jnp.float32(a), jnp.float32(min_prob))
+  if devices == 1:
+    out = _top_k_log_likelihood_jit(*args, soft=soft, chunk=chunk, term_floor=term_floor)
+    return out[:num_neurons]
+  out = _sharded_log_likelihood(mesh, soft, chunk, term_floor)(*args)
+  # Gathered to the host: the prior (a logsumexp over all neurons) is then computed as
+  # in the unsharded case, so sharding cannot change a single bit of the scores.
+  return np.asarray(out)[:num_neurons]
 
 
-# Only hashable settings are static, so layers of equal shapes share one compilation.
-@functools.partial(jax.jit, static_argnames=("soft", "chunk", "term_floor"))
-def _top_k_log_likelihood_jit(images, texts, top_images, membership, a, min_prob, *,
-                              soft, chunk, term_floor):
+def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, *,
+                            soft, chunk, term_floor):
   def neuron(image_ids):  # (top_k,) -> (num_concepts,)
     probs = jax.nn.softmax(a * _rows(images[image_ids], texts), axis=-1)
     if soft:
@@ -104,27 +125,44 @@ def _top_k_log_likelihood_jit(images, texts, top_images, membership, a, min_prob
   return jax.lax.map(neuron, top_images, batch_size=chunk)
 
 
+# Only hashable settings are static, so layers of equal shapes share one compilation.
+_top_k_log_likelihood_jit = jax.jit(_neurons_log_likelihood,
+                                    static_argnames=("soft", "chunk", "term_floor"))
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_log_likelihood(mesh, soft, chunk, term_floor):
+  """jit(shard_map(...)): top_images split over the mesh axis, the rest replicated."""
+  replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
+  body = functools.partial(_neurons_log_likelihood, soft=soft, chunk=chunk,
+                           term_floor=term_floor)
+  return jax.jit(jax.shard_map(
+      body, mesh=mesh, in_specs=(replicated, replicated, split, replicated, replicated,
+                                 replicated),
+      out_specs=split))
+
+
 def wpmi(image_embeddings, text_embeddings, activations, top_k=28, a=2.0, lam=0.6,
-         min_prob=1e-7, return_log_likelihood=False, top_images=None):
+         min_prob=1e-7, return_log_likelihood=False, top_images=None, mesh=None):
   """similarity.wpmi(P, A) without P. image_embeddings: (num_images, dim), may be a
-  memmap; top_images: see _top_k_log_likelihood."""
+  memmap; top_images, mesh: see _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
                                          top_k, a, min_prob, "wpmi",
-                                         top_images=top_images)
+                                         top_images=top_images, mesh=mesh)
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
 def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=100, a=10.0, lam=1.0,
               min_prob=1e-7, p_start=0.998, p_end=0.97, return_log_likelihood=False,
-              top_images=None):
+              top_images=None, mesh=None):
   """similarity.soft_wpmi(P, A) without P. image_embeddings: (num_images, dim), may be
-  a memmap; top_images: see _top_k_log_likelihood."""
+  a memmap; top_images, mesh: see _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(
       image_embeddings, text_embeddings, activations, top_k, a, min_prob, "soft_wpmi",
       membership=similarity.soft_wpmi_membership(top_k, p_start, p_end),
       term_floor=similarity.soft_wpmi_term_floor(p_start, p_end, min_prob),
-      top_images=top_images)
+      top_images=top_images, mesh=mesh)
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
 
@@ -133,37 +171,71 @@ def _image_chunks(num_images: int, size: int):
   return [(start, min(start + size, num_images)) for start in range(0, num_images, size)]
 
 
-def cos_similarity(image_embeddings, text_embeddings, activations):
+def _neuron_columns(activations, mesh):
+  """Pads the neuron columns to a multiple of the mesh's devices; returns (padded,
+  original count)."""
+  num_neurons = activations.shape[1]
+  devices = 1 if mesh is None else mesh.devices.size
+  padded = -(-num_neurons // devices) * devices
+  if padded > num_neurons:
+    activations = jnp.pad(activations, ((0, 0), (0, padded - num_neurons)))
+  return activations, num_neurons
+
+
+def _accumulate(step, mesh, carry, images, texts, columns, *extra):
+  """One image chunk of a cosine: unsharded, or with the neuron columns (and the carried
+  (neurons, concepts) cross products) split over the mesh."""
+  if mesh is None or mesh.devices.size == 1:
+    return jax.jit(step)(carry, images, texts, columns, *extra)
+  return _sharded_step(step, mesh, len(extra))(carry, images, texts, columns, *extra)
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_step(step, mesh, num_extra):
+  split, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+  return jax.jit(jax.shard_map(
+      step, mesh=mesh,
+      in_specs=((split, replicated), replicated, replicated,
+                PartitionSpec(None, sharding.DATA_AXIS), *([replicated] * num_extra)),
+      # The column sums of P are computed alike on every device: replicated.
+      out_specs=(split, replicated), check_vma=False))
+
+
+def cos_similarity(image_embeddings, text_embeddings, activations, mesh=None):
   """similarity.cos_similarity(P, A) without P: A^T P and the column norms of P summed
-  over image chunks."""
+  over image chunks. mesh: split the neurons over its devices."""
   _check(image_embeddings, text_embeddings, activations, "cos_similarity")
   images, texts = _normalise(image_embeddings), _normalise(text_embeddings)
   activations = jnp.asarray(activations, jnp.float32)
   # Scale-free: divide by the column max first, as the in-memory function does.
   activations = activations / similarity._max_abs(activations)  # pylint: disable=protected-access
+  neuron_norms = jnp.maximum(jnp.linalg.norm(activations, axis=0), similarity.TINY)
+  columns, num_neurons = _neuron_columns(activations, mesh)
   num_images, num_concepts = activations.shape[0], texts.shape[0]
   size = _image_chunk(num_images, num_concepts, activations.shape[1])
   # P lies in [-1, 1], so its squares and products need no rescaling.
-  cross = jnp.zeros((activations.shape[1], num_concepts), jnp.float32)
-  squares = jnp.zeros((num_concepts,), jnp.float32)
+  carry = (jnp.zeros((columns.shape[1], num_concepts), jnp.float32),
+           jnp.zeros((num_concepts,), jnp.float32))
   for start, stop in _image_chunks(num_images, size):
-    cross, squares = _cos_step(cross, squares, images[start:stop], texts,
-                               activations[start:stop])
-  neuron_norms = jnp.maximum(jnp.linalg.norm(activations, axis=0), similarity.TINY)
+    carry = _accumulate(_cos_step_body, mesh, carry, images[start:stop], texts,
+                        columns[start:stop])
+  cross, squares = carry
   concept_norms = jnp.maximum(jnp.sqrt(squares), similarity.TINY)
-  return cross / neuron_norms[:, None] / concept_norms[None, :]
+  return np.asarray(cross)[:num_neurons] / neuron_norms[:, None] / concept_norms[None, :]
 
 
-@jax.jit
-def _cos_step(cross, squares, images, texts, activations):
+def _cos_step_body(carry, images, texts, activations):
+  cross, squares = carry
   rows = _rows(images, texts)
   cross = cross + jnp.matmul(activations.T, rows, precision=jax.lax.Precision.HIGHEST)
   return cross, squares + jnp.sum(rows * rows, axis=0)
 
 
-def cos_similarity_cubed(image_embeddings, text_embeddings, activations, min_norm=1e-3):
+def cos_similarity_cubed(image_embeddings, text_embeddings, activations, min_norm=1e-3,
+                         mesh=None):
   """similarity.cos_similarity_cubed(P, A) without P: the column means of P in a first
-  pass over image chunks, then the cubed, centred cross products and norms."""
+  pass over image chunks, then the cubed, centred cross products and norms. mesh: split
+  the neurons over its devices."""
   _check(image_embeddings, text_embeddings, activations, "cos_similarity_cubed")
   images, texts = _normalise(image_embeddings), _normalise(text_embeddings)
   activations = jnp.asarray(activations, jnp.float32)
@@ -176,18 +248,20 @@ def cos_similarity_cubed(image_embeddings, text_embeddings, activations, min_nor
   means = sums / num_images
   # The neuron side fits in memory (images x neurons): normalised as in similarity.py.
   neurons = similarity._centre_cube_normalise(activations, min_norm)  # pylint: disable=protected-access
-  cross = jnp.zeros((activations.shape[1], num_concepts), jnp.float32)
-  cubed_squares = jnp.zeros((num_concepts,), jnp.float32)
+  columns, num_neurons = _neuron_columns(neurons, mesh)
+  carry = (jnp.zeros((columns.shape[1], num_concepts), jnp.float32),
+           jnp.zeros((num_concepts,), jnp.float32))
   for start, stop in chunks:
-    cross, cubed_squares = _cos_cubed_step(cross, cubed_squares, images[start:stop], texts,
-                                           neurons[start:stop], means)
+    carry = _accumulate(_cos_cubed_step_body, mesh, carry, images[start:stop], texts,
+                        columns[start:stop], means)
+  cross, cubed_squares = carry
   # P's centred values lie in [-2, 2]: their cubes need no rescaling before the norm.
   norms = jnp.maximum(jnp.sqrt(cubed_squares), min_norm)
-  return cross / norms[None, :]
+  return np.asarray(cross)[:num_neurons] / norms[None, :]
 
 
-@jax.jit
-def _cos_cubed_step(cross, cubed_squares, images, texts, neurons, means):
+def _cos_cubed_step_body(carry, images, texts, neurons, means):
+  cross, cubed_squares = carry
   cubes = (_rows(images, texts) - means[None, :]) ** 3
   cross = cross + jnp.matmul(neurons.T, cubes, precision=jax.lax.Precision.HIGHEST)
   return cross, cubed_squares + jnp.sum(cubes * cubes, axis=0)

@@ -1,0 +1,106 @@
+"""Similarity sharded over neurons on 8 (fake CPU) devices equals one device.
+
+The device count is fixed when the XLA backend starts, so the 8-device side runs in a
+subprocess with --xla_force_host_platform_device_count=8.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+from absl.testing import absltest
+
+from jaxdissect import tiny_models
+from tests import main_test
+
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+_FUNCTIONS_CHECK = textwrap.dedent("""
+    import jax, numpy as np
+    from jaxdissect import sharding, streaming, topk
+    assert jax.device_count() == 8, jax.device_count()
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((700, 24)).astype(np.float32)
+    texts = rng.standard_normal((90, 24)).astype(np.float32)
+    # 37 neurons: not a multiple of 8, so the padding is exercised. Ties on purpose.
+    acts = rng.integers(0, 6, (700, 37)).astype(np.float32)
+    mesh = sharding.make_mesh()
+    running = topk.from_activations(acts, 100)
+    for name in ("soft_wpmi", "wpmi"):
+      fn = streaming.FUNCTIONS[name]
+      one = np.asarray(fn(images, texts, acts))
+      eight = np.asarray(fn(images, texts, acts, mesh=mesh))
+      from_top = np.asarray(fn(images, texts, None, top_images=running.ids.T, mesh=mesh))
+      assert np.array_equal(one, eight), (name, np.abs(one - eight).max())
+      assert np.array_equal(one, from_top), (name, np.abs(one - from_top).max())
+    for name in ("cos_similarity", "cos_similarity_cubed"):
+      fn = streaming.FUNCTIONS[name]
+      one = np.asarray(fn(images, texts, acts))
+      eight = np.asarray(fn(images, texts, acts, mesh=mesh))
+      # The matmul is split by rows across devices: equal to float32 rounding.
+      np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-6, err_msg=name)
+      assert np.array_equal(one.argmax(1), eight.argmax(1)), name
+    print("SHARDED_OK")
+""")
+
+
+class ShardedSimilarityTest(absltest.TestCase):
+
+  def test_streaming_functions_on_eight_devices_equal_one_device(self):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **EIGHT)
+    proc = subprocess.run([sys.executable, "-c", _FUNCTIONS_CHECK], env=env,
+                          capture_output=True, text=True, timeout=600,
+                          cwd=main_test.REPO)
+    self.assertIn("SHARDED_OK", proc.stdout, proc.stderr[-3000:])
+
+
+class ShardedMainTest(absltest.TestCase):
+  """main.py with P too large for concept_matrix_max_gb, on 8 devices."""
+
+  def test_main_on_eight_devices(self):
+    tmp = tempfile.mkdtemp()
+    clip = tiny_models.make_tiny_clip(os.path.join(tmp, "clip"))
+    resnet = tiny_models.make_tiny_resnet(os.path.join(tmp, "resnet"), "basic")
+    images = os.path.join(tmp, "images")
+    tiny_models.write_image_folder(images, 150)
+    concepts = tiny_models.write_concepts(os.path.join(tmp, "concepts.txt"),
+                                          main_test.CONCEPTS)
+    names = ("descriptions.csv", "descriptions_topk.csv", "top_images.csv")
+
+    def run(workdir, env=None, **overrides):
+      args = ["--config", os.path.join(main_test.REPO, "configs", "resnet50.py"),
+              "--workdir", workdir, f"--config.clip_model={clip}",
+              f"--config.target_model={resnet}", "--config.target_layers=layer3,layer4,fc",
+              f"--config.d_probe=folder:{images}", f"--config.concept_set={concepts}",
+              "--config.batch_size=40", "--config.concept_matrix_max_gb=1e-9"]
+      args += [f"--config.{k}={v}" for k, v in overrides.items()]
+      proc = main_test.run_main(*args, env_extra=env)
+      self.assertIn("streaming soft_wpmi", proc.stderr)
+      files = {name: open(os.path.join(workdir, "results", name), "rb").read()
+               for name in names}
+      return proc, files
+
+    _, one = run(os.path.join(tmp, "one"))
+    self.assertIn(b"layer4", one["descriptions.csv"])
+    # The same stored activations, scored with the neurons split over 8 devices: every
+    # result file is byte-identical.
+    proc, reused = run(os.path.join(tmp, "sharded_similarity"), EIGHT,
+                       activation_dir=os.path.join(tmp, "one", "activations"))
+    self.assertIn("8 local device(s)", proc.stderr)
+    self.assertIn("Probe activations reused", proc.stderr)
+    for name in names:
+      self.assertEqual(reused[name], one[name], name)
+    # Everything on 8 devices: the probe pass's convolutions see 5 images per device
+    # instead of 40, which moves activations by float32 rounding; the labels and the
+    # top images stay the same.
+    _, eight = run(os.path.join(tmp, "eight"), EIGHT)
+    for name, columns in (("descriptions.csv", 3), ("descriptions_topk.csv", 4),
+                          ("top_images.csv", 4)):
+      rows_one = [r.split(",")[:columns] for r in one[name].decode().splitlines()]
+      rows_eight = [r.split(",")[:columns] for r in eight[name].decode().splitlines()]
+      self.assertEqual(rows_eight, rows_one, name)
+
+
+if __name__ == "__main__":
+  absltest.main()
