@@ -19,7 +19,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "./workdir", "Where activations and re
 _LIST_LAYERS = flags.DEFINE_bool("list_layers", False,
                                  "Print the target's layer names and exit.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (multi-host).")
+                                 "Call jax.distributed.initialize() (multi-host); the "
+                                 "same as --config.distributed=True.")
 
 
 def _parse_flags(argv):
@@ -66,8 +67,14 @@ def main(argv):
     sys.exit(2)
   try:
     import jax  # pylint: disable=g-import-not-at-top
-    if _DISTRIBUTED.value:
-      jax.distributed.initialize()
+    if _DISTRIBUTED.value or config.distributed:
+      # CPU processes need a collectives backend for their cross-process steps; TPUs
+      # and GPUs ignore this setting.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(
+          config.coordinator_address or None,
+          num_processes=config.num_processes or None,
+          process_id=config.process_id if config.process_id >= 0 else None)
     logging.info("JAX process %d of %d, %d local device(s).", jax.process_index(),
                  jax.process_count(), jax.local_device_count())
     from jaxdissect import pipeline  # pylint: disable=g-import-not-at-top

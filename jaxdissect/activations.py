@@ -81,16 +81,15 @@ def initial_state(layers: Sequence[targets_lib.LayerInfo], k: int = topk.RUNNING
   return {info.name: topk.empty_state(k, info.num_units) for info in layers}
 
 
-def prefetch_to_device(batches: Iterable[dict], placement=None, size: int = 2):
+def prefetch_to_device(batches: Iterable[dict], mesh=None, size: int = 2):
   """Yields (batch, (clip_pixels, target_pixels, index, mask)) with those arrays already
-  put on the device(s) (`placement`: a sharding, or None for the default device), `size`
-  batches ahead of the consumer."""
+  on the device(s) (split over the mesh's "data" axis; this process's rows in a
+  multi-process run), `size` batches ahead of the consumer."""
   queue = collections.deque()
   for batch in batches:
-    queue.append((batch, jax.device_put(
+    queue.append((batch, sharding.put_local_batch(
         (batch["clip_pixels"], batch["target_pixels"],
-         np.asarray(batch["index"], np.int32), np.asarray(batch["mask"], bool)),
-        placement)))
+         np.asarray(batch["index"], np.int32), np.asarray(batch["mask"], bool)), mesh)))
     if len(queue) > size:
       yield queue.popleft()
   while queue:
@@ -152,60 +151,70 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
                    layers: Sequence[targets_lib.LayerInfo], batches: Iterable[dict],
                    num_images: int, pool_mode: str = "avg", token_pool: str = "cls",
                    mesh=None, log_every_s: float = 10.0, first_index: int = 0,
-                   step=None) -> ProbeActivations:
+                   step=None, shard_index: int = 0, num_shards: int = 1
+                   ) -> ProbeActivations:
   """Runs the probe step over every batch; padding rows are dropped by the mask.
 
-  The batches hold images first_index..first_index+num_images-1 (global indices). Pass
-  the same `step` (make_probe_step) to every chunk of one pass so it compiles once.
+  The batches hold images first_index..first_index+num_images-1 (global indices); with
+  num_shards > 1 (one shard per process), only every num_shards-th of them from
+  shard_index (ProbeSet.batches' sharding), and the rows returned are those. The
+  running top-k is global: every process gets the same one. Pass the same `step`
+  (make_probe_step) to every chunk of one pass so it compiles once.
   """
   step = step or make_probe_step(clip, target, layers, pool_mode, token_pool, mesh)
   # Parameters go to the device(s) once; left on the host they would be copied again
   # at every step.
   param_placement = None if mesh is None else sharding.replicated(mesh)
-  pixel_placement = None if mesh is None else sharding.batch_sharding(mesh)
-  clip_params, target_variables = jax.device_put((clip.params, target.variables),
-                                                 param_placement)
-  embeddings = np.zeros((num_images, clip.embedding_dim), np.float32)
-  activations = {info.name: np.zeros((num_images, info.num_units), np.float32)
+  params = (clip.params, target.variables)
+  if mesh is not None and sharding.is_multi_process(mesh):
+    # A multi-process device_put replicates host data, not another device's arrays.
+    params = jax.tree.map(np.asarray, params)
+  clip_params, target_variables = jax.device_put(params, param_placement)
+  num_rows = len(range(shard_index, num_images, num_shards))
+  embeddings = np.zeros((num_rows, clip.embedding_dim), np.float32)
+  activations = {info.name: np.zeros((num_rows, info.num_units), np.float32)
                  for info in layers}
-  image_ids = [None] * num_images
-  seen = np.zeros(num_images, bool)
-  progress = RateLogger(num_images, "Probe pass", log_every_s)
+  image_ids = [None] * num_rows
+  seen = np.zeros(num_rows, bool)
+  progress = RateLogger(num_rows, "Probe pass", log_every_s)
 
   def collect(batch, outputs):
     out_embeddings, out_pooled = outputs
     mask = batch["mask"]
-    index = batch["index"][mask] - first_index
-    embeddings[index] = np.asarray(out_embeddings)[mask]
+    row = (batch["index"][mask] - first_index - shard_index) // num_shards
+    embeddings[row] = sharding.local_rows(out_embeddings)[mask]
     for name, values in out_pooled.items():
-      activations[name][index] = np.asarray(values)[mask]
-    for i, image_id in zip(index, batch["image_id"][mask]):
+      activations[name][row] = sharding.local_rows(values)[mask]
+    for i, image_id in zip(row, batch["image_id"][mask]):
       image_ids[i] = image_id.decode("utf-8") if isinstance(image_id, bytes) else str(
           image_id)
-    seen[index] = True
+    seen[row] = True
     progress.update(int(mask.sum()))
 
+  # Committed from the start, as the step's outputs are: an uncommitted first state
+  # would give the step a second cache entry (a recompile at the second batch).
+  # Host arrays: a multi-process device_put replicates host data, not another device's.
+  state = jax.device_put(jax.tree.map(np.asarray, initial_state(layers)),
+                         param_placement or jax.devices()[0])
   # Dispatch is asynchronous: the next batches are already on the device (prefetch) and
   # a step's outputs are read back only after the next step is dispatched, so decoding,
   # transfer and compute overlap.
-  # Committed from the start, as the step's outputs are: an uncommitted first state
-  # would give the step a second cache entry (a recompile at the second batch).
-  state = jax.device_put(initial_state(layers), param_placement or jax.devices()[0])
   pending = None
-  for batch, arrays in prefetch_to_device(batches, pixel_placement):
+  for batch, arrays in prefetch_to_device(batches, mesh):
     *outputs, state = step(clip_params, target_variables, *arrays, state)
     if pending is not None:
       collect(*pending)
     pending = (batch, outputs)
   if pending is not None:
     collect(*pending)
-  logging.info("Probe pass done: %d images at %.1f images/s.", num_images, progress.rate)
-  top = {name: topk.from_state(layer_state) for name, layer_state in state.items()}
+  logging.info("Probe pass done: %d images at %.1f images/s.", num_rows, progress.rate)
+  top = {name: topk.RunningTopK(*(sharding.to_host(x) for x in layer_state))
+         for name, layer_state in state.items()}
   if seen.all():
     return ProbeActivations(embeddings, activations, image_ids, top=top)
   # The input pipeline drops images it cannot decode; they leave the rows here.
-  skipped = [first_index + int(i) for i in np.flatnonzero(~seen)]
+  skipped = [first_index + shard_index + num_shards * int(i) for i in np.flatnonzero(~seen)]
   logging.warning("%d of %d probe image(s) could not be decoded and were skipped.",
-                  len(skipped), num_images)
+                  len(skipped), num_rows)
   return ProbeActivations(embeddings[seen], {k: v[seen] for k, v in activations.items()},
                           [image_ids[i] for i in np.flatnonzero(seen)], skipped, top)

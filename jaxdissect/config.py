@@ -56,6 +56,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.num_decode_threads = -1
   # Seconds between progress log lines.
   config.log_every_s = 10.0
+  # Multi-host: call jax.distributed.initialize() before anything else. Empty / 0 / -1
+  # leave the coordinator, process count and process id to JAX's cluster detection
+  # (TPU VMs, SLURM); set them for a hand-made cluster (e.g. two CPU processes).
+  config.distributed = False
+  config.coordinator_address = ""
+  config.num_processes = 0
+  config.process_id = -1
   return config
 
 

@@ -85,6 +85,13 @@ def _matrix_out_of_memory(err: Exception, doing: str, num_images: int, num_conce
       f"set --config.concept_matrix_max_gb below {gb:.2f} {how}.")
 
 
+def streams(similarity_fn: str, num_images: int, num_concepts: int,
+            concept_matrix_max_gb: float) -> bool:
+  """Whether label_probe streams P from the embeddings instead of holding it."""
+  return (similarity_fn in streaming.STREAMING_FUNCTIONS
+          and num_images * num_concepts * 4 / 2**30 > concept_matrix_max_gb)
+
+
 def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.ndarray,
                 concepts: Sequence[str], similarity_fn: str = "soft_wpmi",
                 num_alternatives: int = 5, num_top_images: int = 10,
@@ -102,8 +109,7 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
   """
   num_images, num_concepts = len(probe.image_embeddings), len(text_embeddings)
   matrix_gb = num_images * num_concepts * 4 / 2**30
-  stream = (similarity_fn in streaming.STREAMING_FUNCTIONS
-            and matrix_gb > concept_matrix_max_gb)
+  stream = streams(similarity_fn, num_images, num_concepts, concept_matrix_max_gb)
   if stream:
     logging.info("P (%d images x %d concepts, %.2f GB) exceeds concept_matrix_max_gb=%g: "
                  "streaming %s from the embeddings.", num_images, num_concepts, matrix_gb,
@@ -230,26 +236,33 @@ def _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_info
                           meta) -> activations_lib.ProbeActivations:
   """The probe pass in chunks, each saved atomically as it finishes; chunks saved by an
   earlier (killed) run with the same key are reused, not recomputed. The chunks are then
-  assembled into the store entry, which is returned memory-mapped."""
+  assembled into the store entry, which is returned memory-mapped.
+
+  In a multi-process run, probe_key names this process's shard; each process reads
+  every process_count-th image and a chunk is reused only where every process has it
+  (the steps are collective: all processes must run the same ones).
+  """
+  shard_index, num_shards = jax.process_index(), jax.process_count()
   chunks = probe_chunks(probe_set.num_images, config.probe_chunk_images, config.batch_size)
   step = activations_lib.make_probe_step(clip, target, layer_infos, config.pool_mode,
                                          config.token_pool, mesh)
   reused = 0
   for number, (start, stop) in enumerate(chunks, 1):
-    if store.load_probe_chunk(config.activation_dir, probe_key, start, stop,
-                              mmap=True) is not None:
+    have = store.load_probe_chunk(config.activation_dir, probe_key, start, stop,
+                                  mmap=True) is not None
+    if sharding.all_processes_agree(have):
       reused += 1
       continue
-    batches = probe_set.batches(clip.transform, target.transform, config.batch_size,
-                                config.num_decode_threads, start=start, stop=stop)
+    batches = probe_set.batches(clip.transform, target.transform,
+                                config.batch_size // num_shards,
+                                config.num_decode_threads, shard_index=shard_index,
+                                num_shards=num_shards, start=start, stop=stop)
     part = activations_lib.run_probe_pass(
         clip, target, layer_infos, batches, stop - start, config.pool_mode,
-        config.token_pool, mesh, config.log_every_s, first_index=start, step=step)
+        config.token_pool, mesh, config.log_every_s, first_index=start, step=step,
+        shard_index=shard_index, num_shards=num_shards)
     if store.save_probe_chunk(config.activation_dir, probe_key, start, stop,
                               part) is None:
-      finished = store.load_probe(config.activation_dir, probe_key, mmap=True)
-      if finished is not None:  # another run sharing the store finished the pass
-        return finished
       raise errors.UserError("activation_dir", f"cannot save probe chunks under "
                              f"{config.activation_dir}.", "give a writable activation_dir.")
     logging.info("Probe chunk %d/%d saved (images %d..%d).", number, len(chunks), start,
@@ -258,6 +271,52 @@ def _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_info
     logging.info("Probe pass: %d of %d chunk(s) reused from an earlier run, %d computed.",
                  reused, len(chunks), len(chunks) - reused)
   return store.assemble_probe(config.activation_dir, probe_key, chunks, meta)
+
+
+def _allgather(array: np.ndarray) -> np.ndarray:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(array))
+
+
+def gather_probe(local: activations_lib.ProbeActivations, num_images: int,
+                 with_activations: bool = True) -> activations_lib.ProbeActivations:
+  """Every process's rows (each process holds every process_count-th image) in global
+  image order, in every process. The running top-k is global already.
+
+  with_activations=False leaves the activation matrices out (zero-width): (soft-)WPMI
+  from the running top-k needs only the embeddings.
+  """
+  shard_index, num_shards = jax.process_index(), jax.process_count()
+  width = -(-num_images // num_shards)
+  skipped = set(local.skipped)
+  indices = np.array([i for i in range(shard_index, num_images, num_shards)
+                      if i not in skipped], np.int64)
+
+  def padded(array, fill=0):
+    array = np.asarray(array)
+    pad = np.full((width - len(array), *array.shape[1:]), fill, array.dtype)
+    return np.concatenate([array, pad])
+
+  all_indices = _allgather(padded(indices, -1)).reshape(-1)
+  order = np.argsort(all_indices, kind="stable")
+  order = order[all_indices[order] >= 0]
+
+  def gather(array):
+    return _allgather(padded(array)).reshape(-1, *np.shape(array)[1:])[order]
+
+  encoded = [image_id.encode("utf-8") for image_id in local.image_ids]
+  id_width = int(_allgather(np.array([max(map(len, encoded), default=1)])).max())
+  id_bytes = np.zeros((len(encoded), id_width), np.uint8)
+  for row, raw in enumerate(encoded):
+    id_bytes[row, :len(raw)] = np.frombuffer(raw, np.uint8)
+  image_ids = [bytes(row).rstrip(b"\0").decode("utf-8") for row in gather(id_bytes)]
+  all_skipped = _allgather(padded(np.array(sorted(skipped), np.int64), -1)).reshape(-1)
+  activations = {
+      name: gather(values) if with_activations else np.zeros((len(order), 0), np.float32)
+      for name, values in local.activations.items()}
+  return activations_lib.ProbeActivations(
+      gather(local.image_embeddings), activations, image_ids,
+      sorted(int(i) for i in all_skipped if i >= 0), local.top)
 
 
 def probe_store_key(config, clip, target, layer_infos, probe_set,
@@ -308,16 +367,27 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   # Hashing every CLIP weight takes seconds for a large model: once for both keys.
   clip_hash = targets_lib.params_fingerprint(clip.params)
   probe_key = probe_store_key(config, clip, target, layer_infos, probe_set, clip_hash)
+  # Each process of a multi-process run stores its own shard of the pass.
+  shard_key = probe_key if jax.process_count() == 1 else (
+      f"{probe_key}.shard-{jax.process_index()}-of-{jax.process_count()}")
   # Memory-mapped: the (num_images, ...) arrays are read from disk as they are used.
-  probe = store.load_probe(config.activation_dir, probe_key, mmap=True)
-  if probe is not None:
+  probe = store.load_probe(config.activation_dir, shard_key, mmap=True)
+  if sharding.all_processes_agree(probe is not None):
     logging.info("Probe activations reused from %s (key %s).", config.activation_dir,
-                 probe_key)
+                 shard_key)
   else:
-    probe = _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos,
+    probe = _resumable_probe_pass(config, shard_key, probe_set, clip, target, layer_infos,
                                   mesh, {"clip": clip.name, "target": target.name,
                                          "num_images": probe_set.num_images})
-    store.remove_probe_chunks(config.activation_dir, probe_key)
+    store.remove_probe_chunks(config.activation_dir, shard_key)
+  if jax.process_count() > 1:
+    num_kept = probe_set.num_images - int(_allgather(np.array([len(probe.skipped)])).sum())
+    top_k_only = config.similarity_fn in labeling.PRIOR_FUNCTIONS and streams(
+        config.similarity_fn, num_kept, len(concepts), config.concept_matrix_max_gb)
+    probe = gather_probe(probe, probe_set.num_images, with_activations=not top_k_only)
+    # Every process now holds the whole pass; each scores it on its own devices (the
+    # results are the same everywhere) and process 0 writes them.
+    mesh = sharding.make_mesh(local=True)
 
   skipped = [(i, probe_set.describe(i)) for i in probe.skipped]
   if skipped and config.on_bad_image == "error":

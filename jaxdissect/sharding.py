@@ -1,11 +1,16 @@
 """The device mesh and shardings, in one place.
 
-One 1-D mesh with axis "data" over every device. The probe pass is data-parallel on it
-(batch split over "data", parameters replicated). A jax.sharding.Mesh (Auto axes) is
-used on purpose: FlaxCLIPModel under jit raises a ShardingTypeError on the Explicit
-axes that jax.make_mesh gives by default.
+One 1-D mesh with axis "data" over every device of every process. The probe pass is
+data-parallel on it (batch split over "data", parameters replicated); the similarity
+splits neurons over the same axis. A jax.sharding.Mesh (Auto axes) is used on purpose:
+FlaxCLIPModel under jit raises a ShardingTypeError on the Explicit axes that
+jax.make_mesh gives by default.
+
+In a multi-process run each process feeds its own rows of every batch
+(put_local_batch) and reads back only its own rows (local_rows).
 """
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -14,11 +19,50 @@ from jaxdissect import errors
 DATA_AXIS = "data"
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  devices = jax.devices()
+def make_mesh(num_devices: int | None = None, local: bool = False) -> Mesh:
+  """All devices of all processes (jax.devices() is ordered by process), or with
+  local=True this process's devices only."""
+  devices = jax.local_devices() if local else jax.devices()
   if num_devices:
     devices = devices[:num_devices]
   return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def is_multi_process(mesh: Mesh) -> bool:
+  return len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def put_local_batch(arrays, mesh: Mesh | None):
+  """Host arrays (this process's rows of a global batch) -> arrays split over "data"."""
+  if mesh is None:
+    return jax.device_put(arrays)
+  data = batch_sharding(mesh)
+  if not is_multi_process(mesh):
+    return jax.device_put(arrays, data)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(data, x), arrays)
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of an array split over "data", in order."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """A replicated array as NumPy, in any process."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  return np.asarray(array.addressable_data(0))
+
+
+def all_processes_agree(flag: bool) -> bool:
+  """True only if `flag` is true in every process (a collective: every process must
+  call it at the same point)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.array([flag]))))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -31,6 +75,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """batch_size is global: split evenly over every device of every process."""
   devices = mesh.devices.size
   if batch_size % devices:
     raise errors.UserError(
