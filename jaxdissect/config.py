@@ -50,6 +50,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Largest images x concepts matrix P held in memory (GB); above it soft_wpmi, wpmi and
   # the cosines stream P from the embeddings.
   config.concept_matrix_max_gb = 2.0
+  # (soft-)WPMI from the embeddings: "jnp", "pallas" (a fused kernel, jaxdissect/
+  # kernels.py) or "auto" (Pallas only on platforms where a benchmark measured it
+  # faster: none yet).
+  config.similarity_kernel = "auto"
   # Neurons per similarity chunk (0: chosen from a memory budget).
   config.neuron_chunk_size = 0
   # Parallel decode calls in tf.data (-1: autotune).
@@ -100,6 +104,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                            f"must be a positive integer, got {config.probe_chunk_images!r}.",
                            "set --config.probe_chunk_images to a number of images, e.g. "
                            "10240.")
+  if config.similarity_kernel not in ("auto", "jnp", "pallas"):
+    raise errors.UserError("similarity_kernel",
+                           f"unknown kernel {config.similarity_kernel!r}.",
+                           "use auto, jnp or pallas.")
   if config.token_pool not in TOKEN_POOL_MODES:
     raise errors.UserError("token_pool", f"unknown token pool {config.token_pool!r}.",
                            f"use one of {', '.join(TOKEN_POOL_MODES)}.")

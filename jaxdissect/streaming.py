@@ -9,6 +9,7 @@ need on demand, so their peak memory does not grow with images x concepts:
 Each equals its in-memory counterpart in similarity.py to float32 rounding (tested).
 P is defined as in labeling.concept_activation: norm(I) @ norm(T).T.
 """
+import contextlib
 import functools
 
 import jax
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 import numpy as np
 
+from jaxdissect import kernels
 from jaxdissect import sharding
 from jaxdissect import similarity
 
@@ -57,7 +59,8 @@ def _check(image_embeddings, text_embeddings, activations, name):
 
 def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k, a,
                           min_prob, name, membership=None, term_floor=None,
-                          top_images=None, mesh: Mesh | None = None):
+                          top_images=None, mesh: Mesh | None = None,
+                          kernel: str = "auto"):
   """L (num_neurons, num_concepts): for each neuron, the sum over its top_k images of
   log(S + min_prob) (wpmi; membership None) or log(1 + p_j (S - 1) + min_prob)
   (soft_wpmi), S = softmax(a P) at those images, recomputed per chunk of neurons.
@@ -67,6 +70,8 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   mesh: shard the neurons over its devices (embeddings replicated). Each neuron's row
   of L is computed by the same code on any device count, so L is bit-identical to the
   unsharded one.
+  kernel: "jnp", "pallas" (kernels.py, fused; the Pallas interpreter on CPU) or "auto"
+  (Pallas only where it was measured faster: kernels.PALLAS_MEASURED_FASTER_ON).
   """
   num_images = image_embeddings.shape[0]
   if top_images is None:
@@ -104,10 +109,17 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   args = (_normalise(images), _normalise(text_embeddings), jnp.asarray(top_images),
           jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
           jnp.float32(a), jnp.float32(min_prob))
-  if devices == 1:
-    out = _top_k_log_likelihood_jit(*args, soft=soft, chunk=chunk, term_floor=term_floor)
-    return out[:num_neurons]
-  out = _sharded_log_likelihood(mesh, soft, chunk, term_floor)(*args)
+  pallas = kernels.use_pallas(kernel)
+  body = _neurons_log_likelihood
+  if pallas:
+    body = functools.partial(_kernel_log_likelihood, a_value=float(a),
+                             min_prob_value=float(min_prob),
+                             interpret=jax.default_backend() == "cpu")
+  with kernels.lowering_context() if pallas else contextlib.nullcontext():
+    if devices == 1:
+      out = _jitted(body)(*args, soft=soft, chunk=chunk, term_floor=term_floor)
+      return out[:num_neurons]
+    out = _sharded_log_likelihood(mesh, body, soft, chunk, term_floor)(*args)
   # Gathered to the host: the prior (a logsumexp over all neurons) is then computed as
   # in the unsharded case, so sharding cannot change a single bit of the scores.
   return np.asarray(out)[:num_neurons]
@@ -125,17 +137,31 @@ def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, 
   return jax.lax.map(neuron, top_images, batch_size=chunk)
 
 
+def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *, soft,
+                           chunk, term_floor, a_value, min_prob_value, interpret):
+  """_neurons_log_likelihood through the fused Pallas kernel, `chunk` neurons a call."""
+  del a, min_prob, term_floor  # the kernel takes them as constants (a_value, ...)
+  row_lse = kernels.row_log_normalisers(images, texts, a_value)
+  blocks = top_images.reshape(-1, chunk, top_images.shape[1])
+  out = jax.lax.map(
+      lambda ids: kernels._log_likelihood(  # pylint: disable=protected-access
+          images, texts, row_lse, ids, membership, a=a_value, min_prob=min_prob_value,
+          soft=soft, interpret=interpret), blocks)
+  return out.reshape(-1, texts.shape[0])
+
+
 # Only hashable settings are static, so layers of equal shapes share one compilation.
-_top_k_log_likelihood_jit = jax.jit(_neurons_log_likelihood,
-                                    static_argnames=("soft", "chunk", "term_floor"))
+@functools.lru_cache(maxsize=32)
+def _jitted(body):
+  return jax.jit(body, static_argnames=("soft", "chunk", "term_floor"))
+
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_log_likelihood(mesh, soft, chunk, term_floor):
+def _sharded_log_likelihood(mesh, body, soft, chunk, term_floor):
   """jit(shard_map(...)): top_images split over the mesh axis, the rest replicated."""
   replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
-  body = functools.partial(_neurons_log_likelihood, soft=soft, chunk=chunk,
-                           term_floor=term_floor)
+  body = functools.partial(body, soft=soft, chunk=chunk, term_floor=term_floor)
   return jax.jit(jax.shard_map(
       body, mesh=mesh, in_specs=(replicated, replicated, split, replicated, replicated,
                                  replicated),
@@ -143,26 +169,27 @@ def _sharded_log_likelihood(mesh, soft, chunk, term_floor):
 
 
 def wpmi(image_embeddings, text_embeddings, activations, top_k=28, a=2.0, lam=0.6,
-         min_prob=1e-7, return_log_likelihood=False, top_images=None, mesh=None):
+         min_prob=1e-7, return_log_likelihood=False, top_images=None, mesh=None,
+         kernel="auto"):
   """similarity.wpmi(P, A) without P. image_embeddings: (num_images, dim), may be a
-  memmap; top_images, mesh: see _top_k_log_likelihood."""
+  memmap; top_images, mesh, kernel: see _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
                                          top_k, a, min_prob, "wpmi",
-                                         top_images=top_images, mesh=mesh)
+                                         top_images=top_images, mesh=mesh, kernel=kernel)
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
 def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=100, a=10.0, lam=1.0,
               min_prob=1e-7, p_start=0.998, p_end=0.97, return_log_likelihood=False,
-              top_images=None, mesh=None):
+              top_images=None, mesh=None, kernel="auto"):
   """similarity.soft_wpmi(P, A) without P. image_embeddings: (num_images, dim), may be
-  a memmap; top_images, mesh: see _top_k_log_likelihood."""
+  a memmap; top_images, mesh, kernel: see _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(
       image_embeddings, text_embeddings, activations, top_k, a, min_prob, "soft_wpmi",
       membership=similarity.soft_wpmi_membership(top_k, p_start, p_end),
       term_floor=similarity.soft_wpmi_term_floor(p_start, p_end, min_prob),
-      top_images=top_images, mesh=mesh)
+      top_images=top_images, mesh=mesh, kernel=kernel)
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
 
