@@ -54,6 +54,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # kernels.py) or "auto" (Pallas only on platforms where a benchmark measured it
   # faster: none yet).
   config.similarity_kernel = "auto"
+  # Streamed (soft-)WPMI: "bfloat16" multiplies the embeddings in bfloat16 with float32
+  # accumulation (faster on accelerators; label agreement in BENCHMARKS.md).
+  config.similarity_dtype = "float32"
   # Neurons per similarity chunk (0: chosen from a memory budget).
   config.neuron_chunk_size = 0
   # Parallel decode calls in tf.data (-1: autotune).
@@ -108,6 +111,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError("similarity_kernel",
                            f"unknown kernel {config.similarity_kernel!r}.",
                            "use auto, jnp or pallas.")
+  if config.similarity_dtype not in ("float32", "bfloat16"):
+    raise errors.UserError("similarity_dtype",
+                           f"unknown dtype {config.similarity_dtype!r}.",
+                           "use float32 or bfloat16.")
   if config.token_pool not in TOKEN_POOL_MODES:
     raise errors.UserError("token_pool", f"unknown token pool {config.token_pool!r}.",
                            f"use one of {', '.join(TOKEN_POOL_MODES)}.")

@@ -80,7 +80,7 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
                 chunk_size: int | None = None, *,
                 embeddings: tuple[np.ndarray, np.ndarray] | None = None,
                 top: topk_lib.RunningTopK | None = None, mesh=None,
-                kernel: str = "auto") -> LayerScores:
+                kernel: str = "auto", compute_dtype: str = "float32") -> LayerScores:
   """Scores (num_units, num_concepts), with dead and invalid units flagged.
 
   concept_activations: P (num_images, num_concepts); or None with embeddings = (image
@@ -90,7 +90,8 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
   and embeddings, (soft-)WPMI never reads `activations` (which may then be None or a
   memmap that stays on disk).
   mesh: with embeddings, the neurons are split over its devices.
-  kernel: with embeddings, (soft-)WPMI's kernel (streaming._top_k_log_likelihood).
+  kernel, compute_dtype: with embeddings, (soft-)WPMI's kernel and matmul dtype
+  (streaming._top_k_log_likelihood).
   Non-finite units are zeroed before scoring so they cannot poison the (soft-)WPMI
   prior; dead units stay in it, as in the official method, so live scores are
   unchanged by flagging them.
@@ -115,6 +116,7 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
     fn = functools.partial(streaming.FUNCTIONS[similarity_fn], *embeddings, mesh=mesh)
     if similarity_fn in PRIOR_FUNCTIONS:
       kwargs["kernel"] = kernel
+      kwargs["compute_dtype"] = compute_dtype
   else:
     fn = functools.partial(similarity.SIMILARITY_FUNCTIONS[similarity_fn],
                            concept_activations)

@@ -98,7 +98,8 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
                 neuron_chunk_size: int | None = None,
                 keep_scores: bool = False,
                 concept_matrix_max_gb: float = DEFAULT_CONCEPT_MATRIX_MAX_GB,
-                mesh=None, kernel: str = "auto") -> results_lib.DissectionResult:
+                mesh=None, kernel: str = "auto",
+                compute_dtype: str = "float32") -> results_lib.DissectionResult:
   """Similarity and labels for every layer of a probe pass.
 
   P (num_images x num_concepts) is held in memory only while it takes at most
@@ -134,7 +135,8 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
     try:
       scored = labeling.score_layer(similarity_fn, concept_activations, acts,
                                     neuron_chunk_size, embeddings=embeddings, top=top,
-                                    mesh=mesh if stream else None, kernel=kernel)
+                                    mesh=mesh if stream else None, kernel=kernel,
+                                    compute_dtype=compute_dtype)
     except (MemoryError, jax.errors.JaxRuntimeError) as err:
       raise _matrix_out_of_memory(err, f"scoring layer {name} with P", num_images,
                                   num_concepts, similarity_fn) from None
@@ -418,7 +420,8 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
                        config.num_alternatives, config.num_top_images,
                        config.neuron_chunk_size or None,
                        concept_matrix_max_gb=config.concept_matrix_max_gb, mesh=mesh,
-                       kernel=config.similarity_kernel)
+                       kernel=config.similarity_kernel,
+                       compute_dtype=config.similarity_dtype)
   truths = {info.name: truth for info in layer_infos
             if (truth := target.truth_for(info)) is not None}
   evaluation = None

@@ -24,6 +24,7 @@ from jaxdissect import similarity
 
 # Bytes of temporaries a chunk (of neurons or of images) may take.
 CHUNK_BUDGET_BYTES = 256 * 2**20
+COMPUTE_DTYPES = ("float32", "bfloat16")
 # Neurons per vectorised step of (soft-)WPMI at most: bounds the padding of small layers.
 MAX_NEURON_CHUNK = 32
 STREAMING_FUNCTIONS = ("soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed")
@@ -34,8 +35,15 @@ def _normalise(x):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _rows(images, texts):
-  """P rows for some images: (..., D) x (M, D) -> (..., M)."""
+def _rows(images, texts, compute_dtype: str = "float32"):
+  """P rows for some images: (..., D) x (M, D) -> (..., M), float32.
+
+  compute_dtype "bfloat16": the products in bfloat16, accumulated in float32 (the
+  matmul is the FLOP-heavy part on an accelerator; softmax and logs stay float32).
+  """
+  if compute_dtype == "bfloat16":
+    return jnp.matmul(images.astype(jnp.bfloat16), texts.astype(jnp.bfloat16).T,
+                      preferred_element_type=jnp.float32)
   return jnp.matmul(images, texts.T, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -60,7 +68,7 @@ def _check(image_embeddings, text_embeddings, activations, name):
 def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k, a,
                           min_prob, name, membership=None, term_floor=None,
                           top_images=None, mesh: Mesh | None = None,
-                          kernel: str = "auto"):
+                          kernel: str = "auto", compute_dtype: str = "float32"):
   """L (num_neurons, num_concepts): for each neuron, the sum over its top_k images of
   log(S + min_prob) (wpmi; membership None) or log(1 + p_j (S - 1) + min_prob)
   (soft_wpmi), S = softmax(a P) at those images, recomputed per chunk of neurons.
@@ -72,7 +80,11 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   unsharded one.
   kernel: "jnp", "pallas" (kernels.py, fused; the Pallas interpreter on CPU) or "auto"
   (Pallas only where it was measured faster: kernels.PALLAS_MEASURED_FASTER_ON).
+  compute_dtype: "float32" or "bfloat16" (the P rows' products; see _rows).
   """
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"{name}: compute_dtype must be one of {COMPUTE_DTYPES}, got "
+                     f"{compute_dtype!r}.")
   num_images = image_embeddings.shape[0]
   if top_images is None:
     _check(image_embeddings, text_embeddings, activations, name)
@@ -109,7 +121,7 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   args = (_normalise(images), _normalise(text_embeddings), jnp.asarray(top_images),
           jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
           jnp.float32(a), jnp.float32(min_prob))
-  pallas = kernels.use_pallas(kernel)
+  pallas = kernels.use_pallas(kernel) and compute_dtype == "float32"
   body = _neurons_log_likelihood
   if pallas:
     body = functools.partial(_kernel_log_likelihood, a_value=float(a),
@@ -117,18 +129,19 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
                              interpret=jax.default_backend() == "cpu")
   with kernels.lowering_context() if pallas else contextlib.nullcontext():
     if devices == 1:
-      out = _jitted(body)(*args, soft=soft, chunk=chunk, term_floor=term_floor)
+      out = _jitted(body)(*args, soft=soft, chunk=chunk, term_floor=term_floor,
+                          compute_dtype=compute_dtype)
       return out[:num_neurons]
-    out = _sharded_log_likelihood(mesh, body, soft, chunk, term_floor)(*args)
+    out = _sharded_log_likelihood(mesh, body, soft, chunk, term_floor, compute_dtype)(*args)
   # Gathered to the host: the prior (a logsumexp over all neurons) is then computed as
   # in the unsharded case, so sharding cannot change a single bit of the scores.
   return np.asarray(out)[:num_neurons]
 
 
 def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, *,
-                            soft, chunk, term_floor):
+                            soft, chunk, term_floor, compute_dtype="float32"):
   def neuron(image_ids):  # (top_k,) -> (num_concepts,)
-    probs = jax.nn.softmax(a * _rows(images[image_ids], texts), axis=-1)
+    probs = jax.nn.softmax(a * _rows(images[image_ids], texts, compute_dtype), axis=-1)
     if soft:
       return similarity.sum_of_logs_of_bounded(
           1.0 + membership[:, None] * (probs - 1.0) + min_prob, term_floor)
@@ -138,9 +151,11 @@ def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, 
 
 
 def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *, soft,
-                           chunk, term_floor, a_value, min_prob_value, interpret):
-  """_neurons_log_likelihood through the fused Pallas kernel, `chunk` neurons a call."""
-  del a, min_prob, term_floor  # the kernel takes them as constants (a_value, ...)
+                           chunk, term_floor, a_value, min_prob_value, interpret,
+                           compute_dtype="float32"):
+  """_neurons_log_likelihood through the fused Pallas kernel, `chunk` neurons a call
+  (float32 only)."""
+  del a, min_prob, term_floor, compute_dtype  # constants of the kernel (a_value, ...)
   row_lse = kernels.row_log_normalisers(images, texts, a_value)
   blocks = top_images.reshape(-1, chunk, top_images.shape[1])
   out = jax.lax.map(
@@ -153,15 +168,16 @@ def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *
 # Only hashable settings are static, so layers of equal shapes share one compilation.
 @functools.lru_cache(maxsize=32)
 def _jitted(body):
-  return jax.jit(body, static_argnames=("soft", "chunk", "term_floor"))
+  return jax.jit(body, static_argnames=("soft", "chunk", "term_floor", "compute_dtype"))
 
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_log_likelihood(mesh, body, soft, chunk, term_floor):
+def _sharded_log_likelihood(mesh, body, soft, chunk, term_floor, compute_dtype):
   """jit(shard_map(...)): top_images split over the mesh axis, the rest replicated."""
   replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
-  body = functools.partial(body, soft=soft, chunk=chunk, term_floor=term_floor)
+  body = functools.partial(body, soft=soft, chunk=chunk, term_floor=term_floor,
+                           compute_dtype=compute_dtype)
   return jax.jit(jax.shard_map(
       body, mesh=mesh, in_specs=(replicated, replicated, split, replicated, replicated,
                                  replicated),
@@ -170,26 +186,27 @@ def _sharded_log_likelihood(mesh, body, soft, chunk, term_floor):
 
 def wpmi(image_embeddings, text_embeddings, activations, top_k=28, a=2.0, lam=0.6,
          min_prob=1e-7, return_log_likelihood=False, top_images=None, mesh=None,
-         kernel="auto"):
+         kernel="auto", compute_dtype="float32"):
   """similarity.wpmi(P, A) without P. image_embeddings: (num_images, dim), may be a
-  memmap; top_images, mesh, kernel: see _top_k_log_likelihood."""
+  memmap; top_images, mesh, kernel, compute_dtype: see _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
                                          top_k, a, min_prob, "wpmi",
-                                         top_images=top_images, mesh=mesh, kernel=kernel)
+                                         top_images=top_images, mesh=mesh, kernel=kernel,
+                                         compute_dtype=compute_dtype)
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
 def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=100, a=10.0, lam=1.0,
               min_prob=1e-7, p_start=0.998, p_end=0.97, return_log_likelihood=False,
-              top_images=None, mesh=None, kernel="auto"):
+              top_images=None, mesh=None, kernel="auto", compute_dtype="float32"):
   """similarity.soft_wpmi(P, A) without P. image_embeddings: (num_images, dim), may be
-  a memmap; top_images, mesh, kernel: see _top_k_log_likelihood."""
+  a memmap; top_images, mesh, kernel, compute_dtype: see _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(
       image_embeddings, text_embeddings, activations, top_k, a, min_prob, "soft_wpmi",
       membership=similarity.soft_wpmi_membership(top_k, p_start, p_end),
       term_floor=similarity.soft_wpmi_term_floor(p_start, p_end, min_prob),
-      top_images=top_images, mesh=mesh, kernel=kernel)
+      top_images=top_images, mesh=mesh, kernel=kernel, compute_dtype=compute_dtype)
   scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
   return (scores, log_likelihood) if return_log_likelihood else scores
 

@@ -70,5 +70,33 @@ class StreamingTest(parameterized.TestCase):
                                     held.layers[layer].alternative_ids[:, :3])
 
 
+class BFloat16Test(absltest.TestCase):
+
+  def test_bfloat16_products_keep_planted_labels(self):
+    # Each neuron fires on images near one concept: a known answer for every neuron.
+    rng = np.random.default_rng(7)
+    # Each of 20 concepts owns ~300 of 6000 images (more than soft_wpmi's top 100) and
+    # one neuron: (soft-)WPMI's prior over neurons then has a clear answer everywhere.
+    texts = rng.standard_normal((20, 32)).astype(np.float32)
+    owner = rng.integers(0, 20, 6000)
+    images = texts[owner] + 0.3 * rng.standard_normal((6000, 32)).astype(np.float32)
+    planted = rng.permutation(20)
+    activations = (owner[:, None] == planted[None, :]).astype(np.float32)
+    activations += 0.1 * rng.random((6000, 20)).astype(np.float32)
+    for fn in (streaming.soft_wpmi, streaming.wpmi):
+      f32 = np.asarray(fn(images, texts, activations))
+      bf16 = np.asarray(fn(images, texts, activations, compute_dtype="bfloat16"))
+      np.testing.assert_array_equal(f32.argmax(1), planted)
+      np.testing.assert_array_equal(bf16.argmax(1), planted)
+      # bfloat16 keeps 8 bits of mantissa: the scores move, but little.
+      self.assertLess(np.abs(bf16 - f32).max(), 0.05 * np.abs(f32).max())
+      self.assertGreater(np.abs(bf16 - f32).max(), 0.0)
+
+  def test_unknown_dtype_is_refused(self):
+    with self.assertRaisesRegex(ValueError, "compute_dtype"):
+      streaming.soft_wpmi(np.ones((200, 4)), np.ones((3, 4)), np.ones((200, 2)),
+                          compute_dtype="float16")
+
+
 if __name__ == "__main__":
   absltest.main()
