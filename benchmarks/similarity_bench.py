@@ -7,6 +7,9 @@ For each size (images x concepts x neurons) and function: seconds for ours (in-m
 jitted, compile excluded by a warm-up on the same shapes), ours streaming (no P, from
 the embeddings), and the per-neuron NumPy baseline, measured in the same run; the ratio
 baseline / ours; and the peak RSS of each (every measurement runs in its own process).
+For (soft-)WPMI also streaming with bfloat16 products (float32 accumulation): its time
+and its label agreement with float32 streaming; with --kernels, streaming through the
+fused Pallas kernel (kernels.py; only meaningful on a GPU or TPU, the CPU interprets it).
 Inputs are random CLIP-like embeddings (dim 64) and ReLU activations, seeded.
 """
 import argparse
@@ -81,6 +84,11 @@ def _measure(kind, name, size, queue):
     def ours():
       if kind == "streaming":
         return streaming.FUNCTIONS[name](images, texts, activations)
+      if kind == "streaming_bf16":
+        return streaming.FUNCTIONS[name](images, texts, activations,
+                                         compute_dtype="bfloat16", kernel="jnp")
+      if kind == "streaming_pallas":
+        return streaming.FUNCTIONS[name](images, texts, activations, kernel="pallas")
       P = labeling.concept_activation(images, texts)
       return similarity.SIMILARITY_FUNCTIONS[name](P, activations)
     jax.block_until_ready(ours())  # compile
@@ -108,11 +116,14 @@ def main(argv=None):
   parser.add_argument("--sizes", default=DEFAULT_SIZES)
   parser.add_argument("--functions", default="soft_wpmi,wpmi,cos_similarity")
   parser.add_argument("--out", default=None)
+  parser.add_argument("--kernels", action="store_true",
+                      help="also time streaming (soft-)WPMI through the Pallas kernel")
   args = parser.parse_args(argv)
   records = []
   header = (f"{'function':<16} {'images':>7} {'concepts':>8} {'neurons':>7} "
             f"{'ours s':>8} {'stream s':>8} {'numpy s':>8} {'speedup':>8} "
-            f"{'ours GB':>8} {'stream GB':>9} {'numpy GB':>8} {'agree':>6}")
+            f"{'ours GB':>8} {'stream GB':>9} {'numpy GB':>8} {'agree':>6} "
+            f"{'bf16 s':>7} {'bf16 agree':>10} {'pallas s':>8}")
   print(header, flush=True)
   for size_text in args.sizes.split(","):
     size = tuple(int(x) for x in size_text.split("x"))
@@ -121,6 +132,13 @@ def main(argv=None):
       stream = measure("streaming", name, size)
       baseline = measure("numpy", name, size)
       agree = float(np.mean(np.asarray(ours["labels"]) == np.asarray(baseline["labels"])))
+      bf16 = pallas = None
+      if name in ("soft_wpmi", "wpmi"):
+        bf16 = measure("streaming_bf16", name, size)
+        bf16["agreement"] = float(np.mean(np.asarray(bf16["labels"]) ==
+                                          np.asarray(stream["labels"])))
+        if args.kernels:
+          pallas = measure("streaming_pallas", name, size)
       record = {"function": name, "images": size[0], "concepts": size[1],
                 "neurons": size[2], "ours_seconds": ours["seconds"],
                 "streaming_seconds": stream["seconds"],
@@ -129,19 +147,27 @@ def main(argv=None):
                 "ours_peak_rss_gb": ours["peak_rss_gb"],
                 "streaming_peak_rss_gb": stream["peak_rss_gb"],
                 "numpy_peak_rss_gb": baseline["peak_rss_gb"],
-                "label_agreement": agree}
+                "label_agreement": agree,
+                "bf16_streaming_seconds": bf16 and bf16["seconds"],
+                "bf16_label_agreement_with_f32": bf16 and bf16["agreement"],
+                "pallas_streaming_seconds": pallas and pallas["seconds"]}
       records.append(record)
       print(f"{name:<16} {size[0]:>7} {size[1]:>8} {size[2]:>7} "
             f"{ours['seconds']:>8.2f} {stream['seconds']:>8.2f} {baseline['seconds']:>8.2f} "
             f"{record['speedup']:>7.1f}x {ours['peak_rss_gb']:>8.2f} "
-            f"{stream['peak_rss_gb']:>9.2f} {baseline['peak_rss_gb']:>8.2f} {agree:>6.3f}",
-            flush=True)
+            f"{stream['peak_rss_gb']:>9.2f} {baseline['peak_rss_gb']:>8.2f} {agree:>6.3f} "
+            f"{_fmt(bf16 and bf16['seconds'], 7)} {_fmt(bf16 and bf16['agreement'], 10, 3)} "
+            f"{_fmt(pallas and pallas['seconds'], 8)}", flush=True)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump({"device": _device(), "records": records}, f, indent=1)
     os.replace(tmp, args.out)
+
+
+def _fmt(value, width, digits=2):
+  return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
 def _device():

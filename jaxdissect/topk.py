@@ -79,11 +79,19 @@ def update_state(state, batch_values, batch_ids, mask):
   finite = finite & jnp.all(jnp.isfinite(batch_values) | ~valid, axis=0)
   minimum = jnp.minimum(minimum, jnp.min(jnp.where(valid, batch_values, jnp.inf), axis=0))
   maximum = jnp.maximum(maximum, jnp.max(jnp.where(valid, batch_values, -jnp.inf), axis=0))
-  new_values = jnp.where(valid, _sort_key_values(batch_values), -jnp.inf)
-  new_ids = jnp.broadcast_to(jnp.where(mask, batch_ids, EMPTY_ID)[:, None],
-                             batch_values.shape)
-  all_values = jnp.concatenate([values, new_values], axis=0).T  # (units, k + batch)
-  all_ids = jnp.concatenate([ids, new_ids], axis=0).T
+  new_values = jnp.where(valid, _sort_key_values(batch_values), -jnp.inf).T  # (units, B)
+  new_ids = jnp.broadcast_to(jnp.where(mask, batch_ids, EMPTY_ID)[None, :],
+                             new_values.shape)
+  if new_values.shape[1] > k:
+    # A large batch: its own top k first, so the sort below stays small. lax.top_k keeps
+    # equal values in position order, so the columns go in id order first (a
+    # multi-process batch is process 0's rows, then process 1's: not in id order).
+    by_id = jnp.argsort(jnp.where(mask, batch_ids, EMPTY_ID), stable=True)
+    new_values, new_ids = new_values[:, by_id], new_ids[:, by_id]
+    new_values, positions = jax.lax.top_k(new_values, k)
+    new_ids = jnp.take_along_axis(new_ids, positions, axis=1)
+  all_values = jnp.concatenate([values.T, new_values], axis=1)  # (units, k + ...)
+  all_ids = jnp.concatenate([ids.T, new_ids], axis=1)
   # Ascending sort on (-value, id): the higher value first, then the lower image id.
   neg_values, sorted_ids = jax.lax.sort((-all_values, all_ids), dimension=1, num_keys=2)
   return (-neg_values[:, :k].T, sorted_ids[:, :k].T, minimum, maximum, finite)

@@ -42,6 +42,18 @@ class RunningTopKTest(parameterized.TestCase):
     np.testing.assert_array_equal(running.minimum, matrix.min(axis=0))
     np.testing.assert_array_equal(running.maximum, matrix.max(axis=0))
 
+  def test_rows_out_of_id_order_in_a_batch(self):
+    # A multi-process global batch holds process 0's rows, then process 1's.
+    matrix = _tied_matrix(64, 6, seed=9)
+    state = topk.empty_state(5, 6)
+    for start in range(0, 64, 16):
+      order = np.concatenate([np.arange(start, start + 16, 2),
+                              np.arange(start + 1, start + 16, 2)])
+      state = topk.update_state(state, jnp.asarray(matrix[order]),
+                                jnp.asarray(order, jnp.int32), jnp.ones(16, bool))
+    np.testing.assert_array_equal(
+        topk.from_state(state).ids, np.asarray(similarity.top_activations(matrix, 5)[1]).T)
+
   def test_merge_of_chunks_in_any_order_equals_one_pass(self):
     matrix = _tied_matrix(200, 5, seed=1)
     bounds = [(0, 37), (37, 120), (120, 200)]
