@@ -23,7 +23,6 @@ It needs jax, flax, numpy, transformers 4.57.x and ml_collections, not TensorFlo
 GPU machine without TensorFlow, decode and full are skipped (images made in memory).
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import numpy as np
 
 # Importable from a bare checkout (the GPU machine runs it without installing).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4")
 
@@ -136,9 +136,7 @@ def main(argv=None):
   from jaxdissect import activations, sharding  # pylint: disable=g-import-not-at-top
   record = {"num_images": args.num_images, "batch_size": args.batch_size,
             "concepts": args.concepts, "sim_images": args.sim_images,
-            "device": {"backend": jax.default_backend(),
-                       "devices": [str(d) for d in jax.devices()],
-                       "cpu_count": os.cpu_count()}}
+            "device": common.device_info()}
   with tempfile.TemporaryDirectory() as tmp:
     target, clip = build_models(tmp)
     layers = target.resolve_layers(list(LAYERS))
@@ -191,11 +189,7 @@ def main(argv=None):
         f"{_fmt(record['decode_images_per_s'], 12)} {_fmt(record['full_images_per_s'], 10)} "
         f"{second:>7.1f} {record['end_to_end_50k_estimate_seconds']:>9.0f}")
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp_out = args.out + ".tmp"
-    with open(tmp_out, "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=1)
-    os.replace(tmp_out, args.out)
+    common.write_json(args.out, record)
 
 
 def _fmt(value, width):

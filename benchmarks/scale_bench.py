@@ -19,15 +19,15 @@ process). Peak RSS is the process's ru_maxrss.
 """
 import argparse
 import hashlib
-import json
 import multiprocessing
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
+
+import common
 
 EMBED_DIM = 512
 CHUNK = 65536
@@ -166,17 +166,7 @@ def main(argv=None):
           f"{record['labels_sha256'][:16]} {check}",
           flush=True)
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"device": _device(), "records": records}, f, indent=1)
-    os.replace(tmp, args.out)
-
-
-def _device():
-  import jax  # pylint: disable=g-import-not-at-top
-  return {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-          "python": sys.version.split()[0]}
+    common.write_json(args.out, {"device": common.device_info(), "records": records})
 
 
 if __name__ == "__main__":

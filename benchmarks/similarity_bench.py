@@ -5,22 +5,22 @@
 
 For each size (images x concepts x neurons) and function: seconds for ours (in-memory P,
 jitted, compile excluded by a warm-up on the same shapes), ours streaming (no P, from
-the embeddings), and the per-neuron NumPy baseline, measured in the same run; the ratio
-baseline / ours; and the peak RSS of each (every measurement runs in its own process).
+the embeddings), and the per-neuron NumPy baseline, measured in the same run; the ratios
+baseline / ours and baseline / streaming; and the peak RSS of each (every measurement runs in its own process).
 For (soft-)WPMI also streaming with bfloat16 products (float32 accumulation): its time
 and its label agreement with float32 streaming; with --kernels, streaming through the
 fused Pallas kernel (kernels.py; only meaningful on a GPU or TPU, the CPU interprets it).
 Inputs are random CLIP-like embeddings (dim 64) and ReLU activations, seeded.
 """
 import argparse
-import json
 import multiprocessing
 import os
 import resource
-import sys
 import time
 
 import numpy as np
+
+import common
 
 EMBED_DIM = 64
 DEFAULT_SIZES = "10000x20000x256,50000x20000x2048,20000x5000x512"
@@ -121,7 +121,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   records = []
   header = (f"{'function':<16} {'images':>7} {'concepts':>8} {'neurons':>7} "
-            f"{'ours s':>8} {'stream s':>8} {'numpy s':>8} {'speedup':>8} "
+            f"{'ours s':>8} {'stream s':>8} {'numpy s':>8} {'speedup':>8} {'stream x':>8} "
             f"{'ours GB':>8} {'stream GB':>9} {'numpy GB':>8} {'agree':>6} "
             f"{'bf16 s':>7} {'bf16 agree':>10} {'pallas s':>8}")
   print(header, flush=True)
@@ -144,6 +144,7 @@ def main(argv=None):
                 "streaming_seconds": stream["seconds"],
                 "numpy_seconds": baseline["seconds"],
                 "speedup": baseline["seconds"] / ours["seconds"],
+                "streaming_speedup": baseline["seconds"] / stream["seconds"],
                 "ours_peak_rss_gb": ours["peak_rss_gb"],
                 "streaming_peak_rss_gb": stream["peak_rss_gb"],
                 "numpy_peak_rss_gb": baseline["peak_rss_gb"],
@@ -154,26 +155,17 @@ def main(argv=None):
       records.append(record)
       print(f"{name:<16} {size[0]:>7} {size[1]:>8} {size[2]:>7} "
             f"{ours['seconds']:>8.2f} {stream['seconds']:>8.2f} {baseline['seconds']:>8.2f} "
-            f"{record['speedup']:>7.1f}x {ours['peak_rss_gb']:>8.2f} "
+            f"{record['speedup']:>7.1f}x {record['streaming_speedup']:>7.1f}x "
+            f"{ours['peak_rss_gb']:>8.2f} "
             f"{stream['peak_rss_gb']:>9.2f} {baseline['peak_rss_gb']:>8.2f} {agree:>6.3f} "
             f"{_fmt(bf16 and bf16['seconds'], 7)} {_fmt(bf16 and bf16['agreement'], 10, 3)} "
             f"{_fmt(pallas and pallas['seconds'], 8)}", flush=True)
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"device": _device(), "records": records}, f, indent=1)
-    os.replace(tmp, args.out)
+    common.write_json(args.out, {"device": common.device_info(), "records": records})
 
 
 def _fmt(value, width, digits=2):
   return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
-
-
-def _device():
-  import jax  # pylint: disable=g-import-not-at-top
-  return {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-          "python": sys.version.split()[0]}
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.num_decode_threads = -1
   # Seconds between progress log lines.
   config.log_every_s = 10.0
+  # Devices of the mesh (axis "data": the probe batch and the similarity's neurons are
+  # split over it); 0: every device of every process.
+  config.num_devices = 0
   # Multi-host: call jax.distributed.initialize() before anything else. Empty / 0 / -1
   # leave the coordinator, process count and process id to JAX's cluster detection
   # (TPU VMs, SLURM); set them for a hand-made cluster (e.g. two CPU processes).

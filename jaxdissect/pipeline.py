@@ -355,7 +355,7 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   config_lib.validate(config)
   config = config_lib.resolve_paths(config, workdir)
   results_lib.check_result_dir(config.result_dir, config.overwrite)
-  mesh = sharding.make_mesh()
+  mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.batch_size, mesh)
 
   target, layer_infos, clip = _load_models(config)

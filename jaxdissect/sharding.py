@@ -28,6 +28,19 @@ def make_mesh(num_devices: int | None = None, local: bool = False) -> Mesh:
   return Mesh(np.array(devices), (DATA_AXIS,))
 
 
+def mesh_from_config(config) -> Mesh:
+  """The run's mesh: config.num_devices devices (0: every device of every process)."""
+  wanted, available = int(config.num_devices), jax.device_count()
+  if wanted < 0 or wanted > available:
+    raise errors.UserError("num_devices", f"{wanted} devices asked for, {available} "
+                           "available.", f"set --config.num_devices between 1 and "
+                           f"{available}, or 0 for all.")
+  if wanted and wanted != available and jax.process_count() > 1:
+    raise errors.UserError("num_devices", "a multi-process run uses every device.",
+                           "set --config.num_devices=0.")
+  return make_mesh(wanted or None)
+
+
 def is_multi_process(mesh: Mesh) -> bool:
   return len({d.process_index for d in mesh.devices.flat}) > 1
 

@@ -41,6 +41,18 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
       # The matmul is split by rows across devices: equal to float32 rounding.
       np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-6, err_msg=name)
       assert np.array_equal(one.argmax(1), eight.argmax(1)), name
+    from jaxdissect import config as config_lib, errors
+    config = config_lib.get_base_config()
+    config.num_devices = 4
+    assert sharding.mesh_from_config(config).devices.size == 4
+    config.num_devices = 0
+    assert sharding.mesh_from_config(config).devices.size == 8
+    config.num_devices = 9
+    try:
+      sharding.mesh_from_config(config)
+      raise AssertionError("9 of 8 devices accepted")
+    except errors.UserError as err:
+      assert "num_devices" in err.one_line(), err.one_line()
     print("SHARDED_OK")
 """)
 
