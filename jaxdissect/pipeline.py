@@ -24,6 +24,7 @@ from jaxdissect import sharding
 from jaxdissect import similarity
 from jaxdissect import store
 from jaxdissect import streaming
+from jaxdissect import topk
 from jaxdissect.data import concepts as concepts_lib
 from jaxdissect.data import probe as probe_lib
 from jaxdissect.models import clip as clip_lib
@@ -384,8 +385,12 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
     store.remove_probe_chunks(config.activation_dir, shard_key)
   if jax.process_count() > 1:
     num_kept = probe_set.num_images - int(_allgather(np.array([len(probe.skipped)])).sum())
-    top_k_only = config.similarity_fn in labeling.PRIOR_FUNCTIONS and streams(
-        config.similarity_fn, num_kept, len(concepts), config.concept_matrix_max_gb)
+    # More listed top images than the running top-k keeps are recomputed from the
+    # matrices, which then have to be gathered too.
+    top_k_only = (config.similarity_fn in labeling.PRIOR_FUNCTIONS
+                  and config.num_top_images <= topk.RUNNING_TOP_K
+                  and streams(config.similarity_fn, num_kept, len(concepts),
+                              config.concept_matrix_max_gb))
     probe = gather_probe(probe, probe_set.num_images, with_activations=not top_k_only)
     # Every process now holds the whole pass; each scores it on its own devices (the
     # results are the same everywhere) and process 0 writes them.

@@ -153,6 +153,48 @@ class ProbeTest(absltest.TestCase):
       np.testing.assert_array_equal(merged.ids, whole.top["layer2"].ids)
       self.assertEqual(int(np.sum(merged.ids != topk.EMPTY_ID)), 23 * merged.ids.shape[1])
 
+  def _broden(self, tmp, rows):
+    """A Broden-shaped directory: index.csv (its real columns) and images/ files."""
+    root = os.path.join(tmp, "broden1_224")
+    images = tiny_models.render_images(len(rows), seed=5, min_size=30, max_size=30)
+    for rel, image in zip(rows, images):
+      os.makedirs(os.path.join(root, "images", os.path.dirname(rel)), exist_ok=True)
+      Image.fromarray(image).save(os.path.join(root, "images", rel))
+    with open(os.path.join(root, "index.csv"), "w", encoding="utf-8") as f:
+      f.write("image,split,ih,iw,sh,sw,color,object,part,material,scene,texture\n")
+      for rel in rows:
+        f.write(f"{rel},train,224,224,112,112,{rel}_color.png,,,,,\n")
+    return root
+
+  def test_broden_source_reads_index_order(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      # Not sorted on purpose: the index's order is the probe order.
+      rows = ["opensurfaces/25.jpg", "ade20k/ADE_train_1.jpg", "dtd/braided_0050.jpg"]
+      root = self._broden(tmp, rows)
+      # A file under images/ that index.csv does not list is not a probe image.
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(
+          os.path.join(root, "images", "extra.png"))
+      (source,) = probe.parse_probe_spec(f"broden:{root}")
+      self.assertEqual(source.num_images, 3)
+      self.assertEqual(source.image_ids, [f"images/{r}" for r in rows])
+      batches = list(probe.ProbeSet([source]).batches(IDENTITY_8, HALF_6, 2))
+      ids = [i.decode() for b in batches for i, m in zip(b["image_id"], b["mask"]) if m]
+      self.assertEqual(ids, [f"images/{r}" for r in rows])
+      before = source.identity
+      with open(os.path.join(root, "index.csv"), "a", encoding="utf-8") as f:
+        f.write(f"{rows[0]},val,224,224,112,112,,,,,,\n")
+      self.assertNotEqual(probe.parse_probe_spec(f"broden:{root}")[0].identity, before)
+
+  def test_broden_errors_name_the_fix(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      with self.assertRaisesRegex(errors.UserError, "no index.csv"):
+        probe.parse_probe_spec(f"broden:{tmp}")
+      root = self._broden(tmp, ["dtd/a.jpg"])
+      with open(os.path.join(root, "index.csv"), "a", encoding="utf-8") as f:
+        f.write("dtd/gone.jpg,train,224,224,112,112,,,,,,\n")
+      with self.assertRaisesRegex(errors.UserError, "missing, e.g. images/dtd/gone.jpg"):
+        probe.parse_probe_spec(f"broden:{root}")
+
   def test_tfds_source_reads_split_with_keys(self):
     with tempfile.TemporaryDirectory() as tmp:
       TinyProbeDataset(data_dir=tmp).download_and_prepare()

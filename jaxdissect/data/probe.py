@@ -7,6 +7,7 @@ batches have a fixed size, the last one padded, with a mask that marks real imag
 Every image carries its global index (position in the concatenated sources) and an id
 (relative file name or TFDS key) that ends up in top_images.csv.
 """
+import csv
 import dataclasses
 import os
 import re
@@ -55,6 +56,8 @@ def parse_probe_spec(spec: str, field: str = "d_probe") -> list[ProbeSource]:
     kind, _, rest = part.partition(":")
     if kind == "folder" and rest:
       sources.append(folder_source(rest, field))
+    elif kind == "broden" and rest:
+      sources.append(broden_source(rest, field))
     elif kind == "synthetic" and rest:
       sources.append(synthetic_source(rest, field))
     elif kind == "tfds" and rest:
@@ -68,8 +71,8 @@ def parse_probe_spec(spec: str, field: str = "d_probe") -> list[ProbeSource]:
       sources.append(tfds_source(name, split, field))
     else:
       raise errors.UserError(field, f"unknown probe source {part!r}.",
-                             "use tfds:NAME:SPLIT, folder:PATH or synthetic:SET:N "
-                             "(comma-separated).")
+                             "use tfds:NAME:SPLIT, folder:PATH, broden:PATH or "
+                             "synthetic:SET:N (comma-separated).")
   return sources
 
 
@@ -94,6 +97,12 @@ def folder_source(path: str, field: str = "d_probe") -> ProbeSource:
     raise errors.UserError(field, f"probe folder {path!r} holds no .jpg/.jpeg/.png files.",
                            "put images in it (subfolders are searched) or use another "
                            "source.")
+  return _files_source(root, files, f"folder:{path}", "folder")
+
+
+def _files_source(root: str, files: Sequence[str], description: str,
+                  kind: str) -> ProbeSource:
+  """Image files under root (relative paths, in probe order)."""
   # Sizes and modification times identify the files without reading them all.
   listing = []
   for rel in files:
@@ -103,14 +112,41 @@ def folder_source(path: str, field: str = "d_probe") -> ProbeSource:
   def make_dataset():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     paths = [os.path.join(root, rel) for rel in files]
-    return tf.data.Dataset.from_tensor_slices({"path": paths, "image_id": files})
+    return tf.data.Dataset.from_tensor_slices({"path": paths, "image_id": list(files)})
 
   def decode(record):
     return {"image": _decode_file(record["path"]), "image_id": record["image_id"]}
 
-  return ProbeSource(description=f"folder:{path}", num_images=len(files),
-                     identity={"kind": "folder", "root": root, "files": listing},
-                     make_dataset=make_dataset, decode=decode, image_ids=files)
+  return ProbeSource(description=description, num_images=len(files),
+                     identity={"kind": kind, "root": root, "files": listing},
+                     make_dataset=make_dataset, decode=decode, image_ids=list(files))
+
+
+def broden_source(path: str, field: str = "d_probe") -> ProbeSource:
+  """The images of a Broden dataset (Bau et al.; broden1_224 / broden1_227), in the order
+  of its index.csv, whose `image` column names files under PATH/images. Only the images
+  are read: CLIP-Dissect needs no segmentation labels."""
+  root = os.path.abspath(os.path.expanduser(path))
+  index = os.path.join(root, "index.csv")
+  if not os.path.isfile(index):
+    raise errors.UserError(field, f"no index.csv in Broden directory {path!r}.",
+                           "give broden:PATH of an unpacked Broden dataset (e.g. "
+                           "broden1_224, which holds index.csv and images/).")
+  with open(index, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    if "image" not in (reader.fieldnames or []):
+      raise errors.UserError(field, f"{index} has no 'image' column.",
+                             "give the index.csv that ships with Broden.")
+    files = ["images/" + row["image"].strip() for row in reader if row["image"].strip()]
+  if not files:
+    raise errors.UserError(field, f"{index} lists no images.", "give a complete Broden "
+                           "dataset.")
+  missing = [rel for rel in files if not os.path.isfile(os.path.join(root, rel))]
+  if missing:
+    raise errors.UserError(field, f"{len(missing)} image(s) listed in {index} are "
+                           f"missing, e.g. {missing[0]}.", "unpack the whole Broden "
+                           "dataset.")
+  return _files_source(root, files, f"broden:{path}", "broden")
 
 
 def tfds_source(name: str, split: str, field: str = "d_probe") -> ProbeSource:
