@@ -31,7 +31,8 @@ import time
 import numpy as np
 
 # Importable from a bare checkout (the GPU machine runs it without installing).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                os.path.dirname(os.path.abspath(__file__))]
 import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4")
