@@ -11,6 +11,8 @@ For (soft-)WPMI also streaming with bfloat16 products (float32 accumulation): it
 and its label agreement with float32 streaming; with --kernels, streaming through the
 fused Pallas kernel (kernels.py; only meaningful on a GPU or TPU, the CPU interprets it).
 Inputs are random CLIP-like embeddings (dim 64) and ReLU activations, seeded.
+cos_similarity's NumPy baseline reads all of P once per neuron: at 50000x20000x2048 that
+is over 10 minutes, so BENCHMARKS.md runs that size with --functions soft_wpmi,wpmi.
 """
 import argparse
 import multiprocessing
