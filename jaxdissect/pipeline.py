@@ -97,7 +97,7 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
                 concepts: Sequence[str], similarity_fn: str = "soft_wpmi",
                 num_alternatives: int = 5, num_top_images: int = 10,
                 neuron_chunk_size: int | None = None,
-                keep_scores: bool = False,
+                keep_scores: bool | Sequence[str] = False,
                 concept_matrix_max_gb: float = DEFAULT_CONCEPT_MATRIX_MAX_GB,
                 mesh=None, kernel: str = "auto",
                 compute_dtype: str = "float32") -> results_lib.DissectionResult:
@@ -108,6 +108,8 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
   it from the embeddings (rank_reorder has no streaming form and always holds P), with
   the neurons split over the devices of `mesh`. Which path is taken depends on the sizes
   only, never on the device count, so the labels are the same on any number of devices.
+  keep_scores: True for every layer, or the names of the layers whose (units, concepts)
+  scores go into the result's .scores.
   """
   num_images, num_concepts = len(probe.image_embeddings), len(text_embeddings)
   matrix_gb = num_images * num_concepts * 4 / 2**30
@@ -144,7 +146,7 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
     layers[name] = labeling.label_units(scored.scores, None, concepts, scored.dead,
                                         scored.invalid, num_alternatives, num_top_images,
                                         tiebreak=scored.tiebreak, top=top)
-    if keep_scores:
+    if keep_scores is True or (keep_scores and name in keep_scores):
       scores[name] = scored.scores
     logging.info("Layer %s: %d units labelled with %s (%d distinct labels).", name,
                  layers[name].num_units, similarity_fn, len(set(layers[name].labels)))
@@ -421,14 +423,15 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
                     {"clip": clip.name})
 
   logging.info("Scoring %d layer(s) with %s.", len(layer_infos), config.similarity_fn)
+  truths = {info.name: truth for info in layer_infos
+            if (truth := target.truth_for(info)) is not None}
   result = label_probe(probe, text_embeddings, concepts, config.similarity_fn,
                        config.num_alternatives, config.num_top_images,
                        config.neuron_chunk_size or None,
+                       keep_scores=list(truths),  # the true concepts' ranks need them
                        concept_matrix_max_gb=config.concept_matrix_max_gb, mesh=mesh,
                        kernel=config.similarity_kernel,
                        compute_dtype=config.similarity_dtype)
-  truths = {info.name: truth for info in layer_infos
-            if (truth := target.truth_for(info)) is not None}
   evaluation = None
   if truths:
     embed = evaluate.make_embedder(concepts, text_embeddings,

@@ -25,6 +25,25 @@ class EvaluateTest(absltest.TestCase):
     self.assertAlmostEqual(scores["clip_cos"], (1 + 0.6 + 0 + 0.8) / 4)
     self.assertEqual(scores["num_units"], 4)
 
+  def test_true_concept_ranks_count_strictly_better_concepts(self):
+    concepts = ["cat", "dog", "car", "sun"]
+    scores = np.array([[0.9, 0.1, 0.5, 0.2],    # cat is best: 1
+                       [0.3, 0.3, 0.5, 0.1],    # dog ties cat, car above: 2
+                       [0.0, 0.0, 0.0, 0.0],    # dead: last (4)
+                       [0.2, 0.4, 0.6, 0.8]])   # truth "zebra" is no concept: NaN
+    ranks = evaluate.true_concept_ranks(scores, ["cat", "dog", "cat", "zebra"], concepts,
+                                        np.array([True, True, False, True]))
+    np.testing.assert_array_equal(ranks[:3], [1, 2, 4])
+    self.assertTrue(np.isnan(ranks[3]))
+
+  def test_label_diversity_against_hand_counts(self):
+    labels = ["cat", "cat", "dog", "sun", labeling.DEAD_LABEL]
+    diversity = evaluate.label_diversity(labels)
+    self.assertAlmostEqual(diversity["diversity"], 3 / 4)
+    # shares 1/2, 1/4, 1/4: 0.5 + 0.5 + 0.5 bits
+    self.assertAlmostEqual(diversity["label_entropy_bits"], 1.5)
+    self.assertEqual(evaluate.label_diversity([labeling.DEAD_LABEL])["diversity"], 0.0)
+
   def test_embedder_looks_up_and_embeds_missing(self):
     asked = []
 

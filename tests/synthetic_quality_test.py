@@ -49,7 +49,13 @@ class SyntheticQualityTest(absltest.TestCase):
       evaluation = json.load(f)
     self.assertEqual(set(evaluation), {"fc", "planted.colour", "planted.texture"})
     for layer, row in evaluation.items():
-      self.assertEqual(set(row), {"top1", "top5", "clip_cos", "num_units", "num_concepts"})
+      self.assertContainsSubset(
+          {"top1", "top5", "clip_cos", "num_units", "num_concepts", "mean_rank",
+           "diversity", "label_entropy_bits"}, set(row))
+      self.assertGreaterEqual(row["mean_rank"], 1.0)
+      if row["top1"] == 1.0:  # every unit's truth is its best concept
+        self.assertEqual(row["mean_rank"], 1.0)
+      self.assertBetween(row["diversity"], 0.0, 1.0)
       self.assertEqual(row["num_concepts"], 56)
       for key in ("top1", "top5"):
         self.assertBetween(row[key], 0.0, 1.0)
