@@ -124,9 +124,7 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   pallas = kernels.use_pallas(kernel) and compute_dtype == "float32"
   body = _neurons_log_likelihood
   if pallas:
-    body = functools.partial(_kernel_log_likelihood, a_value=float(a),
-                             min_prob_value=float(min_prob),
-                             interpret=jax.default_backend() == "cpu")
+    body = _kernel_body(float(a), float(min_prob), jax.default_backend() == "cpu")
   with kernels.lowering_context() if pallas else contextlib.nullcontext():
     if devices == 1:
       out = _jitted(body)(*args, soft=soft, chunk=chunk, term_floor=term_floor,
@@ -165,11 +163,18 @@ def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *
   return out.reshape(-1, texts.shape[0])
 
 
+@functools.lru_cache(maxsize=32)
+def _kernel_body(a_value: float, min_prob_value: float, interpret: bool):
+  """One body object per setting: _jitted and _sharded_log_likelihood cache on it, and a
+  fresh partial at every call would compile the kernel again for every layer."""
+  return functools.partial(_kernel_log_likelihood, a_value=a_value,
+                           min_prob_value=min_prob_value, interpret=interpret)
+
+
 # Only hashable settings are static, so layers of equal shapes share one compilation.
 @functools.lru_cache(maxsize=32)
 def _jitted(body):
   return jax.jit(body, static_argnames=("soft", "chunk", "term_floor", "compute_dtype"))
-
 
 
 @functools.lru_cache(maxsize=32)

@@ -46,6 +46,10 @@ class KernelTest(parameterized.TestCase):
     np.testing.assert_allclose(np.asarray(pallas_scores), np.asarray(jnp_scores),
                                rtol=1e-5, atol=1e-3)
     np.testing.assert_array_equal(np.argmax(pallas_scores, 1), np.argmax(jnp_scores, 1))
+    # A second layer of the same shapes reuses the compiled kernel.
+    jitted = streaming._jitted.cache_info().currsize  # pylint: disable=protected-access
+    streaming.FUNCTIONS[fn](images, texts, activations, kernel="pallas")
+    self.assertEqual(streaming._jitted.cache_info().currsize, jitted)  # pylint: disable=protected-access
 
   def test_lowers_for_tpu_and_cuda_in_one_export(self):
     exported = kernels.export_for(("tpu", "cuda"), num_neurons=32, top_k=100,
