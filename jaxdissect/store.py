@@ -83,8 +83,9 @@ def _write_entry(root: str, name: str, arrays: dict[str, Any],
   return final
 
 
-def _read_entry(root: str, name: str) -> tuple[str, dict[str, Any]] | None:
-  """Returns (dir, manifest) if the entry exists and every checksum matches."""
+def _read_entry(root: str, name: str,
+                verify: bool = True) -> tuple[str, dict[str, Any]] | None:
+  """Returns (dir, manifest) if the entry exists and (verify) every checksum matches."""
   entry = os.path.join(root, name)
   manifest_path = os.path.join(entry, "manifest.json")
   if not os.path.isfile(manifest_path):
@@ -93,7 +94,7 @@ def _read_entry(root: str, name: str) -> tuple[str, dict[str, Any]] | None:
     with open(manifest_path, encoding="utf-8") as f:
       manifest = json.load(f)
     for filename, digest in manifest["files"].items():
-      if _sha256_file(os.path.join(entry, filename)) != digest:
+      if verify and _sha256_file(os.path.join(entry, filename)) != digest:
         raise ValueError(f"checksum mismatch in {filename}")
   except (OSError, ValueError, KeyError) as err:
     logging.warning("Store entry %s is damaged (%s); recomputing it.", entry, err)
@@ -133,13 +134,17 @@ def _chunk_root(root: str, key: str) -> str:
   return os.path.join(root, f"partial-{key}")
 
 
+def _chunk_name(start: int, stop: int) -> str:
+  return f"chunk-{start:012d}-{stop:012d}"
+
+
 def save_probe_chunk(root: str, key: str, start: int, stop: int,
                      probe: activations_lib.ProbeActivations) -> str | None:
   """Saves images start..stop-1 of an unfinished pass; None if it could not (another run
   sharing the store finished the pass and removed the chunks meanwhile)."""
   try:
-    return _save_probe_entry(_chunk_root(root, key), f"chunk-{start:012d}-{stop:012d}",
-                             probe, {"start": start, "stop": stop})
+    return _save_probe_entry(_chunk_root(root, key), _chunk_name(start, stop), probe,
+                             {"start": start, "stop": stop})
   except OSError as err:
     logging.warning("Chunk %d..%d of probe-%s not saved (%s); the pass goes on.", start,
                     stop - 1, key, err)
@@ -148,18 +153,18 @@ def save_probe_chunk(root: str, key: str, start: int, stop: int,
 
 def load_probe_chunk(root: str, key: str, start: int, stop: int,
                      mmap: bool = False) -> activations_lib.ProbeActivations | None:
-  return _load_probe_entry(_chunk_root(root, key), f"chunk-{start:012d}-{stop:012d}",
-                           mmap)
+  return _load_probe_entry(_chunk_root(root, key), _chunk_name(start, stop), mmap)
 
 
 def remove_probe_chunks(root: str, key: str) -> None:
   shutil.rmtree(_chunk_root(root, key), ignore_errors=True)
 
 
-def _load_probe_entry(root: str, name: str,
-                      mmap: bool = False) -> activations_lib.ProbeActivations | None:
-  """mmap: the (num_images, ...) arrays stay on disk (np.memmap), read as they are used."""
-  found = _read_entry(root, name)
+def _load_probe_entry(root: str, name: str, mmap: bool = False,
+                      verify: bool = True) -> activations_lib.ProbeActivations | None:
+  """mmap: the (num_images, ...) arrays stay on disk (np.memmap), read as they are used.
+  verify=False skips the checksums, for an entry this process has just written."""
+  found = _read_entry(root, name, verify)
   if found is None:
     return None
   entry, manifest = found
@@ -192,8 +197,7 @@ def assemble_probe(root: str, key: str, chunks: list[tuple[int, int]],
     return existing
 
   def chunk(start, stop):
-    part = _load_probe_entry(_chunk_root(root, key), f"chunk-{start:012d}-{stop:012d}",
-                             mmap=True)
+    part = load_probe_chunk(root, key, start, stop, mmap=True)
     if part is None:
       raise FileNotFoundError(f"chunk {start}..{stop - 1} of probe-{key} is missing.")
     return part
@@ -226,7 +230,9 @@ def assemble_probe(root: str, key: str, chunks: list[tuple[int, int]],
   _write_entry(root, f"probe-{key}", arrays, {"image_ids.json": image_ids,
                                                "skipped.json": skipped},
                {"layers": layer_names, **meta})
-  return _load_probe_entry(root, f"probe-{key}", mmap=True)
+  # Its checksums were just computed from these files, and the chunks it was copied from
+  # were verified: reading every byte again would only cost time.
+  return _load_probe_entry(root, f"probe-{key}", mmap=True, verify=False)
 
 
 def save_text(root: str, key: str, embeddings: np.ndarray, concepts: list[str],
