@@ -70,13 +70,18 @@ def check_enough_images(num_images: int, similarity_fn: str, field: str = "d_pro
         "(its top-k).", f"give at least {needed} probe images.")
 
 
+def _concept_matrix_gb(num_images: int, num_concepts: int) -> float:
+  """Size of P (float32) in GB."""
+  return num_images * num_concepts * 4 / 2**30
+
+
 def _matrix_out_of_memory(err: Exception, doing: str, num_images: int, num_concepts: int,
                           similarity_fn: str) -> Exception:
   """The one-line error for an in-memory P that did not fit; other errors unchanged."""
   if isinstance(err, jax.errors.JaxRuntimeError) and not any(
       s in str(err) for s in ("RESOURCE_EXHAUSTED", "Out of memory")):
     return err
-  gb = num_images * num_concepts * 4 / 2**30
+  gb = _concept_matrix_gb(num_images, num_concepts)
   how = (f"so that {similarity_fn} streams P" if similarity_fn in
          streaming.STREAMING_FUNCTIONS else "and use a similarity_fn that streams P "
          f"({', '.join(streaming.STREAMING_FUNCTIONS)})")
@@ -90,7 +95,7 @@ def streams(similarity_fn: str, num_images: int, num_concepts: int,
             concept_matrix_max_gb: float) -> bool:
   """Whether label_probe streams P from the embeddings instead of holding it."""
   return (similarity_fn in streaming.STREAMING_FUNCTIONS
-          and num_images * num_concepts * 4 / 2**30 > concept_matrix_max_gb)
+          and _concept_matrix_gb(num_images, num_concepts) > concept_matrix_max_gb)
 
 
 def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.ndarray,
@@ -112,7 +117,7 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
   scores go into the result's .scores.
   """
   num_images, num_concepts = len(probe.image_embeddings), len(text_embeddings)
-  matrix_gb = num_images * num_concepts * 4 / 2**30
+  matrix_gb = _concept_matrix_gb(num_images, num_concepts)
   stream = streams(similarity_fn, num_images, num_concepts, concept_matrix_max_gb)
   if stream:
     logging.info("P (%d images x %d concepts, %.2f GB) exceeds concept_matrix_max_gb=%g: "
@@ -278,11 +283,6 @@ def _resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_info
   return store.assemble_probe(config.activation_dir, probe_key, chunks, meta)
 
 
-def _allgather(array: np.ndarray) -> np.ndarray:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(array))
-
-
 def gather_probe(local: activations_lib.ProbeActivations, num_images: int,
                  with_activations: bool = True) -> activations_lib.ProbeActivations:
   """Every process's rows (each process holds every process_count-th image) in global
@@ -302,20 +302,22 @@ def gather_probe(local: activations_lib.ProbeActivations, num_images: int,
     pad = np.full((width - len(array), *array.shape[1:]), fill, array.dtype)
     return np.concatenate([array, pad])
 
-  all_indices = _allgather(padded(indices, -1)).reshape(-1)
+  all_indices = sharding.allgather(padded(indices, -1)).reshape(-1)
   order = np.argsort(all_indices, kind="stable")
   order = order[all_indices[order] >= 0]
 
   def gather(array):
-    return _allgather(padded(array)).reshape(-1, *np.shape(array)[1:])[order]
+    return sharding.allgather(padded(array)).reshape(-1, *np.shape(array)[1:])[order]
 
   encoded = [image_id.encode("utf-8") for image_id in local.image_ids]
-  id_width = int(_allgather(np.array([max(map(len, encoded), default=1)])).max())
+  id_width = int(
+      sharding.allgather(np.array([max(map(len, encoded), default=1)])).max())
   id_bytes = np.zeros((len(encoded), id_width), np.uint8)
   for row, raw in enumerate(encoded):
     id_bytes[row, :len(raw)] = np.frombuffer(raw, np.uint8)
   image_ids = [bytes(row).rstrip(b"\0").decode("utf-8") for row in gather(id_bytes)]
-  all_skipped = _allgather(padded(np.array(sorted(skipped), np.int64), -1)).reshape(-1)
+  all_skipped = sharding.allgather(
+      padded(np.array(sorted(skipped), np.int64), -1)).reshape(-1)
   activations = {
       name: gather(values) if with_activations else np.zeros((len(order), 0), np.float32)
       for name, values in local.activations.items()}
@@ -386,7 +388,8 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
                                          "num_images": probe_set.num_images})
     store.remove_probe_chunks(config.activation_dir, shard_key)
   if jax.process_count() > 1:
-    num_kept = probe_set.num_images - int(_allgather(np.array([len(probe.skipped)])).sum())
+    num_kept = probe_set.num_images - int(
+        sharding.allgather(np.array([len(probe.skipped)])).sum())
     # More listed top images than the running top-k keeps are recomputed from the
     # matrices, which then have to be gathered too.
     top_k_only = (config.similarity_fn in labeling.PRIOR_FUNCTIONS

@@ -70,12 +70,17 @@ def to_host(array: jax.Array) -> np.ndarray:
   return np.asarray(array.addressable_data(0))
 
 
+def allgather(array: np.ndarray) -> np.ndarray:
+  """(process_count, *array.shape): every process's `array` (a collective: every process
+  must call it at the same point, with the same shape)."""
+  return np.asarray(multihost_utils.process_allgather(array))
+
+
 def all_processes_agree(flag: bool) -> bool:
-  """True only if `flag` is true in every process (a collective: every process must
-  call it at the same point)."""
+  """True only if `flag` is true in every process (a collective)."""
   if jax.process_count() == 1:
     return flag
-  return bool(np.all(multihost_utils.process_allgather(np.array([flag]))))
+  return bool(np.all(allgather(np.array([flag]))))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
