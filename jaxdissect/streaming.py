@@ -56,13 +56,17 @@ def _neuron_chunk(top_k: int, num_concepts: int) -> int:
   return max(1, CHUNK_BUDGET_BYTES // (top_k * num_concepts * 4 * 3))
 
 
+def _check_width(image_embeddings, text_embeddings, name):
+  if image_embeddings.shape[1] != text_embeddings.shape[1]:
+    raise ValueError(f"{name}: image and text embeddings differ in width "
+                     f"({image_embeddings.shape[1]} vs {text_embeddings.shape[1]}).")
+
+
 def _check(image_embeddings, text_embeddings, activations, name):
   if image_embeddings.shape[0] != activations.shape[0]:
     raise ValueError(f"{name}: {image_embeddings.shape[0]} image embeddings but "
                      f"activations for {activations.shape[0]} images.")
-  if image_embeddings.shape[1] != text_embeddings.shape[1]:
-    raise ValueError(f"{name}: image and text embeddings differ in width "
-                     f"({image_embeddings.shape[1]} vs {text_embeddings.shape[1]}).")
+  _check_width(image_embeddings, text_embeddings, name)
 
 
 def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k, a,
@@ -86,13 +90,13 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
     raise ValueError(f"{name}: compute_dtype must be one of {COMPUTE_DTYPES}, got "
                      f"{compute_dtype!r}.")
   num_images = image_embeddings.shape[0]
+  _check_width(image_embeddings, text_embeddings, name)
+  similarity._check_top_k(top_k, num_images, name)  # pylint: disable=protected-access
   if top_images is None:
     _check(image_embeddings, text_embeddings, activations, name)
-    similarity._check_top_k(top_k, num_images, name)  # pylint: disable=protected-access
     _, top_images = similarity.top_activations(jnp.asarray(activations, jnp.float32),
                                                top_k)
   else:
-    similarity._check_top_k(top_k, num_images, name)  # pylint: disable=protected-access
     if top_images.shape[1] < top_k:
       raise ValueError(f"{name}: top_images has {top_images.shape[1]} images per neuron, "
                        f"fewer than top_k={top_k}.")
@@ -104,9 +108,6 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
     raise ValueError(f"{name}: top_images holds rows outside 0..{num_images - 1}.")
   images = np.asarray(image_embeddings[rows], np.float32)
   num_concepts = text_embeddings.shape[0]
-  if images.shape[1] != text_embeddings.shape[1]:
-    raise ValueError(f"{name}: image and text embeddings differ in width "
-                     f"({images.shape[1]} vs {text_embeddings.shape[1]}).")
   soft = membership is not None
   top_images = local_ids.reshape(top_images.shape).astype(np.int32)
   num_neurons = top_images.shape[0]
