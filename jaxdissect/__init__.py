@@ -5,9 +5,23 @@
                                 layers="layer4")
     result.to_dataframe()
 """
-from jaxdissect.pipeline import dissect, list_layers, run  # noqa: F401
-from jaxdissect.models.clip import ClipModel, load_clip  # noqa: F401
-from jaxdissect.models.targets import TargetModel, load_target  # noqa: F401
-from jaxdissect.data.preprocessing import ImageTransform  # noqa: F401
+import importlib
 
 __version__ = "0.1.0"
+
+# Resolved on first use, so that `python -m jaxdissect.evaluate` (and the other entry
+# points) run their module once, not after the package has imported it already.
+_EXPORTS = {
+    "dissect": "jaxdissect.pipeline", "list_layers": "jaxdissect.pipeline",
+    "run": "jaxdissect.pipeline", "ClipModel": "jaxdissect.models.clip",
+    "load_clip": "jaxdissect.models.clip", "TargetModel": "jaxdissect.models.targets",
+    "load_target": "jaxdissect.models.targets",
+    "ImageTransform": "jaxdissect.data.preprocessing",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'jaxdissect' has no attribute {name!r}")

