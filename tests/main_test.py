@@ -65,16 +65,16 @@ class MainEndToEndTest(absltest.TestCase):
 
   def check_results(self, result_dir, units, concepts):
     expected = ["descriptions.csv", "descriptions_topk.csv", "top_images.csv",
-                "config.json", "report"]
-    if "fc" in units:  # a classifier's fc units have known truth: its class names
-      expected.append("evaluation.json")
+                "config.json", "report", "evaluation.json", "unit_trust.csv"]
     self.assertCountEqual(os.listdir(result_dir), expected)
-    if "fc" in units:
-      with open(os.path.join(result_dir, "evaluation.json"), encoding="utf-8") as f:
-        evaluation = json.load(f)
-      self.assertEqual(list(evaluation), ["fc"])
-      self.assertEqual(evaluation["fc"]["num_units"], units["fc"])
-      self.assertEqual(evaluation["fc"]["num_concepts"], len(concepts))
+    with open(os.path.join(result_dir, "evaluation.json"), encoding="utf-8") as f:
+      evaluation = json.load(f)
+    self.assertEqual(list(evaluation), list(units))
+    for layer, count in units.items():
+      self.assertEqual(evaluation[layer]["num_units"], count)
+      # A classifier's fc units have known truth: its class names.
+      self.assertEqual("top1" in evaluation[layer], layer == "fc")
+      self.assertEqual(evaluation[layer]["num_concepts"], len(concepts))
     rows = read_csv(os.path.join(result_dir, "descriptions.csv"))
     self.assertEqual(rows[0], ["layer", "unit", "description", "similarity"])
     per_layer = {}

@@ -36,6 +36,9 @@ class ProbeSource:
     decode: record -> {"image": uint8 (H, W, C), "image_id"} in tf.data; a record it
       fails on (corrupt, truncated) is skipped and reported, not fatal.
     image_ids: every image's id where known before reading (file names), else None.
+    class_labels: every image's class name where the source knows it (the synthetic
+      world's shape; a folder's class subfolder), else None. Only the label
+      applications read it (accuracy under editing and pruning).
   """
   description: str
   num_images: int
@@ -43,6 +46,7 @@ class ProbeSource:
   make_dataset: Callable[[], Any]
   decode: Callable[[Any], Any] = lambda record: record
   image_ids: Sequence[str] | None = None
+  class_labels: Sequence[str] | None = None
 
 
 def parse_probe_spec(spec: str, field: str = "d_probe") -> list[ProbeSource]:
@@ -97,7 +101,11 @@ def folder_source(path: str, field: str = "d_probe") -> ProbeSource:
     raise errors.UserError(field, f"probe folder {path!r} holds no .jpg/.jpeg/.png files.",
                            "put images in it (subfolders are searched) or use another "
                            "source.")
-  return _files_source(root, files, f"folder:{path}", "folder")
+  source = _files_source(root, files, f"folder:{path}", "folder")
+  # ImageFolder layout (root/CLASS/image.jpg): the subfolder names the class.
+  if all("/" in rel for rel in files):
+    source.class_labels = [rel.split("/", 1)[0] for rel in files]
+  return source
 
 
 def _files_source(root: str, files: Sequence[str], description: str,
@@ -199,9 +207,11 @@ def synthetic_source(spec: str, field: str = "d_probe") -> ProbeSource:
                            "synthetic:in_dist:2000.")
   name, count = parts[0], int(parts[1])
   seed = int(parts[2]) if len(parts) == 3 else 0
-  images, _, _ = world.render_probe_set(name, count, seed)
+  images, scenes, _ = world.render_probe_set(name, count, seed)
   source = array_source(images, [f"synthetic-{name}-{seed}-{i}" for i in range(count)],
                         description=f"synthetic:{spec}")
+  # The shape classifier's class: the first object's shape.
+  source.class_labels = [scene.objects[0].shape for scene in scenes]
   source.identity = {"kind": "synthetic", "spec": spec, "sha256":
                      source.identity["sha256"]}
   return source
@@ -280,6 +290,12 @@ class ProbeSet:
   @property
   def identity(self) -> list[dict[str, Any]]:
     return [s.identity for s in self.sources]
+
+  def class_labels(self) -> list[str] | None:
+    """Every image's class name, if every source knows them."""
+    if any(s.class_labels is None for s in self.sources):
+      return None
+    return [label for s in self.sources for label in s.class_labels]
 
   def describe(self, index: int) -> str:
     """The id of image `index` where it is known without reading it, else its source."""

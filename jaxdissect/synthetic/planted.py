@@ -168,3 +168,38 @@ def make_target(checkpoint_dir: str | None = None) -> targets_lib.TargetModel:
       transform=resnet.transform, layer_aliases=aliases, id2label=resnet.id2label,
       call_kwargs={"deterministic": True}, path_prefix="target/resnet",
       ground_truth=truth)
+
+
+class ColourClassifier(nn.Module):
+  """Which named colour covers most of the image: logits = the planted colour units'
+  amounts (percent of the image), so each colour class depends on exactly one unit, and
+  a last class "none" at NONE_LOGIT for images where no colour reaches that cover. The
+  editing test's planted ground truth: ablating the unit labelled "red" must cost
+  class red."""
+  mean: Sequence[float] = train_lib.IMAGENET_MEAN
+  std: Sequence[float] = train_lib.IMAGENET_STD
+
+  @nn.compact
+  def __call__(self, pixels):
+    rgb = pixels * jnp.asarray(self.std) + jnp.asarray(self.mean)
+    colour = ColourAmount([np.asarray(world.COLOURS[c]) / 255.0 for c in COLOUR_NAMES],
+                          name="colour")(rgb)
+    amounts = 100.0 * jnp.mean(colour, axis=(1, 2))
+    return jnp.concatenate([amounts, jnp.full_like(amounts[:, :1], NONE_LOGIT)], axis=-1)
+
+
+NONE_LOGIT = 0.5
+
+
+def make_colour_classifier() -> targets_lib.TargetModel:
+  """python:jaxdissect.synthetic.planted:make_colour_classifier"""
+  module = ColourClassifier()
+  variables = module.init(jax.random.key(0), jnp.zeros((1, world.IMAGE_SIZE,
+                                                        world.IMAGE_SIZE, 3)))
+  resnet_transform = targets_lib.load_target(
+      os.path.join(train_lib.CHECKPOINT_DIR, "resnet")).transform
+  return targets_lib.TargetModel(
+      name="synthetic:colour-classifier", module=module, variables=variables,
+      transform=resnet_transform, layer_aliases={"colour": "colour"},
+      id2label=dict(enumerate(COLOUR_NAMES + ("none",))),
+      ground_truth={"colour": list(COLOUR_NAMES)})
