@@ -307,6 +307,40 @@ class ProbeSet:
       index -= source.num_images
     raise IndexError(index)
 
+  def all_image_ids(self) -> list[str]:
+    """Every image's id in global index order; sources that do not list their ids
+    (TFDS) are read for them, without decoding any image."""
+    ids = []
+    for source in self.sources:
+      if source.image_ids is not None:
+        ids.extend(str(i) for i in source.image_ids)
+      else:
+        records = source.make_dataset().map(lambda x: x["image_id"])
+        ids.extend(raw.decode("utf-8") for raw in records.as_numpy_iterator())
+    return ids
+
+  def read_images(self, indices: Sequence[int],
+                  transform: preprocessing.ImageTransform) -> dict[int, np.ndarray]:
+    """{global index: (h, w, 3) float32 pixels after `transform`} for `indices`;
+    undecodable images are left out. Other records are skipped before decoding."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    wanted = sorted({int(i) for i in indices})
+    out: dict[int, np.ndarray] = {}
+    offset = 0
+    for source in self.sources:
+      local = [i - offset for i in wanted if offset <= i < offset + source.num_images]
+      if local:
+        keep = tf.constant(local, tf.int64)
+        part = source.make_dataset().enumerate().filter(
+            lambda i, x, keep=keep: tf.reduce_any(tf.equal(i, keep)))
+        part = part.map(
+            lambda i, x, decode=source.decode: (i, preprocessing.apply_transform(
+                _decode({**decode(x)}), transform))).ignore_errors()
+        for i, pixels in part.as_numpy_iterator():
+          out[int(i) + offset] = pixels
+      offset += source.num_images
+    return out
+
   def batches(self, clip_transform: preprocessing.ImageTransform,
               target_transform: preprocessing.ImageTransform, batch_size: int,
               num_parallel_calls: int = -1, shard_index: int = 0,
