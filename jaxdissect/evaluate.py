@@ -145,7 +145,7 @@ def evaluate_result(result, truths: Mapping[str, Sequence[str]], embed,
 
 def write_json(path: str, evaluation: Mapping[str, dict]) -> None:
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(evaluation, f, indent=2, sort_keys=True)
+    json.dump(evaluation, f, indent=2)  # layers in the order they were dissected
 
 
 def format_table(evaluation: Mapping[str, dict]) -> str:
