@@ -124,10 +124,10 @@ def computation_fingerprint(clip: clip_lib.ClipModel, target: targets_lib.Target
 
 
 class RateLogger:
-  """Logs images/s and ETA at most every `every_s` seconds."""
+  """Logs items/s (images by default) and ETA at most every `every_s` seconds."""
 
-  def __init__(self, total: int, what: str, every_s: float = 10.0):
-    self.total, self.what, self.every_s = total, what, every_s
+  def __init__(self, total: int, what: str, every_s: float = 10.0, unit: str = "images"):
+    self.total, self.what, self.every_s, self.unit = total, what, every_s, unit
     self.start = self.last = time.monotonic()
     self.done = 0
 
@@ -139,8 +139,8 @@ class RateLogger:
       elapsed = max(now - self.start, 1e-9)
       rate = self.done / elapsed
       eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-      logging.info("%s: %d/%d images, %.1f images/s, ETA %.0fs.", self.what, self.done,
-                   self.total, rate, eta)
+      logging.info("%s: %d/%d %s, %.1f %s/s, ETA %.0fs.", self.what, self.done,
+                   self.total, self.unit, rate, self.unit, eta)
 
   @property
   def rate(self) -> float:

@@ -45,6 +45,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # How many alternative concepts (descriptions_topk.csv) and top images per unit.
   config.num_alternatives = 5
   config.num_top_images = 10
+  # The report shows each unit's top images with its activation map: how many (0: no
+  # images, which skips re-reading them).
+  config.report_top_images = 5
   # Per-unit trust (unit_trust.csv): the AUC with which each unit separates the images
   # in the top trust_top_fraction of CLIP similarity to its label from the rest, and a
   # permutation p-value of its score over trust_permutations seeded shuffles (0: off).

@@ -4,6 +4,7 @@ Both go through the same steps: resolve layers (before any image is read), one p
 pass (CLIP image embeddings + pooled activations), concept text embeddings, similarity
 per layer, labels. `run` adds the activation store and writes the result files.
 """
+import functools
 import os
 import platform
 import time
@@ -334,10 +335,10 @@ def layer_trust(config, probe: activations_lib.ProbeActivations,
                 ) -> dict[str, trust.UnitTrust]:
   """Per-unit AUC and permutation p-value of every layer's labels."""
   out = {}
-  top_k = similarity.default_top_k(config.similarity_fn)
   for name, layer in result.layers.items():
     top_ids = None
     if config.similarity_fn in labeling.PRIOR_FUNCTIONS:
+      top_k = similarity.default_top_k(config.similarity_fn)
       top = probe.top_for(name, min(top_k, len(probe.image_ids)))
       top_ids = labeling.top_images_of_zeroed(top, top.k)
     activations = probe.activations.get(name)
@@ -491,8 +492,16 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   if jax.process_index() != 0:
     return config.result_dir
 
+  strips = {}
+  if config.report_top_images > 0:
+    global_index = np.setdiff1d(np.arange(probe_set.num_images),
+                                np.asarray(probe.skipped, np.int64))
+    strips = report.unit_strips(target, probe_set, {i.name: i.path for i in layer_infos},
+                                result, global_index, config.report_top_images)
+
   def write_contents(directory):
-    results_lib.write_files(directory, result, config_json, report.write_report)
+    results_lib.write_files(directory, result, config_json,
+                            functools.partial(report.write_report, strips=strips))
     if skipped:
       with open(os.path.join(directory, "skipped_images.txt"), "w", encoding="utf-8") as f:
         f.write("".join(f"{index}\t{name}\n" for index, name in skipped))

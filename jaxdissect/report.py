@@ -1,29 +1,60 @@
-"""A static HTML report: index.html and a page per layer. Every outside string escaped."""
+"""The static HTML report: index.html and a page per layer, plus PNG strips of each
+unit's top images with its activation map overlaid.
+
+Each layer page has one card per unit (label, score, AUC and p-value, the top-5
+alternatives with their scores, the top-image strip) and a bar chart of its most common
+labels; the cards sort by unit, score or AUC (buttons, or #sort=score in the URL).
+Every string that comes from outside (concepts, layer names, image ids) is
+HTML-escaped, attributes included; the pages load nothing from the network.
+"""
 import collections
 import html
+import math
 import os
 import re
+from typing import Mapping
+
+import numpy as np
 
 from jaxdissect import results as results_lib
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
 table{border-collapse:collapse}td,th{padding:.25em .6em;border-bottom:1px solid #ddd;
-text-align:left;vertical-align:top}th{cursor:pointer;background:#f4f4f4}
-.alt{color:#555;font-size:90%}.ids{font-family:monospace;font-size:85%;color:#444}
-.flag{color:#a00}
+text-align:left;vertical-align:top}th{background:#f4f4f4}
+.cards{display:flex;flex-wrap:wrap;gap:.8em}
+.card{border:1px solid #ccc;border-radius:6px;padding:.6em;width:330px;background:#fff}
+.card h3{margin:.1em 0 .3em;font-size:105%}.card.flagged{background:#fff4f4}
+.stats{font-size:90%;color:#333}.alt{color:#555;font-size:88%;margin:.3em 0}
+.strip{width:100%;image-rendering:pixelated;margin-top:.3em}
+.ids{font-family:monospace;font-size:78%;color:#555;overflow-wrap:anywhere}
+.bars{margin:1em 0}.bar{display:flex;align-items:center;gap:.5em;font-size:90%}
+.bar span.fill{display:inline-block;height:.9em;background:#4a7fd0}
+.bar span.name{width:14em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+button{margin-right:.4em}
 """
-# Sorting by a column: static, no external resources.
+# Sorting the cards: no external resources. #sort=KEY in the URL applies on load.
 _SORT_SCRIPT = """
-document.querySelectorAll('th[data-col]').forEach(function(th){
- th.addEventListener('click',function(){
-  var table=th.closest('table'),body=table.tBodies[0],col=+th.dataset.col,
-      num=th.dataset.num==='1',asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
-  var rows=Array.prototype.slice.call(body.rows);
-  rows.sort(function(a,b){var x=a.cells[col].dataset.v,y=b.cells[col].dataset.v;
-   if(num){x=+x;y=+y;}return (x<y?-1:x>y?1:0)*(asc?1:-1);});
-  rows.forEach(function(r){body.appendChild(r);});});});
+(function(){
+ var box=document.querySelector('.cards');
+ function sortBy(key){
+  if(!box)return;
+  var cards=Array.prototype.slice.call(box.querySelectorAll('.card'));
+  var desc=key!=='unit';
+  cards.sort(function(a,b){
+   var x=parseFloat(a.dataset[key]),y=parseFloat(b.dataset[key]);
+   if(isNaN(x))x=-Infinity;if(isNaN(y))y=-Infinity;
+   if(x===y)return parseFloat(a.dataset.unit)-parseFloat(b.dataset.unit);
+   return desc?(y-x):(x-y);});
+  cards.forEach(function(c){box.appendChild(c);});
+  document.body.dataset.sortedBy=key;}
+ document.querySelectorAll('button[data-sort]').forEach(function(b){
+  b.addEventListener('click',function(){sortBy(b.dataset.sort);});});
+ var m=/sort=(unit|score|auc)/.exec(location.hash);if(m)sortBy(m[1]);
+ document.body.dataset.ready='1';
+})();
 """
+NUM_BARS = 15
 
 
 def layer_filename(index: int, name: str) -> str:
@@ -31,49 +62,154 @@ def layer_filename(index: int, name: str) -> str:
   return f"layer-{index}-{safe}.html"
 
 
+def strip_filename(layer_index: int, unit: int) -> str:
+  return f"images/layer-{layer_index}/unit-{unit}.png"
+
+
 def _page(title: str, body: str) -> str:
-  return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+  esc = html.escape
+  return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}"
           f"</title><style>{_STYLE}</style></head><body>{body}"
           f"<script>{_SORT_SCRIPT}</script></body></html>\n")
 
 
-def write_report(report_dir: str, result: "results_lib.DissectionResult") -> None:
+def _number(value: float, digits: int = 4) -> str:
+  return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _bars(counts: collections.Counter) -> str:
+  esc = html.escape
+  top = counts.most_common(NUM_BARS)
+  if not top:
+    return ""
+  most = top[0][1]
+  rows = "".join(
+      f"<div class='bar'><span class='name' title='{esc(label, quote=True)}'>"
+      f"{esc(label)}</span><span class='fill' style='width:{200 * n / most:.0f}px'>"
+      f"</span><span>{n}</span></div>" for label, n in top)
+  return f"<div class='bars'><h2>Most common labels</h2>{rows}</div>"
+
+
+def write_report(report_dir: str, result: "results_lib.DissectionResult",
+                 strips: Mapping[tuple[str, int], np.ndarray] | None = None) -> None:
+  """Writes index.html, a page per layer and, for units in `strips` ((layer, unit) ->
+  (H, W, 3) uint8 image strip), images/layer-I/unit-N.png."""
   os.makedirs(report_dir, exist_ok=True)
   esc = html.escape
+  strips = strips or {}
   index_rows = []
   for i, (name, layer) in enumerate(result.layers.items()):
     filename = layer_filename(i, name)
     counts = collections.Counter(layer.labels)
+    unit_trust = result.trust.get(name)
     common = ", ".join(f"{esc(label)} ({n})" for label, n in counts.most_common(5))
+    mean_auc = (float(np.nanmean(unit_trust.auc))
+                if unit_trust is not None and np.isfinite(unit_trust.auc).any() else None)
     index_rows.append(
-        f"<tr><td><a href='{esc(filename)}'>{esc(name)}</a></td><td>{layer.num_units}</td>"
-        f"<td>{len(counts)}</td><td>{int(layer.dead.sum())}</td><td>{common}</td></tr>")
-    unit_rows = []
+        f"<tr><td><a href='{esc(filename, quote=True)}'>{esc(name)}</a></td>"
+        f"<td>{layer.num_units}</td><td>{len(counts)}</td><td>{int(layer.dead.sum())}</td>"
+        f"<td>{_number(mean_auc, 3)}</td><td>{common}</td></tr>")
+    cards = []
     for unit in range(layer.num_units):
+      label = layer.labels[unit]
+      score = float(layer.label_scores[unit])
+      auc = float(unit_trust.auc[unit]) if unit_trust is not None else float("nan")
+      p_value = float(unit_trust.p_value[unit]) if unit_trust is not None else float("nan")
       alternatives = ", ".join(
           f"{esc(result.concepts[c])} ({s:.3f})"
-          for c, s in zip(layer.alternative_ids[unit][1:], layer.alternative_scores[unit][1:]))
+          for c, s in zip(layer.alternative_ids[unit][1:6],
+                          layer.alternative_scores[unit][1:6]))
       image_ids = " ".join(esc(result.image_ids[j]) for j in layer.top_image_ids[unit][:5])
-      label = layer.labels[unit]
-      flag = " class='flag'" if layer.dead[unit] or layer.invalid[unit] else ""
-      score = float(layer.label_scores[unit])
-      unit_rows.append(
-          f"<tr class='unit'><td data-v='{unit}'>{unit}</td>"
-          f"<td data-v='{esc(label, quote=True)}'{flag}>{esc(label)}</td>"
-          f"<td data-v='{score!r}'>{score:.4f}</td><td class='alt'>{alternatives}</td>"
-          f"<td class='ids'>{image_ids}</td></tr>")
+      flagged = " flagged" if layer.dead[unit] or layer.invalid[unit] else ""
+      picture = ""
+      if (name, unit) in strips:
+        path = strip_filename(i, unit)
+        from jaxdissect.applications import visualize  # pylint: disable=g-import-not-at-top
+        visualize.save_png(os.path.join(report_dir, path), strips[(name, unit)],
+                           min_side=1)
+        picture = (f"<img class='strip' src='{esc(path, quote=True)}' "
+                   f"alt='top images of unit {unit}'>")
+      cards.append(
+          f"<div class='card{flagged}' data-unit='{unit}' data-score='{score!r}' "
+          f"data-auc='{auc!r}'><h3>{unit}: {esc(label)}</h3>"
+          f"<div class='stats'>score {score:.4f} &middot; AUC {_number(auc, 3)} "
+          f"&middot; p {_number(p_value, 3)}</div>"
+          f"<div class='alt'>alternatives: {alternatives or '-'}</div>{picture}"
+          f"<div class='ids'>{image_ids}</div></div>")
     body = (f"<p><a href='index.html'>all layers</a></p><h1>Layer {esc(name)}</h1>"
-            f"<p>{layer.num_units} units, {len(counts)} distinct labels. Click a column "
-            "header to sort.</p><table><thead><tr><th data-col='0' data-num='1'>unit</th>"
-            "<th data-col='1'>label</th><th data-col='2' data-num='1'>score</th>"
-            "<th>alternatives</th><th>top images</th></tr></thead><tbody>"
-            + "".join(unit_rows) + "</tbody></table>")
-    with open(os.path.join(report_dir, filename), "w", encoding="utf-8") as f:
-      f.write(_page(f"jaxdissect: {name}", body))
+            f"<p>{layer.num_units} units, {len(counts)} distinct labels, "
+            f"{int(layer.dead.sum())} dead. Top images: highest activation first, the "
+            "unit's activation map in yellow.</p>" + _bars(counts) +
+            "<p>Sort: <button data-sort='unit'>unit</button>"
+            "<button data-sort='score'>score</button>"
+            "<button data-sort='auc'>AUC</button></p>"
+            "<div class='cards'>" + "".join(cards) + "</div>")
+    _write(os.path.join(report_dir, filename), _page(f"jaxdissect: {name}", body))
   body = ("<h1>jaxdissect report</h1>"
           f"<p>{len(result.concepts)} concepts, {len(result.image_ids)} probe images.</p>"
           "<table><thead><tr><th>layer</th><th>units</th><th>distinct labels</th>"
-          "<th>dead</th><th>most common labels</th></tr></thead><tbody>"
+          "<th>dead</th><th>mean AUC</th><th>most common labels</th></tr></thead><tbody>"
           + "".join(index_rows) + "</tbody></table>")
-  with open(os.path.join(report_dir, "index.html"), "w", encoding="utf-8") as f:
-    f.write(_page("jaxdissect report", body))
+  _write(os.path.join(report_dir, "index.html"), _page("jaxdissect report", body))
+
+
+def _write(path: str, text: str) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def unit_strips(target, probe_set, layer_paths: Mapping[str, str],
+                result: "results_lib.DissectionResult", global_index: np.ndarray,
+                num_images: int = 5, batch_size: int = 64,
+                tile_size: int = 96) -> dict[tuple[str, int], np.ndarray]:
+  """(layer, unit) -> (tile, num_images * tile, 3) uint8: the unit's top images with
+  its activation map blended in, one scale per unit.
+
+  layer_paths: layer name -> module path. global_index: (num_kept_images,) the probe
+  index of each result row (skipped images removed).
+  """
+  from jaxdissect.applications import visualize  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxdissect import activations as activations_lib  # pylint: disable=g-import-not-at-top
+  if num_images <= 0:
+    return {}
+  transform = target.transform
+  wanted = sorted({int(global_index[j]) for layer in result.layers.values()
+                   for row in layer.top_image_ids for j in row[:num_images]})
+  images = probe_set.read_images(wanted, transform)
+  strips = {}
+  logger = activations_lib.RateLogger(sum(l.num_units for l in result.layers.values()),
+                                      "Report image strips", unit="units")
+  for name, layer in result.layers.items():
+    output_fn = visualize.layer_output_fn(target, layer_paths[name])
+    rows = sorted({int(global_index[j]) for row in layer.top_image_ids
+                   for j in row[:num_images]} & set(images))
+    maps = {}
+    for start in range(0, len(rows), batch_size):
+      part = rows[start:start + batch_size]
+      pixels = np.stack([images[i] for i in part])
+      if len(part) < batch_size:  # one compiled shape
+        pixels = np.concatenate([pixels, np.zeros((batch_size - len(part),
+                                                   *pixels.shape[1:]), pixels.dtype)])
+      out = visualize.unit_maps(target, layer_paths[name], pixels,
+                                list(range(layer.num_units)), output_fn)
+      for k, i in enumerate(part):
+        maps[i] = None if out is None else out[k]
+    for unit in range(layer.num_units):
+      indices = [int(global_index[j]) for j in layer.top_image_ids[unit][:num_images]]
+      indices = [i for i in indices if i in images]
+      if not indices:
+        continue
+      unit_maps = [None if maps[i] is None else maps[i][..., unit] for i in indices]
+      scale = max((float(np.max(m)) for m in unit_maps if m is not None), default=1.0)
+      tiles = []
+      for i, heat in zip(indices, unit_maps):
+        tile = visualize.heat_overlay(
+            visualize.to_display(images[i], transform.mean, transform.std), heat, scale)
+        tile = np.asarray(jax.image.resize(jnp.asarray(tile, jnp.float32),
+                                           (tile_size, tile_size, 3), "bilinear"))
+        tiles.append(np.clip(np.round(tile), 0, 255).astype(np.uint8))
+      strips[(name, unit)] = visualize.grid(tiles, columns=num_images, pad=2)
+    logger.update(layer.num_units)
+  return strips

@@ -103,7 +103,8 @@ class MainEndToEndTest(absltest.TestCase):
     self.assertIn("jax", config["versions"])
     report = os.listdir(os.path.join(result_dir, "report"))
     self.assertIn("index.html", report)
-    self.assertLen(report, 1 + len(units))
+    self.assertLen(report, 2 + len(units))  # index, a page per layer, images/
+    self.assertLen(os.listdir(os.path.join(result_dir, "report", "images")), len(units))
     return rows
 
   def test_basic_resnet_end_to_end_reuse_and_batch_size_invariance(self):

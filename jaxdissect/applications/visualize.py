@@ -41,25 +41,38 @@ from jaxdissect.models import targets as targets_lib
 
 
 # ------------------------------------------------------------------ spatial maps
-def unit_maps(target: targets_lib.TargetModel, path: str, pixels: np.ndarray,
-              units: Sequence[int]) -> np.ndarray | None:
-  """(num_images, h, w, len(units)) activation maps of a layer, or None for a layer
-  with no spatial axes. ViT token outputs: the patch tokens as a square grid."""
+def layer_output_fn(target: targets_lib.TargetModel, path: str):
+  """Jitted (variables, pixels (b, H, W, 3)) -> the layer's raw output, built once per
+  layer so that repeated batches reuse one compile."""
   keep = targets_lib.capture_filter([path])
 
   @jax.jit
-  def maps(variables, batch):
+  def output(variables, batch):
     _, inter = target.forward(variables, batch, capture=keep)
     return targets_lib.get_intermediate(inter, path)
 
-  out = np.asarray(maps(target.variables, jnp.asarray(pixels)))
-  if out.ndim == 4:
-    return out[..., list(units)]
-  if out.ndim == 3:
-    side = int(round(np.sqrt(out.shape[1] - 1)))
-    if side * side == out.shape[1] - 1:
-      return out[:, 1:, :].reshape(len(out), side, side, -1)[..., list(units)]
+  return output
+
+
+def spatial_maps(output: np.ndarray) -> np.ndarray | None:
+  """A layer output -> (b, h, w, units) maps: feature maps as they are, ViT tokens'
+  patch tokens as a square grid; None for outputs with no spatial axes."""
+  if output.ndim == 4:
+    return output
+  if output.ndim == 3:
+    side = int(round(np.sqrt(output.shape[1] - 1)))
+    if side * side == output.shape[1] - 1:
+      return output[:, 1:, :].reshape(len(output), side, side, -1)
   return None
+
+
+def unit_maps(target: targets_lib.TargetModel, path: str, pixels: np.ndarray,
+              units: Sequence[int], output_fn=None) -> np.ndarray | None:
+  """(num_images, h, w, len(units)) activation maps of a layer, or None for a layer
+  with no spatial axes. output_fn: layer_output_fn(target, path), if built already."""
+  output_fn = output_fn or layer_output_fn(target, path)
+  maps = spatial_maps(np.asarray(output_fn(target.variables, jnp.asarray(pixels))))
+  return None if maps is None else maps[..., list(units)]
 
 
 def heat_overlay(image: np.ndarray, heat: np.ndarray | None, scale: float,
