@@ -303,15 +303,22 @@ def _load_hf_vit(location: str, config) -> TargetModel:
     # torchvision vit_b_16 style names for the encoder blocks.
     names = {f"encoder_layer_{i}": f"{base}encoder/layer/{i}"
              for i in range(config.num_hidden_layers)}
-    names["ln"] = f"{base}layernorm"
+    names.update({f"encoder.layers.encoder_layer_{i}": f"{base}encoder/layer/{i}"
+                  for i in range(config.num_hidden_layers)})
+    names["ln"] = names["encoder.ln"] = f"{base}layernorm"
+    names["conv_proj"] = f"{base}embeddings/patch_embeddings/projection"
     return names
 
   fallback = preprocessing.ImageTransform(resize_to=(config.image_size,) * 2,
                                           resample="bilinear", mean=(0.5, 0.5, 0.5),
                                           std=(0.5, 0.5, 0.5))
-  return _load_hf_target(location, config, transformers.FlaxViTForImageClassification,
-                         transformers.FlaxViTModel, "vit", aliases, fallback,
-                         add_pooling_layer=False)
+  target = _load_hf_target(location, config, transformers.FlaxViTForImageClassification,
+                           transformers.FlaxViTModel, "vit", aliases, fallback,
+                           add_pooling_layer=False)
+  if "fc" in target.layer_aliases:  # torchvision calls the classifier heads.head
+    target.layer_aliases = {**target.layer_aliases, "heads": "classifier",
+                            "heads.head": "classifier"}
+  return target
 
 
 _HF_LOADERS = {"resnet": _load_hf_resnet, "vit": _load_hf_vit}

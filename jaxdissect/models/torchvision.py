@@ -1,4 +1,4 @@
-"""torchvision ResNet checkpoints into the HF Flax ResNet, without torch.
+"""torchvision ResNet and ViT checkpoints into the HF Flax ResNet / ViT, without torch.
 
 The paper dissects torchvision's ResNet-50 (ImageNet) and ResNet-18 (Places365). Their
 weights are torchvision state dicts: read here from safetensors, or from a torch
@@ -15,6 +15,13 @@ Conv kernels go from OIHW to HWIO, the fc matrix is transposed, and batch norm's
 weight/bias/running_mean/running_var become scale/bias and the batch_stats mean/var.
 torchvision (v1.5) strides the 3x3 conv of a bottleneck, which is HF's
 downsample_in_bottleneck=False; the architecture is read from the tensor shapes.
+
+ViT (vit_b_16 and the other torchvision VisionTransformers without a pre-logits
+layer) goes onto transformers' FlaxViTForImageClassification: class_token, conv_proj
+(OIHW -> HWIO), pos_embedding, each encoder_layer_N's ln_1 / ln_2, the packed attention
+in_proj split into query / key / value, out_proj, mlp, the final encoder.ln and
+heads.head; LayerNorm epsilon 1e-6 as in torchvision. The torchvision layer names
+(encoder_layer_N, conv_proj, heads) are friendly names of the loaded ViT.
 
     python -m jaxdissect.models.torchvision --weights resnet50.pth --out DIR \
         [--class_names classes.txt] [--image_size 224]
@@ -220,6 +227,132 @@ def save_flax_resnet(state: dict[str, np.ndarray], out_dir: str,
   return out_dir
 
 
+# ------------------------------------------------------------------------ ViT
+VIT_LAYER_NORM_EPS = 1e-6  # torchvision's; transformers' ViT default is 1e-12
+
+
+def is_vit(state: dict[str, np.ndarray]) -> bool:
+  return "conv_proj.weight" in state and "class_token" in state
+
+
+def _vit_layer_indices(state) -> list[int]:
+  return sorted({int(m.group(1)) for k in state
+                 if (m := re.match(r"encoder\.layers\.encoder_layer_(\d+)\.", k))})
+
+
+def _mlp_names(state, prefix: str) -> tuple[str, str]:
+  """torchvision's MLPBlock is saved as mlp.0 / mlp.3 (new) or mlp.linear_1 / linear_2."""
+  if f"{prefix}.mlp.0.weight" in state:
+    return f"{prefix}.mlp.0", f"{prefix}.mlp.3"
+  return f"{prefix}.mlp.linear_1", f"{prefix}.mlp.linear_2"
+
+
+def vit_config(state: dict[str, np.ndarray], class_names: Sequence[str] | None = None,
+               num_heads: int | None = None):
+  """The transformers ViTConfig that a torchvision VisionTransformer state describes.
+  The head count is not in the tensors (attention is packed): every torchvision ViT
+  has 64-dimensional heads, the default here."""
+  from transformers import ViTConfig  # pylint: disable=g-import-not-at-top
+  hidden, _, patch, _ = state["conv_proj.weight"].shape
+  layers = _vit_layer_indices(state)
+  if not layers:
+    raise ValueError("no encoder layers: not a torchvision ViT state dict")
+  num_tokens = int(state["encoder.pos_embedding"].shape[1])
+  side = int(round(np.sqrt(num_tokens - 1)))
+  first = f"encoder.layers.encoder_layer_{layers[0]}"
+  mlp_in, _ = _mlp_names(state, first)
+  if "heads.head.weight" not in state:
+    raise ValueError("no heads.head: a ViT with a pre-logits layer is not supported")
+  num_labels = int(state["heads.head.weight"].shape[0])
+  names = list(class_names) if class_names else [f"class_{i}" for i in range(num_labels)]
+  if len(names) != num_labels:
+    raise ValueError(f"{len(names)} class names for a {num_labels}-way head")
+  if num_heads is None:
+    if hidden % 64:
+      raise ValueError(f"hidden size {hidden} is no multiple of 64: give the head count")
+    num_heads = hidden // 64
+  return ViTConfig(
+      hidden_size=int(hidden), num_hidden_layers=len(layers),
+      num_attention_heads=int(num_heads),
+      intermediate_size=int(state[f"{mlp_in}.weight"].shape[0]),
+      image_size=int(side * patch), patch_size=int(patch), num_channels=3,
+      hidden_act="gelu", layer_norm_eps=VIT_LAYER_NORM_EPS, qkv_bias=True,
+      num_labels=num_labels, id2label=dict(enumerate(names)),
+      label2id={n: i for i, n in enumerate(names)})
+
+
+def convert_vit(state: dict[str, np.ndarray], config) -> dict:
+  """{"params": ...} of FlaxViTForImageClassification from a torchvision ViT state."""
+  used = set()
+
+  def take(name):
+    used.add(name)
+    return np.asarray(state[name], np.float32)
+
+  def dense(name):
+    return {"kernel": take(f"{name}.weight").T, "bias": take(f"{name}.bias")}
+
+  def norm(name):
+    return {"scale": take(f"{name}.weight"), "bias": take(f"{name}.bias")}
+
+  d = config.hidden_size
+  layers = {}
+  for out_index, index in enumerate(_vit_layer_indices(state)):
+    prefix = f"encoder.layers.encoder_layer_{index}"
+    qkv_w = take(f"{prefix}.self_attention.in_proj_weight")
+    qkv_b = take(f"{prefix}.self_attention.in_proj_bias")
+    attention = {name: {"kernel": qkv_w[i * d:(i + 1) * d].T, "bias": qkv_b[i * d:(i + 1) * d]}
+                 for i, name in enumerate(("query", "key", "value"))}
+    mlp_in, mlp_out = _mlp_names(state, prefix)
+    layers[str(out_index)] = {
+        "layernorm_before": norm(f"{prefix}.ln_1"),
+        "attention": {"attention": attention,
+                      "output": {"dense": dense(f"{prefix}.self_attention.out_proj")}},
+        "layernorm_after": norm(f"{prefix}.ln_2"),
+        "intermediate": {"dense": dense(mlp_in)},
+        "output": {"dense": dense(mlp_out)},
+    }
+  params = {
+      "vit": {
+          "embeddings": {
+              "cls_token": take("class_token"),
+              "position_embeddings": take("encoder.pos_embedding"),
+              "patch_embeddings": {"projection": {
+                  "kernel": _conv(take("conv_proj.weight")),
+                  "bias": take("conv_proj.bias")}},
+          },
+          "encoder": {"layer": layers},
+          "layernorm": norm("encoder.ln"),
+      },
+      "classifier": dense("heads.head"),
+  }
+  unused = sorted(k for k in state if k not in used)
+  if unused:
+    raise ValueError(f"{len(unused)} tensors not mapped, e.g. {unused[:3]}")
+  return {"params": params}
+
+
+def save_flax_vit(state: dict[str, np.ndarray], out_dir: str,
+                  class_names: Sequence[str] | None = None,
+                  num_heads: int | None = None) -> str:
+  """Writes an HF Flax ViT directory (target_model) with torchvision's eval transform."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from transformers import ConvNextImageProcessor, FlaxViTForImageClassification  # pylint: disable=g-import-not-at-top
+  config = vit_config(state, class_names, num_heads)
+  variables = convert_vit(state, config)
+  model = FlaxViTForImageClassification(config)
+  if jax.tree.map(np.shape, model.params) != jax.tree.map(np.shape, variables["params"]):
+    raise ValueError("the converted parameters do not match the Flax ViT's tree")
+  model.params = variables["params"]
+  model.save_pretrained(out_dir)
+  # torchvision's ViT_B_16 eval transform: Resize(256) bilinear, CenterCrop(224).
+  size = config.image_size
+  ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=size / (size * 256 / 224),
+                         resample=2, image_mean=[0.485, 0.456, 0.406],
+                         image_std=[0.229, 0.224, 0.225]).save_pretrained(out_dir)
+  return out_dir
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,6 +361,8 @@ def main(argv=None) -> None:
   parser.add_argument("--class_names", default=None,
                       help="text file, one class name a line, in the fc layer's order")
   parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--num_heads", type=int, default=None,
+                      help="ViT attention heads (default: hidden size / 64)")
   args = parser.parse_args(argv)
   names = None
   if args.class_names:
@@ -235,12 +370,15 @@ def main(argv=None) -> None:
       names = [line.strip() for line in f if line.strip()]
   try:
     state = read_state_dict(args.weights, "weights")
-    path = save_flax_resnet(state, args.out, names, args.image_size)
+    if is_vit(state):
+      path = save_flax_vit(state, args.out, names, args.num_heads)
+    else:
+      path = save_flax_resnet(state, args.out, names, args.image_size)
   except errors.UserError as err:
     raise SystemExit(f"error: {err.one_line()}") from None
   except ValueError as err:
-    raise SystemExit(f"error: weights: {err}. Fix: give a torchvision ResNet state "
-                     "dict (and as many class names as fc outputs).") from None
+    raise SystemExit(f"error: weights: {err}. Fix: give a torchvision ResNet or ViT "
+                     "state dict (and as many class names as outputs).") from None
   print(f"Wrote {path}: use it as --config.target_model={path}")
 
 
