@@ -54,6 +54,18 @@ class ConceptsTest(absltest.TestCase):
       with self.assertRaises(errors.UserError, msg=bad):
         concepts.load_concepts(bad)
 
+  def test_broden_labels(self):
+    path = self._write("label.csv", (
+        "number,name,category,frequency,coverage,syns\n"
+        "0,-,,0,0,\n1,sky-s,scene(1),10,1.0,\n2,black-c,color(5),9,1.0,\n"
+        "3,potted_plant,object(3),4,1.0,\n4,sky,object(2),3,1.0,\n").encode())
+    self.assertEqual(concepts.load_concepts(f"broden_labels:{path}"),
+                     ["sky", "black", "potted plant"])
+    self.assertEqual(concepts.load_concepts(f"broden_labels:{self.tmp}"),
+                     ["sky", "black", "potted plant"])  # the directory holding it
+    with self.assertRaisesRegex(errors.UserError, "broden_labels:PATH"):
+      concepts.load_concepts(f"broden_labels:{self.tmp}/nope")
+
   def test_target_classes(self):
     self.assertEqual(concepts.load_concepts("classes:target", {1: "boat", 0: "apple"}),
                      ["apple", "boat"])

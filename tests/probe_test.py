@@ -1,6 +1,7 @@
 """Probe sources and the batching pipeline: ids, order, conversions, padding, TFDS."""
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
@@ -194,6 +195,26 @@ class ProbeTest(absltest.TestCase):
         f.write("dtd/gone.jpg,train,224,224,112,112,,,,,,\n")
       with self.assertRaisesRegex(errors.UserError, "missing, e.g. images/dtd/gone.jpg"):
         probe.parse_probe_spec(f"broden:{root}")
+
+  def test_union_and_named_sets(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      root = self._broden(tmp, ["dtd/a.jpg", "dtd/b.jpg"])
+      plus = os.path.join(tmp, "a+b")  # a "+" inside a path is not a union
+      os.makedirs(plus)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(plus, "x.png"))
+      sources = probe.parse_probe_spec(f"folder:{plus}+broden:{root}+synthetic:in_dist:3")
+      self.assertEqual([s.num_images for s in sources], [1, 2, 3])
+      self.assertEqual(probe.ProbeSet(sources).num_images, 6)
+      with mock.patch.dict(os.environ, {"BRODEN_DIR": root}):
+        self.assertEqual(probe.expand_probe_spec("imagenet_broden"),
+                         ["tfds:imagenet2012:validation", f"broden:{root}"])
+        (only,) = probe.parse_probe_spec("broden")
+        self.assertEqual(only.num_images, 2)
+      self.assertEqual(probe.expand_probe_spec("cifar100_train+places365_val"),
+                       ["tfds:cifar100:train", "tfds:places365_small:validation"])
+      with mock.patch.dict(os.environ, {"BRODEN_DIR": ""}):
+        with self.assertRaisesRegex(errors.UserError, "export BRODEN_DIR"):
+          probe.parse_probe_spec("imagenet_broden")
 
   def test_tfds_source_reads_split_with_keys(self):
     with tempfile.TemporaryDirectory() as tmp:

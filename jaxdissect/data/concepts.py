@@ -71,10 +71,40 @@ def wordfreq_concepts(lang: str, count: int, field: str = "concept_set") -> list
   return words[:count]
 
 
+_BRODEN_SUFFIX = re.compile(r"-[a-z]$")
+
+
+def broden_label_concepts(path: str, field: str = "concept_set") -> list[str]:
+  """Broden's label names (label.csv of broden1_224 / broden1_227, or its directory):
+  the category suffix (sky-s, black-c) dropped, underscores as spaces, duplicates and the
+  "-" placeholder removed."""
+  import csv  # pylint: disable=g-import-not-at-top
+  path = os.path.expanduser(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, "label.csv")
+  if not os.path.isfile(path):
+    raise errors.UserError(field, f"Broden label file {path!r} does not exist.",
+                           "give broden_labels:PATH of broden1_224 (or its label.csv).")
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    if "name" not in (reader.fieldnames or []):
+      raise errors.UserError(field, f"{path} has no 'name' column.",
+                             "give the label.csv that ships with Broden.")
+    names = [_BRODEN_SUFFIX.sub("", row["name"].strip()).replace("_", " ")
+             for row in reader]
+  concepts = clean_concepts((n for n in names if _HAS_LETTER.search(n)), path)
+  if not concepts:
+    raise errors.UserError(field, f"{path} names no label.", "give Broden's label.csv.")
+  return concepts
+
+
 def load_concepts(spec: str, id2label: Mapping[int, str] | None = None,
                   field: str = "concept_set") -> list[str]:
-  """`wordfreq:LANG:N`, `classes:target`, or a path to a text file."""
+  """`wordfreq:LANG:N`, `classes:target`, `broden_labels:PATH`, or a path to a text
+  file (one concept a line: the paper's 3k.txt / 10k.txt / 20k.txt word lists)."""
   spec = str(spec).strip()
+  if spec.startswith("broden_labels:"):
+    return broden_label_concepts(spec[len("broden_labels:"):], field)
   if spec.startswith("wordfreq:"):
     parts = spec.split(":")
     if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 1:

@@ -49,9 +49,48 @@ class ProbeSource:
   class_labels: Sequence[str] | None = None
 
 
+# The paper's probe sets by name. Broden has no TFDS builder: its directory comes from
+# the BRODEN_DIR environment variable.
+NAMED_PROBE_SETS = {
+    "imagenet_val": "tfds:imagenet2012:validation",
+    "cifar100_train": "tfds:cifar100:train",
+    "places365_val": "tfds:places365_small:validation",
+    "broden": "broden:$BRODEN_DIR",
+    "imagenet_broden": "imagenet_val+broden",
+}
+_KINDS = ("tfds", "folder", "broden", "synthetic")
+# A "+" joins sources only where a source starts after it, so paths may hold "+".
+_UNION = re.compile(r"\+(?=(?:%s):|(?:%s)(?:$|[+,]))" % (
+    "|".join(_KINDS), "|".join(NAMED_PROBE_SETS)))
+
+
+def expand_probe_spec(spec: str, field: str = "d_probe") -> list[str]:
+  """d_probe -> one spec per source: "," or "+" separate sources, named sets expand."""
+  parts = []
+  for piece in str(spec).split(","):
+    for part in _UNION.split(piece):
+      part = part.strip()
+      if part in NAMED_PROBE_SETS:
+        parts.extend(expand_probe_spec(NAMED_PROBE_SETS[part], field))
+      elif part:
+        parts.append(part)
+  expanded = []
+  for part in parts:
+    if "$BRODEN_DIR" in part:
+      broden_dir = os.environ.get("BRODEN_DIR", "")
+      if not broden_dir:
+        raise errors.UserError(field, "the named probe set needs Broden, and BRODEN_DIR "
+                               "is not set.", "download broden1_224 (NetDissect) and "
+                               "export BRODEN_DIR=/path/to/broden1_224, or use broden:PATH.")
+      part = part.replace("$BRODEN_DIR", broden_dir)
+    expanded.append(part)
+  return expanded
+
+
 def parse_probe_spec(spec: str, field: str = "d_probe") -> list[ProbeSource]:
-  """Comma-separated sources -> ProbeSource list (in order)."""
-  parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+  """Sources joined by "," or "+" (and the named sets of NAMED_PROBE_SETS) ->
+  ProbeSource list, in order."""
+  parts = expand_probe_spec(spec, field)
   if not parts:
     raise errors.UserError(field, "no probe source given.",
                            "use tfds:NAME:SPLIT or folder:PATH (comma-separated).")
@@ -75,8 +114,9 @@ def parse_probe_spec(spec: str, field: str = "d_probe") -> list[ProbeSource]:
       sources.append(tfds_source(name, split, field))
     else:
       raise errors.UserError(field, f"unknown probe source {part!r}.",
-                             "use tfds:NAME:SPLIT, folder:PATH, broden:PATH or "
-                             "synthetic:SET:N (comma-separated).")
+                             "use tfds:NAME:SPLIT, folder:PATH, broden:PATH, "
+                             "synthetic:SET:N or a named set "
+                             f"({', '.join(NAMED_PROBE_SETS)}), joined by , or +.")
   return sources
 
 
