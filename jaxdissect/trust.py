@@ -28,7 +28,14 @@ from jaxdissect import similarity
 
 DEFAULT_TOP_FRACTION = 0.05
 DEFAULT_NUM_PERMUTATIONS = 100
-_IMAGE_CHUNK = 65536
+# Bytes of one (image chunk x concepts) float64 block: the log-softmax over all
+# concepts is taken in image chunks of this size, so memory stays bounded with any
+# number of images and concepts (a few such blocks live at once).
+_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def _image_chunk(num_columns: int) -> int:
+  return max(1, _BLOCK_BYTES // (8 * max(1, num_columns)))
 
 
 @dataclasses.dataclass
@@ -64,9 +71,9 @@ def concept_columns(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
   embeddings may be memory-mapped)."""
   texts = _normalised(np.asarray(text_embeddings, np.float32)[concept_ids])
   out = np.empty((len(image_embeddings), len(concept_ids)), np.float32)
-  for start in range(0, len(image_embeddings), _IMAGE_CHUNK):
-    images = _normalised(np.asarray(image_embeddings[start:start + _IMAGE_CHUNK],
-                                    np.float32))
+  chunk = _image_chunk(len(concept_ids))
+  for start in range(0, len(image_embeddings), chunk):
+    images = _normalised(np.asarray(image_embeddings[start:start + chunk], np.float32))
     out[start:start + len(images)] = images @ texts.T
   return out
 
@@ -77,9 +84,9 @@ def log_softmax_columns(image_embeddings: np.ndarray, text_embeddings: np.ndarra
   float64, without holding P."""
   texts = _normalised(np.asarray(text_embeddings, np.float32))
   out = np.empty((len(image_embeddings), len(concept_ids)), np.float64)
-  for start in range(0, len(image_embeddings), _IMAGE_CHUNK):
-    images = _normalised(np.asarray(image_embeddings[start:start + _IMAGE_CHUNK],
-                                    np.float32))
+  chunk = _image_chunk(len(texts))
+  for start in range(0, len(image_embeddings), chunk):
+    images = _normalised(np.asarray(image_embeddings[start:start + chunk], np.float32))
     logits = a * (images @ texts.T).astype(np.float64)
     top = logits.max(axis=1, keepdims=True)
     lse = top[:, 0] + np.log(np.sum(np.exp(logits - top), axis=1))
@@ -89,6 +96,18 @@ def log_softmax_columns(image_embeddings: np.ndarray, text_embeddings: np.ndarra
 
 def _normalised(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _unit_columns(activations, units: np.ndarray):
+  """Yields (unit, its (num_images,) float32 column), reading blocks of contiguous
+  units: one column at a time from a memory-mapped (images, units) file would touch
+  every page of it once per unit."""
+  per_block = max(1, _BLOCK_BYTES // (4 * max(1, activations.shape[0])))
+  for start in range(0, len(units), per_block):
+    chosen = units[start:start + per_block]
+    block = np.asarray(activations[:, chosen.min():chosen.max() + 1], np.float32)
+    for unit in chosen:
+      yield int(unit), block[:, unit - chosen.min()]
 
 
 def _unit_rng(seed: int, layer: str, unit: int) -> np.random.Generator:
@@ -157,9 +176,9 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
     columns = concept_columns(image_embeddings, text_embeddings, distinct)
     num_positive = max(1, int(np.floor(num_images * top_fraction)))
     thresholds = -np.partition(-columns, num_positive - 1, axis=0)[num_positive - 1]
-    for unit in np.flatnonzero(usable):
+    for unit, values in _unit_columns(activations, np.flatnonzero(usable)):
       c = column_of[unit]
-      aucs[unit] = auc(np.asarray(activations[:, unit]), columns[:, c] >= thresholds[c])
+      aucs[unit] = auc(values, columns[:, c] >= thresholds[c])
   if num_permutations <= 0:
     return UnitTrust(aucs, p_values)
   params = function_defaults(similarity_fn)
@@ -188,9 +207,8 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
   if activations is None:
     return UnitTrust(aucs, p_values)
   fn = similarity.SIMILARITY_FUNCTIONS[similarity_fn]
-  for unit in np.flatnonzero(usable):
+  for unit, values in _unit_columns(activations, np.flatnonzero(usable)):
     c = column_of[unit]
-    values = np.asarray(activations[:, unit], np.float32)
     rng = _unit_rng(seed, layer, unit)
     shuffled = np.stack([values] + [rng.permutation(values)
                                     for _ in range(num_permutations)], axis=1)
