@@ -1,8 +1,8 @@
 """The static HTML report: index.html and a page per layer, plus PNG strips of each
 unit's top images with its activation map overlaid.
 
-Each layer page has one card per unit (label, score, AUC and p-value, the top-5
-alternatives with their scores, the top-image strip) and a bar chart of its most common
+Each layer page has one card per unit (label, score, AUC and p-value, its top-5
+concepts with their scores, the top-image strip) and a bar chart of its most common
 labels; the cards sort by unit, score or AUC (buttons, or #sort=score in the URL).
 Every string that comes from outside (concepts, layer names, image ids) is
 HTML-escaped, attributes included; the pages load nothing from the network.
@@ -117,8 +117,8 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
       p_value = float(unit_trust.p_value[unit]) if unit_trust is not None else float("nan")
       alternatives = ", ".join(
           f"{esc(result.concepts[c])} ({s:.3f})"
-          for c, s in zip(layer.alternative_ids[unit][1:6],
-                          layer.alternative_scores[unit][1:6]))
+          for c, s in zip(layer.alternative_ids[unit][:5],
+                          layer.alternative_scores[unit][:5]))
       image_ids = " ".join(esc(result.image_ids[j]) for j in layer.top_image_ids[unit][:5])
       flagged = " flagged" if layer.dead[unit] or layer.invalid[unit] else ""
       picture = ""
@@ -134,7 +134,7 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
           f"data-auc='{auc!r}'><h3>{unit}: {esc(label)}</h3>"
           f"<div class='stats'>score {score:.4f} &middot; AUC {_number(auc, 3)} "
           f"&middot; p {_number(p_value, 3)}</div>"
-          f"<div class='alt'>alternatives: {alternatives or '-'}</div>{picture}"
+          f"<div class='alt'>top 5: {alternatives or '-'}</div>{picture}"
           f"<div class='ids'>{image_ids}</div></div>")
     body = (f"<p><a href='index.html'>all layers</a></p><h1>Layer {esc(name)}</h1>"
             f"<p>{layer.num_units} units, {len(counts)} distinct labels, "

@@ -1,5 +1,6 @@
 """What the applications share: batches of a run's probe images for its target, with
 each image's class where the probe source knows it."""
+import argparse
 from typing import Iterator
 
 from absl import logging
@@ -7,6 +8,19 @@ import numpy as np
 
 from jaxdissect import errors
 from jaxdissect import rundir
+
+
+UNITS_HELP = ("LAYER:label=CONCEPT, LAYER:3,17,42 or LAYER:all; several joined by ';'")
+
+
+def parser_for(module: str, description: str, units: bool) -> argparse.ArgumentParser:
+  """The arguments every application takes: --results (and --units)."""
+  parser = argparse.ArgumentParser(prog=f"python -m jaxdissect.applications.{module}",
+                                   description=description)
+  parser.add_argument("--results", required=True, help="a result directory of main.py")
+  if units:
+    parser.add_argument("--units", required=True, help=UNITS_HELP)
+  return parser
 
 
 def target_batches(run: rundir.Run, batch_size: int, start: int = 0,

@@ -12,7 +12,6 @@ class of an image is its probe label where the probe source has them (the synthe
 world, an ImageFolder-style folder), else the unedited model's prediction (then
 "accuracy" is agreement with the unedited model).
 """
-import argparse
 import csv
 import dataclasses
 import io
@@ -180,14 +179,9 @@ def edit_run(run: rundir.Run, units: Mapping[str, np.ndarray], scale: float = 0.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m jaxdissect.applications.editing",
-      description="Ablate or scale units chosen by label inside the forward pass and "
-      "report per-class accuracy and logit changes on the probe set.")
-  parser.add_argument("--results", required=True, help="a result directory of main.py")
-  parser.add_argument("--units", required=True,
-                      help="LAYER:label=CONCEPT, LAYER:3,17,42 or LAYER:all; several "
-                      "joined by ';'")
+  parser = common.parser_for(
+      "editing", "Ablate or scale units chosen by label inside the forward pass and "
+      "report per-class accuracy and logit changes on the probe set.", units=True)
   parser.add_argument("--scale", type=float, default=0.0,
                       help="multiply the units' outputs by this (0: ablate)")
   parser.add_argument("--batch_size", type=int, default=128)

@@ -17,7 +17,6 @@ every sparsity and every random order is evaluated in one pass over the probe im
 source has them, else against the unpruned model's predictions. Writes pruning.csv and
 pruning.png (accuracy against sparsity, criterion beside random).
 """
-import argparse
 import csv
 import dataclasses
 import io
@@ -184,11 +183,9 @@ def plot(curve: PruningCurve, layer: str, path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m jaxdissect.applications.pruning",
-      description="Remove a layer's units by a criterion and plot probe accuracy against "
-      "sparsity beside random removal.")
-  parser.add_argument("--results", required=True, help="a result directory of main.py")
+  parser = common.parser_for(
+      "pruning", "Remove a layer's units by a criterion and plot probe accuracy against "
+      "sparsity beside random removal.", units=False)
   parser.add_argument("--layer", required=True, help="a dissected layer")
   parser.add_argument("--criterion", default="mean_activation", choices=CRITERIA)
   parser.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES),

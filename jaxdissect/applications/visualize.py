@@ -22,7 +22,6 @@ every noise image has no gradient) is optimised again from its best probe image.
 Written as LAYER/unit-N-maximized.png, with the activation it reaches beside the best
 probe image's in visualize.csv.
 """
-import argparse
 import csv
 import dataclasses
 import os
@@ -37,6 +36,7 @@ import optax
 
 from jaxdissect import errors
 from jaxdissect import rundir
+from jaxdissect.applications import common
 from jaxdissect.models import targets as targets_lib
 
 
@@ -297,13 +297,9 @@ def _safe(name: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m jaxdissect.applications.visualize",
-      description="Per unit: a PNG grid of its top probe images with its activation map "
-      "overlaid, and optionally an activation-maximising image.")
-  parser.add_argument("--results", required=True, help="a result directory of main.py")
-  parser.add_argument("--units", required=True,
-                      help="LAYER:label=CONCEPT, LAYER:3,17,42 or LAYER:all; ';' joins")
+  parser = common.parser_for(
+      "visualize", "Per unit: a PNG grid of its top probe images with its activation "
+      "map overlaid, and optionally an activation-maximising image.", units=True)
   parser.add_argument("--top", type=int, default=8, help="top images per unit")
   parser.add_argument("--maximize", action="store_true",
                       help="also optimise an input image for each unit")

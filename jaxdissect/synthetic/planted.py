@@ -114,6 +114,15 @@ class TextureUnits(nn.Module):
     return jnp.concatenate([stripes, surfaces], axis=-1)
 
 
+def _colour_amounts(pixels, mean, std):
+  """Inside a compact method: RGB in [0, 1] and its "colour" submodule's
+  (B, H, W, colours) membership maps."""
+  rgb = pixels * jnp.asarray(std) + jnp.asarray(mean)
+  colour = ColourAmount([np.asarray(world.COLOURS[c]) / 255.0 for c in COLOUR_NAMES],
+                        name="colour")(rgb)
+  return rgb, colour
+
+
 class PlantedNet(nn.Module):
   """Normalised pixels (ImageNet mean/std) -> planted units (logits unused)."""
   mean: Sequence[float] = train_lib.IMAGENET_MEAN
@@ -121,9 +130,7 @@ class PlantedNet(nn.Module):
 
   @nn.compact
   def __call__(self, pixels):
-    rgb = pixels * jnp.asarray(self.std) + jnp.asarray(self.mean)
-    colour = ColourAmount([np.asarray(world.COLOURS[c]) / 255.0 for c in COLOUR_NAMES],
-                          name="colour")(rgb)
+    rgb, colour = _colour_amounts(pixels, self.mean, self.std)
     texture = TextureUnits(name="texture")(rgb)
     return jnp.concatenate([jnp.mean(colour, axis=(1, 2)), jnp.mean(texture, axis=(1, 2))],
                            axis=-1)
@@ -181,9 +188,7 @@ class ColourClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, pixels):
-    rgb = pixels * jnp.asarray(self.std) + jnp.asarray(self.mean)
-    colour = ColourAmount([np.asarray(world.COLOURS[c]) / 255.0 for c in COLOUR_NAMES],
-                          name="colour")(rgb)
+    _, colour = _colour_amounts(pixels, self.mean, self.std)
     amounts = 100.0 * jnp.mean(colour, axis=(1, 2))
     return jnp.concatenate([amounts, jnp.full_like(amounts[:, :1], NONE_LOGIT)], axis=-1)
 
