@@ -168,9 +168,8 @@ def unit_strips(target, probe_set, layer_paths: Mapping[str, str],
   layer_paths: layer name -> module path. global_index: (num_kept_images,) the probe
   index of each result row (skipped images removed).
   """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   from jaxdissect.applications import visualize  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxdissect import activations as activations_lib  # pylint: disable=g-import-not-at-top
   if num_images <= 0:
     return {}
@@ -207,9 +206,8 @@ def unit_strips(target, probe_set, layer_paths: Mapping[str, str],
       for i, heat in zip(indices, unit_maps):
         tile = visualize.heat_overlay(
             visualize.to_display(images[i], transform.mean, transform.std), heat, scale)
-        tile = np.asarray(jax.image.resize(jnp.asarray(tile, jnp.float32),
-                                           (tile_size, tile_size, 3), "bilinear"))
-        tiles.append(np.clip(np.round(tile), 0, 255).astype(np.uint8))
+        tiles.append(np.asarray(Image.fromarray(tile).resize((tile_size, tile_size),
+                                                             Image.BILINEAR)))
       strips[(name, unit)] = visualize.grid(tiles, columns=num_images, pad=2)
     logger.update(layer.num_units)
   return strips
