@@ -93,10 +93,11 @@ class PruningCurve:
     return out.getvalue()
 
 
-def masked_accuracies(run: rundir.Run, layer: str, masks: np.ndarray,
-                      batch_size: int = 128) -> tuple[np.ndarray, str]:
-  """(num_masks,) probe accuracy of the target with each (num_units,) mask applied to
-  the layer's units, and where the classes came from."""
+def masked_predictions(run: rundir.Run, layer: str, masks: np.ndarray,
+                       batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, str]:
+  """Predictions of the target with each (num_units,) mask applied to the layer's units
+  in one pass over the probe images: ((num_masks, num_images) predicted class ids,
+  (num_images,) true class ids, where the classes came from)."""
   target, path = run.target, run.layer_infos[layer].path
 
   @jax.jit
@@ -112,7 +113,7 @@ def masked_accuracies(run: rundir.Run, layer: str, masks: np.ndarray,
   groups[-1] = np.concatenate(
       [groups[-1], np.ones((MASK_GROUP - len(groups[-1]), masks.shape[1]), np.float32)])
   predicted, unpruned, indices = [], [], []
-  logger = activations_lib.RateLogger(run.probe_set.num_images, "Pruning pass",
+  logger = activations_lib.RateLogger(run.probe_set.num_images, "Masked pass",
                                       run.config.log_every_s)
   for batch in common.target_batches(run, batch_size):
     keep = batch["mask"]
@@ -122,12 +123,19 @@ def masked_accuracies(run: rundir.Run, layer: str, masks: np.ndarray,
     unpruned.append(np.asarray(outs[0][1])[keep])
     indices.append(batch["index"][keep])
     logger.update(int(keep.sum()))
-  predicted = np.concatenate(predicted, axis=1)
   class_ids, source = common.class_ids_of_probe(run)
   if class_ids is None:
     class_ids, source = np.concatenate(unpruned), "unpruned predictions"
   else:
     class_ids = class_ids[np.concatenate(indices)]
+  return np.concatenate(predicted, axis=1), class_ids, source
+
+
+def masked_accuracies(run: rundir.Run, layer: str, masks: np.ndarray,
+                      batch_size: int = 128) -> tuple[np.ndarray, str]:
+  """(num_masks,) probe accuracy of the target with each (num_units,) mask applied to
+  the layer's units, and where the classes came from."""
+  predicted, class_ids, source = masked_predictions(run, layer, masks, batch_size)
   return np.mean(predicted == class_ids[None, :], axis=1), source
 
 
