@@ -227,11 +227,8 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
   else:
     truths = {name: truth for name, info in run.layer_infos.items()
               if (truth := run.target.truth_for(info)) is not None}
-  result = pipeline.label_probe(
-      probe, text_embeddings, concepts, config.similarity_fn, config.num_alternatives,
-      config.num_top_images, config.neuron_chunk_size or None, keep_scores=list(truths),
-      concept_matrix_max_gb=config.concept_matrix_max_gb,
-      kernel=config.similarity_kernel, compute_dtype=config.similarity_dtype)
+  result = pipeline.label_with_config(config, probe, text_embeddings, concepts,
+                                     list(truths))
   for name, layer in result.layers.items():
     if layer.labels != run.layers[name].labels:
       raise errors.UserError(

@@ -330,6 +330,18 @@ def gather_probe(local: activations_lib.ProbeActivations, num_images: int,
       sorted(int(i) for i in all_skipped if i >= 0), local.top)
 
 
+def label_with_config(config, probe: activations_lib.ProbeActivations,
+                      text_embeddings: np.ndarray, concepts: Sequence[str],
+                      keep_scores: Sequence[str], mesh=None) -> results_lib.DissectionResult:
+  """label_probe with the similarity settings of `config` (main.py and the evaluate
+  CLI label the same way)."""
+  return label_probe(probe, text_embeddings, concepts, config.similarity_fn,
+                     config.num_alternatives, config.num_top_images,
+                     config.neuron_chunk_size or None, keep_scores=keep_scores,
+                     concept_matrix_max_gb=config.concept_matrix_max_gb, mesh=mesh,
+                     kernel=config.similarity_kernel, compute_dtype=config.similarity_dtype)
+
+
 def layer_trust(config, probe: activations_lib.ProbeActivations,
                 result: results_lib.DissectionResult, text_embeddings: np.ndarray
                 ) -> dict[str, trust.UnitTrust]:
@@ -474,13 +486,8 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   logging.info("Scoring %d layer(s) with %s.", len(layer_infos), config.similarity_fn)
   truths = {info.name: truth for info in layer_infos
             if (truth := target.truth_for(info)) is not None}
-  result = label_probe(probe, text_embeddings, concepts, config.similarity_fn,
-                       config.num_alternatives, config.num_top_images,
-                       config.neuron_chunk_size or None,
-                       keep_scores=list(truths),  # the true concepts' ranks need them
-                       concept_matrix_max_gb=config.concept_matrix_max_gb, mesh=mesh,
-                       kernel=config.similarity_kernel,
-                       compute_dtype=config.similarity_dtype)
+  # The true concepts' ranks need those layers' scores.
+  result = label_with_config(config, probe, text_embeddings, concepts, list(truths), mesh)
   result.trust = layer_trust(config, probe, result, text_embeddings)
   evaluation = evaluate_run(config, result, truths, concepts, text_embeddings, clip)
   config_json = {

@@ -94,6 +94,7 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
                  strips: Mapping[tuple[str, int], np.ndarray] | None = None) -> None:
   """Writes index.html, a page per layer and, for units in `strips` ((layer, unit) ->
   (H, W, 3) uint8 image strip), images/layer-I/unit-N.png."""
+  from jaxdissect.applications import visualize  # pylint: disable=g-import-not-at-top
   os.makedirs(report_dir, exist_ok=True)
   esc = html.escape
   strips = strips or {}
@@ -124,7 +125,6 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
       picture = ""
       if (name, unit) in strips:
         path = strip_filename(i, unit)
-        from jaxdissect.applications import visualize  # pylint: disable=g-import-not-at-top
         visualize.save_png(os.path.join(report_dir, path), strips[(name, unit)],
                            min_side=1)
         picture = (f"<img class='strip' src='{esc(path, quote=True)}' "
