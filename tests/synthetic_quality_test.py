@@ -15,12 +15,15 @@ from jaxdissect.synthetic import benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Floors a 1,000-image run must hold (the full 2,000-image benchmark measures: oracle fc
-# 1.000, soft_wpmi planted.colour and planted.texture 1.000, netdissect fc 1.000). The
-# CLIP-based fc top-1 (issue target 0.9) is not met: the committed CLIP has not learnt
-# shape words.
+# Floors a 1,000-image run must hold. Measured on it: oracle fc 1.000, wpmi fc 1.000,
+# soft_wpmi fc 0.750 (heart and diamond labelled by a colour: with lam = 1 on an 8-unit
+# layer, soft-WPMI saturates at log 8 and picks the concept one unit owns most
+# exclusively; BENCHMARKS.md), soft_wpmi planted.colour 1.000, planted.texture 0.800.
+# The issue's target for soft_wpmi fc (0.9) is not met; these floors catch regressions.
 FLOORS = {
     ("soft_wpmi (oracle P)", "fc"): 0.98,
+    ("wpmi", "fc"): 0.9,
+    ("soft_wpmi", "fc"): 0.7,
     ("soft_wpmi", "planted.colour"): 0.9,
     ("soft_wpmi", "planted.texture"): 0.8,
 }
@@ -30,7 +33,7 @@ class SyntheticQualityTest(absltest.TestCase):
 
   def test_accuracy_floors(self):
     records = benchmark.run(num_images=1000, probes=("in_dist",),
-                            methods=("soft_wpmi",), netdissect=False, oracle=True)
+                            methods=("soft_wpmi", "wpmi"), netdissect=False, oracle=True)
     top1 = {(r["method"], r["layer"]): r["top1"] for r in records}
     for key, floor in FLOORS.items():
       self.assertGreaterEqual(top1[key], floor, f"{key}: {top1[key]:.3f}")

@@ -10,6 +10,16 @@ from jaxdissect.synthetic import world
 
 class WorldTest(absltest.TestCase):
 
+  def test_training_negatives_are_outside_the_concept_set_and_match_nothing(self):
+    # The distractors must stay unseen by the CLIP, or a label test would be rigged.
+    self.assertEmpty(set(world.TRAINING_NEGATIVES) & set(world.CONCEPTS))
+    self.assertEmpty(set(world.TRAINING_NEGATIVES) & set(world.TEMPLATE_WORDS))
+    rng = np.random.default_rng(0)
+    scene = world.sample_scene(rng)
+    for word in world.TRAINING_NEGATIVES[:10]:
+      self.assertFalse(world.caption_matches(word, scene))
+      self.assertFalse(world.caption_matches(f"a {word}", scene))
+
   def test_vocabulary_sizes_and_concept_file(self):
     self.assertGreaterEqual(len(world.SHAPES), 8)
     self.assertGreaterEqual(len(world.COLOURS), 8)
@@ -119,10 +129,14 @@ class TrainingDeterminismTest(absltest.TestCase):
     hashes = []
     for run in range(2):
       out = self.create_tempdir(f"run{run}").full_path
-      train.train_clip(f"{out}/clip", steps=3, batch_size=16, num_images=64)
+      # Half the captions match no image: the loss must stay finite without targets.
+      train.train_clip(f"{out}/clip", steps=3, batch_size=16, num_images=64,
+                       negative_fraction=0.5)
       train.train_target(f"{out}/resnet", steps=3, batch_size=16, num_images=64)
       clip = FlaxCLIPModel.from_pretrained(f"{out}/clip")
       resnet = FlaxResNetForImageClassification.from_pretrained(f"{out}/resnet")
+      for leaf in jax.tree_util.tree_leaves(clip.params):
+        self.assertTrue(np.all(np.isfinite(leaf)))
       hashes.append((targets.params_fingerprint(clip.params),
                      targets.params_fingerprint(resnet.params)))
     self.assertEqual(hashes[0], hashes[1])

@@ -10,6 +10,7 @@ contents are what configs/synthetic.py uses, so nothing has to be trained to use
 import argparse
 import json
 import os
+import tempfile
 import time
 
 from absl import logging
@@ -23,6 +24,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_TEXT_LENGTH = 16
+# The second CLIP stage (see train_clip): its own data seed, a lower peak rate.
+NEGATIVE_STAGE = dict(seed=1, learning_rate=5e-4, negative_fraction=0.2)
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -74,10 +77,35 @@ def normalise_images(images: np.ndarray, mean, std) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ CLIP
-def train_clip(out_dir: str, steps: int = 5000, batch_size: int = 128, seed: int = 0,
-               num_images: int = 40000) -> str:
+def attribute_targets(scenes) -> np.ndarray:
+  """(num_scenes, len(ATTRIBUTE_WORDS)) float32: 1 where the word is true of the scene."""
+  index = {word: i for i, word in enumerate(world.ATTRIBUTE_WORDS)}
+  targets = np.zeros((len(scenes), len(index)), np.float32)
+  for row, scene in enumerate(scenes):
+    targets[row, [index[w] for w in scene.concepts()]] = 1.0
+  return targets
+
+
+def train_clip(out_dir: str, steps: int = 8000, batch_size: int = 128, seed: int = 0,
+               num_images: int = 100_000, attribute_weight: float = 1.0,
+               eval_every: int = 500, init_dir: str | None = None,
+               learning_rate: float = 1.5e-3, negative_fraction: float = 0.0) -> str:
   """Contrastive training with multi-positive targets (a caption matches every image it
-  describes), so frequent single-word captions are not pushed apart from their images."""
+  describes), so frequent single-word captions are not pushed apart from their images.
+
+  Contrastive learning alone never learnt shape here: colour and background separate
+  almost every pair in a batch, so the loss is low without shape, and the small ViT
+  learns shape slowest of all (BENCHMARKS.md). An auxiliary head on the vision tower's
+  pooled output, predicting every attribute word of the scene (sigmoid cross-entropy,
+  weight `attribute_weight`), forces shape into the image features; the head is thrown
+  away afterwards and only the CLIP is saved.
+
+  init_dir continues from a saved CLIP (the second stage of `main`). negative_fraction
+  replaces that share of the captions by a word from world.TRAINING_NEGATIVES, which
+  names nothing in the world and so matches no image: without it, words the CLIP never
+  saw get arbitrary text embeddings that can correlate with one shape by chance, and
+  (soft-)WPMI, which rewards a concept that one unit owns, picks them. The concept
+  set's distractors are a disjoint list, so this tests generalisation to unseen words."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -96,64 +124,108 @@ def train_clip(out_dir: str, steps: int = 5000, batch_size: int = 128, seed: int
                          num_attention_heads=4, image_size=world.IMAGE_SIZE,
                          patch_size=8),
       projection_dim=64)
-  model = FlaxCLIPModel(config, seed=seed)
-  params = model.params
+  model = (FlaxCLIPModel.from_pretrained(init_dir) if init_dir
+           else FlaxCLIPModel(config, seed=seed))
+  num_attributes = len(world.ATTRIBUTE_WORDS)
+  head_init = jax.random.normal(jax.random.PRNGKey(seed + 1),
+                                (config.vision_config.hidden_size, num_attributes))
+  params = {"clip": model.params,
+            "attribute_head": {"kernel": head_init * 0.02,
+                               "bias": jnp.zeros((num_attributes,))}}
   logging.info("Rendering %d training images for CLIP.", num_images)
   images, scenes, _ = world.make_dataset(num_images, seed=10_000 + seed)
-  pixels = normalise_images(images, CLIP_MEAN, CLIP_STD)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, 1.5e-3, min(200, steps // 10),
+  attributes = attribute_targets(scenes)
+  eval_images, eval_scenes, _ = world.make_dataset(512, seed=30_000 + seed, max_objects=1)
+  eval_pixels = normalise_images(eval_images, CLIP_MEAN, CLIP_STD)
+  eval_shapes = np.array([world.SHAPES.index(s.objects[0].shape) for s in eval_scenes])
+  shape_tokens = tokenizer(list(world.SHAPES), padding="max_length",
+                           max_length=MAX_TEXT_LENGTH, return_tensors="np")
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(200, steps // 10),
                                                 steps, 1e-5)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                           optax.adamw(schedule, weight_decay=0.05))
   opt_state = optimizer.init(params)
 
-  def embed(params, pixel_batch, ids, mask):
+  def embed(clip_params, pixel_batch, ids, mask):
     def features(module, pv, ids, mask):
-      image = module.visual_projection(module.vision_model(pixel_values=pv,
-                                                           deterministic=True)[1])
+      pooled = module.vision_model(pixel_values=pv, deterministic=True)[1]
+      image = module.visual_projection(pooled)
       pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
       text = module.text_projection(module.text_model(
           input_ids=ids, attention_mask=mask, position_ids=pos, deterministic=True)[1])
-      return image, text
-    image, text = model.module.apply({"params": params}, pixel_batch, ids, mask,
-                                     method=features)
+      return pooled, image, text
+    pooled, image, text = model.module.apply({"params": clip_params}, pixel_batch, ids,
+                                             mask, method=features)
     image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
     text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
-    return image, text
+    return pooled, image, text
 
-  def loss_fn(params, pixel_batch, ids, mask, matches):
-    image, text = embed(params, pixel_batch, ids, mask)
-    logits = jnp.exp(params["logit_scale"]) * image @ text.T
-    image_targets = matches / matches.sum(axis=1, keepdims=True)
-    text_targets = matches.T / matches.T.sum(axis=1, keepdims=True)
-    loss = 0.5 * (optax.softmax_cross_entropy(logits, image_targets).mean()
-                  + optax.softmax_cross_entropy(logits.T, text_targets).mean())
-    return loss
+  def loss_fn(params, pixel_batch, ids, mask, matches, attribute_batch):
+    pooled, image, text = embed(params["clip"], pixel_batch, ids, mask)
+    logits = jnp.exp(params["clip"]["logit_scale"]) * image @ text.T
+    # A negative caption matches no image, and its image may be left with no match:
+    # such rows have no target and only serve as negatives in the other direction.
+    image_counts = matches.sum(axis=1, keepdims=True)
+    text_counts = matches.T.sum(axis=1, keepdims=True)
+    image_loss = optax.softmax_cross_entropy(logits, matches / jnp.maximum(image_counts, 1))
+    text_loss = optax.softmax_cross_entropy(logits.T,
+                                            matches.T / jnp.maximum(text_counts, 1))
+    image_rows, text_rows = image_counts[:, 0] > 0, text_counts[:, 0] > 0
+    contrastive = 0.5 * (jnp.sum(jnp.where(image_rows, image_loss, 0.0))
+                         / jnp.maximum(image_rows.sum(), 1)
+                         + jnp.sum(jnp.where(text_rows, text_loss, 0.0))
+                         / jnp.maximum(text_rows.sum(), 1))
+    head = params["attribute_head"]
+    attribute_logits = pooled @ head["kernel"] + head["bias"]
+    attribute_loss = optax.sigmoid_binary_cross_entropy(
+        attribute_logits, attribute_batch).sum(axis=-1).mean()
+    return contrastive + attribute_weight * attribute_loss, (contrastive, attribute_loss)
 
   @jax.jit
-  def step(params, opt_state, pixel_batch, ids, mask, matches):
-    loss, grads = jax.value_and_grad(loss_fn)(params, pixel_batch, ids, mask, matches)
+  def step(params, opt_state, pixel_batch, ids, mask, matches, attribute_batch):
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, pixel_batch, ids, mask, matches, attribute_batch)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, np.log(100.0))
-    return params, opt_state, loss
+    params["clip"]["logit_scale"] = jnp.clip(params["clip"]["logit_scale"], 0.0,
+                                             np.log(100.0))
+    return params, opt_state, loss, parts
+
+  @jax.jit
+  def shape_zero_shot(clip_params, pixel_batch, ids, mask):
+    _, image, text = embed(clip_params, pixel_batch, ids, mask)
+    return jnp.argmax(image @ text.T, axis=-1)
 
   rng = np.random.default_rng(seed)
   start = time.monotonic()
   for i in range(steps):
-    idx = rng.choice(num_images, batch_size, replace=False)
+    idx = np.sort(rng.choice(num_images, batch_size, replace=False))
     batch_scenes = [scenes[j] for j in idx]
     captions = [world.caption(s, rng) for s in batch_scenes]
+    if negative_fraction:
+      for j in np.flatnonzero(rng.random(batch_size) < negative_fraction):
+        word = world.TRAINING_NEGATIVES[rng.integers(len(world.TRAINING_NEGATIVES))]
+        captions[j] = word if rng.random() < 0.7 else f"a {word}"
     matches = np.array([[world.caption_matches(c, s) for c in captions]
                         for s in batch_scenes], np.float32)
     encoded = tokenizer(captions, padding="max_length", max_length=MAX_TEXT_LENGTH,
                         truncation=True, return_tensors="np")
-    params, opt_state, loss = step(params, opt_state, pixels[idx],
-                                   encoded["input_ids"].astype(np.int32),
-                                   encoded["attention_mask"].astype(np.int32), matches)
+    params, opt_state, loss, (contrastive, attribute_loss) = step(
+        params, opt_state, normalise_images(images[idx], CLIP_MEAN, CLIP_STD),
+        encoded["input_ids"].astype(np.int32),
+        encoded["attention_mask"].astype(np.int32), matches, attributes[idx])
     if i % 100 == 0 or i == steps - 1:
-      logging.info("CLIP step %d/%d loss %.4f (%.1f steps/s)", i, steps, float(loss),
-                   (i + 1) / (time.monotonic() - start))
+      logging.info("CLIP step %d/%d loss %.4f (contrastive %.4f, attributes %.4f) "
+                   "%.2f steps/s", i, steps, float(loss), float(contrastive),
+                   float(attribute_loss), (i + 1) / (time.monotonic() - start))
+    if eval_every and ((i + 1) % eval_every == 0 or i == steps - 1):
+      predicted = np.asarray(shape_zero_shot(
+          params["clip"], eval_pixels, shape_tokens["input_ids"].astype(np.int32),
+          shape_tokens["attention_mask"].astype(np.int32)))
+      logging.info("CLIP step %d: zero-shot shape accuracy %.3f on 512 held-out "
+                   "single-object scenes (chance %.3f)", i + 1,
+                   float(np.mean(predicted == eval_shapes)), 1 / len(world.SHAPES))
+  params = params["clip"]
   model.params = jax.device_get(params)
   model.save_pretrained(out_dir)
   CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
@@ -224,13 +296,22 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default=CHECKPOINT_DIR)
-  parser.add_argument("--clip_steps", type=int, default=5000)
+  parser.add_argument("--clip_steps", type=int, default=8000)
+  parser.add_argument("--clip_negative_steps", type=int, default=2000,
+                      help="second CLIP stage, with captions that match no image")
   parser.add_argument("--target_steps", type=int, default=4000)
+  parser.add_argument("--attribute_weight", type=float, default=1.0,
+                      help="weight of the CLIP vision tower's auxiliary attribute loss")
   parser.add_argument("--only", choices=("clip", "target"), default=None)
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   if args.only in (None, "clip"):
-    train_clip(os.path.join(args.out, "clip"), steps=args.clip_steps)
+    with tempfile.TemporaryDirectory() as first_stage:
+      train_clip(first_stage, steps=args.clip_steps,
+                 attribute_weight=args.attribute_weight)
+      train_clip(os.path.join(args.out, "clip"), steps=args.clip_negative_steps,
+                 attribute_weight=args.attribute_weight, init_dir=first_stage,
+                 **NEGATIVE_STAGE)
   if args.only in (None, "target"):
     train_target(os.path.join(args.out, "resnet"), steps=args.target_steps)
   print(f"Checkpoints written to {args.out}")

@@ -31,6 +31,23 @@ DISTRACTORS = (
     "fire", "train", "table", "glass",
 )
 CONCEPTS = ATTRIBUTE_WORDS + DISTRACTORS
+# Words the CLIP is trained to match no image (train.py, second stage), so that words
+# outside the world do not embed at random. Disjoint from DISTRACTORS on purpose: the
+# concept set's distractors stay unseen, and labels picking them stay wrong.
+TRAINING_NEGATIVES = (
+    "apple", "baby", "ball", "bank", "beach", "bed", "bicycle", "boat", "boy", "box",
+    "bus", "butter", "cake", "camera", "candle", "castle", "city", "coat", "coffee",
+    "cow", "cup", "dance", "desk", "doctor", "door", "dragon", "dress", "duck", "egg",
+    "engine", "farm", "fish", "forest", "fork", "friend", "garden", "girl", "gold",
+    "hammer", "hat", "hill", "hospital", "ice", "island", "jacket", "jungle", "key",
+    "king", "kitchen", "knife", "lake", "lamp", "lemon", "letter", "lion", "machine",
+    "map", "market", "milk", "monkey", "moon", "mouse", "nose", "ocean", "paper",
+    "park", "pencil", "piano", "pig", "plane", "plate", "pocket", "queen", "rabbit",
+    "radio", "rice", "robot", "rock", "roof", "rose", "salt", "school", "sheep",
+    "ship", "shirt", "soup", "spoon", "street", "sugar", "summer", "sun", "teacher",
+    "tiger", "tooth", "towel", "tower", "toy", "truck", "umbrella", "valley", "village",
+    "violin", "wall", "watch", "whale", "wheel", "winter", "wolf", "zebra",
+)
 # The same list as a concept-set file (one concept a line), for configs.
 CONCEPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "concepts.txt")
 TEMPLATE_WORDS = ("a", "an", "on", "with", "the", "and", "photo", "of")
