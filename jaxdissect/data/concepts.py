@@ -6,6 +6,7 @@ from typing import Iterable, Mapping
 from absl import logging
 
 from jaxdissect import errors
+from jaxdissect.data import broden
 
 _HAS_LETTER = re.compile(r"[^\W\d_]", re.UNICODE)
 
@@ -78,20 +79,14 @@ def broden_label_concepts(path: str, field: str = "concept_set") -> list[str]:
   """Broden's label names (label.csv of broden1_224 / broden1_227, or its directory):
   the category suffix (sky-s, black-c) dropped, underscores as spaces, duplicates and the
   "-" placeholder removed."""
-  import csv  # pylint: disable=g-import-not-at-top
   path = os.path.expanduser(path)
   if os.path.isdir(path):
     path = os.path.join(path, "label.csv")
   if not os.path.isfile(path):
     raise errors.UserError(field, f"Broden label file {path!r} does not exist.",
                            "give broden_labels:PATH of broden1_224 (or its label.csv).")
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    if "name" not in (reader.fieldnames or []):
-      raise errors.UserError(field, f"{path} has no 'name' column.",
-                             "give the label.csv that ships with Broden.")
-    names = [_BRODEN_SUFFIX.sub("", row["name"].strip()).replace("_", " ")
-             for row in reader]
+  names = [_BRODEN_SUFFIX.sub("", name).replace("_", " ")
+           for name in broden.csv_column(path, "name", field)]
   concepts = clean_concepts((n for n in names if _HAS_LETTER.search(n)), path)
   if not concepts:
     raise errors.UserError(field, f"{path} names no label.", "give Broden's label.csv.")

@@ -7,7 +7,6 @@ batches have a fixed size, the last one padded, with a mask that marks real imag
 Every image carries its global index (position in the concatenated sources) and an id
 (relative file name or TFDS key) that ends up in top_images.csv.
 """
-import csv
 import dataclasses
 import os
 import re
@@ -17,6 +16,7 @@ from absl import logging
 import numpy as np
 
 from jaxdissect import errors
+from jaxdissect.data import broden
 from jaxdissect.data import preprocessing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -180,12 +180,7 @@ def broden_source(path: str, field: str = "d_probe") -> ProbeSource:
     raise errors.UserError(field, f"no index.csv in Broden directory {path!r}.",
                            "give broden:PATH of an unpacked Broden dataset (e.g. "
                            "broden1_224, which holds index.csv and images/).")
-  with open(index, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    if "image" not in (reader.fieldnames or []):
-      raise errors.UserError(field, f"{index} has no 'image' column.",
-                             "give the index.csv that ships with Broden.")
-    files = ["images/" + row["image"].strip() for row in reader if row["image"].strip()]
+  files = ["images/" + name for name in broden.csv_column(index, "image", field) if name]
   if not files:
     raise errors.UserError(field, f"{index} lists no images.", "give a complete Broden "
                            "dataset.")

@@ -113,33 +113,29 @@ def train_clip(out_dir: str, steps: int = 8000, batch_size: int = 128, seed: int
 
   write_tokenizer(out_dir, world.ATTRIBUTE_WORDS + world.TEMPLATE_WORDS)
   tokenizer = AutoTokenizer.from_pretrained(out_dir)
-  vocab_size = len(tokenizer.get_vocab())
-  config = CLIPConfig(
-      text_config=dict(vocab_size=vocab_size, hidden_size=96, intermediate_size=192,
-                       num_hidden_layers=2, num_attention_heads=4,
-                       max_position_embeddings=MAX_TEXT_LENGTH,
-                       bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                       pad_token_id=vocab_size - 1),
-      vision_config=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, image_size=world.IMAGE_SIZE,
-                         patch_size=8),
-      projection_dim=64)
-  model = (FlaxCLIPModel.from_pretrained(init_dir) if init_dir
-           else FlaxCLIPModel(config, seed=seed))
+  if init_dir:
+    model = FlaxCLIPModel.from_pretrained(init_dir)
+  else:
+    vocab_size = len(tokenizer.get_vocab())
+    model = FlaxCLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=96, intermediate_size=192,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=MAX_TEXT_LENGTH,
+                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                         pad_token_id=vocab_size - 1),
+        vision_config=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4,
+                           num_attention_heads=4, image_size=world.IMAGE_SIZE,
+                           patch_size=8),
+        projection_dim=64), seed=seed)
   num_attributes = len(world.ATTRIBUTE_WORDS)
   head_init = jax.random.normal(jax.random.PRNGKey(seed + 1),
-                                (config.vision_config.hidden_size, num_attributes))
+                                (model.config.vision_config.hidden_size, num_attributes))
   params = {"clip": model.params,
             "attribute_head": {"kernel": head_init * 0.02,
                                "bias": jnp.zeros((num_attributes,))}}
   logging.info("Rendering %d training images for CLIP.", num_images)
   images, scenes, _ = world.make_dataset(num_images, seed=10_000 + seed)
   attributes = attribute_targets(scenes)
-  eval_images, eval_scenes, _ = world.make_dataset(512, seed=30_000 + seed, max_objects=1)
-  eval_pixels = normalise_images(eval_images, CLIP_MEAN, CLIP_STD)
-  eval_shapes = np.array([world.SHAPES.index(s.objects[0].shape) for s in eval_scenes])
-  shape_tokens = tokenizer(list(world.SHAPES), padding="max_length",
-                           max_length=MAX_TEXT_LENGTH, return_tensors="np")
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(200, steps // 10),
                                                 steps, 1e-5)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),
@@ -196,6 +192,13 @@ def train_clip(out_dir: str, steps: int = 8000, batch_size: int = 128, seed: int
     _, image, text = embed(clip_params, pixel_batch, ids, mask)
     return jnp.argmax(image @ text.T, axis=-1)
 
+  if eval_every:
+    eval_images, eval_scenes, _ = world.make_dataset(512, seed=30_000 + seed,
+                                                     max_objects=1)
+    eval_pixels = normalise_images(eval_images, CLIP_MEAN, CLIP_STD)
+    eval_shapes = np.array([world.SHAPES.index(s.objects[0].shape) for s in eval_scenes])
+    shape_tokens = tokenizer(list(world.SHAPES), padding="max_length",
+                             max_length=MAX_TEXT_LENGTH, return_tensors="np")
   rng = np.random.default_rng(seed)
   start = time.monotonic()
   for i in range(steps):
