@@ -65,6 +65,10 @@ class ConceptsTest(absltest.TestCase):
                      ["sky", "black", "potted plant"])  # the directory holding it
     with self.assertRaisesRegex(errors.UserError, "broden_labels:PATH"):
       concepts.load_concepts(f"broden_labels:{self.tmp}/nope")
+    nameless = self._write("nameless.csv", b"number,label\n1,sky\n")
+    with self.assertRaisesRegex(errors.UserError,
+                                "no 'name' column.*give the label.csv that ships"):
+      concepts.load_concepts(f"broden_labels:{nameless}")
 
   def test_target_classes(self):
     self.assertEqual(concepts.load_concepts("classes:target", {1: "boat", 0: "apple"}),

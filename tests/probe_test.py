@@ -195,6 +195,11 @@ class ProbeTest(absltest.TestCase):
         f.write("dtd/gone.jpg,train,224,224,112,112,,,,,,\n")
       with self.assertRaisesRegex(errors.UserError, "missing, e.g. images/dtd/gone.jpg"):
         probe.parse_probe_spec(f"broden:{root}")
+      with open(os.path.join(root, "index.csv"), "w", encoding="utf-8") as f:
+        f.write("picture,split\ndtd/a.jpg,train\n")
+      with self.assertRaisesRegex(errors.UserError,
+                                  "no 'image' column.*give the index.csv that ships"):
+        probe.parse_probe_spec(f"broden:{root}")
 
   def test_union_and_named_sets(self):
     with tempfile.TemporaryDirectory() as tmp:

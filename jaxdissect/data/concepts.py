@@ -86,7 +86,7 @@ def broden_label_concepts(path: str, field: str = "concept_set") -> list[str]:
     raise errors.UserError(field, f"Broden label file {path!r} does not exist.",
                            "give broden_labels:PATH of broden1_224 (or its label.csv).")
   names = [_BRODEN_SUFFIX.sub("", name).replace("_", " ")
-           for name in broden.csv_column(path, "name", field)]
+           for name in broden.csv_column(path, "name", field, "label.csv")]
   concepts = clean_concepts((n for n in names if _HAS_LETTER.search(n)), path)
   if not concepts:
     raise errors.UserError(field, f"{path} names no label.", "give Broden's label.csv.")

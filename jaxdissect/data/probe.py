@@ -180,7 +180,8 @@ def broden_source(path: str, field: str = "d_probe") -> ProbeSource:
     raise errors.UserError(field, f"no index.csv in Broden directory {path!r}.",
                            "give broden:PATH of an unpacked Broden dataset (e.g. "
                            "broden1_224, which holds index.csv and images/).")
-  files = ["images/" + name for name in broden.csv_column(index, "image", field) if name]
+  listed = broden.csv_column(index, "image", field, "index.csv")
+  files = ["images/" + name for name in listed if name]
   if not files:
     raise errors.UserError(field, f"{index} lists no images.", "give a complete Broden "
                            "dataset.")
