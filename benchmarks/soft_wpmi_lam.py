@@ -41,14 +41,20 @@ def main(argv=None) -> int:
   rows = []
   print(f"{'lam':>5} {'clip_cos':>8} {'top1':>6} {'mean_rank':>9} {'best score range':>20}")
   for lam in [float(x) for x in args.lams.split(",")]:
-    scores = np.asarray(similarity.soft_wpmi(p, activations, lam=lam))
-    best = scores.argmax(1)
+    scores, log_likelihood = similarity.soft_wpmi(p, activations, lam=lam,
+                                                  return_log_likelihood=True)
+    scores = np.asarray(scores)
+    # Rank as the pipeline does: by score, exact ties (saturated at lam log K) by the
+    # margin over the other units.
+    margin = np.asarray(similarity.prior_margin(log_likelihood))
+    order = np.stack([np.lexsort((-margin[u], -scores[u])) for u in range(len(scores))])
+    best = order[:, 0]
     row = {"lam": lam, "num_units": activations.shape[1],
            "log_num_units": float(np.log(activations.shape[1])),
            "clip_cos": float(np.mean([unit_text[b] @ unit_text[index[t]]
                                       for b, t in zip(best, truth)])),
            "top1": float(np.mean([concepts[b] == t for b, t in zip(best, truth)])),
-           "mean_rank": float(np.mean([1 + np.sum(scores[u] > scores[u, index[t]])
+           "mean_rank": float(np.mean([1 + int(np.flatnonzero(order[u] == index[t])[0])
                                        for u, t in enumerate(truth)])),
            "best_scores": scores.max(1).tolist()}
     rows.append(row)

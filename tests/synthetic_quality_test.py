@@ -16,14 +16,14 @@ from jaxdissect.synthetic import benchmark
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Floors a 1,000-image run must hold. Measured on it: oracle fc 1.000, wpmi fc 1.000,
-# soft_wpmi fc 0.750 (heart and diamond labelled by a colour: with lam = 1 on an 8-unit
-# layer, soft-WPMI saturates at log 8 and picks the concept one unit owns most
-# exclusively; BENCHMARKS.md), soft_wpmi planted.colour 1.000, planted.texture 0.800.
-# The target for soft_wpmi fc (0.9) is not met; these floors catch regressions.
+# soft_wpmi fc 0.875 (on 2,000 images 1.000, and 0.95 over 5 probe draws: the CLIP still
+# confuses heart with circle now and then), soft_wpmi planted.colour 1.000,
+# planted.texture 0.800 (the stripe unit: with lam = 1 on a 5-unit layer whose other
+# units detect backgrounds, every object word saturates at log 5; BENCHMARKS.md).
 FLOORS = {
     ("soft_wpmi (oracle P)", "fc"): 0.98,
     ("wpmi", "fc"): 0.9,
-    ("soft_wpmi", "fc"): 0.7,
+    ("soft_wpmi", "fc"): 0.85,
     ("soft_wpmi", "planted.colour"): 0.9,
     ("soft_wpmi", "planted.texture"): 0.8,
 }

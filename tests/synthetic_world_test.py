@@ -1,8 +1,11 @@
 """The synthetic world: determinism, masks, captions; the planted units' known functions."""
+import os
+
 from absl.testing import absltest
 import jax
 import numpy as np
 
+from jaxdissect.synthetic import benchmark
 from jaxdissect.synthetic import planted
 from jaxdissect.synthetic import train
 from jaxdissect.synthetic import world
@@ -140,6 +143,52 @@ class TrainingDeterminismTest(absltest.TestCase):
       hashes.append((targets.params_fingerprint(clip.params),
                      targets.params_fingerprint(resnet.params)))
     self.assertEqual(hashes[0], hashes[1])
+
+  def test_main_chains_the_three_clip_stages(self):
+    from transformers import FlaxCLIPModel  # pylint: disable=g-import-not-at-top
+    out = self.create_tempdir().full_path
+    train.main(["--out", out, "--only", "clip", "--clip_steps", "1",
+                "--clip_negative_steps", "1", "--clip_shape_steps", "1",
+                "--clip_images", "32", "--clip_batch_size", "8"])
+    # Only the last stage is kept; it loads, with its tokenizer and preprocessing.
+    self.assertEqual(os.listdir(out), ["clip"])
+    FlaxCLIPModel.from_pretrained(f"{out}/clip")
+    self.assertTrue(os.path.exists(f"{out}/clip/preprocessor_config.json"))
+    self.assertTrue(os.path.exists(f"{out}/clip/tokenizer.json"))
+
+
+class MeanOverDrawsTest(absltest.TestCase):
+
+  @staticmethod
+  def _record(method, layer, top1, top5=1.0, clip_cos=0.5):
+    return {"method": method, "probe": "in_dist", "layer": layer, "top1": top1,
+            "top5": top5, "clip_cos": clip_cos, "num_units": 8}
+
+  def test_means_and_per_draw_values(self):
+    draws = [[self._record("soft_wpmi", "fc", 1.0, clip_cos=1.0),
+              self._record("wpmi", "fc", 0.5)],
+             [self._record("soft_wpmi", "fc", 0.875, clip_cos=0.9),
+              self._record("wpmi", "fc", 0.25)]]
+    merged = benchmark.mean_over_draws(draws)
+    self.assertEqual([(r["method"], r["layer"]) for r in merged],
+                     [("soft_wpmi", "fc"), ("wpmi", "fc")])
+    self.assertAlmostEqual(merged[0]["top1"], 0.9375)
+    self.assertAlmostEqual(merged[0]["clip_cos"], 0.95)
+    self.assertEqual(merged[0]["top1_per_draw"], [1.0, 0.875])
+    self.assertEqual(merged[1]["top1_per_draw"], [0.5, 0.25])
+    self.assertEqual(merged[1]["num_draws"], 2)
+    self.assertEqual(merged[1]["num_units"], 8)
+    # One draw: the record as it was, no per-draw lists.
+    single = benchmark.mean_over_draws(draws[:1])
+    self.assertEqual(single[0]["top1"], 1.0)
+    self.assertNotIn("top1_per_draw", single[0])
+
+  def test_mismatched_or_missing_draws_are_refused(self):
+    with self.assertRaisesRegex(ValueError, "same"):
+      benchmark.mean_over_draws([[self._record("soft_wpmi", "fc", 1.0)],
+                                 [self._record("wpmi", "fc", 1.0)]])
+    with self.assertRaisesRegex(ValueError, "at least one"):
+      benchmark.mean_over_draws([])
 
 
 if __name__ == "__main__":

@@ -112,8 +112,9 @@ def _layer_from_scores(scores, acts, concepts, tiebreak=None):
 
 def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
         methods: Sequence[str] = METHODS, netdissect: bool = True,
-        oracle: bool = True, checkpoint_dir: str | None = None) -> list[dict]:
-  """Returns one record per (method, probe, layer)."""
+        oracle: bool = True, checkpoint_dir: str | None = None,
+        seed: int = 0) -> list[dict]:
+  """Returns one record per (method, probe, layer); `seed` draws another probe set."""
   checkpoint_dir = checkpoint_dir or train_lib.CHECKPOINT_DIR
   clip = clip_lib.load_clip(f"{checkpoint_dir}/clip")
   target = planted.make_target(checkpoint_dir)
@@ -124,7 +125,7 @@ def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
   truths = {info.name: target.truth_for(info) for info in infos}
   records = []
   for probe_name in probes:
-    data = render_probe(probe_name, num_images)
+    data = render_probe(probe_name, num_images, seed)
     source = probe_lib.array_source(data.images)
     batches = probe_lib.ProbeSet([source]).batches(clip.transform, target.transform, 100)
     probe = activations_lib.run_probe_pass(clip, target, infos, batches, len(data.images),
@@ -155,6 +156,27 @@ def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
       add("netdissect (IoU)", pipeline.results_lib.DissectionResult(
           concepts, probe.image_ids, layers))
   return records
+
+
+def mean_over_draws(draws: Sequence[Sequence[dict]]) -> list[dict]:
+  """Records of several probe draws (each a `run` result, same rows in the same order)
+  -> one record per row: top1 / top5 / clip_cos the means, with per-draw lists."""
+  if not draws:
+    raise ValueError("mean_over_draws needs at least one draw")
+  keys = [[(r["method"], r["probe"], r["layer"]) for r in draw] for draw in draws]
+  if any(k != keys[0] for k in keys):
+    raise ValueError("draws do not hold the same (method, probe, layer) rows")
+  merged = []
+  for rows in zip(*draws):
+    record = dict(rows[0])
+    for metric in ("top1", "top5", "clip_cos"):
+      values = [float(r[metric]) for r in rows]
+      record[metric] = float(np.mean(values))
+      if len(rows) > 1:
+        record[f"{metric}_per_draw"] = values
+    record["num_draws"] = len(rows)
+    merged.append(record)
+  return merged
 
 
 def _target_pixels(images: np.ndarray, target) -> np.ndarray:
