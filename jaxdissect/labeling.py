@@ -151,6 +151,20 @@ def _order_with_ties(scores: np.ndarray, tiebreak: np.ndarray | None,
   return ids, np.take_along_axis(scores, ids, axis=1)
 
 
+def tied_at_best(scores: np.ndarray, live: np.ndarray) -> np.ndarray:
+  """(num_units,) bool: live units whose best score two or more concepts share exactly.
+
+  Why: a (soft-)WPMI score is capped at lam log K (K units in the layer), and in a small
+  layer many concepts reach the cap to float32 precision; the label is then chosen by
+  the tie-break, not by the score, and a user should know.
+  """
+  scores = np.asarray(scores)
+  if scores.shape[1] < 2:
+    return np.zeros(scores.shape[0], bool)
+  best = np.max(scores, axis=1, keepdims=True)
+  return (np.sum(scores == best, axis=1) >= 2) & np.asarray(live, bool)
+
+
 def label_units(scores: np.ndarray, activations: np.ndarray | None,
                 concepts: Sequence[str], dead: np.ndarray, invalid: np.ndarray,
                 num_alternatives: int = 5, num_top_images: int = 10,

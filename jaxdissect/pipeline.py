@@ -155,11 +155,26 @@ def label_probe(probe: activations_lib.ProbeActivations, text_embeddings: np.nda
     layers[name] = labeling.label_units(scored.scores, None, concepts, scored.dead,
                                         scored.invalid, num_alternatives, num_top_images,
                                         tiebreak=scored.tiebreak, top=top)
+    if similarity_fn in labeling.PRIOR_FUNCTIONS:
+      _warn_of_ties_at_the_cap(name, similarity_fn, scored)
     if keep_scores is True or (keep_scores and name in keep_scores):
       scores[name] = scored.scores
     logging.info("Layer %s: %d units labelled with %s (%d distinct labels).", name,
                  layers[name].num_units, similarity_fn, len(set(layers[name].labels)))
   return results_lib.DissectionResult(list(concepts), list(probe.image_ids), layers, scores)
+
+
+def _warn_of_ties_at_the_cap(name: str, similarity_fn: str, scored) -> None:
+  tied = labeling.tied_at_best(scored.scores, ~(scored.dead | scored.invalid))
+  if tied.any():
+    num_units = len(tied)
+    logging.warning(
+        "Layer %s: %d of %d units have two or more concepts tied at their best %s score. "
+        "A concept that one unit owns scores lam * log K (K = %d units, log K = %.4f) to "
+        "float32 precision, so the margin over the other units chose among them. This "
+        "binds on small layers (the paper's have 512 or more units)%s.", name,
+        int(tied.sum()), num_units, similarity_fn, num_units, np.log(num_units),
+        ": compare with similarity_fn=wpmi there" if similarity_fn == "soft_wpmi" else "")
 
 
 def dissect(target, concepts, images, clip, layers, *, image_ids=None,

@@ -245,6 +245,36 @@ class PriorSaturationTest(parameterized.TestCase):
     plain = labeling.label_units(scores, activations, ["a", "b", "c", "d"], dead, dead)
     self.assertEqual(plain.labels[0], "b")
 
+  def test_tied_at_best_flags_live_units_whose_best_score_is_shared(self):
+    scores = np.array([[2.0, 2.0, 1.0], [2.0, 1.0, 0.5], [1.0, 1.0, 1.0],
+                       [0.0, 3.0, 3.0]], np.float32)
+    live = np.array([True, True, True, False])
+    np.testing.assert_array_equal(labeling.tied_at_best(scores, live),
+                                  [True, False, True, False])
+    np.testing.assert_array_equal(labeling.tied_at_best(scores[:, :1], live), [False] * 4)
+
+  def test_label_probe_warns_when_the_cap_decides_a_label(self):
+    # Unit 0 fires on images that show concepts a and b together, unit 1 on images of
+    # c: in a 2-unit layer, a and b both score log 2 for unit 0, so the tie-break picks.
+    from jaxdissect import activations as activations_lib  # pylint: disable=g-import-not-at-top
+    from jaxdissect import pipeline  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    texts = np.eye(3, dtype=np.float32)
+    images = np.concatenate([np.tile([[1.0, 1.0, 0.0]], (200, 1)),
+                             np.tile([[0.0, 0.0, 1.0]], (200, 1))]).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    acts = np.zeros((400, 2), np.float32)
+    acts[:200, 0] = 1.0 + rng.random(200)
+    acts[200:, 1] = 1.0 + rng.random(200)
+    probe = activations_lib.ProbeActivations(images, {"small": acts},
+                                             [str(i) for i in range(400)])
+    with self.assertLogs(level="WARNING") as logs:
+      result = pipeline.label_probe(probe, texts, ["a", "b", "c"], "soft_wpmi")
+    self.assertTrue(any("Layer small: 1 of 2 units" in m and "K = 2 units" in m
+                        for m in logs.output), logs.output)
+    self.assertIn(result.layers["small"].labels[0], ("a", "b"))
+    self.assertEqual(result.layers["small"].labels[1], "c")
+
   def test_a_single_unit_layer_has_no_tiebreak_preference(self):
     L = np.array([[-5.0, -1.0, -3.0]], np.float32)
     np.testing.assert_array_equal(np.asarray(similarity._subtract_prior(L, 1.0)), 0.0)  # pylint: disable=protected-access
