@@ -9,9 +9,10 @@ units), precision is the fraction of units whose label is the truth (top-1) or w
 top-5 alternatives contain it (top-5); clip_cos is the mean cosine between the CLIP text
 embeddings of predicted and true labels (the paper's similarity measure). Dead or
 invalid units count as wrong with cosine 0. mean_rank is the mean over units of the true
-concept's rank among all concepts by score (1 = best; equal scores share the better
-rank; a dead or invalid unit ranks last), over the units whose truth is in the concept
-set. Diversity: distinct labels / live units, and the entropy (bits) of the labels.
+concept's rank among all concepts by score (1 = best; within the listed alternatives
+the order the labels were given, ties broken as they were, so a unit whose label is not
+the truth never ranks it first; beyond them equal scores share the better rank; a dead
+or invalid unit ranks last), over the units whose truth is in the concept set. Diversity: distinct labels / live units, and the entropy (bits) of the labels.
 """
 import argparse
 import csv
@@ -56,10 +57,13 @@ def label_precision(labels: Sequence[str], alternatives: Sequence[Sequence[str]]
 
 
 def true_concept_ranks(scores: np.ndarray, truth: Sequence[str],
-                       concepts: Sequence[str], usable: np.ndarray) -> np.ndarray:
+                       concepts: Sequence[str], usable: np.ndarray,
+                       listed: np.ndarray | None = None) -> np.ndarray:
   """(units,) rank of each unit's true concept, 1 = best; NaN where the truth is not a
   concept. scores: (units, concepts); usable: (units,) bool, False for dead/invalid
-  units, which rank last."""
+  units, which rank last. listed: (units, n) concept ids in the order the labelling
+  gave them (its alternatives, ties broken by its tie-break): a truth among them ranks
+  where it is listed, one not among them below all n."""
   index = {c: i for i, c in enumerate(concepts)}
   ranks = np.full(len(truth), np.nan)
   for unit, true in enumerate(truth):
@@ -69,7 +73,11 @@ def true_concept_ranks(scores: np.ndarray, truth: Sequence[str],
       ranks[unit] = len(concepts)
       continue
     row = np.asarray(scores[unit])
-    ranks[unit] = 1 + int(np.sum(row > row[index[true]]))
+    rank = 1 + int(np.sum(row > row[index[true]]))
+    if listed is not None:
+      position = np.flatnonzero(np.asarray(listed[unit]) == index[true])
+      rank = int(position[0]) + 1 if position.size else max(rank, len(listed[unit]) + 1)
+    ranks[unit] = rank
   return ranks
 
 
@@ -132,7 +140,7 @@ def evaluate_result(result, truths: Mapping[str, Sequence[str]], embed,
                                     sentence_embed))
       if name in result.scores:
         ranks = true_concept_ranks(result.scores[name], truth, result.concepts,
-                                   ~(layer.dead | layer.invalid))
+                                   ~(layer.dead | layer.invalid), layer.alternative_ids)
         ranked = ranks[~np.isnan(ranks)]
         scores["mean_rank"] = float(ranked.mean()) if ranked.size else None
         scores["ranked_units"] = int(ranked.size)

@@ -36,6 +36,23 @@ class EvaluateTest(absltest.TestCase):
     np.testing.assert_array_equal(ranks[:3], [1, 2, 4])
     self.assertTrue(np.isnan(ranks[3]))
 
+  def test_ranks_follow_the_listed_order_where_scores_tie(self):
+    concepts = ["cat", "dog", "car", "sun"]
+    scores = np.array([[2.0, 2.0, 2.0, 0.1],    # three tied at the top
+                       [2.0, 2.0, 2.0, 0.1],
+                       [2.0, 1.0, 1.0, 1.0]])
+    # The tie-break listed dog, car, cat for unit 0 and cat first for unit 1; unit 2
+    # lists two concepts and its truth (sun, tied with dog and car) is not among them.
+    listed = np.array([[1, 2], [0, 1], [0, 1]])
+    usable = np.ones(3, bool)
+    ranks = evaluate.true_concept_ranks(scores, ["car", "cat", "sun"], concepts, usable,
+                                        listed)
+    np.testing.assert_array_equal(ranks, [2, 1, 3])
+    # Without the listing, tied concepts share the better rank.
+    np.testing.assert_array_equal(
+        evaluate.true_concept_ranks(scores, ["car", "cat", "sun"], concepts, usable),
+        [1, 1, 2])
+
   def test_label_diversity_against_hand_counts(self):
     labels = ["cat", "cat", "dog", "sun", labeling.DEAD_LABEL]
     diversity = evaluate.label_diversity(labels)

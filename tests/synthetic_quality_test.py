@@ -59,8 +59,9 @@ class SyntheticQualityTest(absltest.TestCase):
           {"top1", "top5", "clip_cos", "num_units", "num_concepts", "mean_rank",
            "diversity", "label_entropy_bits", "mean_auc", "significant_share"}, set(row))
       self.assertGreaterEqual(row["mean_rank"], 1.0)
-      if row["top1"] == 1.0:  # every unit's truth is its best concept
-        self.assertEqual(row["mean_rank"], 1.0)
+      # Ranks follow the labels' order, ties included: every unit's truth ranks first
+      # exactly when every label is the truth.
+      self.assertEqual(row["mean_rank"] == 1.0, row["top1"] == 1.0, (layer, row))
       self.assertBetween(row["diversity"], 0.0, 1.0)
       self.assertEqual(row["num_concepts"], 56)
       for key in ("top1", "top5"):
