@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from jaxdissect import evaluate  # noqa: E402
 from jaxdissect import labeling  # noqa: E402
 from jaxdissect import rundir  # noqa: E402
 from jaxdissect import similarity  # noqa: E402
@@ -46,16 +47,17 @@ def main(argv=None) -> int:
     scores = np.asarray(scores)
     # Rank as the pipeline does: by score, exact ties (saturated at lam log K) by the
     # margin over the other units.
-    margin = np.asarray(similarity.prior_margin(log_likelihood))
-    order = np.stack([np.lexsort((-margin[u], -scores[u])) for u in range(len(scores))])
+    order, _ = labeling.order_with_ties(
+        scores, np.asarray(similarity.prior_margin(log_likelihood)), len(concepts))
     best = order[:, 0]
+    ranks = evaluate.true_concept_ranks(scores, truth, concepts,
+                                        np.ones(len(truth), bool), order)
     row = {"lam": lam, "num_units": activations.shape[1],
            "log_num_units": float(np.log(activations.shape[1])),
            "clip_cos": float(np.mean([unit_text[b] @ unit_text[index[t]]
                                       for b, t in zip(best, truth)])),
            "top1": float(np.mean([concepts[b] == t for b, t in zip(best, truth)])),
-           "mean_rank": float(np.mean([1 + int(np.flatnonzero(order[u] == index[t])[0])
-                                       for u, t in enumerate(truth)])),
+           "mean_rank": float(np.mean(ranks)),
            "best_scores": scores.max(1).tolist()}
     rows.append(row)
     print(f"{lam:>5.2f} {row['clip_cos']:>8.3f} {row['top1']:>6.3f} {row['mean_rank']:>9.2f} "

@@ -12,7 +12,8 @@ invalid units count as wrong with cosine 0. mean_rank is the mean over units of 
 concept's rank among all concepts by score (1 = best; within the listed alternatives
 the order the labels were given, ties broken as they were, so a unit whose label is not
 the truth never ranks it first; beyond them equal scores share the better rank; a dead
-or invalid unit ranks last), over the units whose truth is in the concept set. Diversity: distinct labels / live units, and the entropy (bits) of the labels.
+or invalid unit ranks last), over the units whose truth is in the concept set.
+Diversity: distinct labels / live units, and the entropy (bits) of the labels.
 """
 import argparse
 import csv

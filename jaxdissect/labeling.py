@@ -135,7 +135,7 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
                      np.asarray(similarity.prior_margin(log_likelihood)))
 
 
-def _order_with_ties(scores: np.ndarray, tiebreak: np.ndarray | None,
+def order_with_ties(scores: np.ndarray, tiebreak: np.ndarray | None,
                      count: int) -> tuple[np.ndarray, np.ndarray]:
   """The `count` best concepts per unit: by score, then by tiebreak among equal scores,
   then by lower concept index. Returns (ids, scores), each (num_units, count)."""
@@ -179,7 +179,7 @@ def label_units(scores: np.ndarray, activations: np.ndarray | None,
   """
   scores = np.asarray(scores)
   num_alternatives = min(num_alternatives, scores.shape[1])
-  alt_ids, alt_scores = _order_with_ties(scores, tiebreak, num_alternatives)
+  alt_ids, alt_scores = order_with_ties(scores, tiebreak, num_alternatives)
   if top is not None:
     seen = int(np.sum(top.ids[:, 0] != topk_lib.EMPTY_ID)) if top.ids.size else 0
     num_top_images = min(num_top_images, top.k, seen)

@@ -43,6 +43,15 @@ class WorldTest(absltest.TestCase):
     self.assertEqual(a.shape, (6, 64, 64, 3))
     self.assertEqual(a.dtype, np.uint8)
 
+  def test_annotation_matrix_marks_the_words_each_scene_has(self):
+    obj = world.SceneObject("heart", "red", "striped", (32.0, 32.0), 16.0, 0.0)
+    scenes = [world.Scene((obj,), "sky"), world.Scene((obj,), "snow")]
+    words = ["sky", "heart", "dog", "striped", "blue"]
+    np.testing.assert_array_equal(world.annotation_matrix(scenes, words),
+                                  [[1, 1, 0, 1, 0], [0, 1, 0, 1, 0]])
+    # "red" and "snow" are not among the words: left out, not an error.
+    self.assertEqual(world.annotation_matrix(scenes, words).dtype, np.float32)
+
   def test_masks_match_annotations(self):
     images, scenes, masks = world.make_dataset(40, seed=1, with_masks=True)
     for image, scene, mask in zip(images, scenes, masks):

@@ -46,17 +46,6 @@ def render_probe(name: str, num_images: int, seed: int = 0) -> ProbeData:
   return ProbeData(name, images, scenes, masks)
 
 
-def oracle_concept_activation(scenes, concepts: Sequence[str]) -> np.ndarray:
-  """(num_images, num_concepts): 1 where the annotation names the concept."""
-  index = {c: i for i, c in enumerate(concepts)}
-  matrix = np.zeros((len(scenes), len(concepts)), np.float32)
-  for i, scene in enumerate(scenes):
-    for word in scene.concepts():
-      if word in index:
-        matrix[i, index[word]] = 1.0
-  return matrix
-
-
 def activation_maps(target, images_pixels: np.ndarray, batch_size: int = 100):
   """Spatial maps per layer for NetDissect: {layer: (N, h, w, units)}; fc via CAM."""
   paths = {"layer4": target.layer_aliases["layer4"],
@@ -139,7 +128,8 @@ def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
     for method in methods:
       add(method, pipeline.label_probe(probe, text, concepts, method))
     if oracle:
-      p_oracle = oracle_concept_activation(data.scenes, concepts)
+      # P from the annotations: 1 where the scene has the concept.
+      p_oracle = world.annotation_matrix(data.scenes, concepts)
       layers = {}
       for name, acts in probe.activations.items():
         scored = labeling.score_layer("soft_wpmi", p_oracle, acts)

@@ -85,15 +85,6 @@ def normalise_images(images: np.ndarray, mean, std) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ CLIP
-def attribute_targets(scenes) -> np.ndarray:
-  """(num_scenes, len(ATTRIBUTE_WORDS)) float32: 1 where the word is true of the scene."""
-  index = {word: i for i, word in enumerate(world.ATTRIBUTE_WORDS)}
-  targets = np.zeros((len(scenes), len(index)), np.float32)
-  for row, scene in enumerate(scenes):
-    targets[row, [index[w] for w in scene.concepts()]] = 1.0
-  return targets
-
-
 def train_clip(out_dir: str, steps: int = 8000, batch_size: int = 128, seed: int = 0,
                num_images: int = 100_000, attribute_weight: float = 1.0,
                eval_every: int = 500, init_dir: str | None = None,
@@ -143,7 +134,7 @@ def train_clip(out_dir: str, steps: int = 8000, batch_size: int = 128, seed: int
                                "bias": jnp.zeros((num_attributes,))}}
   logging.info("Rendering %d training images for CLIP.", num_images)
   images, scenes, _ = world.make_dataset(num_images, seed=10_000 + seed)
-  attributes = attribute_targets(scenes)
+  attributes = world.annotation_matrix(scenes, world.ATTRIBUTE_WORDS)
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(200, steps // 10),
                                                 steps, 1e-5)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),

@@ -211,6 +211,16 @@ def render(scene: Scene, rng: np.random.Generator,
   return np.clip(np.round(image), 0, 255).astype(np.uint8), masks
 
 
+def annotation_matrix(scenes: Sequence[Scene], words: Sequence[str]) -> np.ndarray:
+  """(num_scenes, len(words)) float32: 1 where the word is true of the scene (its
+  annotation names it); words a scene has but `words` lacks are left out."""
+  index = {word: i for i, word in enumerate(words)}
+  matrix = np.zeros((len(scenes), len(words)), np.float32)
+  for row, scene in enumerate(scenes):
+    matrix[row, [index[w] for w in scene.concepts() if w in index]] = 1.0
+  return matrix
+
+
 def caption(scene: Scene, rng: np.random.Generator) -> str:
   """A caption naming a random subset of one object's attributes and maybe the background,
   in a random order: single words are frequent so that they embed well."""
