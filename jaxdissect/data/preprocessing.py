@@ -11,6 +11,8 @@ from typing import Any
 
 from absl import logging
 
+from jaxdissect import errors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -24,8 +26,9 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos3", 2: "bilinear", 3: "bicubic", 4: "a
 class ImageTransform:
   """A model's preprocessing.
 
-  Exactly one of resize_shortest_edge (keep aspect) and resize_to (exact (h, w)) is
-  set; crop_size (h, w) is a centre crop after resizing, or None.
+  At most one of resize_shortest_edge (keep aspect) and resize_to (exact (h, w)) is
+  set (neither: no resize, as with do_resize=False); crop_size (h, w) is a centre crop
+  after resizing, or None.
   """
   resize_shortest_edge: int | None = None
   resize_to: tuple[int, int] | None = None
@@ -36,8 +39,8 @@ class ImageTransform:
   std: tuple[float, float, float] = IMAGENET_STD
 
   def __post_init__(self):
-    if (self.resize_shortest_edge is None) == (self.resize_to is None):
-      raise ValueError("ImageTransform needs exactly one of resize_shortest_edge and "
+    if self.resize_shortest_edge is not None and self.resize_to is not None:
+      raise ValueError("ImageTransform takes at most one of resize_shortest_edge and "
                        "resize_to.")
 
   @property
@@ -53,70 +56,122 @@ class ImageTransform:
     return dataclasses.asdict(self)
 
 
-def transform_from_processor_config(processor_config: dict[str, Any]) -> ImageTransform:
-  """Builds the transform an HF image processor config describes.
+# Processor classes whose resize is "shortest edge then centre crop" or "exact size, then
+# optional centre crop": what the geometry below reproduces. ConvNext-style processors
+# (crop_pct) are handled on their own.
+_STANDARD_PROCESSORS = ("CLIPImageProcessor", "ViTImageProcessor", "DeiTImageProcessor",
+                        "BeitImageProcessor", "BitImageProcessor",
+                        "Data2VecVisionImageProcessor", "ViTHybridImageProcessor",
+                        "SiglipImageProcessor", "ChineseCLIPImageProcessor",
+                        "BlipImageProcessor", "DPTImageProcessor", "ConvNextImageProcessor")
+# Switches that change the pixels in ways the transform does not reproduce.
+_UNSUPPORTED_SWITCHES = ("do_flip_channel_order", "rescale_offset", "do_pad",
+                         "keep_aspect_ratio")
 
-  Handles the processors vision models ship with: CLIP/BiT style (shortest edge then
-  crop), ConvNext style (used by microsoft/resnet-*: shortest edge / crop_pct then crop),
-  ViT style (exact size).
+
+def transform_from_processor(processor, name: str = "model") -> ImageTransform:
+  """The transform an HF image processor applies, read from the processor itself.
+
+  transformers interprets the config (legacy feature-extractor configs, a bare-int
+  `size` meaning the shortest edge for CLIP/ConvNext and height x width for ViT,
+  `crop_pct`, `do_*` switches); this reads the interpreted attributes, so each config
+  format means here what it means in transformers.
   """
-  kind = processor_config.get("image_processor_type", "")
-  size = processor_config.get("size", 224)
-  if isinstance(size, int):
-    size = {"shortest_edge": size} if "ConvNext" in kind else {"height": size,
-                                                                 "width": size}
-  resample = _PIL_RESAMPLE.get(int(processor_config.get("resample", 3)), "bicubic")
-  do_normalize = processor_config.get("do_normalize", True)
-  mean = tuple(processor_config.get("image_mean", IMAGENET_MEAN)) if do_normalize else (
-      0.0, 0.0, 0.0)
-  std = tuple(processor_config.get("image_std", IMAGENET_STD)) if do_normalize else (
-      1.0, 1.0, 1.0)
-  rescale = (processor_config.get("rescale_factor", 1 / 255)
-             if processor_config.get("do_rescale", True) else 1.0)
-  common = dict(resample=resample, mean=mean, std=std, rescale_factor=float(rescale))
+  kind = type(processor).__name__
+  for switch in _UNSUPPORTED_SWITCHES:
+    if getattr(processor, switch, False):
+      raise errors.UserError(
+          "image processor", f"{name}'s {kind} sets {switch}, which jaxdissect's "
+          "transform does not reproduce.", "save a preprocessor_config.json without "
+          f"{switch}, or wrap the model as python:pkg.module:factory with an "
+          "ImageTransform.")
+  if kind not in _STANDARD_PROCESSORS:
+    logging.warning("%s uses %s, whose resize jaxdissect reads as the common rule "
+                    "(shortest edge, or exact size, then centre crop).", name, kind)
+  resample = _PIL_RESAMPLE.get(int(getattr(processor, "resample", 3)), "bicubic")
+  if getattr(processor, "do_normalize", True):
+    mean = tuple(float(v) for v in _three(processor.image_mean))
+    std = tuple(float(v) for v in _three(processor.image_std))
+  else:
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+  rescale = (float(getattr(processor, "rescale_factor", 1 / 255))
+             if getattr(processor, "do_rescale", True) else 1.0)
+  common = dict(resample=resample, mean=mean, std=std, rescale_factor=rescale)
+  size = dict(getattr(processor, "size", None) or {})
+  do_resize = getattr(processor, "do_resize", True) and bool(size)
 
-  if "ConvNext" in kind:
+  if kind.startswith("ConvNext") and do_resize:
     shortest = int(size["shortest_edge"])
-    if shortest < 384:
-      crop_pct = float(processor_config.get("crop_pct") or 224 / 256)
+    if shortest < 384:  # ConvNextImageProcessor.resize: enlarge by 1/crop_pct, crop.
+      crop_pct = float(getattr(processor, "crop_pct", None) or 224 / 256)
       return ImageTransform(resize_shortest_edge=int(shortest / crop_pct),
                             crop_size=(shortest, shortest), **common)
     return ImageTransform(resize_to=(shortest, shortest), **common)
 
   crop = None
-  if processor_config.get("do_center_crop", False):
-    crop_cfg = processor_config.get("crop_size", 224)
-    if isinstance(crop_cfg, int):
-      crop = (crop_cfg, crop_cfg)
-    else:
-      crop = (int(crop_cfg["height"]), int(crop_cfg["width"]))
+  if getattr(processor, "do_center_crop", False):
+    crop_size = processor.crop_size
+    crop = ((int(crop_size), int(crop_size)) if isinstance(crop_size, int)
+            else (int(crop_size["height"]), int(crop_size["width"])))
+  if not do_resize:
+    return ImageTransform(crop_size=crop, **common)
   if "shortest_edge" in size:
     return ImageTransform(resize_shortest_edge=int(size["shortest_edge"]), crop_size=crop,
                           **common)
-  return ImageTransform(resize_to=(int(size["height"]), int(size["width"])), crop_size=crop,
-                        **common)
+  if "height" in size and "width" in size:
+    return ImageTransform(resize_to=(int(size["height"]), int(size["width"])),
+                          crop_size=crop, **common)
+  raise errors.UserError(
+      "image processor", f"{name}'s {kind} has size {size}, which names no shortest "
+      "edge and no height/width.", "give the preprocessor_config.json a size of "
+      '{"shortest_edge": N} or {"height": H, "width": W}.')
+
+
+def _three(values) -> tuple:
+  values = tuple(values) if isinstance(values, (list, tuple)) else (values,) * 3
+  return values if len(values) == 3 else values[:1] * 3
+
+
+def load_processor(model_dir_or_id: str, cache_dir: str | None = None):
+  """transformers' own (slow, NumPy/PIL) image processor for a directory or hub id."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.AutoImageProcessor.from_pretrained(model_dir_or_id, use_fast=False,
+                                                         cache_dir=cache_dir)
+
+
+def transform_from_processor_config(processor_config: dict[str, Any]) -> ImageTransform:
+  """The transform of a preprocessor_config.json's contents, as transformers reads it."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    with open(os.path.join(tmp, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+      json.dump(processor_config, f)
+    return transform_from_processor(load_processor(tmp), "this config")
 
 
 def load_transform(model_dir_or_id: str, fallback: ImageTransform,
                    cache_dir: str | None = None) -> ImageTransform:
   """The transform of a local model directory or hub id, or `fallback` if it has none."""
   local = os.path.join(model_dir_or_id, "preprocessor_config.json")
-  path = local if os.path.isfile(local) else None
-  if path is None and not os.path.isdir(model_dir_or_id):
-    try:
-      from huggingface_hub import hf_hub_download  # pylint: disable=g-import-not-at-top
-      path = hf_hub_download(model_dir_or_id, "preprocessor_config.json",
-                             cache_dir=cache_dir)
-    except Exception as err:  # pylint: disable=broad-except
-      logging.warning("No preprocessor_config.json for %s (%s); using %s.",
-                      model_dir_or_id, type(err).__name__, fallback)
-      return fallback
-  if path is None:
+  if os.path.isdir(model_dir_or_id) and not os.path.isfile(local):
     logging.warning("No preprocessor_config.json in %s; using %s.", model_dir_or_id,
                     fallback)
     return fallback
-  with open(path, encoding="utf-8") as f:
-    return transform_from_processor_config(json.load(f))
+  try:
+    processor = load_processor(model_dir_or_id, cache_dir)
+  except Exception as err:  # pylint: disable=broad-except
+    if os.path.isfile(local):
+      raise errors.UserError(
+          "image processor", f"transformers cannot read {local} ({type(err).__name__}: "
+          f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}).",
+          "fix or remove the file (without it the model's default transform is "
+          "used).") from None
+    logging.warning("No preprocessor_config.json for %s (%s); using %s.",
+                    model_dir_or_id, type(err).__name__, fallback)
+    return fallback
+  transform = transform_from_processor(processor, model_dir_or_id)
+  logging.info("Image transform of %s (%s): %s.", model_dir_or_id,
+               type(processor).__name__, transform)
+  return transform
 
 
 def resize_output_size(height, width, shortest_edge):
@@ -137,6 +192,22 @@ def resize_output_size(height, width, shortest_edge):
 def apply_transform(image, transform: ImageTransform):
   """uint8 (H, W, 3) tf image -> float32 model input (h, w, 3)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  resized = tf.cast(image, tf.float32)
+  if transform.resize_to is not None or transform.resize_shortest_edge is not None:
+    resized = _resize_like_pil(resized, transform)
+  if transform.crop_size is not None:
+    resized = _center_crop(resized, *transform.crop_size)
+  elif transform.resize_to is not None:
+    resized = tf.ensure_shape(resized, (*transform.resize_to, 3))
+  scaled = resized * transform.rescale_factor
+  mean = tf.constant(transform.mean, tf.float32)
+  std = tf.constant(transform.std, tf.float32)
+  return (scaled - mean) / std
+
+
+def _resize_like_pil(image, transform: ImageTransform):
+  """float (H, W, 3) holding uint8 values -> resized, rounded to uint8 values as PIL."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
   if transform.resize_to is not None:
@@ -148,21 +219,24 @@ def apply_transform(image, transform: ImageTransform):
   antialias = method != "nearest"
   # PIL resamples in two passes, width then height, rounding and clipping to uint8 after
   # each (half up); doing the same keeps cubic overshoot near saturated pixels identical.
-  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, new_w]),
-                            method=method, antialias=antialias)
+  resized = tf.image.resize(image, tf.stack([height, new_w]), method=method,
+                            antialias=antialias)
   resized = tf.clip_by_value(tf.floor(resized + 0.5), 0.0, 255.0)
   resized = tf.image.resize(resized, tf.stack([new_h, new_w]), method=method,
                             antialias=antialias)
-  resized = tf.clip_by_value(tf.floor(resized + 0.5), 0.0, 255.0)
-  if transform.crop_size is not None:
-    crop_h, crop_w = transform.crop_size
-    top = (tf.shape(resized)[0] - crop_h) // 2
-    left = (tf.shape(resized)[1] - crop_w) // 2
-    resized = tf.image.crop_to_bounding_box(resized, top, left, crop_h, crop_w)
-    resized = tf.ensure_shape(resized, (crop_h, crop_w, 3))
-  elif transform.resize_to is not None:
-    resized = tf.ensure_shape(resized, (*transform.resize_to, 3))
-  scaled = resized * transform.rescale_factor
-  mean = tf.constant(transform.mean, tf.float32)
-  std = tf.constant(transform.std, tf.float32)
-  return (scaled - mean) / std
+  return tf.clip_by_value(tf.floor(resized + 0.5), 0.0, 255.0)
+
+
+def _center_crop(image, crop_h: int, crop_w: int):
+  """HF's center_crop: offsets (size - crop) // 2; an image smaller than the crop is
+  first padded with black, ceil((crop - size) / 2) before it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  pad_h = tf.maximum(crop_h - height, 0)
+  pad_w = tf.maximum(crop_w - width, 0)
+  top_pad, left_pad = (pad_h + 1) // 2, (pad_w + 1) // 2
+  image = tf.pad(image, [[top_pad, pad_h - top_pad], [left_pad, pad_w - left_pad], [0, 0]])
+  top = tf.maximum((height - crop_h) // 2 + top_pad, 0)
+  left = tf.maximum((width - crop_w) // 2 + left_pad, 0)
+  image = tf.image.crop_to_bounding_box(image, top, left, crop_h, crop_w)
+  return tf.ensure_shape(image, (crop_h, crop_w, 3))

@@ -286,12 +286,13 @@ def array_source(images: np.ndarray, image_ids: Sequence[str] | None = None,
 
 
 def _to_rgb(image):
-  """Any decoded image -> uint8 (H, W, 3): grayscale tiled, alpha dropped, 16-bit scaled."""
+  """Any decoded image -> uint8 (H, W, 3): grayscale (with or without alpha) tiled,
+  alpha dropped (as PIL's convert("RGB")), 16-bit scaled."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if image.dtype != tf.uint8:
     image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
   channels = tf.shape(image)[-1]
-  image = tf.cond(channels == 1, lambda: tf.tile(image, [1, 1, 3]),
+  image = tf.cond(channels <= 2, lambda: tf.tile(image[..., :1], [1, 1, 3]),
                   lambda: image[..., :3])
   return tf.ensure_shape(image, (None, None, 3))
 
