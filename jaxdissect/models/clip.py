@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxdissect import errors
 from jaxdissect.data import preprocessing
+from jaxdissect.models import checkpoints
 from jaxdissect.models import loading
 
 
@@ -67,17 +68,14 @@ def load_clip(name_or_path: str, field: str = "clip_model") -> ClipModel:
   """Loads a Flax CLIP (flax msgpack or safetensors, never torch) with its tokenizer."""
   import transformers  # pylint: disable=g-import-not-at-top
   name_or_path = loading.check_location(name_or_path, field, "openai/clip-vit-base-patch16")
+  name_or_path = checkpoints.local_directory(name_or_path, field)
   config = loading.load_config(name_or_path, field)
   if getattr(config, "model_type", None) != "clip":
     raise errors.UserError(
         field, f"{name_or_path!r} is a {getattr(config, 'model_type', '?')!r} model, "
         "not CLIP.", "point clip_model at a CLIP checkpoint.")
-  # _do_init=False: no random init of weights that loading overwrites anyway.
-  model, params = loading.load_or_explain(
-      lambda: transformers.FlaxCLIPModel.from_pretrained(name_or_path, config=config,
-                                                         _do_init=False),
-      field, f"Flax CLIP weights from {name_or_path!r}",
-      "the directory needs flax_model.msgpack or model.safetensors.")
+  model, params = checkpoints.load_flax_pretrained(transformers.FlaxCLIPModel,
+                                                   name_or_path, config, field)
   tokenizer = loading.load_or_explain(
       lambda: transformers.AutoTokenizer.from_pretrained(name_or_path), field,
       f"the tokenizer of {name_or_path!r}",

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxdissect import errors
 from jaxdissect.data import preprocessing
+from jaxdissect.models import checkpoints
 from jaxdissect.models import loading
 
 DEFAULT_TRANSFORM = preprocessing.ImageTransform(resize_shortest_edge=256,
@@ -212,6 +213,7 @@ def load_target(spec: str, field: str = "target_model") -> TargetModel:
   if spec.startswith("python:"):
     return _load_python_target(spec, field)
   location = loading.check_location(spec, field, "microsoft/resnet-50")
+  location = checkpoints.local_directory(location, field)
   config = loading.load_config(location, field)
   model_type = getattr(config, "model_type", None)
   loader = _HF_LOADERS.get(model_type)
@@ -220,18 +222,15 @@ def load_target(spec: str, field: str = "target_model") -> TargetModel:
         field, f"{spec!r} is a {model_type!r} model; supported: {sorted(_HF_LOADERS)}.",
         "use an HF Flax ResNet or ViT, or wrap any flax module as "
         "python:pkg.module:factory.")
-  target = loading.load_or_explain(
-      lambda: loader(location, config), field, f"Flax weights from {spec!r}",
-      "the directory needs flax_model.msgpack or model.safetensors.")
+  target = loader(location, config, field)
   target.name = spec
   logging.info("Loaded target %s (%s), image transform %s.", spec, model_type,
                target.transform)
   return target
 
 
-def _from_pretrained(cls, location, config, **kwargs):
-  # _do_init=False: no random init of weights that loading overwrites anyway.
-  model, params = cls.from_pretrained(location, config=config, _do_init=False, **kwargs)
+def _from_pretrained(cls, location, config, field, **kwargs):
+  model, params = checkpoints.load_flax_pretrained(cls, location, config, field, **kwargs)
   return model, _variables_of(params)
 
 
@@ -259,7 +258,8 @@ def _class_truth(id2label) -> dict[str, list[str]]:
   return {"fc": [id2label[i] for i in range(len(id2label))]}
 
 
-def _load_hf_target(location: str, config, classifier_cls, base_cls, prefix: str,
+def _load_hf_target(location: str, config, field: str, classifier_cls, base_cls,
+                    prefix: str,
                     base_aliases: Callable[[str], dict[str, str]],
                     fallback: preprocessing.ImageTransform, **base_kwargs) -> TargetModel:
   """The classification model (its base under `prefix`, plus `fc`) unless the config
@@ -267,9 +267,9 @@ def _load_hf_target(location: str, config, classifier_cls, base_cls, prefix: str
   architectures = getattr(config, "architectures", None) or []
   is_classifier = not architectures or any("Classification" in a for a in architectures)
   if is_classifier:
-    model, variables = _from_pretrained(classifier_cls, location, config)
+    model, variables = _from_pretrained(classifier_cls, location, config, field)
   else:
-    model, variables = _from_pretrained(base_cls, location, config, **base_kwargs)
+    model, variables = _from_pretrained(base_cls, location, config, field, **base_kwargs)
     prefix = ""
   aliases = base_aliases(f"{prefix}/" if prefix else "")
   if is_classifier:
@@ -282,7 +282,7 @@ def _load_hf_target(location: str, config, classifier_cls, base_cls, prefix: str
                      ground_truth=_class_truth(id2label))
 
 
-def _load_hf_resnet(location: str, config) -> TargetModel:
+def _load_hf_resnet(location: str, config, field: str) -> TargetModel:
   import transformers  # pylint: disable=g-import-not-at-top
 
   def aliases(base):
@@ -291,12 +291,13 @@ def _load_hf_resnet(location: str, config) -> TargetModel:
       names[f"layer{i + 1}"] = f"{base}encoder/stages/{i}"
     return names
 
-  return _load_hf_target(location, config, transformers.FlaxResNetForImageClassification,
+  return _load_hf_target(location, config, field,
+                         transformers.FlaxResNetForImageClassification,
                          transformers.FlaxResNetModel, "resnet", aliases,
                          DEFAULT_TRANSFORM)
 
 
-def _load_hf_vit(location: str, config) -> TargetModel:
+def _load_hf_vit(location: str, config, field: str) -> TargetModel:
   import transformers  # pylint: disable=g-import-not-at-top
 
   def aliases(base):
@@ -312,7 +313,8 @@ def _load_hf_vit(location: str, config) -> TargetModel:
   fallback = preprocessing.ImageTransform(resize_to=(config.image_size,) * 2,
                                           resample="bilinear", mean=(0.5, 0.5, 0.5),
                                           std=(0.5, 0.5, 0.5))
-  target = _load_hf_target(location, config, transformers.FlaxViTForImageClassification,
+  target = _load_hf_target(location, config, field,
+                           transformers.FlaxViTForImageClassification,
                            transformers.FlaxViTModel, "vit", aliases, fallback,
                            add_pooling_layer=False)
   if "fc" in target.layer_aliases:  # torchvision calls the classifier heads.head
