@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "configs"))
 
 import paper as paper_configs  # noqa: E402  (configs/paper.py)
+from jaxdissect import resources  # noqa: E402
 
 # The synthetic stand-in for each probe set: the in-distribution scenes for ImageNet
 # val, scenes on backgrounds never seen in training for Broden and CIFAR-100 (other
@@ -77,14 +78,16 @@ def paper_setup_missing(row: dict) -> list[str]:
     if part.startswith("broden:") and not os.path.isdir(os.environ.get("BRODEN_DIR", "")):
       missing.append("Broden (BRODEN_DIR)")
   for concepts in row["concept_sets"].values():
-    if concepts != "imagenet_classes":
-      path = paper_configs.concept_spec(concepts)
-      if not os.path.isfile(path):
-        missing.append(f"{paper_configs.CONCEPT_FILES[concepts]} (CLIP_DISSECT_DATA)")
-  env = ("JAXDISSECT_RESNET50" if row["target"] == "resnet50_imagenet"
-         else "JAXDISSECT_RESNET18_PLACES")
-  if not os.path.isdir(os.environ.get(env, "")):
-    missing.append(f"the paper's torchvision {row['target']} ({env})")
+    spec = paper_configs.concept_spec(concepts)
+    if not resources.available_locally(spec):
+      missing.append(f"{spec} (CLIP_DISSECT_DATA or {resources.RESOURCES[spec].cache_path})")
+  target = paper_configs.target_for(row)
+  if resources.is_resource(target):
+    if not resources.available_locally(target):
+      missing.append(f"the paper's torchvision {row['target']} (JAXDISSECT_RESNET50 or "
+                     f"{resources.RESOURCES[target].cache_path})")
+  elif not os.path.isdir(target):
+    missing.append(f"the paper's torchvision {row['target']} (JAXDISSECT_RESNET18_PLACES)")
   for model in ("openai/clip-vit-base-patch16", "sentence-transformers/all-mpnet-base-v2"):
     if not _hub_cached(model):
       missing.append(model)

@@ -8,13 +8,15 @@
 TABLE:ROW:CONCEPTS, with ROW as listed in configs/paper_tables.json and CONCEPTS the
 row's concept set for the cosine metrics ("cos") or for top-1/top-5 ("accuracy").
 Each row names its probe set (imagenet_val, cifar100_train, broden, imagenet_broden:
-data/probe.py NAMED_PROBE_SETS; Broden from BRODEN_DIR) and concept set, read from
-CLIP_DISSECT_DATA: the directory of the official repository's data/ files (20k.txt,
-10k.txt, 3k.txt, broden_labels_clean.txt; github.com/Trustworthy-ML-Lab/CLIP-dissect).
-The targets are the paper's torchvision models, converted once with
-`python -m jaxdissect.models.torchvision`: JAXDISSECT_RESNET50 (resnet50 IMAGENET1K_V1)
-and JAXDISSECT_RESNET18_PLACES (the Places365 ResNet-18); without the first,
-microsoft/resnet-50 stands in. benchmarks/reproduce_tables.py runs every row.
+data/probe.py NAMED_PROBE_SETS; Broden from BRODEN_DIR) and concept set. The resources
+are those of configs/resnet50.py, pinned and fetched once (jaxdissect/resources.py):
+the authors' word lists and class names (clip_dissect:20k, :10k, :3k, :broden_labels,
+:imagenet_labels; offline, CLIP_DISSECT_DATA names a directory holding them) and
+torchvision's ResNet-50 (torchvision:resnet50; offline, JAXDISSECT_RESNET50). The
+Places365 ResNet-18 has no pinned download: JAXDISSECT_RESNET18_PLACES names its
+converted directory (python -m jaxdissect.models.torchvision). Evaluation uses
+all-mpnet-base-v2, as the authors' notebooks do. benchmarks/reproduce_tables.py runs
+every row.
 """
 import json
 import os
@@ -22,8 +24,11 @@ import os
 from jaxdissect import config as base_config
 
 TABLES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_tables.json")
-CONCEPT_FILES = {"20k": "20k.txt", "10k": "10k.txt", "3k": "3k.txt",
-                 "broden_labels": "broden_labels_clean.txt"}
+CONCEPT_RESOURCES = {"20k": "clip_dissect:20k", "10k": "clip_dissect:10k",
+                     "3k": "clip_dissect:3k", "broden_labels": "clip_dissect:broden_labels",
+                     "imagenet_classes": "clip_dissect:imagenet_labels"}
+CLASS_NAMES = {"resnet50_imagenet": "clip_dissect:imagenet_labels",
+               "resnet18_places": "clip_dissect:places365_labels"}
 
 
 def load_rows() -> list[dict]:
@@ -41,15 +46,12 @@ def find_row(table: int, name: str) -> dict:
 
 def target_for(row: dict) -> str:
   if row["target"] == "resnet50_imagenet":
-    return os.environ.get("JAXDISSECT_RESNET50", "microsoft/resnet-50")
+    return "torchvision:resnet50"
   return os.environ.get("JAXDISSECT_RESNET18_PLACES", "<set JAXDISSECT_RESNET18_PLACES>")
 
 
 def concept_spec(name: str) -> str:
-  if name == "imagenet_classes":
-    return "classes:target"
-  data = os.environ.get("CLIP_DISSECT_DATA", "<set CLIP_DISSECT_DATA>")
-  return os.path.join(data, CONCEPT_FILES[name])
+  return CONCEPT_RESOURCES[name]
 
 
 def get_config(spec: str = "3:soft_wpmi/imagenet_val:cos"):
@@ -61,6 +63,7 @@ def get_config(spec: str = "3:soft_wpmi/imagenet_val:cos"):
   config.target_layers = row["layer"]
   config.d_probe = row["d_probe"]
   config.concept_set = concept_spec(row["concept_sets"][which])
+  config.class_names = CLASS_NAMES.get(row["target"], "")
   config.similarity_fn = row["similarity_fn"]
   config.sentence_model = "sentence-transformers/all-mpnet-base-v2"
   config.batch_size = 256

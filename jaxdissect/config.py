@@ -28,6 +28,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.d_probe = "tfds:imagenet2012:validation"
   # A text file (one concept a line), wordfreq:LANG:N, or classes:target.
   config.concept_set = "wordfreq:en:20000"
+  # The target's class names, one a line in the order of its outputs (truth for fc in
+  # evaluation.json; also what classes:target reads): a file, a pinned resource
+  # (clip_dissect:imagenet_labels), or "" to use the model's own id2label. Placeholder
+  # names (class_k, LABEL_k) are never truth.
+  config.class_names = ""
   config.similarity_fn = "soft_wpmi"
   config.pool_mode = "avg"
   # How (batch, tokens, channels) outputs become (batch, channels): the CLS token

@@ -21,6 +21,7 @@ from jaxdissect import errors
 from jaxdissect import evaluate
 from jaxdissect import labeling
 from jaxdissect import report
+from jaxdissect import resources
 from jaxdissect import results as results_lib
 from jaxdissect import sharding
 from jaxdissect import similarity
@@ -224,10 +225,48 @@ def dissect(target, concepts, images, clip, layers, *, image_ids=None,
 
 # --------------------------------------------------------------------------- CLI
 def _load_models(config):
-  target = targets_lib.load_target(config.target_model)
+  resources.fetch_required(config, ("target_model", "concept_set"))
+  target = with_class_names(targets_lib.load_target(config.target_model),
+                            config.class_names)
   layer_infos = target.resolve_layers(_split_layers(config.target_layers))
   clip = clip_lib.load_clip(config.clip_model)
   return target, layer_infos, clip
+
+
+def read_class_names(spec: str) -> list[str]:
+  """One name a line, in output order; blank lines dropped, repeated names kept."""
+  path = (resources.local_path(spec, "class_names") if resources.is_resource(spec)
+          else os.path.expanduser(spec))
+  if not os.path.isfile(path):
+    raise errors.UserError("class_names", f"no file {path!r}.",
+                           "give a text file with one class name a line.")
+  with open(path, encoding="utf-8-sig") as f:
+    return [line.strip() for line in f.read().splitlines() if line.strip()]
+
+
+def with_class_names(target: targets_lib.TargetModel, spec: str):
+  """The target named by the class-name list `spec` ("" : as it is). A list that cannot
+  be had only costs fc its metrics: a warning, and the dissection goes on."""
+  spec = str(spec or "").strip()
+  if not spec:
+    return target
+  try:
+    names = read_class_names(spec)
+  except errors.UserError as err:
+    logging.warning("No class names, so fc gets no accuracy against its classes: %s",
+                    err.one_line())
+    return target
+  return targets_lib.with_class_names(target, names, spec)
+
+
+def _warn_of_missing_truth(target, layer_infos, truths) -> None:
+  for info in layer_infos:
+    if info.path == target.layer_aliases.get("fc") and info.name not in truths:
+      logging.warning(
+          "Layer %s has no accuracy in evaluation.json: %s has no real class names "
+          "(placeholders such as class_0 or LABEL_0 are not truth). Set "
+          "--config.class_names to its class-name list (e.g. clip_dissect:imagenet_labels "
+          "for ImageNet models).", info.name, target.name)
 
 
 def list_layers(config: ml_collections.ConfigDict) -> str:
@@ -501,6 +540,7 @@ def run(config: ml_collections.ConfigDict, workdir: str = "./workdir") -> str:
   logging.info("Scoring %d layer(s) with %s.", len(layer_infos), config.similarity_fn)
   truths = {info.name: truth for info in layer_infos
             if (truth := target.truth_for(info)) is not None}
+  _warn_of_missing_truth(target, layer_infos, truths)
   # The true concepts' ranks need those layers' scores.
   result = label_with_config(config, probe, text_embeddings, concepts, list(truths), mesh)
   result.trust = layer_trust(config, probe, result, text_embeddings)

@@ -60,7 +60,7 @@ class MainEndToEndTest(absltest.TestCase):
               "d_probe": f"folder:{self.images}", "concept_set": self.concepts,
               "batch_size": 32, "log_every_s": 0.0}
     fields.update(overrides)
-    return ["--config", os.path.join(REPO, "configs", "resnet50.py"),
+    return ["--config", os.path.join(REPO, "configs", "demo.py"),
             "--workdir", workdir] + [f"--config.{k}={v}" for k, v in fields.items()]
 
   def check_results(self, result_dir, units, concepts):

@@ -119,7 +119,7 @@ class ReportInChromiumTest(absltest.TestCase):
     workdir = os.path.join(tmp, "work")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "main.py"), "--config",
-         os.path.join(REPO, "configs", "resnet50.py"), f"--workdir={workdir}",
+         os.path.join(REPO, "configs", "demo.py"), f"--workdir={workdir}",
          f"--config.clip_model={clip}", f"--config.target_model={resnet}",
          "--config.target_layers=layer3,layer4", f"--config.d_probe=folder:{images}",
          f"--config.concept_set={concepts_path}", "--config.batch_size=16",

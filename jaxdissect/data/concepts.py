@@ -6,6 +6,7 @@ from typing import Iterable, Mapping
 from absl import logging
 
 from jaxdissect import errors
+from jaxdissect import resources
 from jaxdissect.data import broden
 
 _HAS_LETTER = re.compile(r"[^\W\d_]", re.UNICODE)
@@ -95,9 +96,12 @@ def broden_label_concepts(path: str, field: str = "concept_set") -> list[str]:
 
 def load_concepts(spec: str, id2label: Mapping[int, str] | None = None,
                   field: str = "concept_set") -> list[str]:
-  """`wordfreq:LANG:N`, `classes:target`, `broden_labels:PATH`, or a path to a text
-  file (one concept a line: the paper's 3k.txt / 10k.txt / 20k.txt word lists)."""
+  """`wordfreq:LANG:N`, `classes:target`, `broden_labels:PATH`, a pinned resource
+  (`clip_dissect:20k`, `:10k`, `:3k`, `:broden_labels`, `:imagenet_labels`: the authors'
+  lists, fetched once), or a path to a text file (one concept a line)."""
   spec = str(spec).strip()
+  if resources.is_resource(spec):
+    return read_concept_file(resources.local_path(spec, field), field)
   if spec.startswith("broden_labels:"):
     return broden_label_concepts(spec[len("broden_labels:"):], field)
   if spec.startswith("wordfreq:"):

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import errors
+from jaxdissect import resources
 from jaxdissect.data import preprocessing
 from jaxdissect.models import checkpoints
 from jaxdissect.models import loading
+from jaxdissect.models import torchvision
 
 DEFAULT_TRANSFORM = preprocessing.ImageTransform(resize_shortest_edge=256,
                                                  crop_size=(224, 224),
@@ -212,7 +214,10 @@ def load_target(spec: str, field: str = "target_model") -> TargetModel:
   """`python:pkg.module:factory`, or an HF id / local directory of a Flax vision model."""
   if spec.startswith("python:"):
     return _load_python_target(spec, field)
-  location = loading.check_location(spec, field, "microsoft/resnet-50")
+  if resources.is_resource(spec):
+    location = torchvision.converted_torchvision(spec, field)
+  else:
+    location = loading.check_location(spec, field, "microsoft/resnet-50")
   location = checkpoints.local_directory(location, field)
   config = loading.load_config(location, field)
   model_type = getattr(config, "model_type", None)
@@ -245,10 +250,30 @@ def _id2label(config) -> dict[int, str] | None:
   if not labels:
     return None
   labels = {int(k): str(v) for k, v in labels.items()}
-  # PretrainedConfig's placeholder names carry no meaning.
-  if all(v == f"LABEL_{k}" for k, v in labels.items()):
+  if is_placeholder(labels):
     return None
   return labels
+
+
+def is_placeholder(id2label) -> bool:
+  """PretrainedConfig's LABEL_k and a converter's class_k name no class: never truth."""
+  return all(v in (f"LABEL_{k}", f"class_{k}") for k, v in id2label.items())
+
+
+def with_class_names(target: TargetModel, names, source: str) -> TargetModel:
+  """The target with its output units named `names` (a class-name list such as the
+  authors' imagenet_labels.txt): id2label and the fc truth."""
+  fc = target.layer_aliases.get("fc")
+  shapes = target.module_paths()
+  num_outputs = shapes[fc][-1] if fc in shapes else None
+  if num_outputs != len(names):
+    raise errors.UserError(
+        "class_names", f"{source} lists {len(names)} class names but {target.name} has "
+        f"{num_outputs if num_outputs is not None else 'no classifier'} outputs.",
+        "give the class-name list of this model, in the order of its outputs.")
+  target.id2label = dict(enumerate(names))
+  target.ground_truth = {**target.ground_truth, **_class_truth(target.id2label)}
+  return target
 
 
 def _class_truth(id2label) -> dict[str, list[str]]:

@@ -36,12 +36,16 @@ import collections
 import os
 import pickle
 import re
+import shutil
+import tempfile
 import zipfile
 from typing import Sequence
 
+from absl import logging
 import numpy as np
 
 from jaxdissect import errors
+from jaxdissect import resources
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -351,6 +355,35 @@ def save_flax_vit(state: dict[str, np.ndarray], out_dir: str,
                          resample=2, image_mean=[0.485, 0.456, 0.406],
                          image_std=[0.229, 0.224, 0.225]).save_pretrained(out_dir)
   return out_dir
+
+
+def converted_torchvision(spec: str, field: str) -> str:
+  """A Flax model directory made from torchvision weights, converted once and cached
+  (keyed by the weights' sha256); the variable may also name a converted directory."""
+  resource = resources.lookup(spec, field)
+  value = os.path.expanduser(os.environ.get(resource.env, "")) if resource.env else ""
+  if value and os.path.isfile(os.path.join(value, "config.json")):
+    return value  # already converted
+  weights = resources.local_path(spec, field)
+  out = os.path.join(resources.cache_root(), "converted", f"{resource.filename}-{resources.sha256_of(weights)[:16]}")
+  if os.path.isfile(os.path.join(out, "config.json")):
+    return out
+  logging.info("Converting %s to a Flax model in %s (once).", weights, out)
+  state = read_state_dict(weights, field)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(out))
+  try:
+    if is_vit(state):
+      save_flax_vit(state, tmp)
+    else:
+      save_flax_resnet(state, tmp)
+    os.replace(tmp, out)
+  except OSError:
+    if not os.path.isfile(os.path.join(out, "config.json")):  # not a concurrent run's
+      raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out
 
 
 def main(argv=None) -> None:
