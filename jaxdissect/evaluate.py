@@ -82,6 +82,26 @@ def true_concept_ranks(scores: np.ndarray, truth: Sequence[str],
   return ranks
 
 
+def median_rank(ranks: np.ndarray) -> float:
+  """The authors' median (Table 3 notebook): the element at index n // 2 of the sorted
+  ranks (the upper median for an even count)."""
+  return float(np.sort(ranks)[len(ranks) // 2])
+
+
+def correctness_auc(label_scores: np.ndarray, correct: np.ndarray) -> float | None:
+  """ROC AUC of each unit's label score as a predictor of the label being right (the
+  Table 3 notebook's get_auc); ties count a half. None when every label is right or
+  every label is wrong."""
+  correct = np.asarray(correct, bool)
+  scores = np.asarray(label_scores, np.float64)
+  if correct.all() or not correct.any():
+    return None
+  positive, negative = scores[correct], scores[~correct]
+  greater = (positive[:, None] > negative[None, :]).sum()
+  ties = (positive[:, None] == negative[None, :]).sum()
+  return float((greater + 0.5 * ties) / (positive.size * negative.size))
+
+
 def label_diversity(labels: Sequence[str]) -> dict[str, float]:
   """distinct labels / live units and the entropy (bits) of the live labels; dead and
   invalid units are left out."""
@@ -127,8 +147,10 @@ SIGNIFICANCE = 0.05
 def evaluate_result(result, truths: Mapping[str, Sequence[str]], embed,
                     sentence_embed=None) -> dict[str, dict]:
   """{layer: {num_units, num_concepts, diversity, label_entropy_bits[, mean_auc,
-  significant_share][, top1, top5, clip_cos[, sentence_cos][, mean_rank,
-  ranked_units]]}} for every layer; precision only where the truth is known, ranks
+  significant_share][, top1, top5, clip_cos[, sentence_cos], label_auc[, mean_rank,
+  median_rank, ranked_units]]}} for every layer (every metric the paper's Table 1-3
+  notebooks print: CLIP and sentence-model cosine, top-1/top-5, mean and median rank
+  of the true concept, and the AUC of the label score for telling right from wrong); precision only where the truth is known, ranks
   only where the layer's scores are kept in result.scores, trust where
   result.trust has the layer."""
   report = {}
@@ -139,11 +161,16 @@ def evaluate_result(result, truths: Mapping[str, Sequence[str]], embed,
       alternatives = [[result.concepts[c] for c in row] for row in layer.alternative_ids]
       scores.update(label_precision(layer.labels, alternatives, truth, embed,
                                     sentence_embed))
+      usable = ~(layer.dead | layer.invalid)
+      scores["label_auc"] = correctness_auc(
+          np.where(usable, layer.label_scores, -np.inf),
+          [p == t for p, t in zip(layer.labels, truth)])
       if name in result.scores:
         ranks = true_concept_ranks(result.scores[name], truth, result.concepts,
                                    ~(layer.dead | layer.invalid), layer.alternative_ids)
         ranked = ranks[~np.isnan(ranks)]
         scores["mean_rank"] = float(ranked.mean()) if ranked.size else None
+        scores["median_rank"] = median_rank(ranked) if ranked.size else None
         scores["ranked_units"] = int(ranked.size)
     if name in result.trust:
       scores.update(trust_summary(result.trust[name]))
@@ -159,10 +186,11 @@ def write_json(path: str, evaluation: Mapping[str, dict]) -> None:
 
 def format_table(evaluation: Mapping[str, dict]) -> str:
   columns = (("top1", 7, ".3f"), ("top5", 7, ".3f"), ("clip_cos", 9, ".3f"),
-             ("sentence_cos", 12, ".3f"), ("mean_rank", 9, ".2f"), ("mean_auc", 8, ".3f"),
+             ("sentence_cos", 12, ".3f"), ("mean_rank", 9, ".2f"), ("median_rank", 6, ".0f"),
+             ("label_auc", 9, ".3f"), ("mean_auc", 8, ".3f"),
              ("significant_share", 8, ".3f"), ("diversity", 9, ".3f"))
   shown = [c for c in columns if any(c[0] in row for row in evaluation.values())]
-  titles = {"significant_share": "p<0.05"}
+  titles = {"significant_share": "p<0.05", "median_rank": "median"}
   lines = [f"{'layer':<20} {'units':>6} " + " ".join(
       f"{titles.get(key, key):>{width}}" for key, width, _ in shown)]
   for name, row in evaluation.items():

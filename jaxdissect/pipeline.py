@@ -226,37 +226,10 @@ def dissect(target, concepts, images, clip, layers, *, image_ids=None,
 # --------------------------------------------------------------------------- CLI
 def _load_models(config):
   resources.fetch_required(config, ("target_model", "concept_set"))
-  target = with_class_names(targets_lib.load_target(config.target_model),
-                            config.class_names)
+  target = targets_lib.load_target(config.target_model, class_names=config.class_names)
   layer_infos = target.resolve_layers(_split_layers(config.target_layers))
   clip = clip_lib.load_clip(config.clip_model)
   return target, layer_infos, clip
-
-
-def read_class_names(spec: str) -> list[str]:
-  """One name a line, in output order; blank lines dropped, repeated names kept."""
-  path = (resources.local_path(spec, "class_names") if resources.is_resource(spec)
-          else os.path.expanduser(spec))
-  if not os.path.isfile(path):
-    raise errors.UserError("class_names", f"no file {path!r}.",
-                           "give a text file with one class name a line.")
-  with open(path, encoding="utf-8-sig") as f:
-    return [line.strip() for line in f.read().splitlines() if line.strip()]
-
-
-def with_class_names(target: targets_lib.TargetModel, spec: str):
-  """The target named by the class-name list `spec` ("" : as it is). A list that cannot
-  be had only costs fc its metrics: a warning, and the dissection goes on."""
-  spec = str(spec or "").strip()
-  if not spec:
-    return target
-  try:
-    names = read_class_names(spec)
-  except errors.UserError as err:
-    logging.warning("No class names, so fc gets no accuracy against its classes: %s",
-                    err.one_line())
-    return target
-  return targets_lib.with_class_names(target, names, spec)
 
 
 def _warn_of_missing_truth(target, layer_infos, truths) -> None:

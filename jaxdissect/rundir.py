@@ -39,7 +39,8 @@ class Run:
   @functools.cached_property
   def target(self):
     from jaxdissect.models import targets as targets_lib  # pylint: disable=g-import-not-at-top
-    return targets_lib.load_target(self.config.target_model)
+    return targets_lib.load_target(self.config.target_model,
+                                   class_names=self.config.get("class_names", ""))
 
   @functools.cached_property
   def layer_infos(self):

@@ -162,5 +162,59 @@ class EvaluateCliTest(absltest.TestCase):
       shutil.move(meta["config"]["activation_dir"] + "-x", meta["config"]["activation_dir"])
 
 
+class CompareTest(absltest.TestCase):
+  """python -m jaxdissect.compare against a labelling in the official CSV format."""
+
+  def test_compare_labels_against_a_float64_reference(self):
+    from jaxdissect import compare  # pylint: disable=g-import-not-at-top
+    vectors = {"red": [1.0, 0.0], "blue": [0.0, 1.0], "sky": [0.6, 0.8]}
+    embed = lambda texts: np.asarray([vectors[t] for t in texts], np.float64)
+    ours = {"layer1": ["red", "blue", "sky", "red"], "fc": ["sky"]}
+    theirs = {"layer1": ["red", "sky", "sky", "blue"], "other": ["red"]}
+    report = compare.compare_labels(ours, theirs, embed)
+    self.assertEqual(list(report), ["layer1"])
+    self.assertAlmostEqual(report["layer1"]["identical"], 0.5)
+    self.assertAlmostEqual(report["layer1"]["clip_cos"], (1 + 0.8 + 1 + 0) / 4)
+    from jaxdissect import errors  # pylint: disable=g-import-not-at-top
+    with self.assertRaisesRegex(errors.UserError, "no layer in common"):
+      compare.compare_labels({"fc": ["red"]}, {"layer1": ["red"]}, embed)
+
+  def test_cli_against_itself_and_a_changed_copy(self):
+    result_dir = synthetic_run.synthetic_run()
+    tmp = tempfile.mkdtemp()
+    with open(os.path.join(result_dir, "descriptions.csv"), newline="") as f:
+      rows = list(csv.reader(f))
+    changed = [rows[0]] + [r if i % 4 else [r[0], r[1], "plain", r[3]]
+                           for i, r in enumerate(rows[1:])]
+    theirs = os.path.join(tmp, "theirs.csv")
+    with open(theirs, "w", newline="") as f:
+      csv.writer(f).writerows(changed)
+    out = os.path.join(tmp, "same.json")
+    synthetic_run.run_module("jaxdissect.compare", result_dir,
+                             os.path.join(result_dir, "descriptions.csv"), "--out", out)
+    with open(out) as f:
+      same = json.load(f)
+    for layer, row in same["layers"].items():
+      self.assertEqual(row["identical"], 1.0, layer)
+      self.assertAlmostEqual(row["clip_cos"], 1.0, places=5)
+      self.assertAlmostEqual(row["sentence_cos"], 1.0, places=5)
+    out = os.path.join(tmp, "changed.json")
+    proc = synthetic_run.run_module("jaxdissect.compare", result_dir, theirs, "--out", out)
+    self.assertIn("identical", proc.stdout)
+    with open(out) as f:
+      layers = json.load(f)["layers"]
+    for layer, row in layers.items():
+      ours = [r[2] for r in rows[1:] if r[0] == layer]
+      other = [r[2] for r in changed[1:] if r[0] == layer]
+      expected = np.mean([a == b for a, b in zip(ours, other)])
+      self.assertAlmostEqual(row["identical"], expected, msg=layer)
+      self.assertLessEqual(row["clip_cos"], 1.0 + 1e-6)
+    with open(theirs, "w") as f:
+      f.write("unit,label\n0,red\n")
+    proc = synthetic_run.run_module("jaxdissect.compare", result_dir, theirs, check=False)
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn("layer,unit,description", proc.stderr.strip().splitlines()[-1])
+
+
 if __name__ == "__main__":
   absltest.main()

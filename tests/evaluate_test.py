@@ -25,6 +25,25 @@ class EvaluateTest(absltest.TestCase):
     self.assertAlmostEqual(scores["clip_cos"], (1 + 0.6 + 0 + 0.8) / 4)
     self.assertEqual(scores["num_units"], 4)
 
+  def test_median_rank_and_auc_as_the_authors_notebook(self):
+    ranks = np.array([5.0, 1.0, 3.0, 2.0])
+    self.assertEqual(evaluate.median_rank(ranks), 3.0)  # sorted(ranks)[len // 2]
+    self.assertEqual(evaluate.median_rank(np.array([4.0, 1.0, 2.0])), 2.0)
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=60).round(1)  # rounded: ties between classes occur
+    correct = rng.random(60) < 0.4
+    # Reference: the fraction of (right, wrong) pairs ordered correctly, ties a half.
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0)
+             for p in scores[correct] for n in scores[~correct]]
+    self.assertAlmostEqual(evaluate.correctness_auc(scores, correct), np.mean(pairs))
+    try:
+      from sklearn import metrics  # pylint: disable=g-import-not-at-top
+      self.assertAlmostEqual(evaluate.correctness_auc(scores, correct),
+                             metrics.roc_auc_score(correct, scores))
+    except ImportError:
+      pass
+    self.assertIsNone(evaluate.correctness_auc(scores, np.ones(60, bool)))
+
   def test_true_concept_ranks_count_strictly_better_concepts(self):
     concepts = ["cat", "dog", "car", "sun"]
     scores = np.array([[0.9, 0.1, 0.5, 0.2],    # cat is best: 1

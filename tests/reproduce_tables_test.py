@@ -40,14 +40,21 @@ class ReproduceTablesTest(absltest.TestCase):
   def test_synthetic_fallback_records(self):
     out = os.path.join(tempfile.mkdtemp(), "table2.json")
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               CLIP_DISSECT_DATA="/nonexistent", BRODEN_DIR="")
+               CLIP_DISSECT_DATA="/nonexistent", BRODEN_DIR="",
+               JAXDISSECT_CACHE=tempfile.mkdtemp(), JAXDISSECT_RESNET50="")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks",
                                                         "reproduce_tables.py"),
-                           "--table", "2", "--out", out, "--num_images", "150"],
+                           "--table", "2", "--out", out, "--num_images", "150",
+                           "--compare_published"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     with open(out) as f:
-      records = json.load(f)["records"]
+      output = json.load(f)
+    records = output["records"]
+    # Without ImageNet, Broden and the weights the unit-by-unit comparison is skipped
+    # with the reason (there is no synthetic stand-in for the real network's units).
+    self.assertIn("missing:", output["published_labels"]["skipped"])
+    self.assertIn("JAXDISSECT_RESNET50", output["published_labels"]["skipped"])
     self.assertLen(records, 1)
     record = records[0]
     self.assertEqual(record["setup"], "synthetic")

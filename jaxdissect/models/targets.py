@@ -8,6 +8,7 @@ capture_intermediates, filtered to the requested paths, inside the jitted step.
 import dataclasses
 import hashlib
 import importlib
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
@@ -209,9 +210,42 @@ def params_fingerprint(variables) -> str:
   return digest.hexdigest()
 
 
+def read_class_names(spec: str) -> list[str]:
+  """One name a line, in output order; blank lines dropped, repeated names kept."""
+  path = (resources.local_path(spec, "class_names") if resources.is_resource(spec)
+          else os.path.expanduser(spec))
+  if not os.path.isfile(path):
+    raise errors.UserError("class_names", f"no file {path!r}.",
+                           "give a text file with one class name a line.")
+  with open(path, encoding="utf-8-sig") as f:
+    return [line.strip() for line in f.read().splitlines() if line.strip()]
+
+
+def name_classes(target: TargetModel, spec: str) -> TargetModel:
+  """The target named by the class-name list `spec` ("" : as it is). A list that cannot
+  be had only costs fc its metrics: a warning, and the dissection goes on."""
+  spec = str(spec or "").strip()
+  if not spec:
+    return target
+  try:
+    names = read_class_names(spec)
+  except errors.UserError as err:
+    logging.warning("No class names, so fc gets no accuracy against its classes: %s",
+                    err.one_line())
+    return target
+  return with_class_names(target, names, spec)
+
+
 # ------------------------------------------------------------------ loaders
-def load_target(spec: str, field: str = "target_model") -> TargetModel:
-  """`python:pkg.module:factory`, or an HF id / local directory of a Flax vision model."""
+def load_target(spec: str, field: str = "target_model",
+                class_names: str = "") -> TargetModel:
+  """`python:pkg.module:factory`, `torchvision:resnet50`, or an HF id / local directory
+  of a Flax vision model; `class_names` (a file or resource, see name_classes) names
+  its outputs."""
+  return name_classes(_load_target(spec, field), class_names)
+
+
+def _load_target(spec: str, field: str) -> TargetModel:
   if spec.startswith("python:"):
     return _load_python_target(spec, field)
   if resources.is_resource(spec):
