@@ -14,7 +14,6 @@ For the authors' ResNet-50 file, run their setup: `d_probe=imagenet_broden`,
 """
 import argparse
 import csv
-import json
 import os
 import sys
 from typing import Callable, Mapping, Sequence
@@ -116,10 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{layer:<12} {row['num_units']:>6} {row['identical']:>10.3f} "
           f"{row['clip_cos']:>9.3f} {'-' if sentence is None else f'{sentence:.3f}':>13}")
   if args.out:
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
+    from jaxdissect import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.write_json_atomic(args.out, report)
   return 0
 
 

@@ -23,6 +23,7 @@ from absl import logging
 import numpy as np
 
 from jaxdissect import activations as activations_lib
+from jaxdissect import resources
 from jaxdissect import topk as topk_lib
 
 FORMAT_VERSION = 2
@@ -33,14 +34,6 @@ def fingerprint(parts: dict[str, Any]) -> str:
   blob = json.dumps({"format_version": FORMAT_VERSION, **parts}, sort_keys=True,
                     default=str)
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
-
-
-def _sha256_file(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _write_entry(root: str, name: str, arrays: dict[str, Any],
@@ -61,12 +54,12 @@ def _write_entry(root: str, name: str, arrays: dict[str, Any],
         array(path)
       else:
         np.save(path, np.ascontiguousarray(array), allow_pickle=False)
-      files[filename] = _sha256_file(path)
+      files[filename] = resources.sha256_of(path)
     for filename, value in jsons.items():
       path = os.path.join(tmp, filename)
       with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f)
-      files[filename] = _sha256_file(path)
+      files[filename] = resources.sha256_of(path)
     with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
       json.dump({"format_version": FORMAT_VERSION, "files": files, **meta}, f, indent=1)
     try:
@@ -94,7 +87,7 @@ def _read_entry(root: str, name: str,
     with open(manifest_path, encoding="utf-8") as f:
       manifest = json.load(f)
     for filename, digest in manifest["files"].items():
-      if verify and _sha256_file(os.path.join(entry, filename)) != digest:
+      if verify and resources.sha256_of(os.path.join(entry, filename)) != digest:
         raise ValueError(f"checksum mismatch in {filename}")
   except (OSError, ValueError, KeyError) as err:
     logging.warning("Store entry %s is damaged (%s); recomputing it.", entry, err)

@@ -13,10 +13,15 @@ import torchvision_test
 CLASS_NAMES = ["tench, Tinca tinca", "goldfish", "red thing", "blue thing", "dog"]
 
 
-def paper_config():
+def paper_config(name="resnet50"):
+  """configs/NAME.py's config, loaded as main.py's config flag does (by path, with
+  the repository importable)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if main_test.REPO not in sys.path:
+    sys.path.insert(0, main_test.REPO)
   spec = importlib.util.spec_from_file_location(
-      "resnet50_config", os.path.join(main_test.REPO, "configs", "resnet50.py"))
+      f"{name}_config", os.path.join(main_test.REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -45,6 +50,10 @@ class PaperSetupTest(absltest.TestCase):
     self.assertEqual(config.target_layers, "conv1,layer1,layer2,layer3,layer4")
     for spec in (config.target_model, config.concept_set, config.class_names):
       self.assertIn(spec, resources.RESOURCES)
+    hub = paper_config("resnet50_hf")  # the timm-trained hub model, otherwise the same
+    self.assertEqual(hub.target_model, "microsoft/resnet-50")
+    self.assertEqual(hub.class_names, "")  # its id2label holds the ImageNet names
+    self.assertEqual(hub.concept_set, config.concept_set)
 
   def test_offline_run_ends_in_one_line_naming_what_to_fetch(self):
     proc = main_test.run_main("--config", os.path.join(main_test.REPO, "configs",
