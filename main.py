@@ -77,11 +77,11 @@ def main(argv):
           process_id=config.process_id if config.process_id >= 0 else None)
     logging.info("JAX process %d of %d, %d local device(s).", jax.process_index(),
                  jax.process_count(), jax.local_device_count())
-    from jaxdissect import pipeline  # pylint: disable=g-import-not-at-top
+    from jaxdissect import dissect as dissect_lib  # pylint: disable=g-import-not-at-top
     if _LIST_LAYERS.value:
-      print(pipeline.list_layers(config))
+      print(dissect_lib.list_layers(config))
       return
-    pipeline.run(config, _WORKDIR.value)
+    dissect_lib.run(config, _WORKDIR.value)
   except errors.UserError as err:
     print(f"error: {err.one_line()}", file=sys.stderr)
     sys.exit(2)

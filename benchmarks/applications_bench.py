@@ -29,7 +29,7 @@ COLOUR_TARGET = "python:jaxdissect.synthetic.planted:make_colour_classifier"
 
 def dissect(workdir: str, name: str, num_images: int, **overrides) -> str:
   import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top  (configs/)
-  from jaxdissect import pipeline  # pylint: disable=g-import-not-at-top
+  from jaxdissect import dissect as dissect_lib  # pylint: disable=g-import-not-at-top
   config = synthetic_config.get_config()
   config.d_probe = f"synthetic:in_dist:{num_images}"
   config.result_dir = os.path.join(workdir, name)
@@ -38,7 +38,7 @@ def dissect(workdir: str, name: str, num_images: int, **overrides) -> str:
   config.sentence_model = ""
   for key, value in overrides.items():
     config[key] = value
-  return pipeline.run(config, workdir)
+  return dissect_lib.run(config, workdir)
 
 
 def causal_checks(result_dir: str, layers, concepts, min_units: int, draws: int,

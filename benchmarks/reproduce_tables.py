@@ -4,7 +4,7 @@
         [--setup auto|paper|synthetic] [--num_images 2000] [--max_rows N]
 
 The paper's numbers are data (configs/paper_tables.json). Each row is run through
-main's pipeline (jaxdissect.pipeline.run) with configs/paper.py's config for it:
+main.py's run (jaxdissect.dissect.run) with configs/paper.py's config for it:
   - setup "paper": the paper's models, probe sets and concept sets (configs/paper.py
     says which environment variables point at them);
   - setup "synthetic", where those are absent (as on a machine without internet): the
@@ -113,14 +113,14 @@ def row_config(row: dict, which: str, setup: str, num_images: int):
 def run_row(row: dict, setup: str, workdir: str, num_images: int) -> dict:
   """Our metrics for the row: clip_cos and sentence_cos with the "cos" concept set,
   top1 / top5 / mean_rank with the "accuracy" one."""
-  from jaxdissect import pipeline  # pylint: disable=g-import-not-at-top
+  from jaxdissect import dissect as dissect_lib  # pylint: disable=g-import-not-at-top
   ours = {}
   for which in row["concept_sets"]:
     config = row_config(row, which, setup, num_images)
     config.result_dir = os.path.join(workdir, "results",
                                      f"t{row['table']}-{row['row'].replace('/', '-')}-{which}")
     config.overwrite = True
-    result_dir = pipeline.run(config, workdir)
+    result_dir = dissect_lib.run(config, workdir)
     with open(os.path.join(result_dir, "evaluation.json"), encoding="utf-8") as f:
       evaluation = json.load(f)[row["layer"]]
     if which == "cos":
@@ -154,14 +154,14 @@ def compare_published(workdir: str) -> dict:
   if missing:
     return {"csv": setup["csv"], "skipped": "missing: " + ", ".join(sorted(missing))}
   from jaxdissect import compare  # pylint: disable=g-import-not-at-top
-  from jaxdissect import pipeline  # pylint: disable=g-import-not-at-top
+  from jaxdissect import dissect as dissect_lib  # pylint: disable=g-import-not-at-top
   import resnet50 as resnet50_config  # pylint: disable=g-import-not-at-top  (configs/)
   config = resnet50_config.get_config()
   config.d_probe, config.concept_set = setup["d_probe"], setup["concept_set"]
   config.target_layers = setup["layers"]
   config.result_dir = os.path.join(workdir, "results", "published-resnet50")
   config.overwrite = True
-  result_dir = pipeline.run(config, workdir)
+  result_dir = dissect_lib.run(config, workdir)
   return compare.compare_run(result_dir, setup["csv"])
 
 

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from jaxdissect import evaluate  # noqa: E402
 from jaxdissect import labeling  # noqa: E402
+from jaxdissect import metrics  # noqa: E402
 from jaxdissect import rundir  # noqa: E402
 from jaxdissect import similarity  # noqa: E402
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     order, _ = labeling.order_with_ties(
         scores, np.asarray(similarity.prior_margin(log_likelihood)), len(concepts))
     best = order[:, 0]
-    ranks = evaluate.true_concept_ranks(scores, truth, concepts,
+    ranks = metrics.true_concept_ranks(scores, truth, concepts,
                                         np.ones(len(truth), bool), order)
     row = {"lam": lam, "num_units": activations.shape[1],
            "log_num_units": float(np.log(activations.shape[1])),

@@ -12,16 +12,18 @@ __version__ = "0.1.0"
 # Resolved on first use, so that `python -m jaxdissect.evaluate` (and the other entry
 # points) run their module once, not after the package has imported it already.
 _EXPORTS = {
-    "dissect": "jaxdissect.pipeline", "list_layers": "jaxdissect.pipeline",
-    "run": "jaxdissect.pipeline", "ClipModel": "jaxdissect.models.clip",
+    "list_layers": "jaxdissect.dissect", "run": "jaxdissect.dissect",
+    "ClipModel": "jaxdissect.models.clip",
     "load_clip": "jaxdissect.models.clip", "TargetModel": "jaxdissect.models.targets",
     "load_target": "jaxdissect.models.targets",
     "ImageTransform": "jaxdissect.data.preprocessing",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "dissect"])
 
 
 def __getattr__(name):
+  if name == "dissect":  # the module: calling it dissects (jaxdissect/dissect.py)
+    return importlib.import_module("jaxdissect.dissect")
   if name in _EXPORTS:
     return getattr(importlib.import_module(_EXPORTS[name]), name)
   raise AttributeError(f"module 'jaxdissect' has no attribute {name!r}")

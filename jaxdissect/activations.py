@@ -2,7 +2,6 @@
 activations of every requested layer; only (batch, units) arrays leave the device.
 """
 import collections
-import dataclasses
 import hashlib
 import time
 from typing import Iterable, Sequence
@@ -12,37 +11,10 @@ import jax
 import numpy as np
 
 from jaxdissect import sharding
+from jaxdissect import store
 from jaxdissect import topk
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import targets as targets_lib
-
-
-@dataclasses.dataclass
-class ProbeActivations:
-  """Everything the similarity needs from the images.
-
-  image_embeddings: (num_images, dim) L2-normalised CLIP image embeddings.
-  activations: layer name -> (num_images, num_units) pooled activations.
-  image_ids: (num_images,) ids in global index order.
-  skipped: global indices of probe images that could not be decoded (not in the rows).
-  top: layer name -> the running top-k and statistics (global image ids), or {} when
-    not kept (then computed from the activations, see top_for).
-  """
-  image_embeddings: np.ndarray
-  activations: dict[str, np.ndarray]
-  image_ids: list[str]
-  skipped: list[int] = dataclasses.field(default_factory=list)
-  top: dict[str, topk.RunningTopK] = dataclasses.field(default_factory=dict)
-
-  def top_for(self, layer: str, k: int) -> topk.RunningTopK:
-    """The layer's top-k with ids as rows of `activations` (skipped images removed)."""
-    running = self.top.get(layer)
-    if running is None or running.k < k:
-      # Not kept, or fewer than asked for: from the stored matrix, read in chunks.
-      return topk.from_activations(self.activations[layer], k)
-    return topk.RunningTopK(running.values[:k], topk.rows_of(
-        running.ids[:k].astype(np.int64), self.skipped).astype(np.int32),
-                            running.minimum, running.maximum, running.finite)
 
 
 def make_probe_step(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
@@ -152,7 +124,7 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
                    num_images: int, pool_mode: str = "avg", token_pool: str = "cls",
                    mesh=None, log_every_s: float = 10.0, first_index: int = 0,
                    step=None, shard_index: int = 0, num_shards: int = 1
-                   ) -> ProbeActivations:
+                   ) -> store.ProbeActivations:
   """Runs the probe step over every batch; padding rows are dropped by the mask.
 
   The batches hold images first_index..first_index+num_images-1 (global indices); with
@@ -211,10 +183,10 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
   top = {name: topk.RunningTopK(*(sharding.to_host(x) for x in layer_state))
          for name, layer_state in state.items()}
   if seen.all():
-    return ProbeActivations(embeddings, activations, image_ids, top=top)
+    return store.ProbeActivations(embeddings, activations, image_ids, top=top)
   # The input pipeline drops images it cannot decode; they leave the rows here.
   skipped = [first_index + shard_index + num_shards * int(i) for i in np.flatnonzero(~seen)]
   logging.warning("%d of %d probe image(s) could not be decoded and were skipped.",
                   len(skipped), num_rows)
-  return ProbeActivations(embeddings[seen], {k: v[seen] for k, v in activations.items()},
+  return store.ProbeActivations(embeddings[seen], {k: v[seen] for k, v in activations.items()},
                           [image_ids[i] for i in np.flatnonzero(seen)], skipped, top)

@@ -79,7 +79,7 @@ def compare_labels(ours: Mapping[str, Sequence[str]], theirs: Mapping[str, Seque
 def compare_run(result_dir: str, csv_path: str) -> dict:
   """Our labels in result_dir against csv_path's, embedded with the run's CLIP."""
   from jaxdissect import rundir  # pylint: disable=g-import-not-at-top
-  from jaxdissect.evaluate import make_embedder  # pylint: disable=g-import-not-at-top
+  from jaxdissect.metrics import make_embedder  # pylint: disable=g-import-not-at-top
   from jaxdissect.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from jaxdissect.models import sentence as sentence_lib  # pylint: disable=g-import-not-at-top
   run = rundir.load_run(result_dir)

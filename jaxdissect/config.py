@@ -5,6 +5,8 @@ target_layers, d_probe, concept_set, similarity_fn, pool_mode, batch_size,
 activation_dir, result_dir) so its users feel at home. The config is flat on purpose:
 any field is overridden with --config.NAME=VALUE.
 """
+from typing import Sequence
+
 import ml_collections
 
 from jaxdissect import errors
@@ -161,3 +163,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("clip_model", "target_model", "d_probe", "concept_set"):
     if not str(config[field]).strip():
       raise errors.UserError(field, "is empty.", f"set --config.{field}.")
+
+
+def split_layers(layers: str | Sequence[str]) -> list[str]:
+  """"layer4, fc" or ["layer4", "fc"] -> ["layer4", "fc"]."""
+  if isinstance(layers, str):
+    layers = layers.split(",")
+  return [name.strip() for name in layers if name and name.strip()]

@@ -8,7 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect import errors
+from jaxdissect import results as results_lib
 from jaxdissect import similarity
+from jaxdissect import store
 from jaxdissect import streaming
 from jaxdissect import topk as topk_lib
 
@@ -202,3 +205,130 @@ def label_units(scores: np.ndarray, activations: np.ndarray | None,
                      top_image_ids=np.asarray(top_ids),
                      top_image_activations=np.asarray(top_values), dead=dead,
                      invalid=invalid)
+
+
+# ------------------------------------------ a whole probe pass, stream or hold P
+DEFAULT_CONCEPT_MATRIX_MAX_GB = 2.0
+
+
+def check_enough_images(num_images: int, similarity_fn: str, field: str = "d_probe"):
+  needed = similarity.min_images(similarity_fn)
+  if num_images < needed:
+    raise errors.UserError(
+        field, f"{num_images} probe images, but {similarity_fn} needs at least {needed} "
+        "(its top-k).", f"give at least {needed} probe images.")
+
+
+def _concept_matrix_gb(num_images: int, num_concepts: int) -> float:
+  """Size of P (float32) in GB."""
+  return num_images * num_concepts * 4 / 2**30
+
+
+def _matrix_out_of_memory(err: Exception, doing: str, num_images: int, num_concepts: int,
+                          similarity_fn: str) -> Exception:
+  """The one-line error for an in-memory P that did not fit; other errors unchanged."""
+  if isinstance(err, jax.errors.JaxRuntimeError) and not any(
+      s in str(err) for s in ("RESOURCE_EXHAUSTED", "Out of memory")):
+    return err
+  gb = _concept_matrix_gb(num_images, num_concepts)
+  how = (f"so that {similarity_fn} streams P" if similarity_fn in
+         streaming.STREAMING_FUNCTIONS else "and use a similarity_fn that streams P "
+         f"({', '.join(streaming.STREAMING_FUNCTIONS)})")
+  return errors.UserError(
+      "concept_matrix_max_gb", f"{doing} held in memory ({num_images} images x "
+      f"{num_concepts} concepts, {gb:.2f} GB) ran out of memory.",
+      f"set --config.concept_matrix_max_gb below {gb:.2f} {how}.")
+
+
+def streams(similarity_fn: str, num_images: int, num_concepts: int,
+            concept_matrix_max_gb: float) -> bool:
+  """Whether label_probe streams P from the embeddings instead of holding it."""
+  return (similarity_fn in streaming.STREAMING_FUNCTIONS
+          and _concept_matrix_gb(num_images, num_concepts) > concept_matrix_max_gb)
+
+
+def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
+                concepts: Sequence[str], similarity_fn: str = "soft_wpmi",
+                num_alternatives: int = 5, num_top_images: int = 10,
+                neuron_chunk_size: int | None = None,
+                keep_scores: bool | Sequence[str] = False,
+                concept_matrix_max_gb: float = DEFAULT_CONCEPT_MATRIX_MAX_GB,
+                mesh=None, kernel: str = "auto",
+                compute_dtype: str = "float32") -> results_lib.DissectionResult:
+  """Similarity and labels for every layer of a probe pass.
+
+  P (num_images x num_concepts) is held in memory only while it takes at most
+  concept_matrix_max_gb; beyond that the streaming functions compute what they need of
+  it from the embeddings (rank_reorder has no streaming form and always holds P), with
+  the neurons split over the devices of `mesh`. Which path is taken depends on the sizes
+  only, never on the device count, so the labels are the same on any number of devices.
+  keep_scores: True for every layer, or the names of the layers whose (units, concepts)
+  scores go into the result's .scores.
+  """
+  num_images, num_concepts = len(probe.image_embeddings), len(text_embeddings)
+  matrix_gb = _concept_matrix_gb(num_images, num_concepts)
+  stream = streams(similarity_fn, num_images, num_concepts, concept_matrix_max_gb)
+  if stream:
+    logging.info("P (%d images x %d concepts, %.2f GB) exceeds concept_matrix_max_gb=%g: "
+                 "streaming %s from the embeddings.", num_images, num_concepts, matrix_gb,
+                 concept_matrix_max_gb, similarity_fn)
+    concept_activations = None
+    embeddings = (probe.image_embeddings, text_embeddings)
+  else:
+    try:
+      concept_activations = concept_activation(probe.image_embeddings,
+                                                        text_embeddings)
+    except (MemoryError, jax.errors.JaxRuntimeError) as err:
+      raise _matrix_out_of_memory(err, "computing P", num_images, num_concepts,
+                                  similarity_fn) from None
+    embeddings = None
+  layers, scores = {}, {}
+  top_k = max(num_top_images, similarity.default_top_k(similarity_fn)
+              if similarity_fn in PRIOR_FUNCTIONS else 0)
+  for name, acts in probe.activations.items():
+    # The probe pass's running top-k: (soft-)WPMI and the listed top images need
+    # nothing else of the (num_images, num_units) matrix.
+    top = probe.top_for(name, min(top_k, num_images))
+    try:
+      scored = score_layer(similarity_fn, concept_activations, acts,
+                                    neuron_chunk_size, embeddings=embeddings, top=top,
+                                    mesh=mesh if stream else None, kernel=kernel,
+                                    compute_dtype=compute_dtype)
+    except (MemoryError, jax.errors.JaxRuntimeError) as err:
+      raise _matrix_out_of_memory(err, f"scoring layer {name} with P", num_images,
+                                  num_concepts, similarity_fn) from None
+    layers[name] = label_units(scored.scores, None, concepts, scored.dead,
+                                        scored.invalid, num_alternatives, num_top_images,
+                                        tiebreak=scored.tiebreak, top=top)
+    if similarity_fn in PRIOR_FUNCTIONS:
+      _warn_of_ties_at_the_cap(name, similarity_fn, scored)
+    if keep_scores is True or (keep_scores and name in keep_scores):
+      scores[name] = scored.scores
+    logging.info("Layer %s: %d units labelled with %s (%d distinct labels).", name,
+                 layers[name].num_units, similarity_fn, len(set(layers[name].labels)))
+  return results_lib.DissectionResult(list(concepts), list(probe.image_ids), layers, scores)
+
+
+def _warn_of_ties_at_the_cap(name: str, similarity_fn: str, scored) -> None:
+  tied = tied_at_best(scored.scores, ~(scored.dead | scored.invalid))
+  if tied.any():
+    num_units = len(tied)
+    logging.warning(
+        "Layer %s: %d of %d units have two or more concepts tied at their best %s score. "
+        "A concept that one unit owns scores lam * log K (K = %d units, log K = %.4f) to "
+        "float32 precision, so the margin over the other units chose among them. This "
+        "binds on small layers (the paper's have 512 or more units)%s.", name,
+        int(tied.sum()), num_units, similarity_fn, num_units, np.log(num_units),
+        ": compare with similarity_fn=wpmi there" if similarity_fn == "soft_wpmi" else "")
+
+
+def label_with_config(config, probe: store.ProbeActivations,
+                      text_embeddings: np.ndarray, concepts: Sequence[str],
+                      keep_scores: Sequence[str], mesh=None) -> results_lib.DissectionResult:
+  """label_probe with the similarity settings of `config` (main.py and the evaluate
+  CLI label the same way)."""
+  return label_probe(probe, text_embeddings, concepts, config.similarity_fn,
+                     config.num_alternatives, config.num_top_images,
+                     config.neuron_chunk_size or None, keep_scores=keep_scores,
+                     concept_matrix_max_gb=config.concept_matrix_max_gb, mesh=mesh,
+                     kernel=config.similarity_kernel, compute_dtype=config.similarity_dtype)

@@ -94,7 +94,7 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
                  strips: Mapping[tuple[str, int], np.ndarray] | None = None) -> None:
   """Writes index.html, a page per layer and, for units in `strips` ((layer, unit) ->
   (H, W, 3) uint8 image strip), images/layer-I/unit-N.png."""
-  from jaxdissect.applications import visualize  # pylint: disable=g-import-not-at-top
+  from jaxdissect import images as images_lib  # pylint: disable=g-import-not-at-top
   os.makedirs(report_dir, exist_ok=True)
   esc = html.escape
   strips = strips or {}
@@ -125,7 +125,7 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
       picture = ""
       if (name, unit) in strips:
         path = strip_filename(i, unit)
-        visualize.save_png(os.path.join(report_dir, path), strips[(name, unit)],
+        images_lib.save_png(os.path.join(report_dir, path), strips[(name, unit)],
                            min_side=1)
         picture = (f"<img class='strip' src='{esc(path, quote=True)}' "
                    f"alt='top images of unit {unit}'>")
@@ -169,7 +169,7 @@ def unit_strips(target, probe_set, layer_paths: Mapping[str, str],
   index of each result row (skipped images removed).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from jaxdissect.applications import visualize  # pylint: disable=g-import-not-at-top
+  from jaxdissect import images as images_lib  # pylint: disable=g-import-not-at-top
   from jaxdissect import activations as activations_lib  # pylint: disable=g-import-not-at-top
   if num_images <= 0:
     return {}
@@ -181,7 +181,7 @@ def unit_strips(target, probe_set, layer_paths: Mapping[str, str],
   logger = activations_lib.RateLogger(sum(l.num_units for l in result.layers.values()),
                                       "Report image strips", unit="units")
   for name, layer in result.layers.items():
-    output_fn = visualize.layer_output_fn(target, layer_paths[name])
+    output_fn = images_lib.layer_output_fn(target, layer_paths[name])
     rows = sorted({int(global_index[j]) for row in layer.top_image_ids
                    for j in row[:num_images]} & set(images))
     maps = {}
@@ -191,7 +191,7 @@ def unit_strips(target, probe_set, layer_paths: Mapping[str, str],
       if len(part) < batch_size:  # one compiled shape
         pixels = np.concatenate([pixels, np.zeros((batch_size - len(part),
                                                    *pixels.shape[1:]), pixels.dtype)])
-      out = visualize.unit_maps(target, layer_paths[name], pixels,
+      out = images_lib.unit_maps(target, layer_paths[name], pixels,
                                 list(range(layer.num_units)), output_fn)
       for k, i in enumerate(part):
         maps[i] = None if out is None else out[k]
@@ -204,10 +204,10 @@ def unit_strips(target, probe_set, layer_paths: Mapping[str, str],
       scale = max((float(np.max(m)) for m in unit_maps if m is not None), default=1.0)
       tiles = []
       for i, heat in zip(indices, unit_maps):
-        tile = visualize.heat_overlay(
-            visualize.to_display(images[i], transform.mean, transform.std), heat, scale)
+        tile = images_lib.heat_overlay(
+            images_lib.to_display(images[i], transform.mean, transform.std), heat, scale)
         tiles.append(np.asarray(Image.fromarray(tile).resize((tile_size, tile_size),
                                                              Image.BILINEAR)))
-      strips[(name, unit)] = visualize.grid(tiles, columns=num_images, pad=2)
+      strips[(name, unit)] = images_lib.grid(tiles, columns=num_images, pad=2)
     logger.update(layer.num_units)
   return strips

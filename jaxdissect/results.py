@@ -1,6 +1,6 @@
 """The result of a dissection and the files a run writes, atomically.
 
-Files (DESIGN.md): descriptions.csv (layer,unit,description,similarity — the official
+Files (docs/DESIGN.md): descriptions.csv (layer,unit,description,similarity — the official
 tool's format), descriptions_topk.csv, top_images.csv, config.json, report/.
 """
 import csv
@@ -10,10 +10,13 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+import platform
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
 
 from jaxdissect import errors
-from jaxdissect import labeling
 
 
 def _fmt(value: float) -> str:
@@ -34,7 +37,7 @@ class DissectionResult:
   """
   concepts: list[str]
   image_ids: list[str]
-  layers: dict[str, labeling.LayerLabels]
+  layers: dict[str, Any]  # labeling.LayerLabels
   scores: dict[str, Any] = dataclasses.field(default_factory=dict)
   trust: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -131,7 +134,10 @@ def write_result_dir(result_dir: str, overwrite: bool,
 
 
 def write_files(directory: str, result: DissectionResult, config_json: dict[str, Any],
-                write_report: Callable[[str, DissectionResult], None] | None) -> None:
+                write_report: Callable[[str, DissectionResult], None] | None,
+                skipped: Sequence[tuple[int, str]] = ()) -> None:
+  """Every result file into `directory`; skipped: (global index, image id) of the probe
+  images that could not be decoded (skipped_images.txt, only when there are some)."""
   with open(os.path.join(directory, "descriptions.csv"), "w", encoding="utf-8",
             newline="") as f:
     f.write(result.descriptions_csv())
@@ -147,5 +153,24 @@ def write_files(directory: str, result: DissectionResult, config_json: dict[str,
       f.write(result.trust_csv())
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config_json, f, indent=2, sort_keys=True, default=str)
+  if skipped:
+    with open(os.path.join(directory, "skipped_images.txt"), "w", encoding="utf-8") as f:
+      f.write("".join(f"{index}\t{name}\n" for index, name in skipped))
   if write_report is not None:
     write_report(os.path.join(directory, "report"), result)
+
+
+def environment() -> dict[str, Any]:
+  """Package versions and devices, for config.json."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  versions = {"python": platform.python_version(), "jax": jax.__version__,
+              "flax": flax.__version__, "transformers": transformers.__version__,
+              "numpy": np.__version__}
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    versions["tensorflow"] = tf.__version__
+  except ImportError:
+    pass
+  return {"versions": versions, "devices": [str(d) for d in jax.devices()],
+          "process_count": jax.process_count()}

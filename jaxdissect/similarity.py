@@ -4,7 +4,7 @@ Every public function takes
   concept_activation: (num_images, num_concepts), P[i, m] = cos(CLIP image i, text m)
   activations:        (num_images, num_neurons), pooled activations of one layer
 and returns (num_neurons, num_concepts) scores, higher = better match. The formulas
-are those of ../shared/DESIGN.md. All functions are vectorised over neurons and
+are those of docs/DESIGN.md. All functions are vectorised over neurons and
 chunked over them (`chunk_size` neurons at a time, chosen from a memory budget when
 None), so no Python loop runs per neuron and memory stays bounded.
 

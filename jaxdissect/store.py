@@ -12,6 +12,7 @@ stale entry can never be returned. Entries are written to a temporary directory 
 renamed into place, so a killed run leaves no half-written entry; the manifest holds a
 sha256 per file and a damaged entry is recomputed, never read.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,12 +23,39 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from jaxdissect import activations as activations_lib
 from jaxdissect import resources
 from jaxdissect import topk as topk_lib
 
 FORMAT_VERSION = 2
 TOP_FIELDS = ("values", "ids", "minimum", "maximum", "finite")
+
+
+@dataclasses.dataclass
+class ProbeActivations:
+  """Everything the similarity needs from the images.
+
+  image_embeddings: (num_images, dim) L2-normalised CLIP image embeddings.
+  activations: layer name -> (num_images, num_units) pooled activations.
+  image_ids: (num_images,) ids in global index order.
+  skipped: global indices of probe images that could not be decoded (not in the rows).
+  top: layer name -> the running top-k and statistics (global image ids), or {} when
+    not kept (then computed from the activations, see top_for).
+  """
+  image_embeddings: np.ndarray
+  activations: dict[str, np.ndarray]
+  image_ids: list[str]
+  skipped: list[int] = dataclasses.field(default_factory=list)
+  top: dict[str, topk_lib.RunningTopK] = dataclasses.field(default_factory=dict)
+
+  def top_for(self, layer: str, k: int) -> topk_lib.RunningTopK:
+    """The layer's top-k with ids as rows of `activations` (skipped images removed)."""
+    running = self.top.get(layer)
+    if running is None or running.k < k:
+      # Not kept, or fewer than asked for: from the stored matrix, read in chunks.
+      return topk_lib.from_activations(self.activations[layer], k)
+    return topk_lib.RunningTopK(running.values[:k], topk_lib.rows_of(
+        running.ids[:k].astype(np.int64), self.skipped).astype(np.int32),
+                            running.minimum, running.maximum, running.finite)
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -96,7 +124,7 @@ def _read_entry(root: str, name: str,
   return entry, manifest
 
 
-def _save_probe_entry(root: str, name: str, probe: activations_lib.ProbeActivations,
+def _save_probe_entry(root: str, name: str, probe: ProbeActivations,
                       meta: dict[str, Any]) -> str:
   layer_names = list(probe.activations)
   arrays = {"image_embeddings.npy": probe.image_embeddings}
@@ -113,13 +141,13 @@ def _top_arrays(i: int, top: topk_lib.RunningTopK) -> dict[str, np.ndarray]:
   return {f"top-{i}-{field}.npy": getattr(top, field) for field in TOP_FIELDS}
 
 
-def save_probe(root: str, key: str, probe: activations_lib.ProbeActivations,
+def save_probe(root: str, key: str, probe: ProbeActivations,
                meta: dict[str, Any]) -> str:
   return _save_probe_entry(root, f"probe-{key}", probe, meta)
 
 
 def load_probe(root: str, key: str,
-               mmap: bool = False) -> activations_lib.ProbeActivations | None:
+               mmap: bool = False) -> ProbeActivations | None:
   return _load_probe_entry(root, f"probe-{key}", mmap)
 
 
@@ -132,7 +160,7 @@ def _chunk_name(start: int, stop: int) -> str:
 
 
 def save_probe_chunk(root: str, key: str, start: int, stop: int,
-                     probe: activations_lib.ProbeActivations) -> str | None:
+                     probe: ProbeActivations) -> str | None:
   """Saves images start..stop-1 of an unfinished pass; None if it could not (another run
   sharing the store finished the pass and removed the chunks meanwhile)."""
   try:
@@ -145,7 +173,7 @@ def save_probe_chunk(root: str, key: str, start: int, stop: int,
 
 
 def load_probe_chunk(root: str, key: str, start: int, stop: int,
-                     mmap: bool = False) -> activations_lib.ProbeActivations | None:
+                     mmap: bool = False) -> ProbeActivations | None:
   return _load_probe_entry(_chunk_root(root, key), _chunk_name(start, stop), mmap)
 
 
@@ -154,7 +182,7 @@ def remove_probe_chunks(root: str, key: str) -> None:
 
 
 def _load_probe_entry(root: str, name: str, mmap: bool = False,
-                      verify: bool = True) -> activations_lib.ProbeActivations | None:
+                      verify: bool = True) -> ProbeActivations | None:
   """mmap: the (num_images, ...) arrays stay on disk (np.memmap), read as they are used.
   verify=False skips the checksums, for an entry this process has just written."""
   found = _read_entry(root, name, verify)
@@ -177,11 +205,11 @@ def _load_probe_entry(root: str, name: str, mmap: bool = False,
   if "skipped.json" in manifest["files"]:
     with open(os.path.join(entry, "skipped.json"), encoding="utf-8") as f:
       skipped = json.load(f)
-  return activations_lib.ProbeActivations(embeddings, layers, image_ids, skipped, top)
+  return ProbeActivations(embeddings, layers, image_ids, skipped, top)
 
 
 def assemble_probe(root: str, key: str, chunks: list[tuple[int, int]],
-                   meta: dict[str, Any]) -> activations_lib.ProbeActivations:
+                   meta: dict[str, Any]) -> ProbeActivations:
   """Writes probe-<key> from its saved chunks, one chunk in memory at a time, and
   returns it memory-mapped: a million-image pass never holds its matrices in RAM.
   Every chunk must be saved (save_probe_chunk) before."""

@@ -5,7 +5,7 @@ images per unit: with a running top-k (values and global image ids) and three ru
 statistics (min, max, all-finite) per unit, neither needs the (num_images, num_units)
 activation matrix in memory.
 
-One order everywhere (DESIGN.md): the higher activation first, then the lower global
+One order everywhere (docs/DESIGN.md): the higher activation first, then the lower global
 image index. The in-graph merge (jnp, inside the probe step) and the host merge (NumPy,
 across chunks, processes and resumed runs) both sort by exactly that key, so the result
 does not depend on batch size, chunking, sharding or the number of hosts, and equals

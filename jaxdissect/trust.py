@@ -20,11 +20,16 @@ Dead and invalid units get NaN for both.
 """
 import dataclasses
 import inspect
+import time
 import zlib
 
+from absl import logging
 import numpy as np
 
+from jaxdissect import labeling
+from jaxdissect import results as results_lib
 from jaxdissect import similarity
+from jaxdissect import store
 
 DEFAULT_TOP_FRACTION = 0.05
 DEFAULT_NUM_PERMUTATIONS = 100
@@ -215,3 +220,28 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
     scores = np.asarray(fn(columns[:, c:c + 1], shuffled))[:, 0].astype(np.float64)
     p_values[unit] = (1 + np.sum(scores[1:] >= scores[0])) / (1 + num_permutations)
   return UnitTrust(aucs, p_values)
+
+
+def layer_trust(config, probe: store.ProbeActivations,
+                result: results_lib.DissectionResult, text_embeddings: np.ndarray
+                ) -> dict[str, UnitTrust]:
+  """Per-unit AUC and permutation p-value of every layer's labels."""
+  out = {}
+  for name, layer in result.layers.items():
+    top_ids = None
+    if config.similarity_fn in labeling.PRIOR_FUNCTIONS:
+      top_k = similarity.default_top_k(config.similarity_fn)
+      top = probe.top_for(name, min(top_k, len(probe.image_ids)))
+      top_ids = labeling.top_images_of_zeroed(top, top.k)
+    activations = probe.activations.get(name)
+    if activations is not None and activations.shape[1] != layer.num_units:
+      activations = None  # not gathered (multi-process, top-k only): no AUC
+    started = time.time()
+    out[name] = unit_trust(
+        name, config.similarity_fn, activations, probe.image_embeddings, text_embeddings,
+        layer.alternative_ids[:, 0], ~(layer.dead | layer.invalid), top_ids,
+        top_fraction=config.trust_top_fraction,
+        num_permutations=config.trust_permutations, seed=config.trust_seed)
+    logging.info("Layer %s: unit trust (AUC, %d permutations) in %.1f s.", name,
+                 config.trust_permutations, time.time() - started)
+  return out

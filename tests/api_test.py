@@ -95,6 +95,20 @@ class ApiTest(parameterized.TestCase):
     top = result.layers["units"].top_image_ids[0]
     self.assertTrue(all(result.image_ids[i].startswith("im") for i in top))
 
+  def test_dissect_is_callable_after_importing_its_module(self):
+    """`import jaxdissect.dissect` binds the package attribute to the module, which
+    must still dissect when called, as often as asked."""
+    import jaxdissect.dissect  # pylint: disable=g-import-not-at-top,redefined-outer-name
+    concepts = list(tiny_models.DEMO_CONCEPTS)
+    target = self.planted_target(concepts, [0, 3])
+    labels = []
+    for _ in range(2):
+      result = jaxdissect.dissect(target, concepts, self.images[:120], self.clip, "units",
+                                  similarity_fn="cos_similarity", batch_size=40)
+      labels.append(result.layers["units"].labels)
+    self.assertEqual(labels, [[concepts[0], concepts[3]]] * 2)
+    self.assertIs(jaxdissect.dissect.run, jaxdissect.run)
+
 
 if __name__ == "__main__":
   absltest.main()

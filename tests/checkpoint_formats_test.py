@@ -7,7 +7,6 @@ embeddings and every target layer's activations must equal PyTorch's forward pas
 torch is only the reference here (skipped with a reason where it is not installed).
 """
 import os
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized

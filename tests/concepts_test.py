@@ -1,6 +1,5 @@
 """Concept sets: files, wordfreq, class names; bad files give field-named errors."""
 import os
-import tempfile
 
 from absl.testing import absltest
 

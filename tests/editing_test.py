@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import rundir
+from jaxdissect.applications import common
 from jaxdissect.applications import editing
 from jaxdissect.models import targets as targets_lib
 from jaxdissect.synthetic import planted
@@ -73,7 +74,7 @@ class CausalLabelTest(absltest.TestCase):
     labels = self.dissection.layers["colour"].labels
     rng = np.random.default_rng(0)
     for concept in ("red", "blue", "green"):
-      units = rundir.parse_unit_selection(f"colour:label={concept}", self.dissection)
+      units = common.parse_unit_selection(f"colour:label={concept}", self.dissection)
       report = editing.edit_run(self.dissection, units, 0.0, baseline=baseline)
       self.assertEqual(report.class_source, "unedited predictions")
       hit = report.effect(concept)

@@ -1,9 +1,9 @@
-"""Label precision against known truth."""
+"""Label metrics against known truth."""
 from absl.testing import absltest
 import numpy as np
 
-from jaxdissect import evaluate
 from jaxdissect import labeling
+from jaxdissect import metrics
 
 VECTORS = {"cat": [1.0, 0.0], "dog": [0.6, 0.8], "car": [0.0, 1.0]}
 
@@ -18,7 +18,7 @@ class EvaluateTest(absltest.TestCase):
     labels = ["cat", "dog", labeling.DEAD_LABEL, "car"]
     alternatives = [["cat", "dog"], ["dog", "cat"], ["car", "cat"], ["car", "dog"]]
     truth = ["cat", "cat", "cat", "dog"]
-    scores = evaluate.label_precision(labels, alternatives, truth, embed)
+    scores = metrics.label_precision(labels, alternatives, truth, embed)
     self.assertAlmostEqual(scores["top1"], 0.25)
     self.assertAlmostEqual(scores["top5"], 1.0)
     # cosines: cat-cat 1, dog-cat 0.6, dead 0, car-dog 0.8
@@ -27,22 +27,22 @@ class EvaluateTest(absltest.TestCase):
 
   def test_median_rank_and_auc_as_the_authors_notebook(self):
     ranks = np.array([5.0, 1.0, 3.0, 2.0])
-    self.assertEqual(evaluate.median_rank(ranks), 3.0)  # sorted(ranks)[len // 2]
-    self.assertEqual(evaluate.median_rank(np.array([4.0, 1.0, 2.0])), 2.0)
+    self.assertEqual(metrics.median_rank(ranks), 3.0)  # sorted(ranks)[len // 2]
+    self.assertEqual(metrics.median_rank(np.array([4.0, 1.0, 2.0])), 2.0)
     rng = np.random.default_rng(0)
     scores = rng.normal(size=60).round(1)  # rounded: ties between classes occur
     correct = rng.random(60) < 0.4
     # Reference: the fraction of (right, wrong) pairs ordered correctly, ties a half.
     pairs = [(1.0 if p > n else 0.5 if p == n else 0.0)
              for p in scores[correct] for n in scores[~correct]]
-    self.assertAlmostEqual(evaluate.correctness_auc(scores, correct), np.mean(pairs))
+    self.assertAlmostEqual(metrics.correctness_auc(scores, correct), np.mean(pairs))
     try:
-      from sklearn import metrics  # pylint: disable=g-import-not-at-top
-      self.assertAlmostEqual(evaluate.correctness_auc(scores, correct),
-                             metrics.roc_auc_score(correct, scores))
+      from sklearn import metrics as sklearn_metrics  # pylint: disable=g-import-not-at-top
+      self.assertAlmostEqual(metrics.correctness_auc(scores, correct),
+                             sklearn_metrics.roc_auc_score(correct, scores))
     except ImportError:
       pass
-    self.assertIsNone(evaluate.correctness_auc(scores, np.ones(60, bool)))
+    self.assertIsNone(metrics.correctness_auc(scores, np.ones(60, bool)))
 
   def test_true_concept_ranks_count_strictly_better_concepts(self):
     concepts = ["cat", "dog", "car", "sun"]
@@ -50,7 +50,7 @@ class EvaluateTest(absltest.TestCase):
                        [0.3, 0.3, 0.5, 0.1],    # dog ties cat, car above: 2
                        [0.0, 0.0, 0.0, 0.0],    # dead: last (4)
                        [0.2, 0.4, 0.6, 0.8]])   # truth "zebra" is no concept: NaN
-    ranks = evaluate.true_concept_ranks(scores, ["cat", "dog", "cat", "zebra"], concepts,
+    ranks = metrics.true_concept_ranks(scores, ["cat", "dog", "cat", "zebra"], concepts,
                                         np.array([True, True, False, True]))
     np.testing.assert_array_equal(ranks[:3], [1, 2, 4])
     self.assertTrue(np.isnan(ranks[3]))
@@ -64,21 +64,21 @@ class EvaluateTest(absltest.TestCase):
     # lists two concepts and its truth (sun, tied with dog and car) is not among them.
     listed = np.array([[1, 2], [0, 1], [0, 1]])
     usable = np.ones(3, bool)
-    ranks = evaluate.true_concept_ranks(scores, ["car", "cat", "sun"], concepts, usable,
+    ranks = metrics.true_concept_ranks(scores, ["car", "cat", "sun"], concepts, usable,
                                         listed)
     np.testing.assert_array_equal(ranks, [2, 1, 3])
     # Without the listing, tied concepts share the better rank.
     np.testing.assert_array_equal(
-        evaluate.true_concept_ranks(scores, ["car", "cat", "sun"], concepts, usable),
+        metrics.true_concept_ranks(scores, ["car", "cat", "sun"], concepts, usable),
         [1, 1, 2])
 
   def test_label_diversity_against_hand_counts(self):
     labels = ["cat", "cat", "dog", "sun", labeling.DEAD_LABEL]
-    diversity = evaluate.label_diversity(labels)
+    diversity = metrics.label_diversity(labels)
     self.assertAlmostEqual(diversity["diversity"], 3 / 4)
     # shares 1/2, 1/4, 1/4: 0.5 + 0.5 + 0.5 bits
     self.assertAlmostEqual(diversity["label_entropy_bits"], 1.5)
-    self.assertEqual(evaluate.label_diversity([labeling.DEAD_LABEL])["diversity"], 0.0)
+    self.assertEqual(metrics.label_diversity([labeling.DEAD_LABEL])["diversity"], 0.0)
 
   def test_embedder_looks_up_and_embeds_missing(self):
     asked = []
@@ -87,7 +87,7 @@ class EvaluateTest(absltest.TestCase):
       asked.append(list(texts))
       return np.ones((len(texts), 2))
 
-    lookup = evaluate.make_embedder(["cat", "dog"], np.eye(2), embed_new)
+    lookup = metrics.make_embedder(["cat", "dog"], np.eye(2), embed_new)
     out = lookup(["dog", "zebra", "cat", "zebra"])
     np.testing.assert_array_equal(out, [[0, 1], [1, 1], [1, 0], [1, 1]])
     lookup(["zebra"])
@@ -95,7 +95,7 @@ class EvaluateTest(absltest.TestCase):
 
   def test_length_mismatch_is_an_error(self):
     with self.assertRaises(ValueError):
-      evaluate.label_precision(["cat"], [["cat"]], ["cat", "dog"], embed)
+      metrics.label_precision(["cat"], [["cat"]], ["cat", "dog"], embed)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from jaxdissect import config as config_lib
-from jaxdissect import pipeline
+from jaxdissect import probe_pass
 from jaxdissect import tiny_models
 from jaxdissect.data import probe as probe_lib
 from jaxdissect.models import clip as clip_lib
@@ -38,7 +38,7 @@ class FingerprintTest(absltest.TestCase):
     config.update(overrides)
     target = target or self.target
     probe_set = probe_lib.ProbeSet(probe_lib.parse_probe_spec(f"folder:{self.folder}"))
-    return pipeline.probe_store_key(config, clip or self.clip, target,
+    return probe_pass.probe_store_key(config, clip or self.clip, target,
                                     target.resolve_layers(layers.split(",")), probe_set)
 
   def test_unrelated_fields_keep_the_key(self):
@@ -98,10 +98,10 @@ class FingerprintTest(absltest.TestCase):
     self.assertNotEqual(self.key(), self.key(target=changed))
 
   def test_concept_set(self):
-    base = pipeline.text_store_key(self.clip, ["dog", "cat"])
-    self.assertEqual(base, pipeline.text_store_key(self.clip, ["dog", "cat"]))
-    self.assertNotEqual(base, pipeline.text_store_key(self.clip, ["dog", "cats"]))
-    self.assertNotEqual(base, pipeline.text_store_key(self.clip, ["cat", "dog"]))
+    base = probe_pass.text_store_key(self.clip, ["dog", "cat"])
+    self.assertEqual(base, probe_pass.text_store_key(self.clip, ["dog", "cat"]))
+    self.assertNotEqual(base, probe_pass.text_store_key(self.clip, ["dog", "cats"]))
+    self.assertNotEqual(base, probe_pass.text_store_key(self.clip, ["cat", "dog"]))
 
 
 if __name__ == "__main__":

@@ -119,10 +119,10 @@ class ProbeTest(absltest.TestCase):
         collect(probe_set, 2, start=9)
 
   def test_probe_chunks_are_whole_batches(self):
-    from jaxdissect import pipeline  # pylint: disable=g-import-not-at-top
-    self.assertEqual(pipeline.probe_chunks(1000, 300, 128),
+    from jaxdissect import probe_pass  # pylint: disable=g-import-not-at-top
+    self.assertEqual(probe_pass.probe_chunks(1000, 300, 128),
                      [(0, 384), (384, 768), (768, 1000)])
-    self.assertEqual(pipeline.probe_chunks(10, 10240, 4), [(0, 10)])
+    self.assertEqual(probe_pass.probe_chunks(10, 10240, 4), [(0, 10)])
 
   def test_probe_step_compiles_once_across_chunks(self):
     from jaxdissect import activations  # pylint: disable=g-import-not-at-top

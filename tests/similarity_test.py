@@ -1,4 +1,4 @@
-"""Similarity functions against a NumPy float64 per-neuron reference written from DESIGN.md."""
+"""Similarity functions against a NumPy float64 per-neuron reference written from docs/DESIGN.md."""
 import math
 
 from absl.testing import absltest
@@ -9,6 +9,7 @@ from scipy import special
 
 from jaxdissect import labeling
 from jaxdissect import similarity
+from jaxdissect import store
 
 
 # ---------------------------------------------------------------- float64 references
@@ -256,8 +257,6 @@ class PriorSaturationTest(parameterized.TestCase):
   def test_label_probe_warns_when_the_cap_decides_a_label(self):
     # Unit 0 fires on images that show concepts a and b together, unit 1 on images of
     # c: in a 2-unit layer, a and b both score log 2 for unit 0, so the tie-break picks.
-    from jaxdissect import activations as activations_lib  # pylint: disable=g-import-not-at-top
-    from jaxdissect import pipeline  # pylint: disable=g-import-not-at-top
     rng = np.random.default_rng(0)
     texts = np.eye(3, dtype=np.float32)
     images = np.concatenate([np.tile([[1.0, 1.0, 0.0]], (200, 1)),
@@ -266,10 +265,10 @@ class PriorSaturationTest(parameterized.TestCase):
     acts = np.zeros((400, 2), np.float32)
     acts[:200, 0] = 1.0 + rng.random(200)
     acts[200:, 1] = 1.0 + rng.random(200)
-    probe = activations_lib.ProbeActivations(images, {"small": acts},
+    probe = store.ProbeActivations(images, {"small": acts},
                                              [str(i) for i in range(400)])
     with self.assertLogs(level="WARNING") as logs:
-      result = pipeline.label_probe(probe, texts, ["a", "b", "c"], "soft_wpmi")
+      result = labeling.label_probe(probe, texts, ["a", "b", "c"], "soft_wpmi")
     self.assertTrue(any("Layer small: 1 of 2 units" in m and "K = 2 units" in m
                         for m in logs.output), logs.output)
     self.assertIn(result.layers["small"].labels[0], ("a", "b"))

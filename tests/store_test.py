@@ -34,7 +34,7 @@ class Net(nn.Module):
 
 def make_probe(seed=0):
   rng = np.random.default_rng(seed)
-  return activations.ProbeActivations(
+  return store.ProbeActivations(
       rng.standard_normal((5, 4)).astype(np.float32),
       {"layer4": rng.standard_normal((5, 3)).astype(np.float32),
        "fc": rng.standard_normal((5, 2)).astype(np.float32)},

@@ -3,10 +3,9 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from jaxdissect import activations as activations_lib
 from jaxdissect import labeling
-from jaxdissect import pipeline
 from jaxdissect import similarity
+from jaxdissect import store
 from jaxdissect import streaming
 
 
@@ -55,15 +54,15 @@ class StreamingTest(parameterized.TestCase):
   @parameterized.parameters(*streaming.STREAMING_FUNCTIONS)
   def test_label_probe_streams_past_the_budget_with_the_same_labels(self, name):
     images, texts, activations = embeddings(500, 30, 12, seed=11)
-    probe = activations_lib.ProbeActivations(
+    probe = store.ProbeActivations(
         images, {"a": activations, "b": activations[:, :5] ** 2},
         [f"im{i}" for i in range(500)])
     concepts = [f"c{i}" for i in range(30)]
     with self.assertLogs(level="INFO") as logs:
-      streamed = pipeline.label_probe(probe, texts, concepts, name,
+      streamed = labeling.label_probe(probe, texts, concepts, name,
                                       concept_matrix_max_gb=0.0)
     self.assertTrue(any("streaming" in m for m in logs.output))
-    held = pipeline.label_probe(probe, texts, concepts, name)
+    held = labeling.label_probe(probe, texts, concepts, name)
     for layer in ("a", "b"):
       self.assertEqual(streamed.layers[layer].labels, held.layers[layer].labels)
       np.testing.assert_array_equal(streamed.layers[layer].alternative_ids[:, :3],

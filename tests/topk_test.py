@@ -4,9 +4,9 @@ from absl.testing import parameterized
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect import activations as activations_lib
 from jaxdissect import labeling
 from jaxdissect import similarity
+from jaxdissect import store
 from jaxdissect import topk
 
 
@@ -87,7 +87,7 @@ class RunningTopKTest(parameterized.TestCase):
 
   def test_top_for_recomputes_when_more_are_asked_than_kept(self):
     matrix = _tied_matrix(60, 3, seed=4)
-    probe = activations_lib.ProbeActivations(
+    probe = store.ProbeActivations(
         np.zeros((60, 2), np.float32), {"l": matrix}, [str(i) for i in range(60)],
         top={"l": _run(matrix, 8, k=5)})
     self.assertEqual(probe.top_for("l", 5).k, 5)

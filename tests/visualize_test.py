@@ -6,6 +6,7 @@ from absl.testing import absltest
 import numpy as np
 from PIL import Image
 
+from jaxdissect import images as images_lib
 from jaxdissect import rundir
 from jaxdissect.applications import visualize
 from jaxdissect.synthetic import world
@@ -26,12 +27,12 @@ class PiecesTest(absltest.TestCase):
     image = np.zeros((8, 8, 3))
     heat = np.zeros((2, 2))
     heat[0, 0] = 4.0
-    out = visualize.heat_overlay(image, heat, scale=4.0, alpha=1.0)
+    out = images_lib.heat_overlay(image, heat, scale=4.0, alpha=1.0)
     self.assertEqual(out.dtype, np.uint8)
     np.testing.assert_array_equal(out[0, 0], [255, 255, 0])  # full strength: yellow
     np.testing.assert_array_equal(out[7, 7], [0, 0, 0])  # no activation: the image
     tiles = [np.full((4, 5, 3), i, np.uint8) for i in range(5)]
-    sheet = visualize.grid(tiles, columns=2, pad=1)
+    sheet = images_lib.grid(tiles, columns=2, pad=1)
     self.assertEqual(sheet.shape, (3 * 5 + 1, 2 * 6 + 1, 3))
     self.assertEqual(sheet[1 + 2 * 5, 1, 0], 4)  # tile 4 opens row 3
 
@@ -61,7 +62,7 @@ class RunVisualizeTest(absltest.TestCase):
     tops = visualize.top_image_indices(run, "layer4", [5], 4)[5]
     images = run.probe_set.read_images([i for i, _ in tops], run.target.transform)
     pixels = np.stack([images[i] for i, _ in tops])
-    maps = visualize.unit_maps(run.target, run.layer_infos["layer4"].path, pixels, [5])
+    maps = images_lib.unit_maps(run.target, run.layer_infos["layer4"].path, pixels, [5])
     np.testing.assert_allclose(maps.mean(axis=(1, 2))[:, 0], [a for _, a in tops],
                                rtol=1e-4, atol=1e-5)
 

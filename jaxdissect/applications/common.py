@@ -51,3 +51,39 @@ def class_ids_of_probe(run: rundir.Run) -> tuple[np.ndarray | None, str]:
     logging.warning("Probe class names %s are not classes of the target.", unknown[:5])
     return None, "the probe set's class names are not the target's"
   return np.array([label2id[n] for n in names], np.int64), "probe labels"
+
+
+def parse_unit_selection(spec: str, run: rundir.Run) -> dict[str, np.ndarray]:
+  """'LAYER:label=CONCEPT', 'LAYER:3,17,42' or 'LAYER:all', several joined by ';' ->
+  {layer: sorted unit ids}."""
+  out: dict[str, set[int]] = {}
+  for part in [p.strip() for p in spec.split(";") if p.strip()]:
+    layer, sep, what = part.partition(":")
+    if not sep or layer not in run.layers:
+      raise errors.UserError("units", f"{part!r} names no dissected layer.",
+                             f"use LAYER:label=CONCEPT or LAYER:1,2,3 with LAYER one of "
+                             f"{', '.join(run.layers)}.")
+    labels = run.layers[layer].labels
+    if what.startswith("label="):
+      concept = what[len("label="):].strip()
+      units = {u for u, label in enumerate(labels) if label.lower() == concept.lower()}
+      if not units:
+        present = sorted(set(labels))
+        raise errors.UserError("units", f"no unit of {layer} is labelled {concept!r}.",
+                               f"its labels include: {', '.join(present[:20])}.")
+    elif what == "all":
+      units = set(range(len(labels)))
+    else:
+      try:
+        units = {int(u) for u in what.split(",") if u.strip()}
+      except ValueError:
+        raise errors.UserError("units", f"{part!r}: unit ids must be integers.",
+                               "e.g. layer4:3,17,42 or layer4:label=striped.") from None
+      bad = sorted(u for u in units if not 0 <= u < len(labels))
+      if bad or not units:
+        raise errors.UserError("units", f"{part!r}: {layer} has units 0..{len(labels) - 1}.",
+                               "give unit ids in that range.")
+    out.setdefault(layer, set()).update(units)
+  if not out:
+    raise errors.UserError("units", "no unit selected.", "e.g. layer4:label=striped.")
+  return {layer: np.array(sorted(units)) for layer, units in out.items()}

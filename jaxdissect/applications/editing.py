@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.set_verbosity(logging.INFO)
   try:
     run = rundir.load_run(args.results)
-    units = rundir.parse_unit_selection(args.units, run)
+    units = common.parse_unit_selection(args.units, run)
     report = edit_run(run, units, args.scale, args.batch_size)
   except errors.UserError as err:
     print(f"error: {err.one_line()}", file=sys.stderr)

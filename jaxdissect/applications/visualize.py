@@ -35,96 +35,12 @@ import numpy as np
 import optax
 
 from jaxdissect import errors
+from jaxdissect import images as images_lib
 from jaxdissect import rundir
 from jaxdissect.applications import common
 from jaxdissect.models import targets as targets_lib
 
 
-# ------------------------------------------------------------------ spatial maps
-def layer_output_fn(target: targets_lib.TargetModel, path: str):
-  """Jitted (variables, pixels (b, H, W, 3)) -> the layer's raw output, built once per
-  layer so that repeated batches reuse one compile."""
-  keep = targets_lib.capture_filter([path])
-
-  @jax.jit
-  def output(variables, batch):
-    _, inter = target.forward(variables, batch, capture=keep)
-    return targets_lib.get_intermediate(inter, path)
-
-  return output
-
-
-def spatial_maps(output: np.ndarray) -> np.ndarray | None:
-  """A layer output -> (b, h, w, units) maps: feature maps as they are, ViT tokens'
-  patch tokens as a square grid; None for outputs with no spatial axes."""
-  if output.ndim == 4:
-    return output
-  if output.ndim == 3:
-    side = int(round(np.sqrt(output.shape[1] - 1)))
-    if side * side == output.shape[1] - 1:
-      return output[:, 1:, :].reshape(len(output), side, side, -1)
-  return None
-
-
-def unit_maps(target: targets_lib.TargetModel, path: str, pixels: np.ndarray,
-              units: Sequence[int], output_fn=None) -> np.ndarray | None:
-  """(num_images, h, w, len(units)) activation maps of a layer, or None for a layer
-  with no spatial axes. output_fn: layer_output_fn(target, path), if built already."""
-  output_fn = output_fn or layer_output_fn(target, path)
-  maps = spatial_maps(np.asarray(output_fn(target.variables, jnp.asarray(pixels))))
-  return None if maps is None else maps[..., list(units)]
-
-
-def heat_overlay(image: np.ndarray, heat: np.ndarray | None, scale: float,
-                 alpha: float = 0.5) -> np.ndarray:
-  """image: (H, W, 3) in [0, 1]; heat: (h, w) activations or None; scale: the value
-  shown at full strength -> (H, W, 3) uint8 with a red-yellow heat map blended in."""
-  if heat is None:
-    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  height, width = image.shape[:2]
-  # PIL's float resize: per-tile jax.image.resize ran op by op and dominated the report.
-  up = np.asarray(Image.fromarray(np.asarray(heat, np.float32), mode="F").resize(
-      (width, height), Image.BILINEAR))
-  strength = np.clip(up / max(scale, 1e-12), 0.0, 1.0)[..., None]
-  colour = np.concatenate([np.ones_like(strength), strength, np.zeros_like(strength)],
-                          axis=-1)  # red (low) to yellow (high)
-  blended = image * (1 - alpha * strength) + colour * alpha * strength
-  return np.round(np.clip(blended, 0, 1) * 255).astype(np.uint8)
-
-
-def grid(tiles: Sequence[np.ndarray], columns: int = 4, pad: int = 2) -> np.ndarray:
-  """Equal-size (H, W, 3) uint8 tiles -> one (rows*(H+pad), columns*(W+pad), 3) image."""
-  h, w = tiles[0].shape[:2]
-  rows = -(-len(tiles) // columns)
-  out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
-  for i, tile in enumerate(tiles):
-    r, c = divmod(i, columns)
-    out[pad + r * (h + pad):pad + r * (h + pad) + h,
-        pad + c * (w + pad):pad + c * (w + pad) + w] = tile
-  return out
-
-
-def save_png(path: str, image: np.ndarray, min_side: int = 128) -> None:
-  """Writes atomically; small images are enlarged (nearest) so that they can be seen."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  picture = Image.fromarray(image)
-  factor = max(1, -(-min_side // min(image.shape[:2])))
-  if factor > 1:
-    picture = picture.resize((image.shape[1] * factor, image.shape[0] * factor),
-                             Image.NEAREST)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  temporary = f"{path}.tmp-{os.getpid()}.png"
-  picture.save(temporary)
-  os.replace(temporary, path)
-
-
-def to_display(pixels: np.ndarray, mean, std) -> np.ndarray:
-  """Normalised model input (..., 3) -> RGB in [0, 1]."""
-  return np.clip(pixels * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
-
-
-# --------------------------------------------------------- activation maximisation
 @dataclasses.dataclass
 class MaximizeOptions:
   steps: int = 256
@@ -265,13 +181,13 @@ def visualize_units(run: rundir.Run, layer: str, units: Sequence[int], out_dir: 
               "best_probe_activation": pairs[0][1] if pairs else float("nan")}
     if pairs:
       pixels = np.stack([images[i] for i, _ in pairs])
-      maps = unit_maps(run.target, info.path, pixels, [unit])
+      maps = images_lib.unit_maps(run.target, info.path, pixels, [unit])
       scale = float(np.max(maps)) if maps is not None else 1.0
-      tiles = [heat_overlay(to_display(p, transform.mean, transform.std),
+      tiles = [images_lib.heat_overlay(images_lib.to_display(p, transform.mean, transform.std),
                             None if maps is None else maps[j, ..., 0], scale)
                for j, p in enumerate(pixels)]
       record["top_png"] = os.path.join(out_dir, _safe(layer), f"unit-{unit}-top.png")
-      save_png(record["top_png"], grid(tiles))
+      images_lib.save_png(record["top_png"], images_lib.grid(tiles))
     if maximize_units:
       objective = make_unit_objective(run.target, info.path, unit, run.config.pool_mode,
                                       run.config.token_pool)
@@ -283,13 +199,13 @@ def visualize_units(run: rundir.Run, layer: str, units: Sequence[int], out_dir: 
         # its best probe image instead.
         image, value = maximize(objective, run.target.variables, transform.output_size,
                                 transform.mean, transform.std, options,
-                                init=to_display(images[pairs[0][0]], transform.mean,
+                                init=images_lib.to_display(images[pairs[0][0]], transform.mean,
                                                 transform.std))
         record["maximized_from"] = "best probe image"
       record["maximized_activation"] = value
       record["maximized_png"] = os.path.join(out_dir, _safe(layer),
                                              f"unit-{unit}-maximized.png")
-      save_png(record["maximized_png"], np.round(image * 255).astype(np.uint8))
+      images_lib.save_png(record["maximized_png"], np.round(image * 255).astype(np.uint8))
     records.append(record)
     logging.info("Visualised %s unit %d (%s).", layer, unit, record["label"])
   return records
@@ -319,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             args.seed)
   try:
     run = rundir.load_run(args.results)
-    selection = rundir.parse_unit_selection(args.units, run)
+    selection = common.parse_unit_selection(args.units, run)
     records = []
     for layer, units in selection.items():
       records += visualize_units(run, layer, list(units), out_dir, args.top,

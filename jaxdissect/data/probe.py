@@ -449,3 +449,14 @@ class ProbeSet:
                  start, stop - 1, local_count, num_batches, batch_size,
                  num_batches * batch_size - local_count)
     return ds.as_numpy_iterator()
+
+
+def as_probe_set(images, image_ids=None) -> "ProbeSet":
+  """A ProbeSet from what dissect() accepts: a set, a source, a spec, or uint8 images."""
+  if isinstance(images, ProbeSet):
+    return images
+  if isinstance(images, ProbeSource):
+    return ProbeSet([images])
+  if isinstance(images, str):
+    return ProbeSet(parse_probe_spec(images, "images"))
+  return ProbeSet([array_source(images, image_ids)])

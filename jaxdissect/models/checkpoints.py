@@ -202,12 +202,12 @@ def load_flax_pretrained(cls, location: str, config, field: str, **model_kwargs)
         lambda: cls.from_pretrained(directory, config=config, _do_init=False,
                                     **model_kwargs),
         field, f"the Flax weights {what}",
-        f"re-save the model with save_pretrained; the file may be truncated.")
+        "re-save the model with save_pretrained; the file may be truncated.")
   model = cls(config, _do_init=False, **model_kwargs)
   params = loading.load_or_explain(
       lambda: _params_from_safetensors(model, directory, name), field,
       f"the weights {what}",
-      f"check that the file matches the model's config.json, or re-save it with "
+      "check that the file matches the model's config.json, or re-save it with "
       "save_pretrained.")
   logging.info("Read %s (%s).", what, "safetensors")
   return model, params

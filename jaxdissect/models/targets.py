@@ -418,3 +418,17 @@ def as_target_model(made, name: str) -> TargetModel | None:
     return TargetModel(name=name, module=module, variables=variables,
                        transform=rest[0] if rest else DEFAULT_TRANSFORM)
   return None
+
+
+def as_target(target) -> TargetModel:
+  """A TargetModel from what dissect() accepts: itself, a spec, or (module, variables[,
+  transform])."""
+  if isinstance(target, str):
+    return load_target(target)
+  name = type(target[0]).__name__ if isinstance(target, tuple) and target else "target"
+  made = as_target_model(target, name)
+  if made is not None:
+    return made
+  raise errors.UserError("target", f"cannot use a {type(target).__name__} as a target.",
+                         "pass a TargetModel, an HF id / directory, or (module, variables"
+                         "[, transform]).")

@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import activations as activations_lib
-from jaxdissect import evaluate
 from jaxdissect import labeling
-from jaxdissect import pipeline
-from jaxdissect import similarity
+from jaxdissect import metrics
+from jaxdissect import results
 from jaxdissect.data import probe as probe_lib
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import targets as targets_lib
@@ -110,7 +109,7 @@ def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
   infos = target.resolve_layers(list(LAYERS))
   concepts = list(world.CONCEPTS)
   text = clip_lib.embed_texts(clip, concepts)
-  embed = evaluate.make_embedder(concepts, text, lambda t: clip_lib.embed_texts(clip, t))
+  embed = metrics.make_embedder(concepts, text, lambda t: clip_lib.embed_texts(clip, t))
   truths = {info.name: target.truth_for(info) for info in infos}
   records = []
   for probe_name in probes:
@@ -121,12 +120,12 @@ def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
                                            log_every_s=60)
 
     def add(method, result):
-      for layer, row in evaluate.evaluate_result(result, truths, embed).items():
+      for layer, row in metrics.evaluate_result(result, truths, embed).items():
         records.append({"method": method, "probe": probe_name, "layer": layer,
                         **{k: row[k] for k in ("top1", "top5", "clip_cos", "num_units")}})
 
     for method in methods:
-      add(method, pipeline.label_probe(probe, text, concepts, method))
+      add(method, labeling.label_probe(probe, text, concepts, method))
     if oracle:
       # P from the annotations: 1 where the scene has the concept.
       p_oracle = world.annotation_matrix(data.scenes, concepts)
@@ -134,7 +133,7 @@ def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
       for name, acts in probe.activations.items():
         scored = labeling.score_layer("soft_wpmi", p_oracle, acts)
         layers[name] = _layer_from_scores(scored.scores, acts, concepts, scored.tiebreak)
-      add("soft_wpmi (oracle P)", pipeline.results_lib.DissectionResult(
+      add("soft_wpmi (oracle P)", results.DissectionResult(
           concepts, probe.image_ids, layers))
     if netdissect:
       pixels = np.stack([b for b in _target_pixels(data.images, target)])
@@ -143,7 +142,7 @@ def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
       for name in LAYERS:
         _, iou = netdissect_labels(maps[name], data.masks, concepts)
         layers[name] = _layer_from_scores(iou, probe.activations[name], concepts)
-      add("netdissect (IoU)", pipeline.results_lib.DissectionResult(
+      add("netdissect (IoU)", results.DissectionResult(
           concepts, probe.image_ids, layers))
   return records
 

@@ -1,0 +1,143 @@
+"""CLIP-Dissect in one place: `dissect(...)` from Python, `run(config, workdir)` for main.py.
+
+Both take the same steps: resolve the layers (before any image is read), one probe pass
+(CLIP image embeddings and pooled activations), the concept set's text embeddings,
+similarity per layer, labels. `run` adds the activation store, evaluation and the files.
+The module is callable, so `jaxdissect.dissect(...)` works after `import jaxdissect.dissect`.
+"""
+import functools
+import os
+import sys
+import types
+
+from absl import logging
+import jax
+import numpy as np
+
+from jaxdissect import activations
+from jaxdissect import config as config_lib
+from jaxdissect import errors
+from jaxdissect import evaluate
+from jaxdissect import labeling
+from jaxdissect import probe_pass
+from jaxdissect import report
+from jaxdissect import resources
+from jaxdissect import results
+from jaxdissect import sharding
+from jaxdissect import similarity
+from jaxdissect import trust
+from jaxdissect.data import concepts as concepts_lib
+from jaxdissect.data import probe as probe_lib
+from jaxdissect.models import clip as clip_lib
+from jaxdissect.models import targets as targets_lib
+
+
+def dissect(target, concepts, images, clip, layers, *, image_ids=None,
+            similarity_fn: str = "soft_wpmi", pool_mode: str = "avg",
+            token_pool: str = "cls", batch_size: int = 64, text_batch_size: int = 256,
+            num_alternatives: int = 5, num_top_images: int = 10, mesh=None,
+            keep_scores: bool = True) -> results.DissectionResult:
+  """Labels every unit of `layers` of `target` with a concept, from a notebook.
+
+  target: a TargetModel, HF id / directory, `torchvision:resnet50`, python:pkg.mod:factory
+    or (flax module, variables[, ImageTransform]); concepts: a list of strings or a
+    concept-set spec; images: (N, H, W, 3) uint8, a probe spec ("folder:PATH") or a
+    ProbeSet; clip: a ClipModel or an HF id / directory; layers: "layer4,fc" or a list.
+  Returns .layers[name].labels, .scores[name] (num_units, num_concepts), .to_dataframe().
+  """
+  target = targets_lib.as_target(target)
+  layer_infos = target.resolve_layers(config_lib.split_layers(layers))
+  concepts = (concepts_lib.load_concepts(concepts, target.id2label) if isinstance(
+      concepts, str) else concepts_lib.clean_concepts(concepts, "concepts argument"))
+  if not concepts:
+    raise errors.UserError("concepts", "no concept given.", "pass a non-empty list.")
+  if similarity_fn not in similarity.SIMILARITY_FUNCTIONS:
+    raise errors.UserError("similarity_fn", f"unknown {similarity_fn!r}.",
+                           f"use one of {sorted(similarity.SIMILARITY_FUNCTIONS)}.")
+  probe_set = probe_lib.as_probe_set(images, image_ids)
+  labeling.check_enough_images(probe_set.num_images, similarity_fn, "images")
+  clip = clip if isinstance(clip, clip_lib.ClipModel) else clip_lib.load_clip(clip)
+  mesh = mesh or sharding.make_mesh()
+  sharding.check_batch_size(batch_size, mesh)
+  batches = probe_set.batches(clip.transform, target.transform, batch_size)
+  probe = activations.run_probe_pass(clip, target, layer_infos, batches,
+                                     probe_set.num_images, pool_mode, token_pool, mesh)
+  text_embeddings = clip_lib.embed_texts(clip, concepts, text_batch_size)
+  return labeling.label_probe(probe, text_embeddings, concepts, similarity_fn,
+                              num_alternatives, num_top_images, keep_scores=keep_scores)
+
+
+def list_layers(config) -> str:
+  """The table --list_layers prints: friendly names, then every module path."""
+  target = targets_lib.load_target(config.target_model)
+  lines = [f"{'name':<50} {'units':>6}  output shape (batch of 1)"]
+  lines += [f"{i.name:<50} {i.num_units:>6}  {i.shape}" for i in target.layer_table()]
+  return "\n".join(lines)
+
+
+def run(config, workdir: str = "./workdir") -> str:
+  """Dissects as `config` says and writes result_dir; returns its path."""
+  config_lib.validate(config)
+  config = config_lib.resolve_paths(config, workdir)
+  results.check_result_dir(config.result_dir, config.overwrite)
+  mesh = sharding.mesh_from_config(config)
+  sharding.check_batch_size(config.batch_size, mesh)
+  resources.fetch_required(config, ("target_model", "concept_set"))
+  target = targets_lib.load_target(config.target_model, class_names=config.class_names)
+  layer_infos = target.resolve_layers(config_lib.split_layers(config.target_layers))
+  clip = clip_lib.load_clip(config.clip_model)
+  logging.info("Layers: %s", ", ".join(f"{i.name} ({i.path}, {i.num_units} units)"
+                                       for i in layer_infos))
+  concepts = concepts_lib.load_concepts(config.concept_set, target.id2label)
+  logging.info("Concept set %s: %d concepts.", config.concept_set, len(concepts))
+  probe_set = probe_lib.ProbeSet(probe_lib.parse_probe_spec(config.d_probe))
+  labeling.check_enough_images(probe_set.num_images, config.similarity_fn)
+
+  # Hashing every CLIP weight takes seconds for a large model: once for both keys.
+  clip_hash = targets_lib.params_fingerprint(clip.params)
+  probe, probe_key, mesh = probe_pass.load_or_run(config, probe_set, clip, target,
+                                                  layer_infos, mesh, len(concepts), clip_hash)
+  skipped = probe_pass.check_skipped(config, probe, probe_set)
+  text_embeddings, text_key = probe_pass.load_or_embed_texts(config, clip, concepts,
+                                                             clip_hash)
+  logging.info("Scoring %d layer(s) with %s.", len(layer_infos), config.similarity_fn)
+  truths = evaluate.layer_truths(target, layer_infos)
+  # The true concepts' ranks need those layers' scores.
+  result = labeling.label_with_config(config, probe, text_embeddings, concepts,
+                                      list(truths), mesh)
+  result.trust = trust.layer_trust(config, probe, result, text_embeddings)
+  evaluation = evaluate.evaluate_run(config, result, truths, concepts, text_embeddings,
+                                     clip)
+  config_json = {
+      "config": config.to_dict(), "workdir": os.path.abspath(workdir),
+      "layers": {i.name: {"path": i.path, "units": i.num_units} for i in layer_infos},
+      "num_images": probe_set.num_images, "num_concepts": len(concepts),
+      "probe_key": probe_key, "text_key": text_key, **results.environment()}
+  if jax.process_index() != 0:
+    return config.result_dir
+  strips = {}
+  if config.report_top_images > 0:
+    kept = np.setdiff1d(np.arange(probe_set.num_images), np.asarray(probe.skipped, int))
+    strips = report.unit_strips(target, probe_set, {i.name: i.path for i in layer_infos},
+                                result, kept, config.report_top_images)
+
+  def write_contents(directory):
+    results.write_files(directory, result, config_json,
+                        functools.partial(report.write_report, strips=strips), skipped)
+    evaluate.write_json(evaluate.evaluation_path(directory), evaluation)
+
+  logging.info("Writing results to %s.", config.result_dir)
+  path = results.write_result_dir(config.result_dir, config.overwrite, write_contents)
+  logging.info("Results written to %s.", path)
+  return path
+
+
+class _CallableModule(types.ModuleType):
+  """`import jaxdissect.dissect` binds the package attribute `dissect` to this module;
+  calling it still dissects, as the README's `jaxdissect.dissect(...)` does."""
+
+  def __call__(self, *args, **kwargs):
+    return dissect(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

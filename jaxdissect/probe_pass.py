@@ -1,0 +1,207 @@
+"""The probe pass as main.py runs it: stored, resumable, and gathered across processes.
+
+The store key of a pass covers everything that changes its values (models and their
+weights, the lowered probe step, layers, pooling, probe files, preprocessing, image
+count); a pass is saved chunk by chunk, so a run killed at any point resumes from its
+last chunk and ends with results identical to an uninterrupted run. In a multi-process
+run each process keeps its own shard (`KEY.shard-P-of-N`) and the rows are gathered
+into every process afterwards. Text embeddings of the concept set are cached likewise.
+"""
+from typing import Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+from jaxdissect import activations as activations_lib
+from jaxdissect import errors
+from jaxdissect import labeling
+from jaxdissect import sharding
+from jaxdissect import store
+from jaxdissect import topk
+from jaxdissect.models import clip as clip_lib
+from jaxdissect.models import targets as targets_lib
+
+
+def load_or_run(config, probe_set, clip, target, layer_infos, mesh, num_concepts: int,
+                clip_hash: str):
+  """(probe, probe_key, mesh): the stored pass for this config, computed (resumably) if
+  it is not stored. With several processes every process ends up holding the whole
+  pass, and the returned mesh is this process's devices (each scores it alone)."""
+  probe_key = probe_store_key(config, clip, target, layer_infos, probe_set, clip_hash)
+  shard_key = probe_key if jax.process_count() == 1 else (
+      f"{probe_key}.shard-{jax.process_index()}-of-{jax.process_count()}")
+  # Memory-mapped: the (num_images, ...) arrays are read from disk as they are used.
+  probe = store.load_probe(config.activation_dir, shard_key, mmap=True)
+  if sharding.all_processes_agree(probe is not None):
+    logging.info("Probe activations reused from %s (key %s).", config.activation_dir,
+                 shard_key)
+  else:
+    probe = resumable_probe_pass(config, shard_key, probe_set, clip, target, layer_infos,
+                                 mesh, {"clip": clip.name, "target": target.name,
+                                        "num_images": probe_set.num_images})
+    store.remove_probe_chunks(config.activation_dir, shard_key)
+  if jax.process_count() > 1:
+    num_kept = probe_set.num_images - int(
+        sharding.allgather(np.array([len(probe.skipped)])).sum())
+    # More listed top images than the running top-k keeps are recomputed from the
+    # matrices, which then have to be gathered too.
+    top_k_only = (config.similarity_fn in labeling.PRIOR_FUNCTIONS
+                  and config.num_top_images <= topk.RUNNING_TOP_K
+                  and labeling.streams(config.similarity_fn, num_kept, num_concepts,
+                                       config.concept_matrix_max_gb))
+    probe = gather_probe(probe, probe_set.num_images, with_activations=not top_k_only)
+    mesh = sharding.make_mesh(local=True)
+  return probe, probe_key, mesh
+
+
+def load_or_embed_texts(config, clip, concepts: Sequence[str], clip_hash: str):
+  """(text_embeddings (num_concepts, dim), text_key), from the store when cached."""
+  text_key = text_store_key(clip, concepts, clip_hash)
+  cached_text = store.load_text(config.activation_dir, text_key)
+  if cached_text is not None:
+    logging.info("Text embeddings reused from %s (key %s).", config.activation_dir,
+                 text_key)
+    return cached_text[0], text_key
+  logging.info("Embedding %d concepts.", len(concepts))
+  text_embeddings = clip_lib.embed_texts(clip, concepts, config.text_batch_size)
+  store.save_text(config.activation_dir, text_key, text_embeddings, concepts,
+                  {"clip": clip.name})
+  return text_embeddings, text_key
+
+
+def probe_chunks(num_images: int, chunk_images: int, batch_size: int) -> list[tuple[int, int]]:
+  """[start, stop) ranges of the resumable probe pass. Chunks are whole batches, so a
+  resumed pass forms exactly the batches of an uninterrupted one."""
+  size = -(-chunk_images // batch_size) * batch_size
+  return [(start, min(start + size, num_images)) for start in range(0, num_images, size)]
+
+
+def resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos, mesh,
+                          meta) -> store.ProbeActivations:
+  """The probe pass in chunks, each saved atomically as it finishes; chunks saved by an
+  earlier (killed) run with the same key are reused, not recomputed. The chunks are then
+  assembled into the store entry, which is returned memory-mapped.
+
+  In a multi-process run, probe_key names this process's shard; each process reads
+  every process_count-th image and a chunk is reused only where every process has it
+  (the steps are collective: all processes must run the same ones).
+  """
+  shard_index, num_shards = jax.process_index(), jax.process_count()
+  chunks = probe_chunks(probe_set.num_images, config.probe_chunk_images, config.batch_size)
+  step = activations_lib.make_probe_step(clip, target, layer_infos, config.pool_mode,
+                                         config.token_pool, mesh)
+  reused = 0
+  for number, (start, stop) in enumerate(chunks, 1):
+    have = store.load_probe_chunk(config.activation_dir, probe_key, start, stop,
+                                  mmap=True) is not None
+    if sharding.all_processes_agree(have):
+      reused += 1
+      continue
+    batches = probe_set.batches(clip.transform, target.transform,
+                                config.batch_size // num_shards,
+                                config.num_decode_threads, shard_index=shard_index,
+                                num_shards=num_shards, start=start, stop=stop)
+    part = activations_lib.run_probe_pass(
+        clip, target, layer_infos, batches, stop - start, config.pool_mode,
+        config.token_pool, mesh, config.log_every_s, first_index=start, step=step,
+        shard_index=shard_index, num_shards=num_shards)
+    if store.save_probe_chunk(config.activation_dir, probe_key, start, stop,
+                              part) is None:
+      raise errors.UserError("activation_dir", f"cannot save probe chunks under "
+                             f"{config.activation_dir}.", "give a writable activation_dir.")
+    logging.info("Probe chunk %d/%d saved (images %d..%d).", number, len(chunks), start,
+                 stop - 1)
+  if reused:
+    logging.info("Probe pass: %d of %d chunk(s) reused from an earlier run, %d computed.",
+                 reused, len(chunks), len(chunks) - reused)
+  return store.assemble_probe(config.activation_dir, probe_key, chunks, meta)
+
+
+def gather_probe(local: store.ProbeActivations, num_images: int,
+                 with_activations: bool = True) -> store.ProbeActivations:
+  """Every process's rows (each process holds every process_count-th image) in global
+  image order, in every process. The running top-k is global already.
+
+  with_activations=False leaves the activation matrices out (zero-width): (soft-)WPMI
+  from the running top-k needs only the embeddings.
+  """
+  shard_index, num_shards = jax.process_index(), jax.process_count()
+  width = -(-num_images // num_shards)
+  skipped = set(local.skipped)
+  indices = np.array([i for i in range(shard_index, num_images, num_shards)
+                      if i not in skipped], np.int64)
+
+  def padded(array, fill=0):
+    array = np.asarray(array)
+    pad = np.full((width - len(array), *array.shape[1:]), fill, array.dtype)
+    return np.concatenate([array, pad])
+
+  all_indices = sharding.allgather(padded(indices, -1)).reshape(-1)
+  order = np.argsort(all_indices, kind="stable")
+  order = order[all_indices[order] >= 0]
+
+  def gather(array):
+    return sharding.allgather(padded(array)).reshape(-1, *np.shape(array)[1:])[order]
+
+  encoded = [image_id.encode("utf-8") for image_id in local.image_ids]
+  id_width = int(
+      sharding.allgather(np.array([max(map(len, encoded), default=1)])).max())
+  id_bytes = np.zeros((len(encoded), id_width), np.uint8)
+  for row, raw in enumerate(encoded):
+    id_bytes[row, :len(raw)] = np.frombuffer(raw, np.uint8)
+  image_ids = [bytes(row).rstrip(b"\0").decode("utf-8") for row in gather(id_bytes)]
+  all_skipped = sharding.allgather(
+      padded(np.array(sorted(skipped), np.int64), -1)).reshape(-1)
+  activations = {
+      name: gather(values) if with_activations else np.zeros((len(order), 0), np.float32)
+      for name, values in local.activations.items()}
+  return store.ProbeActivations(
+      gather(local.image_embeddings), activations, image_ids,
+      sorted(int(i) for i in all_skipped if i >= 0), local.top)
+
+
+def probe_store_key(config, clip, target, layer_infos, probe_set,
+                    clip_hash: str | None = None) -> str:
+  """The activation-store key of a probe pass: everything that changes its values
+  (weights, computation, layers, pooling, probe files, preprocessing) and nothing that
+  does not (batch size, device count, similarity, output paths). clip_hash: the CLIP
+  weights' params_fingerprint, when the caller has it already."""
+  return store.fingerprint({
+      "clip": clip.name,
+      "clip_params": clip_hash or targets_lib.params_fingerprint(clip.params),
+      "target": target.name, "target_params": targets_lib.params_fingerprint(
+          target.variables),
+      "layers": [[i.name, i.path] for i in layer_infos],
+      "pool_mode": config.pool_mode, "token_pool": config.token_pool,
+      "probe": probe_set.identity, "num_images": probe_set.num_images,
+      "clip_transform": clip.transform.to_json(),
+      "target_transform": target.transform.to_json(),
+      "computation": activations_lib.computation_fingerprint(
+          clip, target, layer_infos, config.pool_mode, config.token_pool),
+  })
+
+
+def text_store_key(clip, concepts: Sequence[str], clip_hash: str | None = None) -> str:
+  return store.fingerprint({"clip": clip.name,
+                            "clip_params": clip_hash or targets_lib.params_fingerprint(
+                                clip.params),
+                            "concepts": list(concepts),
+                            "max_text_length": clip.max_text_length})
+
+
+def check_skipped(config, probe: store.ProbeActivations, probe_set) -> list[tuple[int, str]]:
+  """(global index, image id) of the images that could not be decoded; an error if
+  config.on_bad_image says so, else a warning. Enough images must remain."""
+  skipped = [(i, probe_set.describe(i)) for i in probe.skipped]
+  if skipped and config.on_bad_image == "error":
+    listed = ", ".join(name for _, name in skipped[:5])
+    raise errors.UserError(
+        "d_probe", f"{len(skipped)} probe image(s) could not be decoded ({listed}"
+        f"{', ...' if len(skipped) > 5 else ''}).",
+        "repair or remove them, or set --config.on_bad_image=skip to skip them.")
+  if skipped:
+    logging.warning("Skipped %d undecodable probe image(s); they are listed in "
+                    "skipped_images.txt.", len(skipped))
+  labeling.check_enough_images(len(probe.image_ids), config.similarity_fn)
+  return skipped
