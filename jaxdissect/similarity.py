@@ -72,7 +72,7 @@ def _best_neuron_parts(log_likelihood: jax.Array):
 
 
 @jax.jit
-def _subtract_prior(log_likelihood: jax.Array, lam: float) -> jax.Array:
+def subtract_prior(log_likelihood: jax.Array, lam: float) -> jax.Array:
   """L - lam * (logsumexp over neurons of L - log K). Couples all neurons of a layer.
 
   Computed as (1 - lam) L + lam (log K - gap), gap = logsumexp(L) - L, where for the
@@ -123,7 +123,7 @@ def cos_similarity(concept_activation, activations):
                          jnp.asarray(activations, jnp.float32))
 
 
-def _max_abs(x):
+def max_abs(x):
   """Per column max |x| (1 where the column is all 0): (1, num_columns)."""
   scale = jnp.max(jnp.abs(x), axis=0, keepdims=True)
   return jnp.where(scale > 0, scale, 1.0)
@@ -133,7 +133,7 @@ def _max_abs(x):
 def _cos_similarity(concept_activation, activations):
   def normalise(x):
     # Dividing by the max first keeps the sum of squares finite for huge activations.
-    x = x / _max_abs(x)
+    x = x / max_abs(x)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=0, keepdims=True), TINY)
 
   return jnp.matmul(normalise(activations).T, normalise(concept_activation),
@@ -147,7 +147,7 @@ def cos_similarity_cubed(concept_activation, activations, min_norm=1e-3):
                                jnp.asarray(activations, jnp.float32), min_norm)
 
 
-def _centre_cube_normalise(x, min_norm):
+def centre_cube_normalise(x, min_norm):
   """Columns centred, cubed and divided by max(norm, min_norm): (rows, columns).
 
   (c / s) ** 3 with s = max |c| stays in [-1, 1], where c ** 3 overflows float32 for
@@ -155,7 +155,7 @@ def _centre_cube_normalise(x, min_norm):
   min_norm, else y s ** 3 / min_norm (a near-constant column).
   """
   centred = x - jnp.mean(x, axis=0, keepdims=True)
-  scale = _max_abs(centred)
+  scale = max_abs(centred)
   cubed = (centred / scale) ** 3
   norm = jnp.linalg.norm(cubed, axis=0, keepdims=True)
   large = norm * scale ** 3 >= min_norm
@@ -166,8 +166,8 @@ def _centre_cube_normalise(x, min_norm):
 
 @jax.jit
 def _cos_similarity_cubed(concept_activation, activations, min_norm):
-  return jnp.matmul(_centre_cube_normalise(activations, min_norm).T,
-                    _centre_cube_normalise(concept_activation, min_norm),
+  return jnp.matmul(centre_cube_normalise(activations, min_norm).T,
+                    centre_cube_normalise(concept_activation, min_norm),
                     precision=jax.lax.Precision.HIGHEST)
 
 
@@ -180,12 +180,12 @@ def wpmi(concept_activation, activations, top_k=28, a=2.0, lam=0.6, min_prob=1e-
   """
   num_images, num_concepts, num_neurons = _check_inputs(concept_activation, activations,
                                                         "wpmi")
-  _check_top_k(top_k, num_images, "wpmi")
+  check_top_k(top_k, num_images, "wpmi")
   chunk = _chunk(chunk_size, num_neurons, top_k * num_concepts * 4)
   log_likelihood = _wpmi(jnp.asarray(concept_activation, jnp.float32),
                          jnp.asarray(activations, jnp.float32), a, min_prob,
                          top_k=top_k, chunk=chunk)
-  scores = _subtract_prior(log_likelihood, lam)
+  scores = subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
@@ -206,7 +206,7 @@ def _wpmi(concept_activation, activations, a, min_prob, *, top_k, chunk):
   probs, top_images = _softmax_and_top_images(concept_activation, activations, a, top_k)
 
   def neuron_log_likelihood(image_ids):  # (top_k,) -> (num_concepts,)
-    return jnp.sum(jnp.log(probs[image_ids] + min_prob), axis=0)
+    return jnp.sum(jnp.log(likelihood_terms(probs[image_ids], None, min_prob)), axis=0)
 
   return _map_neurons(neuron_log_likelihood, top_images, chunk)
 
@@ -214,6 +214,20 @@ def _wpmi(concept_activation, activations, a, min_prob, *, top_k, chunk):
 # Terms of soft-WPMI lie in [1 - p_start + min_prob, 1 + min_prob], i.e. above ~0.002 at
 # the defaults: a product of 8 stays above 1e-22, far from float32's underflow.
 LOG_BLOCK = 8
+
+
+def likelihood_terms(probs, membership=None, min_prob: float = 1e-7):
+  """The factors whose log, summed over a unit's top images, is its log-likelihood L.
+
+  probs: S = softmax(a P) at the unit's top images, (top_k, ...) or (..., top_k) with
+  `membership` broadcast against it. WPMI (membership None): S + min_prob. Soft-WPMI:
+  1 + p_j (S - 1) + min_prob, p_j the membership of the unit's j-th image. Plain
+  arithmetic, so the jnp paths, the Pallas kernel and trust's NumPy float64 nulls all
+  use this one formula.
+  """
+  if membership is None:
+    return probs + min_prob
+  return 1.0 + membership * (probs - 1.0) + min_prob
 
 
 def soft_wpmi_term_floor(p_start: float, p_end: float, min_prob: float) -> float:
@@ -255,14 +269,14 @@ def soft_wpmi(concept_activation, activations, top_k=100, a=10.0, lam=1.0, min_p
   """
   num_images, num_concepts, num_neurons = _check_inputs(concept_activation, activations,
                                                         "soft_wpmi")
-  _check_top_k(top_k, num_images, "soft_wpmi")
+  check_top_k(top_k, num_images, "soft_wpmi")
   chunk = _chunk(chunk_size, num_neurons, top_k * num_concepts * 4)
   membership = jnp.asarray(soft_wpmi_membership(top_k, p_start, p_end), jnp.float32)
   log_likelihood = _soft_wpmi(jnp.asarray(concept_activation, jnp.float32),
                               jnp.asarray(activations, jnp.float32), membership, a,
                               min_prob, top_k=top_k, chunk=chunk,
                               term_floor=soft_wpmi_term_floor(p_start, p_end, min_prob))
-  scores = _subtract_prior(log_likelihood, lam)
+  scores = subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
@@ -272,8 +286,7 @@ def _soft_wpmi(concept_activation, activations, membership, a, min_prob, *, top_
   probs, top_images = _softmax_and_top_images(concept_activation, activations, a, top_k)
 
   def neuron_log_likelihood(image_ids):  # (top_k,) -> (num_concepts,)
-    rows = probs[image_ids]
-    terms = 1.0 + membership[:, None] * (rows - 1.0) + min_prob
+    terms = likelihood_terms(probs[image_ids], membership[:, None], min_prob)
     return sum_of_logs_of_bounded(terms, term_floor)
 
   return _map_neurons(neuron_log_likelihood, top_images, chunk)
@@ -339,7 +352,7 @@ def _rank_reorder(concept_activation, activations, permutations, p, scale_p, *, 
   return _map_neurons(neuron_scores, (values, top_images), chunk)
 
 
-def _check_top_k(top_k: int, num_images: int, name: str) -> None:
+def check_top_k(top_k: int, num_images: int, name: str) -> None:
   if top_k > num_images:
     raise ValueError(
         f"{name}: top_k={top_k} needs at least {top_k} probe images, got {num_images}. "

@@ -91,7 +91,7 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
                      f"{compute_dtype!r}.")
   num_images = image_embeddings.shape[0]
   _check_width(image_embeddings, text_embeddings, name)
-  similarity._check_top_k(top_k, num_images, name)  # pylint: disable=protected-access
+  similarity.check_top_k(top_k, num_images, name)
   if top_images is None:
     _check(image_embeddings, text_embeddings, activations, name)
     _, top_images = similarity.top_activations(jnp.asarray(activations, jnp.float32),
@@ -143,8 +143,8 @@ def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, 
     probs = jax.nn.softmax(a * _rows(images[image_ids], texts, compute_dtype), axis=-1)
     if soft:
       return similarity.sum_of_logs_of_bounded(
-          1.0 + membership[:, None] * (probs - 1.0) + min_prob, term_floor)
-    return jnp.sum(jnp.log(probs + min_prob), axis=0)
+          similarity.likelihood_terms(probs, membership[:, None], min_prob), term_floor)
+    return jnp.sum(jnp.log(similarity.likelihood_terms(probs, None, min_prob)), axis=0)
 
   return jax.lax.map(neuron, top_images, batch_size=chunk)
 
@@ -158,7 +158,7 @@ def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *
   row_lse = kernels.row_log_normalisers(images, texts, a_value)
   blocks = top_images.reshape(-1, chunk, top_images.shape[1])
   out = jax.lax.map(
-      lambda ids: kernels._log_likelihood(  # pylint: disable=protected-access
+      lambda ids: kernels._log_likelihood(
           images, texts, row_lse, ids, membership, a=a_value, min_prob=min_prob_value,
           soft=soft, interpret=interpret), blocks)
   return out.reshape(-1, texts.shape[0])
@@ -199,7 +199,7 @@ def wpmi(image_embeddings, text_embeddings, activations, top_k=28, a=2.0, lam=0.
                                          top_k, a, min_prob, "wpmi",
                                          top_images=top_images, mesh=mesh, kernel=kernel,
                                          compute_dtype=compute_dtype)
-  scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
+  scores = similarity.subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
@@ -213,7 +213,7 @@ def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=100, a=10.0,
       membership=similarity.soft_wpmi_membership(top_k, p_start, p_end),
       term_floor=similarity.soft_wpmi_term_floor(p_start, p_end, min_prob),
       top_images=top_images, mesh=mesh, kernel=kernel, compute_dtype=compute_dtype)
-  scores = similarity._subtract_prior(log_likelihood, lam)  # pylint: disable=protected-access
+  scores = similarity.subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
@@ -258,7 +258,7 @@ def cos_similarity(image_embeddings, text_embeddings, activations, mesh=None):
   images, texts = _normalise(image_embeddings), _normalise(text_embeddings)
   activations = jnp.asarray(activations, jnp.float32)
   # Scale-free: divide by the column max first, as the in-memory function does.
-  activations = activations / similarity._max_abs(activations)  # pylint: disable=protected-access
+  activations = activations / similarity.max_abs(activations)
   neuron_norms = jnp.maximum(jnp.linalg.norm(activations, axis=0), similarity.TINY)
   columns, num_neurons = _neuron_columns(activations, mesh)
   num_images, num_concepts = activations.shape[0], texts.shape[0]
@@ -297,7 +297,7 @@ def cos_similarity_cubed(image_embeddings, text_embeddings, activations, min_nor
     sums = sums + jnp.sum(_rows(images[start:stop], texts), axis=0)
   means = sums / num_images
   # The neuron side fits in memory (images x neurons): normalised as in similarity.py.
-  neurons = similarity._centre_cube_normalise(activations, min_norm)  # pylint: disable=protected-access
+  neurons = similarity.centre_cube_normalise(activations, min_norm)
   columns, num_neurons = _neuron_columns(neurons, mesh)
   carry = (jnp.zeros((columns.shape[1], num_concepts), jnp.float32),
            jnp.zeros((num_concepts,), jnp.float32))

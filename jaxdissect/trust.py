@@ -122,11 +122,10 @@ def _unit_rng(seed: int, layer: str, unit: int) -> np.random.Generator:
 def _top_k_terms(log_probs: np.ndarray, similarity_fn: str, params: dict,
                  top_k: int) -> np.ndarray:
   """log_probs: (..., top_k) log S at a unit's top images, best first -> (...) L."""
-  if similarity_fn == "wpmi":
-    return np.sum(np.log(np.exp(log_probs) + params["min_prob"]), axis=-1)
-  membership = similarity.soft_wpmi_membership(top_k, params["p_start"], params["p_end"])
-  return np.sum(np.log(1.0 + membership * (np.exp(log_probs) - 1.0) + params["min_prob"]),
-                axis=-1)
+  membership = None if similarity_fn == "wpmi" else similarity.soft_wpmi_membership(
+      top_k, params["p_start"], params["p_end"])
+  return np.sum(np.log(similarity.likelihood_terms(np.exp(log_probs), membership,
+                                                   params["min_prob"])), axis=-1)
 
 
 def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -210,7 +210,7 @@ class PriorSaturationTest(parameterized.TestCase):
     L = np.array([[-100.0, -50.0, -70.0, -300.0],
                   [-400.0, -400.0, -400.0, -250.0],
                   [-400.0, -390.0, -410.0, -310.0]], np.float32)
-    scores = np.asarray(similarity._subtract_prior(L, 1.0))  # pylint: disable=protected-access
+    scores = np.asarray(similarity.subtract_prior(L, 1.0))
     log_k = np.float32(math.log(3))
     np.testing.assert_array_equal(scores[0, :3], [log_k] * 3)
     np.testing.assert_array_equal(scores[1, 3], log_k)
@@ -233,7 +233,7 @@ class PriorSaturationTest(parameterized.TestCase):
     L = np.array([[-500.0, -300.0, -310.0, -200.0],
                   [-200.0, -340.0, -370.0, -200.0],
                   [-200.0, -345.0, -380.0, -200.0]], np.float32)
-    scores = np.asarray(similarity._subtract_prior(L, 1.0))  # pylint: disable=protected-access
+    scores = np.asarray(similarity.subtract_prior(L, 1.0))
     self.assertEqual(scores[0, 1], scores[0, 2])
     margin = np.asarray(similarity.prior_margin(L))
     activations = np.eye(3, dtype=np.float32)
@@ -276,7 +276,7 @@ class PriorSaturationTest(parameterized.TestCase):
 
   def test_a_single_unit_layer_has_no_tiebreak_preference(self):
     L = np.array([[-5.0, -1.0, -3.0]], np.float32)
-    np.testing.assert_array_equal(np.asarray(similarity._subtract_prior(L, 1.0)), 0.0)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(similarity.subtract_prior(L, 1.0)), 0.0)
     self.assertTrue(np.all(np.isinf(np.asarray(similarity.prior_margin(L)))))
 
 
