@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 import common
+from jaxdissect import registry  # noqa: E402  (no JAX: the parent stays light)
 
 EMBED_DIM = 64
 DEFAULT_SIZES = "10000x20000x256,50000x20000x2048,20000x5000x512"
@@ -47,7 +48,7 @@ def numpy_baseline(name, images, texts, activations):
   """One neuron at a time, as the official code loops: (num_neurons, num_concepts)."""
   P = numpy_concept_activation(images, texts)
   num_neurons = activations.shape[1]
-  if name in ("soft_wpmi", "wpmi"):
+  if name in registry.PRIOR_FUNCTIONS:
     top_k, a, lam = (100, 10.0, 1.0) if name == "soft_wpmi" else (28, 2.0, 0.6)
     logits = a * P
     logits -= logits.max(axis=1, keepdims=True)
@@ -135,7 +136,7 @@ def main(argv=None):
       baseline = measure("numpy", name, size)
       agree = float(np.mean(np.asarray(ours["labels"]) == np.asarray(baseline["labels"])))
       bf16 = pallas = None
-      if name in ("soft_wpmi", "wpmi"):
+      if name in registry.PRIOR_FUNCTIONS:
         bf16 = measure("streaming_bf16", name, size)
         bf16["agreement"] = float(np.mean(np.asarray(bf16["labels"]) ==
                                           np.asarray(stream["labels"])))

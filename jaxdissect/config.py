@@ -10,11 +10,8 @@ from typing import Sequence
 import ml_collections
 
 from jaxdissect import errors
+from jaxdissect import registry
 
-SIMILARITY_FUNCTIONS = ("soft_wpmi", "wpmi", "rank_reorder", "cos_similarity",
-                        "cos_similarity_cubed")
-POOL_MODES = ("avg", "max")
-TOKEN_POOL_MODES = ("cls", "avg_patches")
 WORKDIR_PLACEHOLDER = "<workdir>"
 
 
@@ -35,7 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (clip_dissect:imagenet_labels), or "" to use the model's own id2label. Placeholder
   # names (class_k, LABEL_k) are never truth.
   config.class_names = ""
-  config.similarity_fn = "soft_wpmi"
+  config.similarity_fn = registry.DEFAULT_SIMILARITY
   config.pool_mode = "avg"
   # How (batch, tokens, channels) outputs become (batch, channels): the CLS token
   # ("cls") or the mean of the patch tokens ("avg_patches").
@@ -115,14 +112,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         unknown[0], f"unknown config field(s) {unknown}.",
         f"use only the fields of jaxdissect.config.get_base_config(): "
         f"{sorted(base.keys())}.")
-  if config.similarity_fn not in SIMILARITY_FUNCTIONS:
+  if config.similarity_fn not in registry.SIMILARITY_FUNCTIONS:
     raise errors.UserError(
         "similarity_fn", f"unknown similarity function {config.similarity_fn!r}.",
-        f"use one of {', '.join(SIMILARITY_FUNCTIONS)}.")
-  if config.pool_mode not in POOL_MODES:
+        f"use one of {', '.join(registry.SIMILARITY_FUNCTIONS)}.")
+  if config.pool_mode not in registry.POOL_MODES:
     raise errors.UserError("pool_mode", f"unknown pool mode {config.pool_mode!r}.",
-                           f"use one of {', '.join(POOL_MODES)}.")
-  if config.on_bad_image not in ("skip", "error"):
+                           f"use one of {', '.join(registry.POOL_MODES)}.")
+  if config.on_bad_image not in registry.ON_BAD_IMAGE:
     raise errors.UserError("on_bad_image", f"unknown value {config.on_bad_image!r}.",
                            "use skip or error.")
   if not isinstance(config.probe_chunk_images, int) or config.probe_chunk_images < 1:
@@ -130,14 +127,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                            f"must be a positive integer, got {config.probe_chunk_images!r}.",
                            "set --config.probe_chunk_images to a number of images, e.g. "
                            "10240.")
-  if config.similarity_kernel not in ("auto", "jnp", "pallas"):
+  if config.similarity_kernel not in registry.KERNELS:
     raise errors.UserError("similarity_kernel",
                            f"unknown kernel {config.similarity_kernel!r}.",
-                           "use auto, jnp or pallas.")
-  if config.similarity_dtype not in ("float32", "bfloat16"):
+                           f"use one of {', '.join(registry.KERNELS)}.")
+  if config.similarity_dtype not in registry.COMPUTE_DTYPES:
     raise errors.UserError("similarity_dtype",
                            f"unknown dtype {config.similarity_dtype!r}.",
-                           "use float32 or bfloat16.")
+                           f"use one of {', '.join(registry.COMPUTE_DTYPES)}.")
   if not 0.0 < float(config.trust_top_fraction) < 1.0:
     raise errors.UserError("trust_top_fraction",
                            f"must lie in (0, 1), got {config.trust_top_fraction!r}.",
@@ -146,9 +143,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError("trust_permutations",
                            f"must be 0 (off) or more, got {config.trust_permutations!r}.",
                            "set --config.trust_permutations=100.")
-  if config.token_pool not in TOKEN_POOL_MODES:
+  if config.token_pool not in registry.TOKEN_POOL_MODES:
     raise errors.UserError("token_pool", f"unknown token pool {config.token_pool!r}.",
-                           f"use one of {', '.join(TOKEN_POOL_MODES)}.")
+                           f"use one of {', '.join(registry.TOKEN_POOL_MODES)}.")
   for field in ("batch_size", "text_batch_size"):
     if int(config[field]) < 1:
       raise errors.UserError(field, f"must be a positive integer, got {config[field]}.",

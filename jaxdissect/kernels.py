@@ -25,10 +25,11 @@ from jax._src import config as jax_config  # the scoped Triton switch (see _on_t
 from jax.experimental import pallas as pl
 import numpy as np
 
+from jaxdissect import registry
 from jaxdissect import similarity
 
 CONCEPT_BLOCK = 128
-KERNELS = ("auto", "jnp", "pallas")
+KERNELS = registry.KERNELS
 # Platforms where a benchmark (benchmarks/similarity_bench.py --kernels) measured the
 # Pallas kernel faster than the jnp version; "auto" selects it only there. Empty until
 # measured: no GPU or TPU has run the benchmark yet (BENCHMARKS.md).

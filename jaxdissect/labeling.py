@@ -1,6 +1,7 @@
 """From embeddings and activations to labels: similarity scores, argmax, alternatives."""
 import dataclasses
 import functools
+import inspect
 from typing import Sequence
 
 from absl import logging
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import errors
+from jaxdissect import registry
 from jaxdissect import results as results_lib
 from jaxdissect import similarity
 from jaxdissect import store
@@ -50,8 +52,8 @@ def concept_activation(image_embeddings: np.ndarray, text_embeddings: np.ndarray
   """P = norm(I) @ norm(T).T: (num_images, num_concepts)."""
   images = jnp.asarray(image_embeddings, jnp.float32)
   texts = jnp.asarray(text_embeddings, jnp.float32)
-  images = images / jnp.maximum(jnp.linalg.norm(images, axis=1, keepdims=True), 1e-12)
-  texts = texts / jnp.maximum(jnp.linalg.norm(texts, axis=1, keepdims=True), 1e-12)
+  images = similarity.l2_normalise(images, axis=1)
+  texts = similarity.l2_normalise(texts, axis=1)
   return jnp.matmul(images, texts.T, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -66,7 +68,7 @@ class LayerScores:
   tiebreak: np.ndarray | None = None
 
 
-PRIOR_FUNCTIONS = ("soft_wpmi", "wpmi")
+PRIOR_FUNCTIONS = registry.PRIOR_FUNCTIONS
 # Below this many units, a layer's (soft-)WPMI prior is estimated from too few neurons.
 MIN_UNITS_FOR_PRIOR = 2
 
@@ -123,7 +125,7 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
   else:
     fn = functools.partial(similarity.SIMILARITY_FUNCTIONS[similarity_fn],
                            concept_activations)
-    if similarity_fn in ("soft_wpmi", "wpmi", "rank_reorder") and chunk_size:
+    if "chunk_size" in inspect.signature(fn.func).parameters and chunk_size:
       kwargs["chunk_size"] = chunk_size
   if similarity_fn not in PRIOR_FUNCTIONS:
     return LayerScores(np.asarray(fn(activations, **kwargs)), dead, invalid)
@@ -232,8 +234,8 @@ def _matrix_out_of_memory(err: Exception, doing: str, num_images: int, num_conce
     return err
   gb = _concept_matrix_gb(num_images, num_concepts)
   how = (f"so that {similarity_fn} streams P" if similarity_fn in
-         streaming.STREAMING_FUNCTIONS else "and use a similarity_fn that streams P "
-         f"({', '.join(streaming.STREAMING_FUNCTIONS)})")
+         registry.STREAMING_FUNCTIONS else "and use a similarity_fn that streams P "
+         f"({', '.join(registry.STREAMING_FUNCTIONS)})")
   return errors.UserError(
       "concept_matrix_max_gb", f"{doing} held in memory ({num_images} images x "
       f"{num_concepts} concepts, {gb:.2f} GB) ran out of memory.",
@@ -243,7 +245,7 @@ def _matrix_out_of_memory(err: Exception, doing: str, num_images: int, num_conce
 def streams(similarity_fn: str, num_images: int, num_concepts: int,
             concept_matrix_max_gb: float) -> bool:
   """Whether label_probe streams P from the embeddings instead of holding it."""
-  return (similarity_fn in streaming.STREAMING_FUNCTIONS
+  return (similarity_fn in registry.STREAMING_FUNCTIONS
           and _concept_matrix_gb(num_images, num_concepts) > concept_matrix_max_gb)
 
 

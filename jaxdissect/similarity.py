@@ -19,12 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect import registry
+
 # Bytes one chunk's largest intermediate may take when chunk_size is None.
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 # rank_reorder divides by (mean concept activation)**scale_p: clamp the mean here.
 RANK_REORDER_MIN_MEAN = 1e-6
 # Columns whose L2 norm is below this are treated as having norm TINY (no NaN).
 TINY = 1e-12
+# The paper code's constants (jaxdissect/registry.py).
+_SOFT = registry.SIMILARITY["soft_wpmi"].defaults
+_WPMI = registry.SIMILARITY["wpmi"].defaults
+_RANK = registry.SIMILARITY["rank_reorder"].defaults
+_CUBED = registry.SIMILARITY["cos_similarity_cubed"].defaults
 NUM_BASELINE_SHUFFLES = 5
 
 
@@ -113,6 +120,11 @@ def _map_neurons(fn: Callable, xs, chunk: int):
   return jax.lax.map(fn, xs, batch_size=chunk)
 
 
+def l2_normalise(x, axis: int = -1, xp=jnp):
+  """x divided by its L2 norm along `axis` (at least TINY); xp=np keeps NumPy float64."""
+  return x / xp.maximum(xp.linalg.norm(x, axis=axis, keepdims=True), TINY)
+
+
 def cos_similarity(concept_activation, activations):
   """Cosine over images between every neuron and every concept: (num_neurons, num_concepts).
 
@@ -131,16 +143,16 @@ def max_abs(x):
 
 @jax.jit
 def _cos_similarity(concept_activation, activations):
-  def normalise(x):
+  def normalise(x):  # columns: over images
     # Dividing by the max first keeps the sum of squares finite for huge activations.
-    x = x / max_abs(x)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=0, keepdims=True), TINY)
+    return l2_normalise(x / max_abs(x), axis=0)
 
   return jnp.matmul(normalise(activations).T, normalise(concept_activation),
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def cos_similarity_cubed(concept_activation, activations, min_norm=1e-3):
+def cos_similarity_cubed(concept_activation, activations,
+                         min_norm=_CUBED["min_norm"]):
   """Cosine of centred, cubed columns (CLIP-Dissect's cos^3): (num_neurons, num_concepts)."""
   _check_inputs(concept_activation, activations, "cos_similarity_cubed")
   return _cos_similarity_cubed(jnp.asarray(concept_activation, jnp.float32),
@@ -171,7 +183,8 @@ def _cos_similarity_cubed(concept_activation, activations, min_norm):
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def wpmi(concept_activation, activations, top_k=28, a=2.0, lam=0.6, min_prob=1e-7,
+def wpmi(concept_activation, activations, top_k=_WPMI["top_k"], a=_WPMI["a"],
+         lam=_WPMI["lam"], min_prob=_WPMI["min_prob"],
          chunk_size=None, return_log_likelihood=False):
   """WPMI: sum over a neuron's top_k images of log softmax(a P), minus lam * prior.
 
@@ -259,8 +272,9 @@ def soft_wpmi_membership(top_k: int, p_start: float, p_end: float) -> np.ndarray
   return p_start - (ranks / top_k) * (p_start - p_end)
 
 
-def soft_wpmi(concept_activation, activations, top_k=100, a=10.0, lam=1.0, min_prob=1e-7,
-              p_start=0.998, p_end=0.97, chunk_size=None, return_log_likelihood=False):
+def soft_wpmi(concept_activation, activations, top_k=_SOFT["top_k"], a=_SOFT["a"],
+              lam=_SOFT["lam"], min_prob=_SOFT["min_prob"], p_start=_SOFT["p_start"],
+              p_end=_SOFT["p_end"], chunk_size=None, return_log_likelihood=False):
   """Soft-WPMI (CLIP-Dissect's default): (num_neurons, num_concepts).
 
   L[k, m] = sum_j log(1 + p_j (S[idx_k[j], m] - 1) + min_prob), S = softmax(a P) over
@@ -299,8 +313,9 @@ def rank_reorder_baseline_permutations(num_top: int, seed: int) -> np.ndarray:
                  ).astype(np.int32)
 
 
-def rank_reorder(concept_activation, activations, top_fraction=0.05, p=3, scale_p=0.5,
-                 seed=0, chunk_size=None):
+def rank_reorder(concept_activation, activations, top_fraction=_RANK["top_fraction"],
+                 p=_RANK["p"], scale_p=_RANK["scale_p"], seed=_RANK["seed"],
+                 chunk_size=None):
   """Rank-reorder similarity: (num_neurons, num_concepts).
 
   For each neuron, its top n = floor(N * top_fraction) activations are re-ordered by
@@ -360,20 +375,14 @@ def check_top_k(top_k: int, num_images: int, name: str) -> None:
 
 
 SIMILARITY_FUNCTIONS: dict[str, Callable] = {
-    "soft_wpmi": soft_wpmi,
-    "wpmi": wpmi,
-    "rank_reorder": rank_reorder,
-    "cos_similarity": cos_similarity,
-    "cos_similarity_cubed": cos_similarity_cubed,
-}
+    name: globals()[name] for name in registry.SIMILARITY_FUNCTIONS}
 
 
 def default_top_k(similarity_fn: str) -> int:
   """The top_k default of soft_wpmi / wpmi (the images per neuron they read)."""
-  return {"soft_wpmi": 100, "wpmi": 28}[similarity_fn]
+  return registry.SIMILARITY[similarity_fn].top_k
 
 
 def min_images(similarity_fn: str) -> int:
   """The fewest probe images a similarity function accepts with its defaults."""
-  return {"soft_wpmi": 100, "wpmi": 28, "rank_reorder": 40, "cos_similarity": 2,
-          "cos_similarity_cubed": 2}[similarity_fn]
+  return registry.SIMILARITY[similarity_fn].min_images

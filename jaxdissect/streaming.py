@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec
 import numpy as np
 
 from jaxdissect import kernels
+from jaxdissect import registry
 from jaxdissect import sharding
 from jaxdissect import similarity
 
@@ -27,12 +28,13 @@ CHUNK_BUDGET_BYTES = 256 * 2**20
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Neurons per vectorised step of (soft-)WPMI at most: bounds the padding of small layers.
 MAX_NEURON_CHUNK = 32
-STREAMING_FUNCTIONS = ("soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed")
+STREAMING_FUNCTIONS = registry.STREAMING_FUNCTIONS
+_SOFT = registry.SIMILARITY["soft_wpmi"].defaults
+_WPMI = registry.SIMILARITY["wpmi"].defaults
 
 
 def _normalise(x):
-  x = jnp.asarray(x, jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  return similarity.l2_normalise(jnp.asarray(x, jnp.float32), axis=1)
 
 
 def _rows(images, texts, compute_dtype: str = "float32"):
@@ -190,8 +192,9 @@ def _sharded_log_likelihood(mesh, body, soft, chunk, term_floor, compute_dtype):
       out_specs=split))
 
 
-def wpmi(image_embeddings, text_embeddings, activations, top_k=28, a=2.0, lam=0.6,
-         min_prob=1e-7, return_log_likelihood=False, top_images=None, mesh=None,
+def wpmi(image_embeddings, text_embeddings, activations, top_k=_WPMI["top_k"],
+         a=_WPMI["a"], lam=_WPMI["lam"], min_prob=_WPMI["min_prob"],
+         return_log_likelihood=False, top_images=None, mesh=None,
          kernel="auto", compute_dtype="float32"):
   """similarity.wpmi(P, A) without P. image_embeddings: (num_images, dim), may be a
   memmap; top_images, mesh, kernel, compute_dtype: see _top_k_log_likelihood."""
@@ -203,8 +206,9 @@ def wpmi(image_embeddings, text_embeddings, activations, top_k=28, a=2.0, lam=0.
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
-def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=100, a=10.0, lam=1.0,
-              min_prob=1e-7, p_start=0.998, p_end=0.97, return_log_likelihood=False,
+def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=_SOFT["top_k"],
+              a=_SOFT["a"], lam=_SOFT["lam"], min_prob=_SOFT["min_prob"],
+              p_start=_SOFT["p_start"], p_end=_SOFT["p_end"], return_log_likelihood=False,
               top_images=None, mesh=None, kernel="auto", compute_dtype="float32"):
   """similarity.soft_wpmi(P, A) without P. image_embeddings: (num_images, dim), may be
   a memmap; top_images, mesh, kernel, compute_dtype: see _top_k_log_likelihood."""
@@ -281,8 +285,9 @@ def _cos_step_body(carry, images, texts, activations):
   return cross, squares + jnp.sum(rows * rows, axis=0)
 
 
-def cos_similarity_cubed(image_embeddings, text_embeddings, activations, min_norm=1e-3,
-                         mesh=None):
+def cos_similarity_cubed(image_embeddings, text_embeddings, activations,
+                         min_norm=registry.SIMILARITY["cos_similarity_cubed"].defaults[
+                             "min_norm"], mesh=None):
   """similarity.cos_similarity_cubed(P, A) without P: the column means of P in a first
   pass over image chunks, then the cubed, centred cross products and norms. mesh: split
   the neurons over its devices."""

@@ -27,6 +27,7 @@ from absl import logging
 import numpy as np
 
 from jaxdissect import labeling
+from jaxdissect import registry
 from jaxdissect import results as results_lib
 from jaxdissect import similarity
 from jaxdissect import store
@@ -100,7 +101,7 @@ def log_softmax_columns(image_embeddings: np.ndarray, text_embeddings: np.ndarra
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  return similarity.l2_normalise(x, axis=1, xp=np)
 
 
 def _unit_columns(activations, units: np.ndarray):
@@ -186,7 +187,7 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
   if num_permutations <= 0:
     return UnitTrust(aucs, p_values)
   params = function_defaults(similarity_fn)
-  if similarity_fn in ("soft_wpmi", "wpmi"):
+  if similarity_fn in registry.PRIOR_FUNCTIONS:
     if top_image_ids is None:
       raise ValueError(f"{similarity_fn} p-values need each unit's top images.")
     top_k = params["top_k"]

@@ -12,11 +12,9 @@ from typing import Any
 from absl import logging
 
 from jaxdissect import errors
+from jaxdissect import registry
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = registry.IMAGENET_MEAN, registry.IMAGENET_STD
 # PIL resample codes as stored in preprocessor_config.json.
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos3", 2: "bilinear", 3: "bicubic", 4: "area",
                  5: "area"}

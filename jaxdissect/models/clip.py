@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import errors
+from jaxdissect import registry
+from jaxdissect import similarity
 from jaxdissect.data import preprocessing
 from jaxdissect.models import checkpoints
 from jaxdissect.models import loading
@@ -61,7 +63,7 @@ class ClipModel:
 
 
 def normalise(x, axis=-1):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+  return similarity.l2_normalise(x, axis)
 
 
 def load_clip(name_or_path: str, field: str = "clip_model") -> ClipModel:
@@ -83,7 +85,7 @@ def load_clip(name_or_path: str, field: str = "clip_model") -> ClipModel:
   vision = config.vision_config
   fallback = preprocessing.ImageTransform(
       resize_shortest_edge=vision.image_size, crop_size=(vision.image_size,) * 2,
-      resample="bicubic", mean=preprocessing.CLIP_MEAN, std=preprocessing.CLIP_STD)
+      resample="bicubic", mean=registry.CLIP_MEAN, std=registry.CLIP_STD)
   transform = preprocessing.load_transform(name_or_path, fallback)
   logging.info("Loaded CLIP %s (%d-d embeddings, image transform %s).", name_or_path,
                config.projection_dim, transform)

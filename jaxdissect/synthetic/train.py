@@ -20,13 +20,14 @@ import time
 from absl import logging
 import numpy as np
 
+from jaxdissect import registry
 from jaxdissect.synthetic import world
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = registry.CLIP_MEAN
+CLIP_STD = registry.CLIP_STD
+IMAGENET_MEAN = registry.IMAGENET_MEAN
+IMAGENET_STD = registry.IMAGENET_STD
 MAX_TEXT_LENGTH = 16
 # The second CLIP stage (see train_clip): its own data seed, a lower peak rate.
 NEGATIVE_STAGE = dict(seed=1, learning_rate=5e-4, negative_fraction=0.2)
