@@ -1,6 +1,7 @@
 """Dissects a vision network: python main.py --config configs/resnet50.py [--workdir DIR].
 
-Intentionally short: flags, logging of the process layout, then jaxdissect.dissect.run.
+Intentionally short: flags, logging of the process layout, then jaxdissect.cli.run
+(jaxdissect.dissect.run, with bad input reported in one line).
 User errors end with one line naming the config field at fault and exit status 2.
 """
 import os
@@ -50,7 +51,6 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from jaxdissect import errors  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:
     if config is not None:
@@ -65,26 +65,21 @@ def main(argv):
     print("error: config: no config given. Fix: pass --config configs/resnet50.py.",
           file=sys.stderr)
     sys.exit(2)
-  try:
-    import jax  # pylint: disable=g-import-not-at-top
-    if _DISTRIBUTED.value or config.distributed:
-      # CPU processes need a collectives backend for their cross-process steps; TPUs
-      # and GPUs ignore this setting.
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-      jax.distributed.initialize(
-          config.coordinator_address or None,
-          num_processes=config.num_processes or None,
-          process_id=config.process_id if config.process_id >= 0 else None)
-    logging.info("JAX process %d of %d, %d local device(s).", jax.process_index(),
-                 jax.process_count(), jax.local_device_count())
-    from jaxdissect import dissect as dissect_lib  # pylint: disable=g-import-not-at-top
-    if _LIST_LAYERS.value:
-      print(dissect_lib.list_layers(config))
-      return
-    dissect_lib.run(config, _WORKDIR.value)
-  except errors.UserError as err:
-    print(f"error: {err.one_line()}", file=sys.stderr)
-    sys.exit(2)
+  import jax  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value or config.distributed:
+    # CPU processes need a collectives backend for their cross-process steps; TPUs
+    # and GPUs ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        config.coordinator_address or None,
+        num_processes=config.num_processes or None,
+        process_id=config.process_id if config.process_id >= 0 else None)
+  logging.info("JAX process %d of %d, %d local device(s).", jax.process_index(),
+               jax.process_count(), jax.local_device_count())
+  from jaxdissect import cli  # pylint: disable=g-import-not-at-top
+  status = cli.run(config, _WORKDIR.value, _LIST_LAYERS.value)
+  if status:
+    sys.exit(status)
 
 
 if __name__ == "__main__":

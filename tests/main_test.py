@@ -7,6 +7,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import pytest
 
 from jaxdissect import tiny_models
 
@@ -34,12 +35,23 @@ def assert_one_line_error(test, proc, field, context=None):
   return last
 
 
+def demo_config():
+  """configs/demo.py's config (the base defaults), as main.py's flag would load it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "demo_config", os.path.join(REPO, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def read_csv(path):
   with open(path, newline="", encoding="utf-8") as f:
     return list(csv.reader(f))
 
 
-class MainEndToEndTest(absltest.TestCase):
+class _TinyModels(absltest.TestCase):
+  """Tiny CLIP and ResNets saved by save_pretrained, images and concepts, per class."""
 
   @classmethod
   def setUpClass(cls):
@@ -54,14 +66,108 @@ class MainEndToEndTest(absltest.TestCase):
     cls.concepts = tiny_models.write_concepts(os.path.join(cls.tmp, "concepts.txt"),
                                               CONCEPTS)
 
-  def args(self, workdir, **overrides):
+  def fields(self, **overrides):
     fields = {"clip_model": self.clip, "target_model": self.basic,
               "target_layers": "conv1,layer1,layer2,layer3,layer4,fc",
               "d_probe": f"folder:{self.images}", "concept_set": self.concepts,
               "batch_size": 32, "log_every_s": 0.0}
     fields.update(overrides)
+    return fields
+
+  def args(self, workdir, **overrides):
     return ["--config", os.path.join(REPO, "configs", "demo.py"),
-            "--workdir", workdir] + [f"--config.{k}={v}" for k, v in fields.items()]
+            "--workdir", workdir] + [f"--config.{k}={v}"
+                                     for k, v in self.fields(**overrides).items()]
+
+
+class OneLineErrorTest(_TinyModels):
+  """Bad input through main.py's own path after flag parsing (jaxdissect.cli.run),
+  in-process: exit status 2 and one line `error: FIELD: ... Fix: ...`."""
+
+  def cli_error(self, field, context=None, workdir=None, **overrides):
+    import contextlib  # pylint: disable=g-import-not-at-top
+    import io  # pylint: disable=g-import-not-at-top
+    from jaxdissect import cli  # pylint: disable=g-import-not-at-top
+    config = demo_config()
+    for key, value in self.fields(**overrides).items():
+      config[key] = type(config[key])(value) if config[key] is not None else value
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+      status = cli.run(config, workdir or tempfile.mkdtemp(dir=self.tmp))
+    self.assertEqual(status, 2, context)
+    lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
+    self.assertLen([l for l in lines if l.startswith("error:")], 1, context)
+    last = lines[-1]
+    self.assertTrue(last.startswith(f"error: {field}:"), (context, last))
+    self.assertIn("Fix:", last, context)
+    return last
+
+  def test_existing_result_dir_is_refused(self):
+    workdir = tempfile.mkdtemp(dir=self.tmp)
+    os.makedirs(os.path.join(workdir, "results"))
+    with open(os.path.join(workdir, "results", "keep.txt"), "w") as f:
+      f.write("mine")
+    last = self.cli_error("result_dir", workdir=workdir)
+    self.assertIn("overwrite", last)
+    self.assertEqual(os.listdir(os.path.join(workdir, "results")), ["keep.txt"])
+
+  def test_unknown_layer_fails_before_reading_images(self):
+    # The probe folder does not exist: the layer error must come first.
+    last = self.cli_error("target_layers", target_layers="layer4,nope",
+                          d_probe=f"folder:{self.tmp}/missing")
+    self.assertIn("'nope'", last)
+    self.assertIn("layer4", last)
+
+  def test_fewer_images_than_top_k_names_the_minimum(self):
+    folder = tempfile.mkdtemp(dir=self.tmp)
+    tiny_models.write_image_folder(folder, 40)
+    last = self.cli_error("d_probe", d_probe=f"folder:{folder}")
+    self.assertIn("at least 100", last)
+
+  def test_bad_models_and_concept_files_are_one_line_errors(self):
+    def write(name, data):
+      path = os.path.join(self.tmp, name)
+      with open(path, "wb") as f:
+        f.write(data)
+      return path
+
+    cases = {
+        "clip_model": {"clip_model": os.path.join(self.tmp, "no_such_clip")},
+        "clip_model ": {"clip_model": self.basic},  # a ResNet, not a CLIP
+        "target_model": {"target_model": os.path.join(self.tmp, "no_such_target")},
+        "concept_set": {"concept_set": os.path.join(self.tmp, "no_such_concepts.txt")},
+        "concept_set ": {"concept_set": write("empty.txt", b"")},
+        "concept_set  ": {"concept_set": write("blank.txt", b"\n \n\t\n")},
+        "concept_set   ": {"concept_set": write("latin1.txt", "caf\xe9\n".encode("latin-1"))},
+        "d_probe": {"d_probe": f"folder:{os.path.join(self.tmp, 'no_such_folder')}"},
+        "similarity_fn": {"similarity_fn": "nope"},
+        "probe_chunk_images": {"probe_chunk_images": 0},
+    }
+    for field, overrides in cases.items():
+      self.cli_error(field.strip(), field, **overrides)
+
+  def test_config_errors_are_one_line(self):
+    """main.py itself (a subprocess, flag parsing included): exit status 2."""
+    bad = os.path.join(self.tmp, "bad_config.py")
+    with open(bad, "w") as f:
+      f.write("def get_config(:\n")
+    demo = os.path.join(REPO, "configs", "demo.py")
+    cases = {
+        "config": ["--config", os.path.join(self.tmp, "missing.py")],
+        "config ": ["--config", bad],
+        "bogus": ["--config", demo, "--config.bogus=1"],
+        "batch_size": ["--config", demo, "--config.batch_size=abc"],
+        # A field error after parsing: main.py's exit status for cli.run's one line.
+        "similarity_fn": ["--config", demo, "--config.similarity_fn=nope"],
+    }
+    for field, args in cases.items():
+      proc = run_main(*args, check=False)
+      assert_one_line_error(self, proc, field.strip(), field)
+
+
+@pytest.mark.slow
+class MainEndToEndTest(_TinyModels):
+  """main.py in a subprocess, as a user runs it."""
 
   def check_results(self, result_dir, units, concepts):
     expected = ["descriptions.csv", "descriptions_topk.csv", "top_images.csv",
@@ -142,45 +248,6 @@ class MainEndToEndTest(absltest.TestCase):
     self.check_results(os.path.join(workdir, "results"), {"layer4": 32, "fc": 5},
                        ["apple", "boat", "cat", "dog", "egg"])
 
-  def test_existing_result_dir_is_refused(self):
-    workdir = tempfile.mkdtemp(dir=self.tmp)
-    os.makedirs(os.path.join(workdir, "results"))
-    with open(os.path.join(workdir, "results", "keep.txt"), "w") as f:
-      f.write("mine")
-    proc = run_main(*self.args(workdir), check=False)
-    self.assertEqual(proc.returncode, 2)
-    last = proc.stderr.strip().splitlines()[-1]
-    self.assertIn("result_dir", last)
-    self.assertIn("overwrite", last)
-    self.assertNotIn("Traceback", proc.stderr)
-    self.assertEqual(os.listdir(os.path.join(workdir, "results")), ["keep.txt"])
-
-  def test_unknown_layer_fails_before_reading_images(self):
-    workdir = tempfile.mkdtemp(dir=self.tmp)
-    # The probe folder does not exist: the layer error must come first.
-    proc = run_main(*self.args(workdir, target_layers="layer4,nope",
-                               d_probe=f"folder:{self.tmp}/missing"), check=False)
-    last = assert_one_line_error(self, proc, "target_layers")
-    self.assertIn("'nope'", last)
-    self.assertIn("layer4", last)
-
-  def test_config_errors_are_one_line(self):
-    bad = os.path.join(self.tmp, "bad_config.py")
-    with open(bad, "w") as f:
-      f.write("def get_config(:\n")
-    demo = os.path.join(REPO, "configs", "demo.py")
-    cases = {
-        "config": ["--config", os.path.join(self.tmp, "missing.py")],
-        "config ": ["--config", bad],
-        "bogus": ["--config", demo, "--config.bogus=1"],
-        "batch_size": ["--config", demo, "--config.batch_size=abc"],
-        "similarity_fn": ["--config", demo, "--config.similarity_fn=nope"],
-        "probe_chunk_images": ["--config", demo, "--config.probe_chunk_images=0"],
-    }
-    for field, args in cases.items():
-      proc = run_main(*args, check=False)
-      assert_one_line_error(self, proc, field.strip(), field)
-
   def test_bad_images_are_skipped_and_listed_or_an_error(self):
     import shutil  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
@@ -213,35 +280,6 @@ class MainEndToEndTest(absltest.TestCase):
                                target_layers="fc", on_bad_image="error"), check=False)
     last = assert_one_line_error(self, proc, "d_probe")
     self.assertIn("aa_garbage.jpg", last)
-
-  def test_fewer_images_than_top_k_names_the_minimum(self):
-    folder = tempfile.mkdtemp(dir=self.tmp)
-    tiny_models.write_image_folder(folder, 40)
-    proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), d_probe=f"folder:{folder}"),
-                    check=False)
-    last = assert_one_line_error(self, proc, "d_probe")
-    self.assertIn("at least 100", last)
-
-  def test_bad_models_and_concept_files_are_one_line_errors(self):
-    def write(name, data):
-      path = os.path.join(self.tmp, name)
-      with open(path, "wb") as f:
-        f.write(data)
-      return path
-
-    cases = {
-        "clip_model": {"clip_model": os.path.join(self.tmp, "no_such_clip")},
-        "clip_model ": {"clip_model": self.basic},  # a ResNet, not a CLIP
-        "target_model": {"target_model": os.path.join(self.tmp, "no_such_target")},
-        "concept_set": {"concept_set": os.path.join(self.tmp, "no_such_concepts.txt")},
-        "concept_set ": {"concept_set": write("empty.txt", b"")},
-        "concept_set  ": {"concept_set": write("blank.txt", b"\n \n\t\n")},
-        "concept_set   ": {"concept_set": write("latin1.txt", "caf\xe9\n".encode("latin-1"))},
-        "d_probe": {"d_probe": f"folder:{os.path.join(self.tmp, 'no_such_folder')}"},
-    }
-    for field, overrides in cases.items():
-      proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), **overrides), check=False)
-      assert_one_line_error(self, proc, field.strip(), field)
 
   def test_list_layers(self):
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp)), "--list_layers")

@@ -240,7 +240,21 @@ class ConversionTest(parameterized.TestCase):
         capture_output=True, text=True, timeout=300)
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     self.assertIn("--config.target_model=", proc.stdout)
-    self.assertEqual(targets.load_target(os.path.join(tmp, "out")).id2label[0], "class_0")
+    # Without --class_names the outputs are named class_0.., which are never truth;
+    # config.class_names names them.
+    target = targets.load_target(os.path.join(tmp, "out"))
+    self.assertIsNone(target.id2label)
+    self.assertEqual(target.ground_truth, {})
+    names = os.path.join(tmp, "names.txt")
+    with open(names, "w", encoding="utf-8") as f:
+      f.write("\n".join(f"thing {i}" for i in range(5)))
+    target = targets.load_target(os.path.join(tmp, "out"), class_names=names)
+    self.assertEqual(target.id2label[0], "thing 0")
+    self.assertEqual(target.ground_truth["fc"][4], "thing 4")
+    with open(names, "a", encoding="utf-8") as f:
+      f.write("\none too many\n")
+    with self.assertRaisesRegex(errors.UserError, "6 class names but .* has 5 outputs"):
+      targets.load_target(os.path.join(tmp, "out"), class_names=names)
 
 
 if __name__ == "__main__":
