@@ -13,6 +13,7 @@ from typing import Any
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +38,7 @@ class PlantedClipUnits(nn.Module):
     return nn.Dense(self.num_units, use_bias=False, name="units")(embedding)
 
 
+@pytest.mark.slow
 class ApiTest(parameterized.TestCase):
 
   @classmethod

@@ -3,6 +3,7 @@ import csv
 import os
 
 from absl.testing import absltest
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +49,7 @@ class InterceptionTest(absltest.TestCase):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 class CausalLabelTest(absltest.TestCase):
   """Units chosen by their dissection label, ablated: the class that depends on that
   concept must suffer more than when as many random units are ablated."""

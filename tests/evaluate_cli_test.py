@@ -6,12 +6,14 @@ import shutil
 import tempfile
 
 from absl.testing import absltest
+import pytest
 import numpy as np
 
 from jaxdissect.models import sentence
 from tests import synthetic_run
 
 
+@pytest.mark.slow
 class SentenceEncoderTest(absltest.TestCase):
 
   @absltest.skipUnless(sentence.offline_default_path(),
@@ -58,6 +60,7 @@ class SentenceEncoderTest(absltest.TestCase):
     self.assertIn("sentence_cos", "\n".join(logs.output))
 
 
+@pytest.mark.slow
 class EvaluateCliTest(absltest.TestCase):
 
   @classmethod
@@ -179,6 +182,7 @@ class CompareTest(absltest.TestCase):
     with self.assertRaisesRegex(errors.UserError, "no layer in common"):
       compare.compare_labels({"fc": ["red"]}, {"layer1": ["red"]}, embed)
 
+  @pytest.mark.slow
   def test_cli_against_itself_and_a_changed_copy(self):
     result_dir = synthetic_run.synthetic_run()
     tmp = tempfile.mkdtemp()

@@ -15,6 +15,7 @@ from jaxdissect import tiny_models
 from jaxdissect.data import probe as probe_lib
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import targets
+import tiny_fixtures
 
 
 class FingerprintTest(absltest.TestCase):
@@ -23,8 +24,8 @@ class FingerprintTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     tmp = tempfile.mkdtemp()
-    cls.clip = clip_lib.load_clip(tiny_models.make_tiny_clip(os.path.join(tmp, "clip")))
-    cls.target = targets.load_target(tiny_models.make_tiny_resnet(os.path.join(tmp, "r")))
+    cls.clip = clip_lib.load_clip(tiny_fixtures.clip())
+    cls.target = targets.load_target(tiny_fixtures.resnet())
     cls.images = os.path.join(tmp, "images")
     tiny_models.write_image_folder(cls.images, 6)
 

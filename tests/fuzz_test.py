@@ -5,6 +5,7 @@ import os
 import tempfile
 
 from absl.testing import absltest
+import pytest
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
@@ -85,6 +86,7 @@ def inputs(draw):
 
 class SimilarityFuzzTest(absltest.TestCase):
 
+  @pytest.mark.slow
   @SETTINGS
   @given(inputs(), st.sampled_from(["soft_wpmi", "wpmi", "rank_reorder", "cos_similarity",
                                     "cos_similarity_cubed"]))

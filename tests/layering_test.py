@@ -17,7 +17,7 @@ LAYERS = (
     ("models", ("models.*",)),
     ("computation", ("activations", "labeling", "images")),
     ("analysis", ("trust", "metrics", "probe_pass", "report", "rundir")),
-    ("entry points", ("dissect", "evaluate", "compare", "applications.*",
+    ("entry points", ("dissect", "cli", "evaluate", "compare", "applications.*",
                       "synthetic.train", "synthetic.planted", "synthetic.benchmark")),
 )
 

@@ -10,6 +10,7 @@ from absl.testing import absltest
 import pytest
 
 from jaxdissect import tiny_models
+import tiny_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONCEPTS = list(tiny_models.DEMO_CONCEPTS)
@@ -57,10 +58,9 @@ class _TinyModels(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp()
-    cls.clip = tiny_models.make_tiny_clip(os.path.join(cls.tmp, "clip"))
-    cls.basic = tiny_models.make_tiny_resnet(os.path.join(cls.tmp, "basic"), "basic")
-    cls.bottleneck = tiny_models.make_tiny_resnet(os.path.join(cls.tmp, "bottleneck"),
-                                                  "bottleneck", safetensors=True)
+    cls.clip = tiny_fixtures.clip()
+    cls.basic = tiny_fixtures.resnet("basic")
+    cls.bottleneck = tiny_fixtures.resnet("bottleneck", safetensors=True)
     cls.images = os.path.join(cls.tmp, "images")
     cls.image_ids = tiny_models.write_image_folder(cls.images, NUM_IMAGES)
     cls.concepts = tiny_models.write_concepts(os.path.join(cls.tmp, "concepts.txt"),

@@ -6,6 +6,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT_GB = 5
@@ -31,6 +32,7 @@ def run_limited(workdir, *extra):
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
+@pytest.mark.slow
 class MemoryLimitTest(absltest.TestCase):
 
   def test_streaming_finishes_where_the_in_memory_matrix_does_not_fit(self):

@@ -12,10 +12,10 @@ import transformers
 
 from jaxdissect import activations
 from jaxdissect import errors
-from jaxdissect import tiny_models
 from jaxdissect.data import preprocessing
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import targets
+import tiny_fixtures
 
 
 class TinyConvNet(nn.Module):
@@ -46,11 +46,10 @@ class ModelsTest(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp()
-    cls.clip_dir = tiny_models.make_tiny_clip(os.path.join(cls.tmp, "clip"))
-    cls.basic_dir = tiny_models.make_tiny_resnet(os.path.join(cls.tmp, "basic"), "basic")
-    cls.bottleneck_dir = tiny_models.make_tiny_resnet(os.path.join(cls.tmp, "bottleneck"),
-                                                      "bottleneck", safetensors=True)
-    cls.vit_dir = tiny_models.make_tiny_vit(os.path.join(cls.tmp, "vit"))
+    cls.clip_dir = tiny_fixtures.clip()
+    cls.basic_dir = tiny_fixtures.resnet("basic")
+    cls.bottleneck_dir = tiny_fixtures.resnet("bottleneck", safetensors=True)
+    cls.vit_dir = tiny_fixtures.vit()
     cls.clip = clip_lib.load_clip(cls.clip_dir)
 
   def _probe_step(self, target, names, pool_mode="avg", token_pool="cls"):

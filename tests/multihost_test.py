@@ -7,6 +7,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import pytest
 
 from jaxdissect import tiny_models
 from tests import main_test
@@ -21,6 +22,7 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 class TwoProcessTest(absltest.TestCase):
 
   @classmethod

@@ -4,6 +4,7 @@ import json
 import os
 
 from absl.testing import absltest
+import pytest
 
 from jaxdissect import resources
 from jaxdissect import tiny_models
@@ -67,6 +68,7 @@ class PaperSetupTest(absltest.TestCase):
                  "Also missing: concept_set", words.url):
       self.assertIn(part, line)
 
+  @pytest.mark.slow
   def test_stand_ins_run_end_to_end(self):
     weights = os.path.join(self.tmp, "resnet50.pth")
     torchvision_test.write_torch_zip(weights, torchvision_test.make_state("bottleneck"))

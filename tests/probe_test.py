@@ -13,6 +13,7 @@ from jaxdissect import tiny_models
 from jaxdissect import topk
 from jaxdissect.data import preprocessing
 from jaxdissect.data import probe
+import tiny_fixtures
 
 IDENTITY_8 = preprocessing.ImageTransform(resize_to=(8, 8), resample="nearest",
                                           rescale_factor=1.0, mean=(0, 0, 0),
@@ -128,31 +129,30 @@ class ProbeTest(absltest.TestCase):
     from jaxdissect import activations  # pylint: disable=g-import-not-at-top
     from jaxdissect.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
     from jaxdissect.models import targets  # pylint: disable=g-import-not-at-top
-    with tempfile.TemporaryDirectory() as tmp:
-      clip = clip_lib.load_clip(tiny_models.make_tiny_clip(os.path.join(tmp, "clip")))
-      target = targets.load_target(tiny_models.make_tiny_resnet(os.path.join(tmp, "r")))
-      layers = target.resolve_layers(["layer2", "fc"])
-      probe_set = probe.ProbeSet([probe.array_source(np.stack(
-          tiny_models.render_images(23, seed=2, min_size=40, max_size=40)))])
-      step = activations.make_probe_step(clip, target, layers, "avg", "cls")
-      parts = []
-      for start, stop in ((0, 8), (8, 16), (16, 23)):  # the last chunk is padded
-        batches = probe_set.batches(clip.transform, target.transform, 4, start=start,
-                                    stop=stop)
-        parts.append(activations.run_probe_pass(clip, target, layers, batches,
-                                                stop - start, first_index=start,
-                                                step=step))
-      self.assertEqual(step._cache_size(), 1)  # pylint: disable=protected-access
-      whole = activations.run_probe_pass(
-          clip, target, layers, probe_set.batches(clip.transform, target.transform, 4), 23)
-      np.testing.assert_allclose(np.concatenate([p.activations["fc"] for p in parts]),
-                                 whole.activations["fc"], rtol=1e-5, atol=1e-6)
-      # The running top-k kept in-graph, merged over chunks, is the top-k of the matrix.
-      merged = topk.merge([p.top["layer2"] for p in parts])
-      expected = topk.from_activations(whole.activations["layer2"], topk.RUNNING_TOP_K)
-      np.testing.assert_array_equal(merged.ids, expected.ids)
-      np.testing.assert_array_equal(merged.ids, whole.top["layer2"].ids)
-      self.assertEqual(int(np.sum(merged.ids != topk.EMPTY_ID)), 23 * merged.ids.shape[1])
+    clip = clip_lib.load_clip(tiny_fixtures.clip())
+    target = targets.load_target(tiny_fixtures.resnet())
+    layers = target.resolve_layers(["layer2", "fc"])
+    probe_set = probe.ProbeSet([probe.array_source(np.stack(
+        tiny_models.render_images(23, seed=2, min_size=40, max_size=40)))])
+    step = activations.make_probe_step(clip, target, layers, "avg", "cls")
+    parts = []
+    for start, stop in ((0, 8), (8, 16), (16, 23)):  # the last chunk is padded
+      batches = probe_set.batches(clip.transform, target.transform, 4, start=start,
+                                  stop=stop)
+      parts.append(activations.run_probe_pass(clip, target, layers, batches,
+                                              stop - start, first_index=start,
+                                              step=step))
+    self.assertEqual(step._cache_size(), 1)  # pylint: disable=protected-access
+    whole = activations.run_probe_pass(
+        clip, target, layers, probe_set.batches(clip.transform, target.transform, 4), 23)
+    np.testing.assert_allclose(np.concatenate([p.activations["fc"] for p in parts]),
+                               whole.activations["fc"], rtol=1e-5, atol=1e-6)
+    # The running top-k kept in-graph, merged over chunks, is the top-k of the matrix.
+    merged = topk.merge([p.top["layer2"] for p in parts])
+    expected = topk.from_activations(whole.activations["layer2"], topk.RUNNING_TOP_K)
+    np.testing.assert_array_equal(merged.ids, expected.ids)
+    np.testing.assert_array_equal(merged.ids, whole.top["layer2"].ids)
+    self.assertEqual(int(np.sum(merged.ids != topk.EMPTY_ID)), 23 * merged.ids.shape[1])
 
   def _broden(self, tmp, rows):
     """A Broden-shaped directory: index.csv (its real columns) and images/ files."""

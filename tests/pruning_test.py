@@ -5,6 +5,7 @@ import os
 from absl.testing import absltest
 import numpy as np
 from PIL import Image
+import pytest
 
 from jaxdissect import rundir
 from jaxdissect.applications import editing
@@ -30,6 +31,7 @@ class OrderTest(absltest.TestCase):
     np.testing.assert_array_equal(masks, [[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]])
 
 
+@pytest.mark.slow
 class PruneRunTest(absltest.TestCase):
 
   @classmethod

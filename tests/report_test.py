@@ -11,6 +11,7 @@ import tempfile
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 
 from jaxdissect import labeling
 from jaxdissect import report
@@ -98,6 +99,7 @@ class ReportSourceTest(absltest.TestCase):
 
 
 @absltest.skipUnless(CHROMIUM, "no chromium on PATH (.ci/run installs Debian's)")
+@pytest.mark.slow
 class ReportInChromiumTest(absltest.TestCase):
   """main.py on tiny models with a concept set made only of injection strings and a
   probe file whose name is one, then the pages in headless Chromium."""

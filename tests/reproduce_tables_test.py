@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import pytest
 
 from jaxdissect import config as config_lib
 
@@ -35,6 +36,7 @@ class PaperConfigsTest(absltest.TestCase):
       paper.get_config("3:soft_wpmi/nowhere:cos")
 
 
+@pytest.mark.slow
 class ReproduceTablesTest(absltest.TestCase):
 
   def test_synthetic_fallback_records(self):

@@ -15,6 +15,7 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CHUNKS = 4
@@ -65,6 +66,7 @@ def without_run_fields(config_json: bytes) -> dict:
   return config
 
 
+@pytest.mark.slow
 class ResumeTest(parameterized.TestCase):
 
   @classmethod

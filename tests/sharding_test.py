@@ -10,6 +10,7 @@ import tempfile
 import textwrap
 
 from absl.testing import absltest
+import pytest
 
 from jaxdissect import tiny_models
 from tests import main_test
@@ -67,6 +68,7 @@ class ShardedSimilarityTest(absltest.TestCase):
     self.assertIn("SHARDED_OK", proc.stdout, proc.stderr[-3000:])
 
 
+@pytest.mark.slow
 class ShardedMainTest(absltest.TestCase):
   """main.py with P too large for concept_matrix_max_gb, on 8 devices."""
 

@@ -1,6 +1,7 @@
 """Streaming similarity (no images x concepts matrix) equals the in-memory functions."""
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 import numpy as np
 
 from jaxdissect import labeling
@@ -52,6 +53,7 @@ class StreamingTest(parameterized.TestCase):
 
 
   @parameterized.parameters(*streaming.STREAMING_FUNCTIONS)
+  @pytest.mark.slow
   def test_label_probe_streams_past_the_budget_with_the_same_labels(self, name):
     images, texts, activations = embeddings(500, 30, 12, seed=11)
     probe = store.ProbeActivations(

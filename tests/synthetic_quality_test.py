@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import pytest
 
 from jaxdissect.synthetic import benchmark
 
@@ -29,6 +30,7 @@ FLOORS = {
 }
 
 
+@pytest.mark.slow
 class SyntheticQualityTest(absltest.TestCase):
 
   def test_accuracy_floors(self):

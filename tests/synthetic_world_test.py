@@ -2,6 +2,7 @@
 import os
 
 from absl.testing import absltest
+import pytest
 import jax
 import numpy as np
 
@@ -133,6 +134,7 @@ class PlantedTest(absltest.TestCase):
 
 
 
+@pytest.mark.slow
 class TrainingDeterminismTest(absltest.TestCase):
 
   def test_short_training_runs_are_identical(self):

@@ -12,6 +12,7 @@ import zipfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 import numpy as np
 
 from jaxdissect import errors
@@ -188,6 +189,7 @@ def write_torch_zip(path, state):
 class ConversionTest(parameterized.TestCase):
 
   @parameterized.product(kind=["basic", "bottleneck"], fmt=["safetensors", "pth"])
+  @pytest.mark.slow
   def test_converted_flax_equals_numpy_reference(self, kind, fmt):
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
     from transformers import FlaxResNetForImageClassification  # pylint: disable=g-import-not-at-top
@@ -230,6 +232,7 @@ class ConversionTest(parameterized.TestCase):
     with self.assertRaisesRegex(errors.UserError, "needs torch.*safetensors"):
       torchvision.read_state_dict(path)
 
+  @pytest.mark.slow
   def test_cli_writes_a_target_directory(self):
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
     tmp = tempfile.mkdtemp()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import pytest
 import jax
 import numpy as np
 
@@ -80,6 +81,7 @@ def numpy_vit(state, pixels, old_mlp_names=False):
   return final[:, 0] @ s["heads.head.weight"].T + s["heads.head.bias"], outputs
 
 
+@pytest.mark.slow
 class TorchvisionViTTest(absltest.TestCase):
 
   def convert(self, state):

@@ -3,6 +3,7 @@ import csv
 import os
 
 from absl.testing import absltest
+import pytest
 import numpy as np
 from PIL import Image
 
@@ -47,6 +48,7 @@ class PiecesTest(absltest.TestCase):
     self.assertLess(blurred[0, 4, 4, 0], 0.5)
 
 
+@pytest.mark.slow
 class RunVisualizeTest(absltest.TestCase):
 
   @classmethod
