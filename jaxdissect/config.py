@@ -5,6 +5,7 @@ target_layers, d_probe, concept_set, similarity_fn, pool_mode, batch_size,
 activation_dir, result_dir) so its users feel at home. The config is flat on purpose:
 any field is overridden with --config.NAME=VALUE.
 """
+import os
 from typing import Sequence
 
 import ml_collections
@@ -95,11 +96,15 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 def resolve_paths(config: ml_collections.ConfigDict,
                   workdir: str) -> ml_collections.ConfigDict:
-  """Returns a copy with <workdir> replaced in every string field."""
+  """Returns a copy with <workdir> replaced in every string field, and the stores'
+  directories absolute: config.json names them for evaluate and the applications,
+  which may run from another directory."""
   resolved = ml_collections.ConfigDict(config.to_dict())
   for key, value in resolved.items():
     if isinstance(value, str) and WORKDIR_PLACEHOLDER in value:
       resolved[key] = value.replace(WORKDIR_PLACEHOLDER, workdir)
+  for key in ("activation_dir", "result_dir"):
+    resolved[key] = os.path.abspath(os.path.expanduser(resolved[key]))
   return resolved
 
 

@@ -103,7 +103,8 @@ def _warn_of_missing_truth(target, layer_infos, truths) -> None:
           "for ImageNet models).", info.name, target.name)
 
 
-def evaluate_run(config, result, truths, concepts, text_embeddings, clip) -> dict:
+def evaluate_run(config, result, truths, concepts, text_embeddings, clip,
+                 log_table: bool = True) -> dict:
   """evaluation.json's contents, logged as a table. clip: a ClipModel, or a callable
   returning one (loaded only if a true label is not in the concept set)."""
   sentence_embed = None
@@ -114,9 +115,10 @@ def evaluate_run(config, result, truths, concepts, text_embeddings, clip) -> dic
       concepts, text_embeddings,
       lambda texts: clip_lib.embed_texts(clip() if callable(clip) else clip, texts))
   evaluation = metrics.evaluate_result(result, truths, embed, sentence_embed)
-  logging.info("Label evaluation%s:\n%s",
-               " (precision against known truth)" if truths else "",
-               format_table(evaluation))
+  if log_table:  # the evaluate CLI prints it instead
+    logging.info("Label evaluation%s:\n%s",
+                 " (precision against known truth)" if truths else "",
+                 format_table(evaluation))
   return evaluation
 
 
@@ -151,7 +153,7 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
           "the CSVs were edited or come from another run; rerun main.py.")
   result.trust = trust.layer_trust(config, probe, result, text_embeddings)
   evaluation = evaluate_run(config, result, truths, concepts, text_embeddings,
-                                     lambda: run.clip)
+                            lambda: run.clip, log_table=False)
   write_json_atomic(evaluation_path(result_dir), evaluation)
   temporary = os.path.join(result_dir, f"unit_trust.csv.tmp-{os.getpid()}")
   with open(temporary, "w", encoding="utf-8", newline="") as f:

@@ -15,6 +15,8 @@ import tiny_fixtures
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONCEPTS = list(tiny_models.DEMO_CONCEPTS)
 NUM_IMAGES = 130
+# The base defaults as a config file: tests set every model and data field themselves.
+BASE_CONFIG = os.path.join(REPO, "tests", "data", "base_config.py")
 
 
 def run_main(*args, check=True, env_extra=None):
@@ -36,11 +38,11 @@ def assert_one_line_error(test, proc, field, context=None):
   return last
 
 
-def demo_config():
-  """configs/demo.py's config (the base defaults), as main.py's flag would load it."""
+def base_config():
+  """The base defaults, as main.py's flag loads them from BASE_CONFIG."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(
-      "demo_config", os.path.join(REPO, "configs", "demo.py"))
+      "base_config", BASE_CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -75,7 +77,7 @@ class _TinyModels(absltest.TestCase):
     return fields
 
   def args(self, workdir, **overrides):
-    return ["--config", os.path.join(REPO, "configs", "demo.py"),
+    return ["--config", BASE_CONFIG,
             "--workdir", workdir] + [f"--config.{k}={v}"
                                      for k, v in self.fields(**overrides).items()]
 
@@ -88,7 +90,7 @@ class OneLineErrorTest(_TinyModels):
     import contextlib  # pylint: disable=g-import-not-at-top
     import io  # pylint: disable=g-import-not-at-top
     from jaxdissect import cli  # pylint: disable=g-import-not-at-top
-    config = demo_config()
+    config = base_config()
     for key, value in self.fields(**overrides).items():
       config[key] = type(config[key])(value) if config[key] is not None else value
     stderr = io.StringIO()
@@ -151,14 +153,13 @@ class OneLineErrorTest(_TinyModels):
     bad = os.path.join(self.tmp, "bad_config.py")
     with open(bad, "w") as f:
       f.write("def get_config(:\n")
-    demo = os.path.join(REPO, "configs", "demo.py")
     cases = {
         "config": ["--config", os.path.join(self.tmp, "missing.py")],
         "config ": ["--config", bad],
-        "bogus": ["--config", demo, "--config.bogus=1"],
-        "batch_size": ["--config", demo, "--config.batch_size=abc"],
+        "bogus": ["--config", BASE_CONFIG, "--config.bogus=1"],
+        "batch_size": ["--config", BASE_CONFIG, "--config.batch_size=abc"],
         # A field error after parsing: main.py's exit status for cli.run's one line.
-        "similarity_fn": ["--config", demo, "--config.similarity_fn=nope"],
+        "similarity_fn": ["--config", BASE_CONFIG, "--config.similarity_fn=nope"],
     }
     for field, args in cases.items():
       proc = run_main(*args, check=False)

@@ -45,7 +45,7 @@ class TwoProcessTest(absltest.TestCase):
               "concept_set": self.concepts, "log_every_s": 0.0}
     fields.update(overrides)
     return [sys.executable, os.path.join(main_test.REPO, "main.py"), "--config",
-            os.path.join(main_test.REPO, "configs", "demo.py"), "--workdir",
+            main_test.BASE_CONFIG, "--workdir",
             workdir] + [f"--config.{k}={v}" for k, v in fields.items()]
 
   def run_two(self, workdir, **overrides):

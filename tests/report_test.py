@@ -29,6 +29,7 @@ MARKING = [
     "'iframe')</script>\"></iframe>",
 ]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(REPO, "tests", "data", "base_config.py")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
@@ -121,7 +122,7 @@ class ReportInChromiumTest(absltest.TestCase):
     workdir = os.path.join(tmp, "work")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "main.py"), "--config",
-         os.path.join(REPO, "configs", "demo.py"), f"--workdir={workdir}",
+         BASE_CONFIG, f"--workdir={workdir}",
          f"--config.clip_model={clip}", f"--config.target_model={resnet}",
          "--config.target_layers=layer3,layer4", f"--config.d_probe=folder:{images}",
          f"--config.concept_set={concepts_path}", "--config.batch_size=16",

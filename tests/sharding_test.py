@@ -83,7 +83,7 @@ class ShardedMainTest(absltest.TestCase):
     names = ("descriptions.csv", "descriptions_topk.csv", "top_images.csv")
 
     def run(workdir, env=None, **overrides):
-      args = ["--config", os.path.join(main_test.REPO, "configs", "demo.py"),
+      args = ["--config", main_test.BASE_CONFIG,
               "--workdir", workdir, f"--config.clip_model={clip}",
               f"--config.target_model={resnet}", "--config.target_layers=layer3,layer4,fc",
               f"--config.d_probe=folder:{images}", f"--config.concept_set={concepts}",

@@ -1,0 +1,41 @@
+"""Config resolution and validation, in-process."""
+import os
+
+from absl.testing import absltest
+
+from jaxdissect import config as config_lib
+from jaxdissect import errors
+from jaxdissect import registry
+
+
+class ConfigTest(absltest.TestCase):
+
+  def test_store_paths_become_absolute_so_other_tools_find_them_anywhere(self):
+    config = config_lib.get_base_config()
+    resolved = config_lib.resolve_paths(config, "relative/work")
+    self.assertEqual(resolved.result_dir, os.path.join(os.getcwd(), "relative/work/results"))
+    self.assertTrue(os.path.isabs(resolved.activation_dir))
+    self.assertEqual(config.result_dir, "<workdir>/results")  # the input is untouched
+
+  def test_split_layers(self):
+    self.assertEqual(config_lib.split_layers(" layer4, fc ,"), ["layer4", "fc"])
+    self.assertEqual(config_lib.split_layers(["layer4", " "]), ["layer4"])
+
+  def test_validate_reads_the_registry(self):
+    config = config_lib.get_base_config()
+    self.assertEqual(config.similarity_fn, registry.DEFAULT_SIMILARITY)
+    for field, value, names in (("similarity_fn", "nope", registry.SIMILARITY_FUNCTIONS),
+                                ("similarity_kernel", "cuda", registry.KERNELS),
+                                ("similarity_dtype", "fp8", registry.COMPUTE_DTYPES),
+                                ("pool_mode", "sum", registry.POOL_MODES)):
+      bad = config_lib.get_base_config()
+      bad[field] = value
+      with self.assertRaises(errors.UserError) as caught:
+        config_lib.validate(bad)
+      self.assertEqual(caught.exception.field, field)
+      for name in names:
+        self.assertIn(name, caught.exception.fix)
+
+
+if __name__ == "__main__":
+  absltest.main()
