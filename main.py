@@ -4,6 +4,7 @@ Intentionally short: flags, logging of the process layout, then jaxdissect.cli.r
 (jaxdissect.dissect.run, with bad input reported in one line).
 User errors end with one line naming the config field at fault and exit status 2.
 """
+import logging as std_logging
 import os
 import sys
 
@@ -74,6 +75,10 @@ def main(argv):
         config.coordinator_address or None,
         num_processes=config.num_processes or None,
         process_id=config.process_id if config.process_id >= 0 else None)
+  # Known, harmless start-up notices: JAX looking for a TPU on machines without one, and
+  # transformers announcing that v5 drops Flax (this project pins transformers<5).
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+  std_logging.getLogger("transformers.modeling_flax_utils").setLevel(std_logging.ERROR)
   logging.info("JAX process %d of %d, %d local device(s).", jax.process_index(),
                jax.process_count(), jax.local_device_count())
   from jaxdissect import cli  # pylint: disable=g-import-not-at-top

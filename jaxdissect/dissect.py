@@ -83,15 +83,19 @@ def run(config, workdir: str = "./workdir") -> str:
   mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.batch_size, mesh)
   resources.fetch_required(config, ("target_model", "concept_set"))
+  # What needs no model is checked before the models load (tens of seconds).
+  probe_set = probe_lib.ProbeSet(probe_lib.parse_probe_spec(config.d_probe))
+  labeling.check_enough_images(probe_set.num_images, config.similarity_fn)
+  by_target = config.concept_set.strip() == "classes:target"
+  concepts = None if by_target else concepts_lib.load_concepts(config.concept_set)
   target = targets_lib.load_target(config.target_model, class_names=config.class_names)
   layer_infos = target.resolve_layers(config_lib.split_layers(config.target_layers))
   clip = clip_lib.load_clip(config.clip_model)
   logging.info("Layers: %s", ", ".join(f"{i.name} ({i.path}, {i.num_units} units)"
                                        for i in layer_infos))
-  concepts = concepts_lib.load_concepts(config.concept_set, target.id2label)
+  if by_target:
+    concepts = concepts_lib.load_concepts(config.concept_set, target.id2label)
   logging.info("Concept set %s: %d concepts.", config.concept_set, len(concepts))
-  probe_set = probe_lib.ProbeSet(probe_lib.parse_probe_spec(config.d_probe))
-  labeling.check_enough_images(probe_set.num_images, config.similarity_fn)
 
   # Hashing every CLIP weight takes seconds for a large model: once for both keys.
   clip_hash = targets_lib.params_fingerprint(clip.params)

@@ -316,12 +316,14 @@ def _warn_of_ties_at_the_cap(name: str, similarity_fn: str, scored) -> None:
   if tied.any():
     num_units = len(tied)
     logging.warning(
-        "Layer %s: %d of %d units have two or more concepts tied at their best %s score. "
-        "A concept that one unit owns scores lam * log K (K = %d units, log K = %.4f) to "
-        "float32 precision, so the margin over the other units chose among them. This "
-        "binds on small layers (the paper's have 512 or more units)%s.", name,
-        int(tied.sum()), num_units, similarity_fn, num_units, np.log(num_units),
-        ": compare with similarity_fn=wpmi there" if similarity_fn == "soft_wpmi" else "")
+        "Layer %s: %d of %d units have two or more concepts with exactly the same best "
+        "score, so a tie-break, not the score, chose their label among those concepts. "
+        "%s caps a unit's score at the level of a concept no other unit responds to "
+        "(K = %d units: lam x log K = lam x %.4f), and on a layer this small several "
+        "concepts can reach the cap%s. The tied concepts are in descriptions_topk.csv.",
+        name, int(tied.sum()), num_units, similarity_fn, num_units, np.log(num_units),
+        "; similarity_fn=wpmi (lam 0.6) separates them" if similarity_fn == "soft_wpmi"
+        else "")
 
 
 def label_with_config(config, probe: store.ProbeActivations,

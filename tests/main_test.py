@@ -114,11 +114,18 @@ class OneLineErrorTest(_TinyModels):
     self.assertEqual(os.listdir(os.path.join(workdir, "results")), ["keep.txt"])
 
   def test_unknown_layer_fails_before_reading_images(self):
-    # The probe folder does not exist: the layer error must come first.
-    last = self.cli_error("target_layers", target_layers="layer4,nope",
-                          d_probe=f"folder:{self.tmp}/missing")
+    last = self.cli_error("target_layers", target_layers="layer4,nope")
     self.assertIn("'nope'", last)
     self.assertIn("layer4", last)
+
+  def test_model_free_checks_come_before_the_models_load(self):
+    """A bad probe set or concept file is reported even when the models could not load
+    (they are not loaded yet)."""
+    missing = os.path.join(self.tmp, "no_such_model")
+    self.cli_error("d_probe", d_probe=f"folder:{self.tmp}/missing", clip_model=missing,
+                   target_model=missing)
+    self.cli_error("concept_set", concept_set=f"{self.tmp}/missing.txt",
+                   clip_model=missing, target_model=missing)
 
   def test_fewer_images_than_top_k_names_the_minimum(self):
     folder = tempfile.mkdtemp(dir=self.tmp)
