@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 # Resolved on first use, so that `python -m jaxdissect.evaluate` (and the other entry
 # points) run their module once, not after the package has imported it already.
 _EXPORTS = {
-    "list_layers": "jaxdissect.dissect", "run": "jaxdissect.dissect",
+    "run": "jaxdissect.dissect",
     "ClipModel": "jaxdissect.models.clip",
     "load_clip": "jaxdissect.models.clip", "TargetModel": "jaxdissect.models.targets",
     "load_target": "jaxdissect.models.targets",

@@ -4,6 +4,17 @@ import sys
 
 from jaxdissect import dissect
 from jaxdissect import errors
+from jaxdissect.models import targets
+
+
+def layer_table(config) -> str:
+  """The table --list_layers prints: friendly names, then every module path."""
+  target = targets.load_target(config.target_model, class_names=config.class_names)
+  lines = [f"{'name':<50} {'units':>6}  output shape (batch of 1)"]
+  lines += [f"{i.name:<50} {i.num_units:>6}  {i.shape}" for i in target.layer_table()]
+  return "\n".join(lines)
+
+
 
 
 def run(config, workdir: str, list_layers: bool = False) -> int:
@@ -11,7 +22,7 @@ def run(config, workdir: str, list_layers: bool = False) -> int:
   as `error: FIELD: problem Fix: ...`. Anything else is a bug and keeps its traceback."""
   try:
     if list_layers:
-      print(dissect.list_layers(config))
+      print(layer_table(config))
     else:
       dissect.run(config, workdir)
   except errors.UserError as err:

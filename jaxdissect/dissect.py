@@ -1,10 +1,10 @@
 """CLIP-Dissect in one place: `dissect(...)` from Python, `run(config, workdir)` for main.py.
 
-Both take the same steps: resolve the layers (before any image is read), one probe pass
-(CLIP image embeddings and pooled activations), the concept set's text embeddings,
-similarity per layer, labels. `run` adds the activation store, evaluation and the files.
-The module is callable, so `jaxdissect.dissect(...)` works after `import jaxdissect.dissect`.
+Both: layers resolved before any image is read, one probe pass (CLIP image embeddings,
+pooled activations), text embeddings, similarity per layer, labels. `run` adds the store,
+evaluation and the files. The module is callable: `jaxdissect.dissect(...)` always works.
 """
+import contextlib
 import functools
 import os
 import sys
@@ -36,43 +36,47 @@ def dissect(target, concepts, images, clip, layers, *, image_ids=None,
             similarity_fn: str = "soft_wpmi", pool_mode: str = "avg",
             token_pool: str = "cls", batch_size: int = 64, text_batch_size: int = 256,
             num_alternatives: int = 5, num_top_images: int = 10, mesh=None,
-            keep_scores: bool = True) -> results.DissectionResult:
+            keep_scores: bool = True, progress: bool = True) -> results.DissectionResult:
   """Labels every unit of `layers` of `target` with a concept, from a notebook.
 
   target: a TargetModel, HF id / directory, `torchvision:resnet50`, python:pkg.mod:factory
     or (flax module, variables[, ImageTransform]); concepts: a list of strings or a
     concept-set spec; images: (N, H, W, 3) uint8, a probe spec ("folder:PATH") or a
     ProbeSet; clip: a ClipModel or an HF id / directory; layers: "layer4,fc" or a list.
-  Returns .layers[name].labels, .scores[name] (num_units, num_concepts), .to_dataframe().
-  """
-  target = targets_lib.as_target(target)
-  layer_infos = target.resolve_layers(config_lib.split_layers(layers))
-  concepts = (concepts_lib.load_concepts(concepts, target.id2label) if isinstance(
-      concepts, str) else concepts_lib.clean_concepts(concepts, "concepts argument"))
-  if not concepts:
-    raise errors.UserError("concepts", "no concept given.", "pass a non-empty list.")
-  if similarity_fn not in similarity.SIMILARITY_FUNCTIONS:
-    raise errors.UserError("similarity_fn", f"unknown {similarity_fn!r}.",
-                           f"use one of {sorted(similarity.SIMILARITY_FUNCTIONS)}.")
-  probe_set = probe_lib.as_probe_set(images, image_ids)
-  labeling.check_enough_images(probe_set.num_images, similarity_fn, "images")
-  clip = clip if isinstance(clip, clip_lib.ClipModel) else clip_lib.load_clip(clip)
-  mesh = mesh or sharding.make_mesh()
-  sharding.check_batch_size(batch_size, mesh)
-  batches = probe_set.batches(clip.transform, target.transform, batch_size)
-  probe = activations.run_probe_pass(clip, target, layer_infos, batches,
-                                     probe_set.num_images, pool_mode, token_pool, mesh)
-  text_embeddings = clip_lib.embed_texts(clip, concepts, text_batch_size)
-  return labeling.label_probe(probe, text_embeddings, concepts, similarity_fn,
-                              num_alternatives, num_top_images, keep_scores=keep_scores)
+  progress: log the steps and the probe pass's rate (absl INFO) during the call.
+  Returns .layers[name].labels, .scores[name] (units, concepts), .to_dataframe()."""
+  with _progress_logs(progress):
+    target = targets_lib.as_target(target)
+    layer_infos = target.resolve_layers(config_lib.split_layers(layers))
+    concepts = (concepts_lib.load_concepts(concepts, target.id2label) if isinstance(
+        concepts, str) else concepts_lib.clean_concepts(concepts, "concepts argument"))
+    if not concepts:
+      raise errors.UserError("concepts", "no concept given.", "pass a non-empty list.")
+    if similarity_fn not in similarity.SIMILARITY_FUNCTIONS:
+      raise errors.UserError("similarity_fn", f"unknown {similarity_fn!r}.",
+                             f"use one of {sorted(similarity.SIMILARITY_FUNCTIONS)}.")
+    probe_set = probe_lib.as_probe_set(images, image_ids)
+    labeling.check_enough_images(probe_set.num_images, similarity_fn, "images")
+    clip = clip if isinstance(clip, clip_lib.ClipModel) else clip_lib.load_clip(clip)
+    mesh = mesh or sharding.make_mesh()
+    sharding.check_batch_size(batch_size, mesh)
+    batches = probe_set.batches(clip.transform, target.transform, batch_size)
+    probe = activations.run_probe_pass(clip, target, layer_infos, batches,
+                                       probe_set.num_images, pool_mode, token_pool, mesh)
+    text_embeddings = clip_lib.embed_texts(clip, concepts, text_batch_size)
+    return labeling.label_probe(probe, text_embeddings, concepts, similarity_fn,
+                                num_alternatives, num_top_images, keep_scores=keep_scores)
 
 
-def list_layers(config) -> str:
-  """The table --list_layers prints: friendly names, then every module path."""
-  target = targets_lib.load_target(config.target_model)
-  lines = [f"{'name':<50} {'units':>6}  output shape (batch of 1)"]
-  lines += [f"{i.name:<50} {i.num_units:>6}  {i.shape}" for i in target.layer_table()]
-  return "\n".join(lines)
+@contextlib.contextmanager
+def _progress_logs(show: bool):
+  before = logging.get_verbosity()
+  if show and before < logging.INFO:
+    logging.set_verbosity(logging.INFO)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(before)
 
 
 def run(config, workdir: str = "./workdir") -> str:
@@ -137,8 +141,7 @@ def run(config, workdir: str = "./workdir") -> str:
 
 
 class _CallableModule(types.ModuleType):
-  """`import jaxdissect.dissect` binds the package attribute `dissect` to this module;
-  calling it still dissects, as the README's `jaxdissect.dissect(...)` does."""
+  """`import jaxdissect.dissect` binds `jaxdissect.dissect` to this module: it dissects."""
 
   def __call__(self, *args, **kwargs):
     return dissect(*args, **kwargs)

@@ -7,7 +7,7 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_IMAGES = 400
+NUM_IMAGES = 400  # as configs/synthetic.py:smoke says
 LAYERS = "layer3,layer4,fc,planted.colour,planted.texture"
 
 
@@ -28,9 +28,8 @@ def synthetic_run(concept_set: str = "") -> str:
   workdir = tempfile.mkdtemp(prefix="synthetic-run-")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
   args = [sys.executable, os.path.join(REPO, "main.py"),
-          "--config", os.path.join(REPO, "configs", "synthetic.py"),
-          f"--workdir={workdir}", f"--config.d_probe=synthetic:in_dist:{NUM_IMAGES}",
-          f"--config.target_layers={LAYERS}", "--config.trust_permutations=50"]
+          "--config", os.path.join(REPO, "configs", "synthetic.py") + ":smoke",
+          f"--workdir={workdir}"]
   if concept_set:
     args.append(f"--config.concept_set={concept_set}")
   proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
