@@ -67,7 +67,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.text_batch_size = 256
   # Largest images x concepts matrix P held in memory (GB); above it soft_wpmi, wpmi and
   # the cosines stream P from the embeddings.
-  config.concept_matrix_max_gb = 2.0
+  config.concept_matrix_max_gb = registry.DEFAULT_CONCEPT_MATRIX_MAX_GB
   # (soft-)WPMI from the embeddings: "jnp", "pallas" (a fused kernel, jaxdissect/
   # kernels.py) or "auto" (Pallas only on platforms where a benchmark measured it
   # faster: none yet).

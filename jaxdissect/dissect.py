@@ -1,9 +1,8 @@
 """CLIP-Dissect in one place: `dissect(...)` from Python, `run(config, workdir)` for main.py.
 
 Both: layers resolved before any image is read, one probe pass (CLIP image embeddings,
-pooled activations), text embeddings, similarity per layer, labels. `run` adds the store,
-evaluation and the files. The module is callable: `jaxdissect.dissect(...)` always works.
-"""
+pooled activations), text embeddings, similarity per layer, labels; `run` adds the store,
+evaluation and files. The module is callable: `jaxdissect.dissect(...)` always works."""
 import contextlib
 import functools
 import os
@@ -20,6 +19,7 @@ from jaxdissect import errors
 from jaxdissect import evaluate
 from jaxdissect import labeling
 from jaxdissect import probe_pass
+from jaxdissect import registry
 from jaxdissect import report
 from jaxdissect import resources
 from jaxdissect import results
@@ -33,7 +33,7 @@ from jaxdissect.models import targets as targets_lib
 
 
 def dissect(target, concepts, images, clip, layers, *, image_ids=None,
-            similarity_fn: str = "soft_wpmi", pool_mode: str = "avg",
+            similarity_fn: str = registry.DEFAULT_SIMILARITY, pool_mode: str = "avg",
             token_pool: str = "cls", batch_size: int = 64, text_batch_size: int = 256,
             num_alternatives: int = 5, num_top_images: int = 10, mesh=None,
             keep_scores: bool = True, progress: bool = True) -> results.DissectionResult:
@@ -134,7 +134,6 @@ def run(config, workdir: str = "./workdir") -> str:
                         functools.partial(report.write_report, strips=strips), skipped)
     evaluate.write_json(evaluate.evaluation_path(directory), evaluation)
 
-  logging.info("Writing results to %s.", config.result_dir)
   path = results.write_result_dir(config.result_dir, config.overwrite, write_contents)
   logging.info("Results written to %s.", path)
   return path

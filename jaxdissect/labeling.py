@@ -210,9 +210,6 @@ def label_units(scores: np.ndarray, activations: np.ndarray | None,
 
 
 # ------------------------------------------ a whole probe pass, stream or hold P
-DEFAULT_CONCEPT_MATRIX_MAX_GB = 2.0
-
-
 def check_enough_images(num_images: int, similarity_fn: str, field: str = "d_probe"):
   needed = similarity.min_images(similarity_fn)
   if num_images < needed:
@@ -250,11 +247,11 @@ def streams(similarity_fn: str, num_images: int, num_concepts: int,
 
 
 def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
-                concepts: Sequence[str], similarity_fn: str = "soft_wpmi",
+                concepts: Sequence[str], similarity_fn: str = registry.DEFAULT_SIMILARITY,
                 num_alternatives: int = 5, num_top_images: int = 10,
                 neuron_chunk_size: int | None = None,
                 keep_scores: bool | Sequence[str] = False,
-                concept_matrix_max_gb: float = DEFAULT_CONCEPT_MATRIX_MAX_GB,
+                concept_matrix_max_gb: float = registry.DEFAULT_CONCEPT_MATRIX_MAX_GB,
                 mesh=None, kernel: str = "auto",
                 compute_dtype: str = "float32") -> results_lib.DissectionResult:
   """Similarity and labels for every layer of a probe pass.

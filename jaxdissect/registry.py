@@ -44,6 +44,8 @@ SIMILARITY_FUNCTIONS = tuple(SIMILARITY)
 PRIOR_FUNCTIONS = tuple(n for n, f in SIMILARITY.items() if f.prior)
 STREAMING_FUNCTIONS = tuple(n for n, f in SIMILARITY.items() if f.streams)
 DEFAULT_SIMILARITY = "soft_wpmi"
+# Largest images x concepts matrix P (GB) held in memory; beyond it P is streamed.
+DEFAULT_CONCEPT_MATRIX_MAX_GB = 2.0
 
 # Streamed (soft-)WPMI: the implementation and the dtype of its products.
 KERNELS = ("auto", "jnp", "pallas")
