@@ -4,7 +4,6 @@ Both: layers resolved before any image is read, one probe pass (CLIP image embed
 pooled activations), text embeddings, similarity per layer, labels; `run` adds the store,
 evaluation and files. The module is callable: `jaxdissect.dissect(...)` always works."""
 import contextlib
-import functools
 import os
 import sys
 import types
@@ -131,7 +130,7 @@ def run(config, workdir: str = "./workdir") -> str:
 
   def write_contents(directory):
     results.write_files(directory, result, config_json,
-                        functools.partial(report.write_report, strips=strips), skipped)
+                        lambda d, r: report.write_report(d, r, strips, evaluation), skipped)
     evaluate.write_json(evaluate.evaluation_path(directory), evaluation)
 
   path = results.write_result_dir(config.result_dir, config.overwrite, write_contents)

@@ -91,9 +91,11 @@ def _bars(counts: collections.Counter) -> str:
 
 
 def write_report(report_dir: str, result: "results_lib.DissectionResult",
-                 strips: Mapping[tuple[str, int], np.ndarray] | None = None) -> None:
+                 strips: Mapping[tuple[str, int], np.ndarray] | None = None,
+                 evaluation: Mapping[str, Mapping[str, object]] | None = None) -> None:
   """Writes index.html, a page per layer and, for units in `strips` ((layer, unit) ->
-  (H, W, 3) uint8 image strip), images/layer-I/unit-N.png."""
+  (H, W, 3) uint8 image strip), images/layer-I/unit-N.png; `evaluation` (the contents
+  of evaluation.json) is shown as a table on the index."""
   from jaxdissect import images as images_lib  # pylint: disable=g-import-not-at-top
   os.makedirs(report_dir, exist_ok=True)
   esc = html.escape
@@ -138,8 +140,9 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
           f"<div class='ids'>{image_ids}</div></div>")
     body = (f"<p><a href='index.html'>all layers</a></p><h1>Layer {esc(name)}</h1>"
             f"<p>{layer.num_units} units, {len(counts)} distinct labels, "
-            f"{int(layer.dead.sum())} dead. Top images: highest activation first, the "
-            "unit's activation map in yellow.</p>" + _bars(counts) +
+            f"{int(layer.dead.sum())} dead. Top images: highest activation first, with "
+            "the unit's activation map in yellow where the layer has spatial positions "
+            "(a dense layer such as fc has none).</p>" + _bars(counts) +
             "<p>Sort: <button data-sort='unit'>unit</button>"
             "<button data-sort='score'>score</button>"
             "<button data-sort='auc'>AUC</button></p>"
@@ -149,8 +152,23 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
           f"<p>{len(result.concepts)} concepts, {len(result.image_ids)} probe images.</p>"
           "<table><thead><tr><th>layer</th><th>units</th><th>distinct labels</th>"
           "<th>dead</th><th>mean AUC</th><th>most common labels</th></tr></thead><tbody>"
-          + "".join(index_rows) + "</tbody></table>")
+          + "".join(index_rows) + "</tbody></table>" + _evaluation_table(evaluation))
   _write(os.path.join(report_dir, "index.html"), _page("jaxdissect report", body))
+
+
+def _evaluation_table(evaluation) -> str:
+  """evaluation.json as an HTML table: a row per layer, a column per metric."""
+  if not evaluation:
+    return ""
+  keys = list(dict.fromkeys(k for row in evaluation.values() for k in row))
+  cell = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+  head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+  rows = "".join(
+      f"<tr><td>{html.escape(name)}</td>" + "".join(
+          f"<td>{html.escape(cell(row.get(k)))}</td>" for k in keys) + "</tr>"
+      for name, row in evaluation.items())
+  return (f"<h2>Label evaluation (evaluation.json)</h2><table class='evaluation'><thead>"
+          f"<tr><th>layer</th>{head}</tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _write(path: str, text: str) -> None:

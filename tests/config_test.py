@@ -17,6 +17,18 @@ class ConfigTest(absltest.TestCase):
     self.assertTrue(os.path.isabs(resolved.activation_dir))
     self.assertEqual(config.result_dir, "<workdir>/results")  # the input is untouched
 
+  def test_the_demo_config_does_not_write_over_the_default_results(self):
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "demo.py")
+    spec = importlib.util.spec_from_file_location("demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    demo = config_lib.resolve_paths(module.get_config(), "/w")
+    default = config_lib.resolve_paths(config_lib.get_base_config(), "/w")
+    self.assertNotEqual(demo.result_dir, default.result_dir)
+    self.assertNotEqual(demo.activation_dir, default.activation_dir)
+
   def test_split_layers(self):
     self.assertEqual(config_lib.split_layers(" layer4, fc ,"), ["layer4", "fc"])
     self.assertEqual(config_lib.split_layers(["layer4", " "]), ["layer4"])

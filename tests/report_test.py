@@ -90,6 +90,20 @@ class ReportSourceTest(absltest.TestCase):
     self.assertTrue(os.path.isfile(os.path.join(out, report.strip_filename(0, 0))))
     self.assertEqual(layer_page.count("<img class='strip'"), 1)
 
+  def test_index_shows_the_evaluation(self):
+    out = self.create_tempdir().full_path
+    evaluation = {"<layer>": {"num_units": 2, "top1": 0.5, "mean_rank": None}}
+    report.write_report(out, make_result(), {}, evaluation)
+    with open(os.path.join(out, "index.html"), encoding="utf-8") as f:
+      index = f.read()
+    self.assertIn("evaluation.json", index)
+    self.assertIn("<th>top1</th>", index)
+    self.assertIn("<td>&lt;layer&gt;</td><td>2</td><td>0.5</td><td>-</td>", index)
+    self.assertNotIn("<layer>", index)
+    report.write_report(out, make_result(), {})  # no evaluation: no table
+    with open(os.path.join(out, "index.html"), encoding="utf-8") as f:
+      self.assertNotIn("evaluation.json", f.read())
+
   def test_csv_quotes_commas_and_quotes(self):
     result = make_result()
     text = result.descriptions_csv()

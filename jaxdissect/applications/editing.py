@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   with open(temporary, "w", encoding="utf-8", newline="") as f:
     f.write(report.to_csv())
   os.replace(temporary, out)
-  chosen = ", ".join(f"{layer}: {len(ids)} unit(s)" for layer, ids in units.items())
+  chosen = "; ".join(f"{layer} units {', '.join(map(str, ids))}"
+                     for layer, ids in units.items())
   print(f"Scaled by {args.scale:g}: {chosen}\n{report.table()}\nWritten to {out}.")
   return 0
 
