@@ -69,13 +69,14 @@ def dissect(target, concepts, images, clip, layers, *, image_ids=None,
 
 @contextlib.contextmanager
 def _progress_logs(show: bool):
-  before = logging.get_verbosity()
-  if show and before < logging.INFO:
+  absl_logger = logging.get_absl_logger()
+  before = absl_logger.level  # 0 (inherit) as a rule: restored exactly, not as -1
+  if show and logging.get_verbosity() < logging.INFO:
     logging.set_verbosity(logging.INFO)
   try:
     yield
   finally:
-    logging.set_verbosity(before)
+    absl_logger.setLevel(before)
 
 
 def run(config, workdir: str = "./workdir") -> str:

@@ -101,14 +101,18 @@ class ApiTest(parameterized.TestCase):
     """`import jaxdissect.dissect` binds the package attribute to the module, which
     must still dissect when called, as often as asked."""
     import jaxdissect.dissect  # pylint: disable=g-import-not-at-top,redefined-outer-name
+    from absl import logging  # pylint: disable=g-import-not-at-top
     concepts = list(tiny_models.DEMO_CONCEPTS)
     target = self.planted_target(concepts, [0, 3])
+    level = logging.get_absl_logger().level
     labels = []
     for _ in range(2):
       result = jaxdissect.dissect(target, concepts, self.images[:120], self.clip, "units",
                                   similarity_fn="cos_similarity", batch_size=40)
       labels.append(result.layers["units"].labels)
     self.assertEqual(labels, [[concepts[0], concepts[3]]] * 2)
+    # The progress logging is undone after each call (other code's log levels intact).
+    self.assertEqual(logging.get_absl_logger().level, level)
     self.assertIs(jaxdissect.dissect.run, jaxdissect.run)
 
 
