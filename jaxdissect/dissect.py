@@ -116,24 +116,24 @@ def run(config, workdir: str = "./workdir") -> str:
   result.trust = trust.layer_trust(config, probe, result, text_embeddings)
   evaluation = evaluate.evaluate_run(config, result, truths, concepts, text_embeddings,
                                      clip)
-  config_json = {
-      "config": config.to_dict(), "workdir": os.path.abspath(workdir),
-      "layers": {i.name: {"path": i.path, "units": i.num_units} for i in layer_infos},
-      "num_images": probe_set.num_images, "num_concepts": len(concepts),
-      "probe_key": probe_key, "text_key": text_key, **results.environment()}
+  config_json = {"config": config.to_dict(), "workdir": os.path.abspath(workdir),
+                 "layers": {i.name: {"path": i.path, "units": i.num_units}
+                            for i in layer_infos}, "num_images": probe_set.num_images,
+                 "num_concepts": len(concepts), "probe_key": probe_key,
+                 "text_key": text_key, **results.environment()}
   if jax.process_index() != 0:
     return config.result_dir
-  strips = {}
-  if config.report_top_images > 0:
-    kept = np.setdiff1d(np.arange(probe_set.num_images), np.asarray(probe.skipped, int))
-    strips = report.unit_strips(target, probe_set, {i.name: i.path for i in layer_infos},
-                                result, kept, config.report_top_images)
+  kept = np.setdiff1d(np.arange(probe_set.num_images), np.asarray(probe.skipped, int))
+  strips = report.unit_strips(target, probe_set, {i.name: i.path for i in layer_infos},
+                              result, kept, config.report_top_images
+                              ) if config.report_top_images > 0 else {}
 
   def write_contents(directory):
     results.write_files(directory, result, config_json,
                         lambda d, r: report.write_report(d, r, strips, evaluation), skipped)
     evaluate.write_json(evaluate.evaluation_path(directory), evaluation)
 
+  logging.info("Writing results to %s.", config.result_dir)
   path = results.write_result_dir(config.result_dir, config.overwrite, write_contents)
   logging.info("Results written to %s.", path)
   return path
