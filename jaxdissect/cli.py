@@ -15,8 +15,6 @@ def layer_table(config) -> str:
   return "\n".join(lines)
 
 
-
-
 def run(config, workdir: str, list_layers: bool = False) -> int:
   """0 after a run (or the layer table with list_layers); 2 after a UserError, printed
   as `error: FIELD: problem Fix: ...`. Anything else is a bug and keeps its traceback."""
