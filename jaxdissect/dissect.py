@@ -81,6 +81,11 @@ def _progress_logs(show: bool):
 
 def run(config, workdir: str = "./workdir") -> str:
   """Dissects as `config` says and writes result_dir; returns its path."""
+  with report.collect_warnings() as warnings:  # listed in the report
+    return _run(config, workdir, warnings)
+
+
+def _run(config, workdir: str, warnings: list[str]) -> str:
   config_lib.validate(config)
   config = config_lib.resolve_paths(config, workdir)
   results.check_result_dir(config.result_dir, config.overwrite)
@@ -100,27 +105,21 @@ def run(config, workdir: str = "./workdir") -> str:
   if by_target:
     concepts = concepts_lib.load_concepts(config.concept_set, target.id2label)
   logging.info("Concept set %s: %d concepts.", config.concept_set, len(concepts))
-
-  # Hashing every CLIP weight takes seconds for a large model: once for both keys.
   clip_hash = targets_lib.params_fingerprint(clip.params)
   probe, probe_key, mesh = probe_pass.load_or_run(config, probe_set, clip, target,
                                                   layer_infos, mesh, len(concepts), clip_hash)
   skipped = probe_pass.check_skipped(config, probe, probe_set)
-  text_embeddings, text_key = probe_pass.load_or_embed_texts(config, clip, concepts,
-                                                             clip_hash)
+  text_embeddings, text_key = probe_pass.load_or_embed_texts(config, clip, concepts, clip_hash)
   logging.info("Scoring %d layer(s) with %s.", len(layer_infos), config.similarity_fn)
   truths = evaluate.layer_truths(target, layer_infos)
-  # The true concepts' ranks need those layers' scores.
   result = labeling.label_with_config(config, probe, text_embeddings, concepts,
                                       list(truths), mesh)
   result.trust = trust.layer_trust(config, probe, result, text_embeddings)
-  evaluation = evaluate.evaluate_run(config, result, truths, concepts, text_embeddings,
-                                     clip)
+  evaluation = evaluate.evaluate_run(config, result, truths, concepts, text_embeddings, clip)
   config_json = {"config": config.to_dict(), "workdir": os.path.abspath(workdir),
-                 "layers": {i.name: {"path": i.path, "units": i.num_units}
-                            for i in layer_infos}, "num_images": probe_set.num_images,
-                 "num_concepts": len(concepts), "probe_key": probe_key,
-                 "text_key": text_key, **results.environment()}
+                 "layers": {i.name: {"path": i.path, "units": i.num_units} for i in layer_infos},
+                 "num_images": probe_set.num_images, "num_concepts": len(concepts),
+                 "probe_key": probe_key, "text_key": text_key, **results.environment()}
   if jax.process_index() != 0:
     return config.result_dir
   kept = np.setdiff1d(np.arange(probe_set.num_images), np.asarray(probe.skipped, int))
@@ -130,7 +129,8 @@ def run(config, workdir: str = "./workdir") -> str:
 
   def write_contents(directory):
     results.write_files(directory, result, config_json,
-                        lambda d, r: report.write_report(d, r, strips, evaluation), skipped)
+                        lambda d, r: report.write_report(d, r, strips, evaluation, warnings),
+                        skipped)
     evaluate.write_json(evaluate.evaluation_path(directory), evaluation)
 
   logging.info("Writing results to %s.", config.result_dir)

@@ -74,14 +74,26 @@ def grid(tiles: Sequence[np.ndarray], columns: int = 4, pad: int = 2) -> np.ndar
   return out
 
 
-def save_png(path: str, image: np.ndarray, min_side: int = 128) -> None:
-  """Writes atomically; small images are enlarged (nearest) so that they can be seen."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+def save_png(path: str, image: np.ndarray, min_side: int = 128, title: str = "") -> None:
+  """Writes atomically; small images are enlarged (nearest) so that they can be seen, and
+  `title` (one line, clipped to the width) goes in a white band above the picture so that
+  a PNG opened on its own says what it shows."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
   picture = Image.fromarray(image)
   factor = max(1, -(-min_side // min(image.shape[:2])))
   if factor > 1:
     picture = picture.resize((image.shape[1] * factor, image.shape[0] * factor),
                              Image.NEAREST)
+  if title:
+    font = ImageFont.load_default()
+    band = font.getbbox("Ag")[3] + 8
+    titled = Image.new("RGB", (picture.width, picture.height + band), (255, 255, 255))
+    titled.paste(picture, (0, band))
+    text = title
+    while len(text) > 1 and font.getlength(text) > picture.width - 8:
+      text = text[:-2] + "\u2026"
+    ImageDraw.Draw(titled).text((4, 4), text, fill=(0, 0, 0), font=font)
+    picture = titled
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   temporary = f"{path}.tmp-{os.getpid()}.png"
   picture.save(temporary)

@@ -8,12 +8,15 @@ Every string that comes from outside (concepts, layer names, image ids) is
 HTML-escaped, attributes included; the pages load nothing from the network.
 """
 import collections
+import contextlib
 import html
+import logging as std_logging
 import math
 import os
 import re
 from typing import Mapping
 
+from absl import logging
 import numpy as np
 
 from jaxdissect import results as results_lib
@@ -55,6 +58,29 @@ _SORT_SCRIPT = """
 })();
 """
 NUM_BARS = 15
+MAX_WARNINGS = 50
+
+
+@contextlib.contextmanager
+def collect_warnings():
+  """Yields a list that fills with the warnings absl logs meanwhile (message text,
+  each once), so that the report can say what went wrong during the run."""
+  messages = []
+
+  class _Collector(std_logging.Handler):
+
+    def emit(self, record):
+      message = record.getMessage()
+      if message not in messages:
+        messages.append(message)
+
+  handler = _Collector(std_logging.WARNING)
+  logger = logging.get_absl_logger()
+  logger.addHandler(handler)
+  try:
+    yield messages
+  finally:
+    logger.removeHandler(handler)
 
 
 def layer_filename(index: int, name: str) -> str:
@@ -92,10 +118,12 @@ def _bars(counts: collections.Counter) -> str:
 
 def write_report(report_dir: str, result: "results_lib.DissectionResult",
                  strips: Mapping[tuple[str, int], np.ndarray] | None = None,
-                 evaluation: Mapping[str, Mapping[str, object]] | None = None) -> None:
+                 evaluation: Mapping[str, Mapping[str, object]] | None = None,
+                 warnings: list[str] | None = None) -> None:
   """Writes index.html, a page per layer and, for units in `strips` ((layer, unit) ->
   (H, W, 3) uint8 image strip), images/layer-I/unit-N.png; `evaluation` (the contents
-  of evaluation.json) is shown as a table on the index."""
+  of evaluation.json) is shown as a table on the index, and `warnings` (the run's
+  logged warnings) as a list above it."""
   from jaxdissect import images as images_lib  # pylint: disable=g-import-not-at-top
   os.makedirs(report_dir, exist_ok=True)
   esc = html.escape
@@ -152,8 +180,19 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
           f"<p>{len(result.concepts)} concepts, {len(result.image_ids)} probe images.</p>"
           "<table><thead><tr><th>layer</th><th>units</th><th>distinct labels</th>"
           "<th>dead</th><th>mean AUC</th><th>most common labels</th></tr></thead><tbody>"
-          + "".join(index_rows) + "</tbody></table>" + _evaluation_table(evaluation))
+          + "".join(index_rows) + "</tbody></table>" + _warning_list(warnings)
+          + _evaluation_table(evaluation))
   _write(os.path.join(report_dir, "index.html"), _page("jaxdissect report", body))
+
+
+def _warning_list(warnings) -> str:
+  if not warnings:
+    return ""
+  items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings[:MAX_WARNINGS])
+  more = (f"<p>and {len(warnings) - MAX_WARNINGS} more (see the run's log).</p>"
+          if len(warnings) > MAX_WARNINGS else "")
+  return (f"<h2>Warnings during the run ({len(warnings)})</h2>"
+          f"<ul class='warnings'>{items}</ul>{more}")
 
 
 def _evaluation_table(evaluation) -> str:

@@ -3,6 +3,8 @@ import glob
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -10,6 +12,7 @@ from absl.testing import parameterized
 import jax
 import numpy as np
 from PIL import Image
+import pytest
 import tensorflow as tf
 from transformers import AutoImageProcessor
 from transformers import CLIPImageProcessor, ConvNextImageProcessor, ViTImageProcessor
@@ -185,6 +188,28 @@ class PreprocessingParityTest(parameterized.TestCase):
     cosine = np.sum(np.asarray(embed(clip.params, ours)) *
                     np.asarray(embed(clip.params, expected)), axis=1)
     self.assertGreaterEqual(cosine.min(), 0.999)
+
+  @pytest.mark.slow
+  def test_pixels_do_not_depend_on_the_onednn_switch(self):
+    # main.py turns TF's oneDNN off (only to silence its notice): decoding, resizing and
+    # cropping must give the same bits either way.
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "from jaxdissect.data import preprocessing\n"
+        "rng = np.random.default_rng(0)\n"
+        "image = tf.io.decode_image(tf.io.encode_png(rng.integers(0, 256, (97, 151, 3),"
+        " dtype=np.uint8)), channels=3)\n"
+        "transforms = [preprocessing.ImageTransform(resize_shortest_edge=64, crop_size=(56, 56),"
+        " resample=r) for r in ('bicubic', 'bilinear', 'nearest')]\n"
+        "np.save(sys.argv[1], np.stack([preprocessing.apply_transform(image, t).numpy()"
+        " for t in transforms]))\n")
+    outputs = []
+    for switch in ("0", "1"):
+      path = os.path.join(self.create_tempdir().full_path, "pixels.npy")
+      subprocess.run([sys.executable, "-c", script, path], check=True,
+                     env=dict(os.environ, TF_ENABLE_ONEDNN_OPTS=switch, JAX_PLATFORMS="cpu"))
+      outputs.append(np.load(path))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
 
   def test_missing_processor_config_falls_back(self):
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 
+from absl import logging
 from absl.testing import absltest
 import numpy as np
 import pytest
@@ -103,6 +104,24 @@ class ReportSourceTest(absltest.TestCase):
     report.write_report(out, make_result(), {})  # no evaluation: no table
     with open(os.path.join(out, "index.html"), encoding="utf-8") as f:
       self.assertNotIn("evaluation.json", f.read())
+
+  def test_index_lists_the_warnings_logged_during_the_run(self):
+    with report.collect_warnings() as warnings:
+      logging.info("progress, not a warning")
+      logging.warning("%d unit(s) are <dead>", 3)
+      logging.warning("%d unit(s) are <dead>", 3)  # listed once
+      logging.error("a store chunk was not saved")
+    logging.warning("after the run: not collected")
+    self.assertEqual(warnings, ["3 unit(s) are <dead>", "a store chunk was not saved"])
+    out = self.create_tempdir().full_path
+    report.write_report(out, make_result(), {}, None, warnings)
+    with open(os.path.join(out, "index.html"), encoding="utf-8") as f:
+      index = f.read()
+    self.assertIn("Warnings during the run (2)", index)
+    self.assertIn("<li>3 unit(s) are &lt;dead&gt;</li>", index)
+    report.write_report(out, make_result(), {}, None, [])
+    with open(os.path.join(out, "index.html"), encoding="utf-8") as f:
+      self.assertNotIn("Warnings during the run", f.read())
 
   def test_csv_quotes_commas_and_quotes(self):
     result = make_result()

@@ -79,6 +79,7 @@ class RunVisualizeTest(absltest.TestCase):
       self.assertGreater(record["maximized_activation"],
                          record["best_probe_activation"])
       image = np.asarray(Image.open(record["maximized_png"]).convert("RGB")) / 255.0
+      image = image[-image.shape[1]:]  # the square picture below the title band
       self.assertGreater(nearest_colour_share(image, colour), 0.5, colour)
       self.assertEqual(record["maximized_from"], "noise")
 
@@ -89,6 +90,20 @@ class RunVisualizeTest(absltest.TestCase):
     self.assertGreater(record["maximized_activation"], record["best_probe_activation"])
     # Unit 3 is silent on noise: the fallback start from the best probe image is used.
     self.assertEqual(record["maximized_from"], "best probe image")
+
+  def test_png_title_sits_in_a_band_above_the_unchanged_picture(self):
+    picture = np.full((40, 150, 3), 90, np.uint8)
+    path = os.path.join(self.create_tempdir().full_path, "titled.png")
+    images_lib.save_png(path, picture, min_side=40, title="layer4 unit 3 \"dog\"" * 20)
+    saved = np.asarray(Image.open(path).convert("RGB"))
+    band = saved.shape[0] - 40
+    self.assertGreater(band, 8)
+    self.assertEqual(saved.shape[1], 150)  # a long title is clipped, not widened
+    np.testing.assert_array_equal(saved[band:], picture)
+    self.assertGreater((saved[:band] < 100).sum(), 50)  # dark text on white
+    untitled = os.path.join(self.create_tempdir().full_path, "plain.png")
+    images_lib.save_png(untitled, picture, min_side=40)
+    np.testing.assert_array_equal(np.asarray(Image.open(untitled).convert("RGB")), picture)
 
   def test_cli_writes_grids_and_index(self):
     out = self.create_tempdir().full_path

@@ -187,7 +187,11 @@ def visualize_units(run: rundir.Run, layer: str, units: Sequence[int], out_dir: 
                             None if maps is None else maps[j, ..., 0], scale)
                for j, p in enumerate(pixels)]
       record["top_png"] = os.path.join(out_dir, _safe(layer), f"unit-{unit}-top.png")
-      images_lib.save_png(record["top_png"], images_lib.grid(tiles))
+      where = "" if maps is None else "; activation map in yellow"
+      images_lib.save_png(
+          record["top_png"], images_lib.grid(tiles),
+          title=f"{layer} unit {unit} \"{record['label']}\": top {len(pairs)} probe images "
+                f"(best activation {pairs[0][1]:.3g}{where})")
     if maximize_units:
       objective = make_unit_objective(run.target, info.path, unit, run.config.pool_mode,
                                       run.config.token_pool)
@@ -205,7 +209,10 @@ def visualize_units(run: rundir.Run, layer: str, units: Sequence[int], out_dir: 
       record["maximized_activation"] = value
       record["maximized_png"] = os.path.join(out_dir, _safe(layer),
                                              f"unit-{unit}-maximized.png")
-      images_lib.save_png(record["maximized_png"], np.round(image * 255).astype(np.uint8))
+      images_lib.save_png(
+          record["maximized_png"], np.round(image * 255).astype(np.uint8),
+          title=f"{layer} unit {unit} \"{record['label']}\": maximised to {value:.3g} "
+                f"from {record['maximized_from']}")
     records.append(record)
     logging.info("Visualised %s unit %d (%s).", layer, unit, record["label"])
   return records
