@@ -78,6 +78,17 @@ def _best_neuron_parts(log_likelihood: jax.Array):
   return is_best, lse_all, lse_without_best
 
 
+def prior_score(log_likelihood, gap, lam: float, num_neurons: int):
+  """The (soft-)WPMI score from a neuron's L and its gap, in jnp or NumPy alike.
+
+  L - lam (log sum_o exp L_o - log K) written as (1 - lam) L + lam (log K - gap), with
+  gap = log sum_o exp(L_o) - L >= 0 over all K neurons o of the layer at the concept;
+  callers compute the gap without cancellation (subtract_prior below; trust's nulls,
+  where the unit's L is replaced and gap = softplus(logsumexp of the others - L)).
+  """
+  return (1.0 - lam) * log_likelihood + lam * (math.log(num_neurons) - gap)
+
+
 @jax.jit
 def subtract_prior(log_likelihood: jax.Array, lam: float) -> jax.Array:
   """L - lam * (logsumexp over neurons of L - log K). Couples all neurons of a layer.
@@ -92,7 +103,7 @@ def subtract_prior(log_likelihood: jax.Array, lam: float) -> jax.Array:
   is_best, lse_all, lse_without_best = _best_neuron_parts(log_likelihood)
   gap = jnp.where(is_best, jax.nn.softplus(lse_without_best[None, :] - log_likelihood),
                   lse_all[None, :] - log_likelihood)
-  return (1.0 - lam) * log_likelihood + lam * (math.log(num_neurons) - gap)
+  return prior_score(log_likelihood, gap, lam, num_neurons)
 
 
 @jax.jit

@@ -145,13 +145,15 @@ def prior_null_scores(log_probs: np.ndarray, layer_log_likelihood: np.ndarray, u
   (R,) null scores), each with the prior recomputed over the layer with that unit's L.
   """
   top_k = samples.shape[1]
-  log_k = np.log(len(layer_log_likelihood))
+  num_units = len(layer_log_likelihood)
   others = _logsumexp(np.delete(layer_log_likelihood, unit))
+
+  def score(log_likelihood):
+    gap = np.logaddexp(0.0, others - log_likelihood)  # softplus: no cancellation
+    return similarity.prior_score(log_likelihood, gap, params["lam"], num_units)
+
   null_l = _top_k_terms(log_probs[samples], similarity_fn, params, top_k)
-  null_scores = null_l - params["lam"] * (np.logaddexp(others, null_l) - log_k)
-  observed = layer_log_likelihood[unit]
-  score = observed - params["lam"] * (np.logaddexp(others, observed) - log_k)
-  return score, null_scores
+  return score(layer_log_likelihood[unit]), score(null_l)
 
 
 def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,

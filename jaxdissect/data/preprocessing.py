@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from absl import logging
+import numpy as np
 
 from jaxdissect import errors
 from jaxdissect import registry
@@ -197,10 +198,15 @@ def apply_transform(image, transform: ImageTransform):
     resized = _center_crop(resized, *transform.crop_size)
   elif transform.resize_to is not None:
     resized = tf.ensure_shape(resized, (*transform.resize_to, 3))
-  scaled = resized * transform.rescale_factor
-  mean = tf.constant(transform.mean, tf.float32)
-  std = tf.constant(transform.std, tf.float32)
-  return (scaled - mean) / std
+  return normalise(resized, transform)
+
+
+def normalise(pixels, transform: ImageTransform):
+  """float32 pixel values 0..255 (..., 3), tf or NumPy -> the model's input scale:
+  rescale_factor, then (x - mean) / std per channel."""
+  mean = np.asarray(transform.mean, np.float32)
+  std = np.asarray(transform.std, np.float32)
+  return (pixels * np.float32(transform.rescale_factor) - mean) / std
 
 
 def _resize_like_pil(image, transform: ImageTransform):

@@ -21,6 +21,7 @@ from absl import logging
 import numpy as np
 
 from jaxdissect import registry
+from jaxdissect.data import preprocessing
 from jaxdissect.synthetic import world
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
@@ -81,8 +82,10 @@ def write_tokenizer(out_dir: str, words) -> None:
 
 
 def normalise_images(images: np.ndarray, mean, std) -> np.ndarray:
-  return ((images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
-          / np.asarray(std, np.float32))
+  """uint8 (..., 3) images already at the model's size -> its input (the probe pass's
+  normalisation, without the resize)."""
+  return preprocessing.normalise(images.astype(np.float32),
+                                 preprocessing.ImageTransform(mean=mean, std=std))
 
 
 # ------------------------------------------------------------------ CLIP
