@@ -44,6 +44,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.probe_chunk_images = 10240
   # Probe images that cannot be decoded: "skip" (listed in skipped_images.txt) or "error".
   config.on_bad_image = "skip"
+  # A probe file larger than this, or an image with more pixels (read from its header,
+  # before decoding), is skipped with its reason: what one image may cost to decode.
+  config.max_image_bytes = 256 * 1024 * 1024
+  config.max_image_pixels = 64_000_000
   config.activation_dir = f"{WORKDIR_PLACEHOLDER}/activations"
   config.result_dir = f"{WORKDIR_PLACEHOLDER}/results"
   config.overwrite = False
@@ -127,6 +131,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.on_bad_image not in registry.ON_BAD_IMAGE:
     raise errors.UserError("on_bad_image", f"unknown value {config.on_bad_image!r}.",
                            "use skip or error.")
+  for field in ("max_image_bytes", "max_image_pixels"):
+    if not isinstance(config[field], int) or config[field] < 1:
+      raise errors.UserError(field, f"must be a positive integer, got {config[field]!r}.",
+                             f"set --config.{field} to a positive integer.")
   if not isinstance(config.probe_chunk_images, int) or config.probe_chunk_images < 1:
     raise errors.UserError("probe_chunk_images",
                            f"must be a positive integer, got {config.probe_chunk_images!r}.",

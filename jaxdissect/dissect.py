@@ -93,7 +93,7 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
   sharding.check_batch_size(config.batch_size, mesh)
   resources.fetch_required(config, ("target_model", "concept_set"))
   # What needs no model is checked before the models load (tens of seconds).
-  probe_set = probe_lib.ProbeSet(probe_lib.parse_probe_spec(config.d_probe))
+  probe_set = probe_lib.probe_set_from_config(config)
   labeling.check_enough_images(probe_set.num_images, config.similarity_fn)
   by_target = config.concept_set.strip() == "classes:target"
   concepts = None if by_target else concepts_lib.load_concepts(config.concept_set)

@@ -210,12 +210,15 @@ def label_units(scores: np.ndarray, activations: np.ndarray | None,
 
 
 # ------------------------------------------ a whole probe pass, stream or hold P
-def check_enough_images(num_images: int, similarity_fn: str, field: str = "d_probe"):
+def check_enough_images(num_images: int, similarity_fn: str, field: str = "d_probe",
+                        skipped: str = ""):
+  """num_images: the usable ones; skipped: what became of the others, if any."""
   needed = similarity.min_images(similarity_fn)
   if num_images < needed:
+    also = f" ({skipped})" if skipped else ""
     raise errors.UserError(
-        field, f"{num_images} probe images, but {similarity_fn} needs at least {needed} "
-        "(its top-k).", f"give at least {needed} probe images.")
+        field, f"{num_images} usable probe images{also}, but {similarity_fn} needs at "
+        f"least {needed} (its top-k).", f"give at least {needed} probe images.")
 
 
 def _concept_matrix_gb(num_images: int, num_concepts: int) -> float:

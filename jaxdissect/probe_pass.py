@@ -7,6 +7,8 @@ last chunk and ends with results identical to an uninterrupted run. In a multi-p
 run each process keeps its own shard (`KEY.shard-P-of-N`) and the rows are gathered
 into every process afterwards. Text embeddings of the concept set are cached likewise.
 """
+import collections
+import dataclasses
 from typing import Sequence
 
 from absl import logging
@@ -19,6 +21,7 @@ from jaxdissect import labeling
 from jaxdissect import sharding
 from jaxdissect import store
 from jaxdissect import topk
+from jaxdissect.data import decode
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import targets as targets_lib
 
@@ -175,6 +178,7 @@ def probe_store_key(config, clip, target, layer_infos, probe_set,
       "layers": [[i.name, i.path] for i in layer_infos],
       "pool_mode": config.pool_mode, "token_pool": config.token_pool,
       "probe": probe_set.identity, "num_images": probe_set.num_images,
+      "decoding": {"decoder": decode.DECODER, **dataclasses.asdict(probe_set.limits)},
       "clip_transform": clip.transform.to_json(),
       "target_transform": target.transform.to_json(),
       "computation": activations_lib.computation_fingerprint(
@@ -190,18 +194,29 @@ def text_store_key(clip, concepts: Sequence[str], clip_hash: str | None = None) 
                             "max_text_length": clip.max_text_length})
 
 
-def check_skipped(config, probe: store.ProbeActivations, probe_set) -> list[tuple[int, str]]:
-  """(global index, image id) of the images that could not be decoded; an error if
-  config.on_bad_image says so, else a warning. Enough images must remain."""
-  skipped = [(i, probe_set.describe(i)) for i in probe.skipped]
+def check_skipped(config, probe: store.ProbeActivations,
+                  probe_set) -> list[tuple[int, str, str]]:
+  """(global index, image id, reason) of the images that could not be decoded; an error
+  if config.on_bad_image says so, else a warning. Enough images must remain."""
+  reasons = probe_set.skip_reasons(probe.skipped) if probe.skipped else {}
+  skipped = [(i, probe_set.describe(i), reasons[i]) for i in probe.skipped]
   if skipped and config.on_bad_image == "error":
-    listed = ", ".join(name for _, name in skipped[:5])
+    index, name, reason = skipped[0]
     raise errors.UserError(
-        "d_probe", f"{len(skipped)} probe image(s) could not be decoded ({listed}"
-        f"{', ...' if len(skipped) > 5 else ''}).",
+        "d_probe", f"{len(skipped)} probe image(s) cannot be used; the first, {name!r} "
+        f"(#{index}): {reason}.",
         "repair or remove them, or set --config.on_bad_image=skip to skip them.")
   if skipped:
-    logging.warning("Skipped %d undecodable probe image(s); they are listed in "
-                    "skipped_images.txt.", len(skipped))
-  labeling.check_enough_images(len(probe.image_ids), config.similarity_fn)
+    logging.warning("Skipped %d probe image(s) that cannot be used (%s); they are listed "
+                    "with the reason in skipped_images.csv.", len(skipped),
+                    _reason_counts(skipped))
+  labeling.check_enough_images(
+      len(probe.image_ids), config.similarity_fn,
+      skipped=f"{len(skipped)} skipped: {_reason_counts(skipped)}" if skipped else "")
   return skipped
+
+
+def _reason_counts(skipped) -> str:
+  # "cannot decode (OSError: ...)" and "cannot decode (SyntaxError: ...)" count together.
+  counts = collections.Counter(reason.split(" (")[0].split(":")[0] for _, _, reason in skipped)
+  return ", ".join(f"{n} {what}" for what, n in counts.most_common())

@@ -135,9 +135,10 @@ def write_result_dir(result_dir: str, overwrite: bool,
 
 def write_files(directory: str, result: DissectionResult, config_json: dict[str, Any],
                 write_report: Callable[[str, DissectionResult], None] | None,
-                skipped: Sequence[tuple[int, str]] = ()) -> None:
-  """Every result file into `directory`; skipped: (global index, image id) of the probe
-  images that could not be decoded (skipped_images.txt, only when there are some)."""
+                skipped: Sequence[tuple[int, str, str]] = ()) -> None:
+  """Every result file into `directory`; skipped: (global index, image id, reason) of
+  the probe images that could not be used (skipped_images.csv, only when there are
+  some)."""
   with open(os.path.join(directory, "descriptions.csv"), "w", encoding="utf-8",
             newline="") as f:
     f.write(result.descriptions_csv())
@@ -154,8 +155,11 @@ def write_files(directory: str, result: DissectionResult, config_json: dict[str,
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config_json, f, indent=2, sort_keys=True, default=str)
   if skipped:
-    with open(os.path.join(directory, "skipped_images.txt"), "w", encoding="utf-8") as f:
-      f.write("".join(f"{index}\t{name}\n" for index, name in skipped))
+    with open(os.path.join(directory, "skipped_images.csv"), "w", encoding="utf-8",
+              newline="") as f:
+      writer = csv.writer(f, lineterminator="\n")
+      writer.writerow(["index", "id", "reason"])
+      writer.writerows(skipped)
   if write_report is not None:
     write_report(os.path.join(directory, "report"), result)
 

@@ -56,7 +56,7 @@ class Run:
   @functools.cached_property
   def probe_set(self):
     from jaxdissect.data import probe as probe_lib  # pylint: disable=g-import-not-at-top
-    return probe_lib.ProbeSet(probe_lib.parse_probe_spec(self.config.d_probe))
+    return probe_lib.probe_set_from_config(self.config)
 
   def probe(self):
     """The stored probe pass (memory-mapped), or a UserError saying how to get it."""

@@ -256,7 +256,7 @@ class MainEndToEndTest(_TinyModels):
     self.check_results(os.path.join(workdir, "results"), {"layer4": 32, "fc": 5},
                        ["apple", "boat", "cat", "dog", "egg"])
 
-  def test_bad_images_are_skipped_and_listed_or_an_error(self):
+  def test_hostile_folder_is_skipped_with_reasons_or_an_error(self):
     import shutil  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -268,26 +268,48 @@ class MainEndToEndTest(_TinyModels):
       good = f.read()
     with open(os.path.join(folder, "ab_truncated.png"), "wb") as f:
       f.write(good[:len(good) // 2])
-    # Odd but valid images are converted, not skipped.
+    os.mkfifo(os.path.join(folder, "ae_fifo.png"))
+    os.symlink("/dev/zero", os.path.join(folder, "af_zero.jpg"))  # never opened
+    os.symlink(os.path.join(folder, "gone.png"), os.path.join(folder, "ag_dangling.png"))
+    os.symlink(os.path.join(folder, "ah_loop.png"), os.path.join(folder, "ah_loop.png"))
+    # Odd but valid images are converted, not skipped; a huge one is over the limit.
     Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(os.path.join(folder, "ac_1x1.png"))
+    Image.fromarray(np.full((30, 20, 2), 90, np.uint8)[..., 0], "L").convert("LA").save(
+        os.path.join(folder, "ai_la.png"))
+    Image.fromarray(np.full((8, 9, 3), 70, np.uint8)).save(os.path.join(folder, "aj.webp"))
+    with open(os.path.join(folder.encode(), b"ak_caf\xe9.bmp"), "wb") as f:
+      Image.fromarray(np.full((8, 9, 3), 10, np.uint8)).save(f, format="BMP")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (2500, 3000, 3), np.uint8)
                     ).save(os.path.join(folder, "ad_huge.png"))
+    expected = {"aa_garbage.jpg": "cannot decode", "ab_truncated.png": "cannot decode",
+                "ad_huge.png": "3000x2500 pixels, more than max_image_pixels",
+                "ae_fifo.png": "not a regular file: a FIFO",
+                "af_zero.jpg": "not a regular file: a character device",
+                "ag_dangling.png": "missing, or a symlink to nothing",
+                "ah_loop.png": "a symlink loop"}
     workdir = tempfile.mkdtemp(dir=self.tmp)
-    run_main(*self.args(workdir, d_probe=f"folder:{folder}", target_layers="fc"))
-    with open(os.path.join(workdir, "results", "skipped_images.txt"), encoding="utf-8") as f:
-      skipped = [line.split("\t") for line in f.read().splitlines()]
+    proc = run_main(*self.args(workdir, d_probe=f"folder:{folder}", target_layers="fc",
+                               max_image_pixels=5_000_000))
+    self.assertNotIn("Traceback", proc.stderr)
+    skipped = read_csv(os.path.join(workdir, "results", "skipped_images.csv"))
+    self.assertEqual(skipped[0], ["index", "id", "reason"])
     from jaxdissect.data import probe  # pylint: disable=g-import-not-at-top
-    files = probe.list_image_files(folder)
-    self.assertEqual(skipped, [[str(files.index(name)), name]
-                               for name in ("aa_garbage.jpg", "ab_truncated.png")])
+    ids = [probe.printable(p) for p in probe.list_image_files(folder)]
+    self.assertEqual([(int(i), name) for i, name, _ in skipped[1:]],
+                     [(ids.index(name), name) for name in expected])
+    for _, name, reason in skipped[1:]:
+      self.assertTrue(reason.startswith(expected[name]), (name, reason))
     with open(os.path.join(workdir, "results", "config.json"), encoding="utf-8") as f:
-      self.assertEqual(json.load(f)["num_images"], NUM_IMAGES + 4)
-    ids = {r[3] for r in read_csv(os.path.join(workdir, "results", "top_images.csv"))[1:]}
-    self.assertFalse(ids & {"aa_garbage.jpg", "ab_truncated.png"})
+      self.assertEqual(json.load(f)["num_images"], NUM_IMAGES + 11)
+    rows = read_csv(os.path.join(workdir, "results", "descriptions.csv"))
+    self.assertLen(rows, 1 + 5)  # every fc unit labelled
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), d_probe=f"folder:{folder}",
-                               target_layers="fc", on_bad_image="error"), check=False)
+                               target_layers="fc", max_image_pixels=5_000_000,
+                               on_bad_image="error"), check=False)
     last = assert_one_line_error(self, proc, "d_probe")
-    self.assertIn("aa_garbage.jpg", last)
+    self.assertIn(f"7 probe image(s) cannot be used; the first, 'aa_garbage.jpg' "
+                  f"(#{ids.index('aa_garbage.jpg')}): cannot decode (no image format PIL "
+                  "reads).", last)
 
   def test_list_layers(self):
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp)), "--list_layers")

@@ -13,7 +13,7 @@ from jaxdissect import tiny_models
 from tests import main_test
 
 RESULT_FILES = ("descriptions.csv", "descriptions_topk.csv", "top_images.csv",
-                "skipped_images.txt")
+                "skipped_images.csv")
 
 
 def _free_port() -> int:
@@ -96,7 +96,7 @@ class TwoProcessTest(absltest.TestCase):
           self.assertIn("Probe activations reused", logs[0])
           self.assertIn("Probe activations reused", logs[1])
         one, two = self.read(single), self.read(double)
-        self.assertIn(b"img_00070b.png", one["skipped_images.txt"])
+        self.assertIn(b"img_00070b.png", one["skipped_images.csv"])
         for result_file in RESULT_FILES:
           self.assertEqual(two[result_file], one[result_file], result_file)
 

@@ -1,8 +1,8 @@
-"""Each model's own image transform, read from its preprocessor_config.json, run in TF.
+"""Each model's own image transform, read from its preprocessor_config.json.
 
-The transform reproduces the HF image processors' NumPy/PIL path: resize (with
-antialiasing, like PIL) and round to uint8 as PIL does, centre-crop with the same
-integer offsets, rescale, normalise. The output is NHWC float32.
+The transform is the HF image processors' NumPy/PIL path, with PIL itself: PIL resize
+of the uint8 image, centre crop with the same integer offsets (black padding when the
+crop is larger), rescale, normalise. The output is HWC float32.
 """
 import dataclasses
 import json
@@ -16,9 +16,10 @@ from jaxdissect import errors
 from jaxdissect import registry
 
 IMAGENET_MEAN, IMAGENET_STD = registry.IMAGENET_MEAN, registry.IMAGENET_STD
-# PIL resample codes as stored in preprocessor_config.json.
-_PIL_RESAMPLE = {0: "nearest", 1: "lanczos3", 2: "bilinear", 3: "bicubic", 4: "area",
-                 5: "area"}
+# PIL resample codes as stored in preprocessor_config.json, and back.
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos3", 2: "bilinear", 3: "bicubic", 4: "area",
+                   5: "hamming"}
+PIL_RESAMPLE = {name: code for code, name in _RESAMPLE_NAMES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,9 @@ class ImageTransform:
     if self.resize_shortest_edge is not None and self.resize_to is not None:
       raise ValueError("ImageTransform takes at most one of resize_shortest_edge and "
                        "resize_to.")
+    if self.resample not in PIL_RESAMPLE:
+      raise ValueError(f"ImageTransform resample {self.resample!r} is not one of "
+                       f"{sorted(PIL_RESAMPLE)}.")
 
   @property
   def output_size(self) -> tuple[int, int] | None:
@@ -87,7 +91,7 @@ def transform_from_processor(processor, name: str = "model") -> ImageTransform:
   if kind not in _STANDARD_PROCESSORS:
     logging.warning("%s uses %s, whose resize jaxdissect reads as the common rule "
                     "(shortest edge, or exact size, then centre crop).", name, kind)
-  resample = _PIL_RESAMPLE.get(int(getattr(processor, "resample", 3)), "bicubic")
+  resample = _RESAMPLE_NAMES.get(int(getattr(processor, "resample", 3)), "bicubic")
   if getattr(processor, "do_normalize", True):
     mean = tuple(float(v) for v in _three(processor.image_mean))
     std = tuple(float(v) for v in _three(processor.image_std))
@@ -173,74 +177,59 @@ def load_transform(model_dir_or_id: str, fallback: ImageTransform,
   return transform
 
 
-def resize_output_size(height, width, shortest_edge):
-  """HF's get_resize_output_image_size(default_to_square=False), on tf scalars."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  short = tf.minimum(height, width)
-  long = tf.maximum(height, width)
-  new_short = tf.constant(shortest_edge, tf.int32)
-  # int(size * long / short), computed in float64 as Python does.
-  new_long = tf.cast(tf.math.floor(
-      tf.cast(shortest_edge, tf.float64) * tf.cast(long, tf.float64)
-      / tf.cast(short, tf.float64)), tf.int32)
-  new_h = tf.where(height <= width, new_short, new_long)
-  new_w = tf.where(height <= width, new_long, new_short)
-  return new_h, new_w
+def resize_output_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+  """HF's get_resize_output_image_size(default_to_square=False): (new_h, new_w)."""
+  short, long = min(height, width), max(height, width)
+  new_long = int(shortest_edge * long / short)
+  return (shortest_edge, new_long) if height <= width else (new_long, shortest_edge)
 
 
-def apply_transform(image, transform: ImageTransform):
-  """uint8 (H, W, 3) tf image -> float32 model input (h, w, 3)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  resized = tf.cast(image, tf.float32)
-  if transform.resize_to is not None or transform.resize_shortest_edge is not None:
-    resized = _resize_like_pil(resized, transform)
-  if transform.crop_size is not None:
-    resized = _center_crop(resized, *transform.crop_size)
-  elif transform.resize_to is not None:
-    resized = tf.ensure_shape(resized, (*transform.resize_to, 3))
-  return normalise(resized, transform)
-
-
-def normalise(pixels, transform: ImageTransform):
-  """float32 pixel values 0..255 (..., 3), tf or NumPy -> the model's input scale:
-  rescale_factor, then (x - mean) / std per channel."""
-  mean = np.asarray(transform.mean, np.float32)
-  std = np.asarray(transform.std, np.float32)
-  return (pixels * np.float32(transform.rescale_factor) - mean) / std
-
-
-def _resize_like_pil(image, transform: ImageTransform):
-  """float (H, W, 3) holding uint8 values -> resized, rounded to uint8 values as PIL."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
+def resized_size(height: int, width: int, transform: ImageTransform) -> tuple[int, int]:
+  """(h, w) after the transform's resize (before its crop)."""
   if transform.resize_to is not None:
-    new_h, new_w = transform.resize_to
-  else:
-    new_h, new_w = resize_output_size(height, width, transform.resize_shortest_edge)
-  method = {"lanczos3": "lanczos3", "bicubic": "bicubic", "bilinear": "bilinear",
-            "nearest": "nearest", "area": "area"}[transform.resample]
-  antialias = method != "nearest"
-  # PIL resamples in two passes, width then height, rounding and clipping to uint8 after
-  # each (half up); doing the same keeps cubic overshoot near saturated pixels identical.
-  resized = tf.image.resize(image, tf.stack([height, new_w]), method=method,
-                            antialias=antialias)
-  resized = tf.clip_by_value(tf.floor(resized + 0.5), 0.0, 255.0)
-  resized = tf.image.resize(resized, tf.stack([new_h, new_w]), method=method,
-                            antialias=antialias)
-  return tf.clip_by_value(tf.floor(resized + 0.5), 0.0, 255.0)
+    return tuple(transform.resize_to)
+  if transform.resize_shortest_edge is not None:
+    return resize_output_size(height, width, transform.resize_shortest_edge)
+  return height, width
 
 
-def _center_crop(image, crop_h: int, crop_w: int):
-  """HF's center_crop: offsets (size - crop) // 2; an image smaller than the crop is
-  first padded with black, ceil((crop - size) / 2) before it."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  pad_h = tf.maximum(crop_h - height, 0)
-  pad_w = tf.maximum(crop_w - width, 0)
-  top_pad, left_pad = (pad_h + 1) // 2, (pad_w + 1) // 2
-  image = tf.pad(image, [[top_pad, pad_h - top_pad], [left_pad, pad_w - left_pad], [0, 0]])
-  top = tf.maximum((height - crop_h) // 2 + top_pad, 0)
-  left = tf.maximum((width - crop_w) // 2 + left_pad, 0)
-  image = tf.image.crop_to_bounding_box(image, top, left, crop_h, crop_w)
-  return tf.ensure_shape(image, (crop_h, crop_w, 3))
+def apply_transform(image, transform: ImageTransform) -> np.ndarray:
+  """An RGB image (PIL, or uint8 (H, W, 3)) -> float32 model input (h, w, 3).
+
+  As the HF processors do it: PIL resize of the uint8 image (reducing_gap None),
+  centre crop, rescale in float64, normalise in float32. Memory stays that of uint8
+  images: no float copy of the full-size image."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not isinstance(image, Image.Image):
+    image = Image.fromarray(np.asarray(image, np.uint8), mode="RGB")
+  height, width = image.height, image.width
+  new_h, new_w = resized_size(height, width, transform)
+  if (new_h, new_w) != (height, width):
+    image = image.resize((new_w, new_h), resample=PIL_RESAMPLE[transform.resample],
+                         reducing_gap=None)
+  pixels = np.asarray(image)
+  if transform.crop_size is not None:
+    pixels = center_crop(pixels, *transform.crop_size)
+  return normalise(pixels, transform)
+
+
+def normalise(pixels: np.ndarray, transform: ImageTransform) -> np.ndarray:
+  """Pixel values 0..255 (..., 3) -> the model's input scale, float32: x * rescale_factor
+  (in float64, as HF's rescale), then (x - mean) / std per channel."""
+  scaled = (np.asarray(pixels, np.float64) * transform.rescale_factor).astype(np.float32)
+  return (scaled - np.asarray(transform.mean, np.float32)) / np.asarray(transform.std,
+                                                                        np.float32)
+
+
+def center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+  """HF's center_crop of (H, W, C): offsets (size - crop) // 2; an image smaller than
+  the crop is first padded with black, ceil((crop - size) / 2) before it."""
+  height, width = pixels.shape[:2]
+  pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+  if pad_h or pad_w:
+    top_pad, left_pad = (pad_h + 1) // 2, (pad_w + 1) // 2
+    pixels = np.pad(pixels, [(top_pad, pad_h - top_pad), (left_pad, pad_w - left_pad),
+                             (0, 0)])
+  height, width = pixels.shape[:2]
+  top, left = (height - crop_h) // 2, (width - crop_w) // 2
+  return pixels[top:top + crop_h, left:left + crop_w]

@@ -1,12 +1,15 @@
 """Probe image sources and the one-pass tf.data pipeline that feeds the probe step.
 
 Sources: `tfds:NAME[:VERSION]:SPLIT` (tfds.load, honouring TFDS_DATA_DIR), `folder:PATH`
-(recursive jpg/jpeg/png, sorted by relative path), and in-memory arrays (Python API).
-Each image is decoded once and passed through two transforms (CLIP's and the target's);
+(recursive, the extensions of decode.IMAGE_EXTENSIONS, sorted by relative path; PATH
+may be any tf.io.gfile path such as gs://bucket/dir), and in-memory arrays (Python API).
+Each image is decoded once (data/decode.py: upright, RGB, as PIL shows it) and passed
+through two transforms (CLIP's and the target's);
 batches have a fixed size, the last one padded, with a mask that marks real images.
 Every image carries its global index (position in the concatenated sources) and an id
 (relative file name or TFDS key) that ends up in top_images.csv.
 """
+import collections
 import dataclasses
 import os
 import re
@@ -17,9 +20,10 @@ import numpy as np
 
 from jaxdissect import errors
 from jaxdissect.data import broden
+from jaxdissect.data import decode
 from jaxdissect.data import preprocessing
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = decode.IMAGE_EXTENSIONS
 _TFDS_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 
@@ -31,10 +35,13 @@ class ProbeSource:
     description: the spec it came from, e.g. "folder:/data/probe".
     num_images: how many images it yields.
     identity: what the activation-store fingerprint hashes for it.
-    make_dataset: () -> tf.data.Dataset of records {"image_id": str, ...}, not yet
-      decoded, so that skipping records (a resumed chunk, another shard) costs no decode.
-    decode: record -> {"image": uint8 (H, W, C), "image_id"} in tf.data; a record it
-      fails on (corrupt, truncated) is skipped and reported, not fatal.
+    make_dataset: () -> tf.data.Dataset of records {"image_id": str, payload_key: ...},
+      not yet decoded, so that skipping records (a resumed chunk, another shard) costs
+      no decode.
+    payload_key: the record field that `load` reads.
+    load: (that field as NumPy, decode.Limits) -> an RGB image (PIL or uint8 (H, W, 3)),
+      run in Python; a record it fails on raises decode.BadImage with the reason, and
+      is skipped and reported, not fatal.
     image_ids: every image's id where known before reading (file names), else None.
     class_labels: every image's class name where the source knows it (the synthetic
       world's shape; a folder's class subfolder), else None. Only the label
@@ -44,7 +51,8 @@ class ProbeSource:
   num_images: int
   identity: dict[str, Any]
   make_dataset: Callable[[], Any]
-  decode: Callable[[Any], Any] = lambda record: record
+  payload_key: str
+  load: Callable[[Any, decode.Limits], Any]
   image_ids: Sequence[str] | None = None
   class_labels: Sequence[str] | None = None
 
@@ -120,54 +128,113 @@ def parse_probe_spec(spec: str, field: str = "d_probe") -> list[ProbeSource]:
   return sources
 
 
+def printable(name: str) -> str:
+  """A file name as text: bytes that are not UTF-8 (os's surrogate escapes) as \\xNN."""
+  return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _walk(root: str):
+  if decode.is_url(root):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return ((d, sorted(dirs), files) for d, dirs, files in tf.io.gfile.walk(root))
+  return os.walk(root)  # symlinked directories are not followed
+
+
 def list_image_files(root: str) -> list[str]:
-  """Relative paths of the images under root, recursively, sorted."""
-  found = []
-  for directory, dirnames, filenames in os.walk(root):
+  """Relative paths ("/"-separated) of the images under root, recursively, sorted."""
+  return _list_files(root)[0]
+
+
+def _list_files(root: str) -> tuple[list[str], collections.Counter, collections.Counter]:
+  """(image paths, their count by extension, other files' count by extension)."""
+  found, kept, ignored = [], collections.Counter(), collections.Counter()
+  for directory, dirnames, filenames in _walk(root):
     dirnames.sort()
     for filename in filenames:
-      if filename.lower().endswith(IMAGE_EXTENSIONS):
-        found.append(os.path.relpath(os.path.join(directory, filename), root))
-  return sorted(p.replace(os.sep, "/") for p in found)
+      extension = os.path.splitext(filename)[1].lower()
+      if extension in IMAGE_EXTENSIONS:
+        found.append(_join(directory, filename)[len(root):].lstrip("/" + os.sep))
+        kept[extension] += 1
+      else:
+        ignored[extension or "(none)"] += 1
+  return sorted(p.replace(os.sep, "/") for p in found), kept, ignored
+
+
+def _join(directory: str, name: str) -> str:
+  return f"{directory.rstrip('/')}/{name}" if decode.is_url(directory) else os.path.join(
+      directory, name)
+
+
+def _counts(counter: collections.Counter) -> str:
+  return ", ".join(f"{n} {ext}" for ext, n in sorted(counter.items(), key=lambda e: -e[1]))
 
 
 def folder_source(path: str, field: str = "d_probe") -> ProbeSource:
-  root = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(root):
-    raise errors.UserError(field, f"probe folder {path!r} does not exist.",
-                           "give folder:PATH of an existing directory of images.")
-  files = list_image_files(root)
+  root = path if decode.is_url(path) else os.path.abspath(os.path.expanduser(path))
+  if decode.is_url(root):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    root = root.rstrip("/")
+    exists = tf.io.gfile.isdir(root)
+  else:
+    exists = os.path.isdir(root)
+  if not exists:
+    raise errors.UserError(field, f"probe folder {path!r} does not exist or is not a "
+                           "directory.", "give folder:PATH of an existing directory of "
+                           "images.")
+  try:
+    files, kept, ignored = _list_files(root)
+  except OSError as err:
+    raise errors.UserError(field, f"cannot list probe folder {path!r} ({err}).",
+                           "make it readable.") from None
   if not files:
-    raise errors.UserError(field, f"probe folder {path!r} holds no .jpg/.jpeg/.png files.",
+    raise errors.UserError(field, f"probe folder {path!r} holds no image files "
+                           f"({'/'.join(IMAGE_EXTENSIONS)}).",
                            "put images in it (subfolders are searched) or use another "
                            "source.")
+  logging.info("Probe folder %s: %d image file(s) (%s)%s.", path, len(files), _counts(kept),
+               f"; {sum(ignored.values())} other file(s) ignored ({_counts(ignored)})"
+               if ignored else "")
   source = _files_source(root, files, f"folder:{path}", "folder")
   # ImageFolder layout (root/CLASS/image.jpg): the subfolder names the class.
   if all("/" in rel for rel in files):
-    source.class_labels = [rel.split("/", 1)[0] for rel in files]
+    source.class_labels = [printable(rel.split("/", 1)[0]) for rel in files]
   return source
+
+
+def _stat(path: str) -> tuple[int, int]:
+  """(size, mtime in ns) identifying a file without reading it; (-1, -1) where the path
+  cannot be stat'ed (the pass will skip it with the reason)."""
+  try:
+    if decode.is_url(path):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      info = tf.io.gfile.stat(path)
+      return int(info.length), int(info.mtime_nsec)
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+  except Exception:  # pylint: disable=broad-except
+    return -1, -1
 
 
 def _files_source(root: str, files: Sequence[str], description: str,
                   kind: str) -> ProbeSource:
   """Image files under root (relative paths, in probe order)."""
-  # Sizes and modification times identify the files without reading them all.
-  listing = []
-  for rel in files:
-    stat = os.stat(os.path.join(root, rel))
-    listing.append([rel, stat.st_size, stat.st_mtime_ns])
+  paths = [_join(root, rel) for rel in files]
+  ids = [printable(rel) for rel in files]
+  listing = [[image_id, *_stat(path)] for image_id, path in zip(ids, paths)]
 
   def make_dataset():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    paths = [os.path.join(root, rel) for rel in files]
-    return tf.data.Dataset.from_tensor_slices({"path": paths, "image_id": list(files)})
+    # Only positions travel through TF: any file name (not UTF-8, say) stays in Python.
+    return tf.data.Dataset.from_tensor_slices({
+        "file": tf.range(len(paths), dtype=tf.int64), "image_id": ids})
 
-  def decode(record):
-    return {"image": _decode_file(record["path"]), "image_id": record["image_id"]}
+  def load(position, limits: decode.Limits):
+    return decode.decode_file(paths[int(position)], limits)
 
   return ProbeSource(description=description, num_images=len(files),
-                     identity={"kind": kind, "root": root, "files": listing},
-                     make_dataset=make_dataset, decode=decode, image_ids=list(files))
+                     identity={"kind": kind, "root": printable(root), "files": listing},
+                     make_dataset=make_dataset, payload_key="file", load=load,
+                     image_ids=ids)
 
 
 def broden_source(path: str, field: str = "d_probe") -> ProbeSource:
@@ -221,14 +288,11 @@ def tfds_source(name: str, split: str, field: str = "d_probe") -> ProbeSource:
                             decoders={image_key: tfds.decode.SkipDecoding()})
     return ds.map(lambda x: {"encoded": x[image_key], "image_id": x["tfds_id"]})
 
-  def decode(record):
-    return {"image": _decode_bytes(record["encoded"]), "image_id": record["image_id"]}
-
   return ProbeSource(
       description=f"tfds:{name}:{split}", num_images=int(num_images),
       identity={"kind": "tfds", "name": builder.info.full_name, "split": split,
                 "num_examples": int(num_images)},
-      make_dataset=make_dataset, decode=decode)
+      make_dataset=make_dataset, payload_key="encoded", load=decode.decode_bytes)
 
 
 def synthetic_source(spec: str, field: str = "d_probe") -> ProbeSource:
@@ -275,50 +339,30 @@ def array_source(images: np.ndarray, image_ids: Sequence[str] | None = None,
                            "give one id per image.")
   import hashlib  # pylint: disable=g-import-not-at-top
   digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+  # As PIL's convert("RGB"): grayscale repeated, alpha dropped.
+  images = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images[..., :3]
 
   def make_dataset():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf.data.Dataset.from_tensor_slices({"image": images, "image_id": image_ids})
+    return tf.data.Dataset.from_tensor_slices({
+        "row": tf.range(len(images), dtype=tf.int64), "image_id": image_ids})
+
+  def load(row, limits: decode.Limits):
+    del limits  # already in memory
+    return images[int(row)]
 
   return ProbeSource(description=description, num_images=len(images),
                      identity={"kind": "array", "sha256": digest, "ids": image_ids},
-                     make_dataset=make_dataset, image_ids=image_ids)
-
-
-def _to_rgb(image):
-  """Any decoded image -> uint8 (H, W, 3): grayscale (with or without alpha) tiled,
-  alpha dropped (as PIL's convert("RGB")), 16-bit scaled."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if image.dtype != tf.uint8:
-    image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
-  channels = tf.shape(image)[-1]
-  image = tf.cond(channels <= 2, lambda: tf.tile(image[..., :1], [1, 1, 3]),
-                  lambda: image[..., :3])
-  return tf.ensure_shape(image, (None, None, 3))
-
-
-def _decode_file(path):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return _decode_bytes(tf.io.read_file(path))
-
-
-def _decode_bytes(encoded):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  # dtype=uint8 scales 16-bit PNGs down; channels=0 keeps what the file has.
-  return tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
-
-
-def _decode(element):
-  image = element["image"]
-  if image.shape.rank == 2:
-    image = image[..., None]
-  return _to_rgb(image)
+                     make_dataset=make_dataset, payload_key="row", load=load,
+                     image_ids=image_ids)
 
 
 @dataclasses.dataclass
 class ProbeSet:
-  """The concatenation of sources, with global image indices."""
+  """The concatenation of sources, with global image indices; `limits` bound what one
+  file may cost to read and decode."""
   sources: list[ProbeSource]
+  limits: decode.Limits = decode.Limits()
 
   @property
   def num_images(self) -> int:
@@ -356,27 +400,47 @@ class ProbeSet:
         ids.extend(raw.decode("utf-8") for raw in records.as_numpy_iterator())
     return ids
 
-  def read_images(self, indices: Sequence[int],
-                  transform: preprocessing.ImageTransform) -> dict[int, np.ndarray]:
-    """{global index: (h, w, 3) float32 pixels after `transform`} for `indices`;
-    undecodable images are left out. Other records are skipped before decoding."""
+  def _records(self, indices: Sequence[int]) -> Iterator[tuple[int, ProbeSource, Any]]:
+    """(global index, its source, its payload) for `indices`, in index order; other
+    records are skipped before decoding."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     wanted = sorted({int(i) for i in indices})
-    out: dict[int, np.ndarray] = {}
     offset = 0
     for source in self.sources:
       local = [i - offset for i in wanted if offset <= i < offset + source.num_images]
       if local:
         keep = tf.constant(local, tf.int64)
         part = source.make_dataset().enumerate().filter(
-            lambda i, x, keep=keep: tf.reduce_any(tf.equal(i, keep)))
-        part = part.map(
-            lambda i, x, decode=source.decode: (i, preprocessing.apply_transform(
-                _decode({**decode(x)}), transform))).ignore_errors()
-        for i, pixels in part.as_numpy_iterator():
-          out[int(i) + offset] = pixels
+            lambda i, x, keep=keep: tf.reduce_any(tf.equal(i, keep))).map(
+                lambda i, x, key=source.payload_key: (i, x[key]))
+        for i, payload in part.as_numpy_iterator():
+          yield int(i) + offset, source, payload
       offset += source.num_images
+
+  def read_images(self, indices: Sequence[int],
+                  transform: preprocessing.ImageTransform) -> dict[int, np.ndarray]:
+    """{global index: (h, w, 3) float32 pixels after `transform`} for `indices`;
+    undecodable images are left out."""
+    out: dict[int, np.ndarray] = {}
+    for index, source, payload in self._records(indices):
+      try:
+        out[index] = preprocessing.apply_transform(source.load(payload, self.limits),
+                                                   transform)
+      except decode.BadImage:
+        pass
     return out
+
+  def skip_reasons(self, indices: Sequence[int]) -> dict[int, str]:
+    """{global index: why it cannot be used} for images the probe pass skipped, found
+    by reading each again."""
+    reasons = {int(i): "not found in its source" for i in indices}
+    for index, source, payload in self._records(indices):
+      try:
+        source.load(payload, self.limits)
+        reasons[index] = "could not be read during the pass (it can be now)"
+      except decode.BadImage as err:
+        reasons[index] = str(err)
+    return reasons
 
   def batches(self, clip_transform: preprocessing.ImageTransform,
               target_transform: preprocessing.ImageTransform, batch_size: int,
@@ -406,15 +470,31 @@ class ProbeSet:
     num_batches = -(-per_shard // batch_size)
     local_count = len(range(shard_index, count, num_shards))
     parallel = tf.data.AUTOTUNE if num_parallel_calls in (None, -1) else num_parallel_calls
+    limits = self.limits
+    blank = [np.zeros((*t.output_size, 3), np.float32)
+             for t in (clip_transform, target_transform)]
 
-    def prepare(x):
-      image = _decode(x)
+    def prepare(x, source):
+      def decode_and_transform(payload):
+        # Python (PIL releases the GIL while it decodes and resizes): one decode, two
+        # transforms. A bad file gives ok=False and is dropped below.
+        try:
+          image = source.load(payload, limits)
+        except decode.BadImage:
+          return (*blank, False)
+        return (preprocessing.apply_transform(image, clip_transform),
+                preprocessing.apply_transform(image, target_transform), True)
+
+      clip_pixels, target_pixels, ok = tf.numpy_function(
+          decode_and_transform, [x[source.payload_key]], [tf.float32, tf.float32, tf.bool],
+          stateful=False)
       return {
-          "clip_pixels": preprocessing.apply_transform(image, clip_transform),
-          "target_pixels": preprocessing.apply_transform(image, target_transform),
+          "clip_pixels": tf.ensure_shape(clip_pixels, (*clip_transform.output_size, 3)),
+          "target_pixels": tf.ensure_shape(target_pixels,
+                                           (*target_transform.output_size, 3)),
           "index": tf.cast(x["index"], tf.int64),
           "image_id": x["image_id"],
-          "mask": tf.constant(True),
+          "mask": tf.ensure_shape(ok, ()),
       }
 
     ds, offset = None, 0
@@ -427,15 +507,14 @@ class ProbeSet:
         if num_shards > 1:
           part = part.filter(
               lambda x: (x["index"] - start) % num_shards == shard_index)
-        part = part.map(
-            lambda x, decode=source.decode: prepare({**decode(x), "index": x["index"]}),
-            num_parallel_calls=parallel, deterministic=True)
+        part = part.map(lambda x, source=source: prepare(x, source),
+                        num_parallel_calls=parallel, deterministic=True)
         ds = part if ds is None else ds.concatenate(part)
       offset += source.num_images
     # A record that cannot be decoded is dropped here; its index never reaches the probe
     # step, which reports it as skipped. Padding without end, cut at num_batches, keeps
     # the batch count (equal on every shard) whatever was dropped.
-    ds = ds.ignore_errors()
+    ds = ds.filter(lambda x: x["mask"])
     padding = {
         "clip_pixels": tf.zeros((*clip_transform.output_size, 3), tf.float32),
         "target_pixels": tf.zeros((*target_transform.output_size, 3), tf.float32),
@@ -449,6 +528,15 @@ class ProbeSet:
                  start, stop - 1, local_count, num_batches, batch_size,
                  num_batches * batch_size - local_count)
     return ds.as_numpy_iterator()
+
+
+def probe_set_from_config(config) -> ProbeSet:
+  """config.d_probe with the config's decode limits (the defaults where a config written
+  before they existed lacks them)."""
+  defaults = decode.Limits()
+  limits = decode.Limits(int(config.get("max_image_bytes", defaults.max_bytes)),
+                         int(config.get("max_image_pixels", defaults.max_pixels)))
+  return ProbeSet(parse_probe_spec(config.d_probe), limits)
 
 
 def as_probe_set(images, image_ids=None) -> "ProbeSet":
