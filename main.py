@@ -9,9 +9,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow only decodes and resizes images here, ops that oneDNN does not replace
-# (tests/preprocessing_test pins the pixels): its start-up notice about oneDNN round-off
-# says nothing about this run, and only this switch silences it.
+# TensorFlow only runs the tf.data pipeline here (PIL decodes and resizes): no TF math
+# op that oneDNN replaces runs, so its start-up notice about oneDNN round-off says
+# nothing about this run, and only this switch silences it.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app  # noqa: E402

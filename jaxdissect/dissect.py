@@ -88,7 +88,7 @@ def run(config, workdir: str = "./workdir") -> str:
 def _run(config, workdir: str, warnings: list[str]) -> str:
   config_lib.validate(config)
   config = config_lib.resolve_paths(config, workdir)
-  results.check_result_dir(config.result_dir, config.overwrite)
+  results.check_output_dirs(config)
   mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.batch_size, mesh)
   resources.fetch_required(config, ("target_model", "concept_set"))

@@ -96,6 +96,11 @@ def resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos
                                          config.token_pool, mesh)
   reused = 0
   for number, (start, stop) in enumerate(chunks, 1):
+    finished = store.load_probe(config.activation_dir, probe_key, mmap=True)
+    if sharding.all_processes_agree(finished is not None):
+      logging.info("Probe activations finished by another run sharing %s; reused.",
+                   config.activation_dir)
+      return finished
     have = store.load_probe_chunk(config.activation_dir, probe_key, start, stop,
                                   mmap=True) is not None
     if sharding.all_processes_agree(have):
@@ -109,16 +114,22 @@ def resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos
         clip, target, layer_infos, batches, stop - start, config.pool_mode,
         config.token_pool, mesh, config.log_every_s, first_index=start, step=step,
         shard_index=shard_index, num_shards=num_shards)
-    if store.save_probe_chunk(config.activation_dir, probe_key, start, stop,
-                              part) is None:
-      raise errors.UserError("activation_dir", f"cannot save probe chunks under "
-                             f"{config.activation_dir}.", "give a writable activation_dir.")
+    try:
+      store.save_probe_chunk(config.activation_dir, probe_key, start, stop, part)
+    except OSError as err:
+      finished = store.load_probe(config.activation_dir, probe_key, mmap=True)
+      if finished is not None:  # another run finished the pass and removed its chunks
+        return finished
+      raise errors.from_os_error("activation_dir", err, "saving probe chunks") from None
     logging.info("Probe chunk %d/%d saved (images %d..%d).", number, len(chunks), start,
                  stop - 1)
   if reused:
     logging.info("Probe pass: %d of %d chunk(s) reused from an earlier run, %d computed.",
                  reused, len(chunks), len(chunks) - reused)
-  return store.assemble_probe(config.activation_dir, probe_key, chunks, meta)
+  try:
+    return store.assemble_probe(config.activation_dir, probe_key, chunks, meta)
+  except OSError as err:
+    raise errors.from_os_error("activation_dir", err, "assembling the probe pass") from None
 
 
 def gather_probe(local: store.ProbeActivations, num_images: int,

@@ -4,7 +4,10 @@ Files (docs/DESIGN.md): descriptions.csv (layer,unit,description,similarity — 
 tool's format), descriptions_topk.csv, top_images.csv, config.json, report/.
 """
 import csv
+import ctypes
 import dataclasses
+import errno
+import glob
 import io
 import json
 import os
@@ -13,6 +16,7 @@ import tempfile
 import platform
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -98,7 +102,10 @@ class DissectionResult:
 
 
 def check_result_dir(result_dir: str, overwrite: bool) -> None:
-  """Refuses a non-empty result_dir unless overwrite; called before any work."""
+  """Refuses a non-empty result_dir unless overwrite, and a place it cannot be written;
+  called before any work. Puts back results that a replacement interrupted on a system
+  without atomic exchange left aside."""
+  _restore_interrupted(os.path.abspath(result_dir))
   if os.path.isfile(result_dir):
     raise errors.UserError("result_dir", f"{result_dir!r} is a file.",
                            "give a directory path.")
@@ -107,26 +114,90 @@ def check_result_dir(result_dir: str, overwrite: bool) -> None:
         "result_dir", f"{result_dir!r} already holds results.",
         "choose another --config.result_dir, or pass --config.overwrite=True to "
         "replace them.")
+  check_writable(os.path.dirname(os.path.abspath(result_dir)), "result_dir",
+                 shown=os.path.abspath(result_dir))
+
+
+def check_output_dirs(config) -> None:
+  """result_dir and activation_dir, before any model loads (see check_result_dir)."""
+  check_result_dir(config.result_dir, config.overwrite)
+  check_writable(config.activation_dir, "activation_dir")
+
+
+def check_writable(directory: str, field: str, shown: str | None = None) -> None:
+  """That files can be created in `directory` (made if missing); a UserError naming
+  the cause (a file in the way, not writable, disk full) otherwise, about the path
+  `shown` (default: directory)."""
+  shown = shown or directory
+  probe_path = directory
+  while not os.path.exists(probe_path):
+    probe_path = os.path.dirname(probe_path)
+  if not os.path.isdir(probe_path):
+    where = ("is a file" if probe_path == shown
+             else f"is under {probe_path!r}, which is a file")
+    raise errors.UserError(field, f"{shown!r} {where}.",
+                           f"point --config.{field} at a directory path.")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-") as f:
+      f.write(b"x")
+      f.flush()
+  except OSError as err:
+    raise errors.from_os_error(field, err, "writing a first file") from None
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where
+  the system or filesystem cannot."""
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+    return False
+  raise OSError(code, os.strerror(code), b)
+
+
+def _aside_prefix(result_dir: str) -> str:
+  return os.path.join(os.path.dirname(result_dir), f".{os.path.basename(result_dir)}.old-")
+
+
+def _restore_interrupted(result_dir: str) -> None:
+  if os.path.exists(result_dir):
+    return
+  for aside in sorted(glob.glob(_aside_prefix(result_dir) + "*/previous")):
+    os.rename(aside, result_dir)
+    logging.warning("Restored %s: a replacement of it was interrupted.", result_dir)
+    shutil.rmtree(os.path.dirname(aside), ignore_errors=True)
+    return
 
 
 def write_result_dir(result_dir: str, overwrite: bool,
                      write_contents: Callable[[str], None]) -> str:
-  """Writes into a temp dir beside result_dir, then swaps it into place."""
+  """Writes into a temp dir beside result_dir, then swaps it into place: at every
+  instant either the old or the new results are whole at result_dir."""
   result_dir = os.path.abspath(result_dir)
   check_result_dir(result_dir, overwrite)
   parent = os.path.dirname(result_dir)
-  os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(result_dir)}.tmp-", dir=parent)
   try:
     write_contents(tmp)
     os.chmod(tmp, 0o755)
-    if os.path.isdir(result_dir):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(result_dir)}.old-", dir=parent)
+    if not os.path.isdir(result_dir):
+      os.rename(tmp, result_dir)
+    elif _exchange(tmp, result_dir):
+      shutil.rmtree(tmp, ignore_errors=True)  # now the old results
+    else:  # two renames; check_result_dir puts the old back if killed between them
+      old = tempfile.mkdtemp(prefix=os.path.basename(_aside_prefix(result_dir)), dir=parent)
       os.rename(result_dir, os.path.join(old, "previous"))
       os.rename(tmp, result_dir)
       shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, result_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

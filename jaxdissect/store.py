@@ -160,16 +160,11 @@ def _chunk_name(start: int, stop: int) -> str:
 
 
 def save_probe_chunk(root: str, key: str, start: int, stop: int,
-                     probe: ProbeActivations) -> str | None:
-  """Saves images start..stop-1 of an unfinished pass; None if it could not (another run
-  sharing the store finished the pass and removed the chunks meanwhile)."""
-  try:
-    return _save_probe_entry(_chunk_root(root, key), _chunk_name(start, stop), probe,
-                             {"start": start, "stop": stop})
-  except OSError as err:
-    logging.warning("Chunk %d..%d of probe-%s not saved (%s); the pass goes on.", start,
-                    stop - 1, key, err)
-    return None
+                     probe: ProbeActivations) -> str:
+  """Saves images start..stop-1 of an unfinished pass; raises OSError if it cannot
+  (the caller checks whether another run sharing the store finished the pass)."""
+  return _save_probe_entry(_chunk_root(root, key), _chunk_name(start, stop), probe,
+                           {"start": start, "stop": stop})
 
 
 def load_probe_chunk(root: str, key: str, start: int, stop: int,
@@ -178,7 +173,21 @@ def load_probe_chunk(root: str, key: str, start: int, stop: int,
 
 
 def remove_probe_chunks(root: str, key: str) -> None:
-  shutil.rmtree(_chunk_root(root, key), ignore_errors=True)
+  """Removes the finished chunks of a pass whose entry is written. Another run sharing
+  the store may be writing a chunk of the same pass (a .tmp-* directory): that one is
+  left alone, and so is the folder holding it."""
+  folder = _chunk_root(root, key)
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return
+  for name in names:
+    if name.startswith("chunk-"):
+      shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+  try:
+    os.rmdir(folder)
+  except OSError:
+    pass  # not empty: another run's chunk in progress
 
 
 def _load_probe_entry(root: str, name: str, mmap: bool = False,
@@ -217,14 +226,17 @@ def assemble_probe(root: str, key: str, chunks: list[tuple[int, int]],
   if existing is not None:  # another run sharing the store assembled it first
     return existing
 
-  def chunk(start, stop):
+  parts = []
+  for start, stop in chunks:
+    # Each chunk is verified once and memory-mapped; the writers read it from there.
     part = load_probe_chunk(root, key, start, stop, mmap=True)
     if part is None:
-      raise FileNotFoundError(f"chunk {start}..{stop - 1} of probe-{key} is missing.")
-    return part
-
-  # Each chunk is verified once and memory-mapped; the writers read it from there.
-  parts = [chunk(start, stop) for start, stop in chunks]
+      # Another run sharing the store may have finished the pass and removed its chunks.
+      existing = _load_probe_entry(root, f"probe-{key}", mmap=True)
+      if existing is not None:
+        return existing
+      raise FileNotFoundError(f"chunk {start}..{stop - 1} of probe-{key} is missing")
+    parts.append(part)
   layer_names = list(parts[0].activations)
   image_ids = [image_id for part in parts for image_id in part.image_ids]
   skipped = [index for part in parts for index in part.skipped]

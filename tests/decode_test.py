@@ -3,7 +3,6 @@ what is not a regular image file is skipped with its reason, quickly."""
 import io
 import os
 import socket
-import tempfile
 import time
 
 from absl.testing import absltest

@@ -155,6 +155,67 @@ class OneLineErrorTest(_TinyModels):
     for field, overrides in cases.items():
       self.cli_error(field.strip(), field, **overrides)
 
+  def test_unwritable_outputs_fail_before_the_models_load(self):
+    missing = os.path.join(self.tmp, "no_such_model")  # never reached
+    a_file = os.path.join(self.tmp, "a_file")
+    with open(a_file, "w") as f:
+      f.write("x")
+    cases = {
+        "result_dir": ({"result_dir": os.path.join(a_file, "results")}, "which is a file"),
+        "result_dir ": ({"result_dir": a_file}, "is a file"),
+        "activation_dir": ({"activation_dir": a_file}, "is a file"),
+        "activation_dir ": ({"activation_dir": os.path.join(a_file, "deeper", "acts")},
+                            f"is under '{a_file}', which is a file"),
+    }
+    for field, (overrides, expected) in cases.items():
+      last = self.cli_error(field.strip(), field, clip_model=missing, target_model=missing,
+                            **overrides)
+      self.assertIn(expected, last, field)
+
+  def test_disk_full_and_interrupts_end_in_one_line(self):
+    import contextlib  # pylint: disable=g-import-not-at-top
+    import errno  # pylint: disable=g-import-not-at-top
+    import io  # pylint: disable=g-import-not-at-top
+    from unittest import mock  # pylint: disable=g-import-not-at-top
+    from jaxdissect import cli  # pylint: disable=g-import-not-at-top
+    from jaxdissect import store  # pylint: disable=g-import-not-at-top
+    workdir = tempfile.mkdtemp(dir=self.tmp)
+
+    def full(root, *args, **kwargs):
+      del args, kwargs
+      raise OSError(errno.ENOSPC, "No space left on device", os.path.join(root, "x.npy"))
+
+    with mock.patch.object(store, "save_probe_chunk", full):
+      last = self.cli_error("activation_dir", workdir=workdir, target_layers="fc")
+    self.assertIn("saving probe chunks at", last)
+    self.assertIn("failed: the disk is full", last)
+    self.assertIn("a rerun resumes", last)
+    self.assertFalse(os.path.exists(os.path.join(workdir, "results")))
+
+    def results_full(directory, *args, **kwargs):
+      del args, kwargs
+      raise OSError(errno.ENOSPC, "No space left on device",
+                    os.path.join(directory, "descriptions.csv"))
+
+    from jaxdissect import results  # pylint: disable=g-import-not-at-top
+    with mock.patch.object(results, "write_files", results_full):
+      last = self.cli_error("result_dir", workdir=workdir, target_layers="fc")
+    self.assertIn("the disk is full", last)
+    self.assertEqual([n for n in os.listdir(workdir) if n.startswith(".results")], [])
+
+    config = base_config()
+    for key, value in self.fields(target_layers="fc").items():
+      config[key] = type(config[key])(value) if config[key] is not None else value
+    stderr = io.StringIO()
+    with mock.patch.object(cli.dissect, "run", side_effect=KeyboardInterrupt()), \
+        contextlib.redirect_stderr(stderr):
+      status = cli.run(config, workdir)
+    self.assertEqual(status, 130)
+    (line,) = stderr.getvalue().strip().splitlines()
+    # The pass above stored its activations before the results failed.
+    self.assertIn("interrupted: 1 stored probe pass(es) under", line)
+    self.assertIn("Rerun the same command to resume.", line)
+
   def test_config_errors_are_one_line(self):
     """main.py itself (a subprocess, flag parsing included): exit status 2."""
     bad = os.path.join(self.tmp, "bad_config.py")

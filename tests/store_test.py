@@ -1,6 +1,7 @@
 """The activation store: atomic entries, checksums, fingerprints."""
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import flax.linen as nn
@@ -56,6 +57,37 @@ class StoreTest(absltest.TestCase):
     self.assertEqual(loaded.skipped, [7, 9])
     self.assertIsNone(store.load_probe(root, "other"))
     self.assertEqual([n for n in os.listdir(root) if n.startswith(".tmp")], [])
+
+  def test_runs_sharing_a_store_keep_each_others_files(self):
+    root = self.create_tempdir().full_path
+    store.save_probe_chunk(root, "k", 0, 5, make_probe())
+    partial = os.path.join(root, "partial-k")
+    # Another run's chunk, half written (what _write_entry's temp directory holds).
+    in_progress = os.path.join(partial, ".tmp-chunk-000000000005-000000000010-abc")
+    os.makedirs(in_progress)
+    store.remove_probe_chunks(root, "k")
+    self.assertEqual(os.listdir(partial), [os.path.basename(in_progress)])
+    os.rmdir(in_progress)
+    store.remove_probe_chunks(root, "k")
+    self.assertFalse(os.path.exists(partial))
+    store.remove_probe_chunks(root, "never-written")  # nothing to remove: no error
+
+  def test_assembly_uses_the_entry_another_run_finished(self):
+    root = self.create_tempdir().full_path
+    finished = make_probe(seed=3)
+
+    def other_run_finishes(*args, **kwargs):
+      # Between this run's start and its read of a chunk, the other run assembled the
+      # pass and removed the chunks.
+      del args, kwargs
+      store.save_probe(root, "k", finished, {})
+      return None
+
+    with mock.patch.object(store, "load_probe_chunk", other_run_finishes):
+      assembled = store.assemble_probe(root, "k", [(0, 5)], {})
+    np.testing.assert_array_equal(assembled.activations["fc"], finished.activations["fc"])
+    with self.assertRaisesRegex(FileNotFoundError, "chunk 0..4 of probe-other is missing"):
+      store.assemble_probe(root, "other", [(0, 5)], {})
 
   def test_corrupted_or_truncated_entry_is_dropped_not_read(self):
     root = self.create_tempdir().full_path

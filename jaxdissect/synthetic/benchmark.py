@@ -170,10 +170,8 @@ def mean_over_draws(draws: Sequence[Sequence[dict]]) -> list[dict]:
 
 
 def _target_pixels(images: np.ndarray, target) -> np.ndarray:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jaxdissect.data import preprocessing  # pylint: disable=g-import-not-at-top
-  return np.stack([preprocessing.apply_transform(tf.constant(im), target.transform).numpy()
-                   for im in images])
+  return np.stack([preprocessing.apply_transform(im, target.transform) for im in images])
 
 
 def format_table(records: Sequence[dict]) -> str:
