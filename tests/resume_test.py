@@ -31,19 +31,24 @@ def command(workdir, *extra):
           *extra]
 
 
-def run_and_kill_at(workdir, trigger: str) -> bool:
-  """Runs main.py until a log line matches `trigger`, then SIGKILLs it. Returns whether
-  the trigger was seen (False: the run ended first)."""
+def run_and_kill_at(workdir, trigger: str, signum=signal.SIGKILL, rest=None) -> bool:
+  """Runs main.py until a log line matches `trigger`, then sends it `signum` (SIGKILL:
+  no chance to clean up). Returns whether the trigger was seen (False: the run ended
+  first); `rest`, a list, receives the lines written after the signal and the status."""
   proc = subprocess.Popen(command(workdir), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                           text=True, env=ENV)
   seen = False
   for line in proc.stderr:
     if re.search(trigger, line):
-      proc.send_signal(signal.SIGKILL)
+      proc.send_signal(signum)
       seen = True
       break
+  if rest is not None:
+    rest.extend(proc.stderr)
   proc.stderr.close()
   proc.wait(timeout=600)
+  if rest is not None:
+    rest.append(proc.returncode)
   return seen
 
 
@@ -111,6 +116,21 @@ class ResumeTest(parameterized.TestCase):
       self.assertBetween(int(reused.group(1)), 2, 3)
     else:
       self.assertIn("Probe activations reused", proc.stderr)
+
+  def test_sigterm_ends_in_one_line_and_the_rerun_resumes(self):
+    workdir = tempfile.mkdtemp()
+    rest = []
+    self.assertTrue(run_and_kill_at(workdir, r"Probe chunk 2/4 saved", signal.SIGTERM, rest))
+    status, lines = rest[-1], [l.strip() for l in rest[:-1] if l.strip()]
+    self.assertEqual(status, 130, lines)
+    self.assertNotIn("Traceback", "\n".join(lines))
+    self.assertRegex(lines[-1], r"^interrupted \(SIGTERM\): [23] saved chunk\(s\) of an "
+                     r"unfinished pass under .* are kept .* Rerun the same command to resume\.$")
+    proc = subprocess.run(command(workdir), capture_output=True, text=True, timeout=600,
+                          env=ENV)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertRegex(proc.stderr, r"Probe pass: [23] of 4 chunk\(s\) reused")
+    self.assert_same_results(workdir)
 
   def test_damaged_chunk_is_recomputed_not_read(self):
     workdir = tempfile.mkdtemp()
