@@ -11,6 +11,7 @@ import threading
 from jaxdissect import config as config_lib
 from jaxdissect import dissect
 from jaxdissect import errors
+from jaxdissect import store
 from jaxdissect.models import targets
 
 # Filesystem failures that are the machine's state, not a bug.
@@ -86,14 +87,13 @@ def _field_of_path(path, config, workdir: str) -> str:
 
 def _saved_work(config, workdir: str) -> str:
   """What an interrupted run leaves for the next: stored passes and saved chunks."""
-  activation_dir = os.path.abspath(_resolved(config, workdir).activation_dir)
+  activation_dir = _resolved(config, workdir).activation_dir
   entries = chunks = 0
-  if os.path.isdir(activation_dir):
-    for name in os.listdir(activation_dir):
-      entries += name.startswith("probe-")
-      if name.startswith("partial-"):
-        chunks += sum(n.startswith("chunk-")
-                      for n in os.listdir(os.path.join(activation_dir, name)))
+  for name in store.listdir(activation_dir):
+    entries += name.startswith("probe-")
+    if name.startswith("partial-"):
+      chunks += sum(n.startswith("chunk-")
+                    for n in store.listdir(f"{activation_dir.rstrip('/')}/{name}"))
   kept = [f"{n} {what}" for n, what in ((entries, "stored probe pass(es)"),
                                        (chunks, "saved chunk(s) of an unfinished pass"))
           if n]

@@ -108,7 +108,8 @@ def resolve_paths(config: ml_collections.ConfigDict,
     if isinstance(value, str) and WORKDIR_PLACEHOLDER in value:
       resolved[key] = value.replace(WORKDIR_PLACEHOLDER, workdir)
   for key in ("activation_dir", "result_dir"):
-    resolved[key] = os.path.abspath(os.path.expanduser(resolved[key]))
+    if "://" not in resolved[key]:  # gs:// and other tf.io.gfile paths stay as given
+      resolved[key] = os.path.abspath(os.path.expanduser(resolved[key]))
   return resolved
 
 

@@ -121,7 +121,26 @@ def check_result_dir(result_dir: str, overwrite: bool) -> None:
 def check_output_dirs(config) -> None:
   """result_dir and activation_dir, before any model loads (see check_result_dir)."""
   check_result_dir(config.result_dir, config.overwrite)
-  check_writable(config.activation_dir, "activation_dir")
+  if "://" in config.activation_dir:
+    check_writable_remote(config.activation_dir, "activation_dir")
+  else:
+    check_writable(config.activation_dir, "activation_dir")
+
+
+def check_writable_remote(directory: str, field: str) -> None:
+  """check_writable for a tf.io.gfile path (gs://...): a small file written and removed."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  probe_path = f"{directory.rstrip('/')}/.write-check-{os.getpid()}"
+  try:
+    tf.io.gfile.makedirs(directory)
+    with tf.io.gfile.GFile(probe_path, "wb") as f:
+      f.write(b"x")
+    tf.io.gfile.remove(probe_path)
+  except Exception as err:  # pylint: disable=broad-except
+    message = " ".join(str(err).split())[:200]
+    raise errors.UserError(field, f"cannot write to {directory} ({type(err).__name__}: "
+                           f"{message}).", f"give a writable --config.{field} (for gs://, "
+                           "credentials with write access to the bucket).") from None
 
 
 def check_writable(directory: str, field: str, shown: str | None = None) -> None:

@@ -11,6 +11,11 @@ weights, layers, pooling, probe identity, preprocessing, counts, format version)
 stale entry can never be returned. Entries are written to a temporary directory and
 renamed into place, so a killed run leaves no half-written entry; the manifest holds a
 sha256 per file and a damaged entry is recomputed, never read.
+
+activation_dir may be any tf.io.gfile path (gs://bucket/dir on TPU VMs): an entry is
+written locally, then uploaded file by file with its manifest last (an entry without a
+manifest does not exist), and read through a verified local copy under
+JAXDISSECT_CACHE/store, which is memory-mapped like a local entry.
 """
 import dataclasses
 import hashlib
@@ -64,13 +69,87 @@ def fingerprint(parts: dict[str, Any]) -> str:
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
+def is_remote(root: str) -> bool:
+  """A tf.io.gfile path (gs://, ram://, ...) rather than a local directory."""
+  return "://" in root
+
+
+def _gfile():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
+def _join(root: str, name: str) -> str:
+  return f"{root.rstrip('/')}/{name}" if is_remote(root) else os.path.join(root, name)
+
+
+def listdir(root: str) -> list[str]:
+  """Names in a store directory, local or remote; [] where it does not exist."""
+  try:
+    if is_remote(root):
+      return [n.rstrip("/") for n in _gfile().listdir(root)]
+    return os.listdir(root)
+  except Exception:  # pylint: disable=broad-except
+    return []
+
+
+def _remove(path: str) -> None:
+  if is_remote(path):
+    try:
+      _gfile().rmtree(path)
+    except Exception:  # pylint: disable=broad-except
+      pass
+  else:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _local_mirror(root: str, name: str) -> str:
+  """Where the local, verified copy of a remote entry lives."""
+  digest = hashlib.sha256(root.rstrip("/").encode("utf-8")).hexdigest()[:16]
+  return os.path.join(resources.cache_root(), "store", digest, name)
+
+
+def _upload(local: str, remote: str) -> None:
+  gfile = _gfile()
+  if gfile.exists(_join(remote, "manifest.json")):
+    return  # another run sharing the store finished the same entry (same contents)
+  gfile.makedirs(remote)
+  names = sorted(os.listdir(local), key=lambda n: n == "manifest.json")  # manifest last
+  for filename in names:
+    gfile.copy(os.path.join(local, filename), _join(remote, filename), overwrite=True)
+
+
+def _download(remote: str, local: str) -> None:
+  """Copies a remote entry to `local` (replacing an older copy), manifest last."""
+  gfile = _gfile()
+  parent = os.path.dirname(local)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(local)}-", dir=parent)
+  try:
+    names = sorted((n.rstrip("/") for n in gfile.listdir(remote)),
+                   key=lambda n: n == "manifest.json")
+    for filename in names:
+      gfile.copy(_join(remote, filename), os.path.join(tmp, filename), overwrite=True)
+    shutil.rmtree(local, ignore_errors=True)
+    os.rename(tmp, local)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def _write_entry(root: str, name: str, arrays: dict[str, Any],
                  jsons: dict[str, Any], meta: dict[str, Any]) -> str:
-  """Writes files into a temp dir beside the entry, then renames it into place.
+  """Writes files into a temp dir beside the entry, then renames it into place (remote
+  roots: written locally, then uploaded with the manifest last).
 
   arrays: file name -> an array, or a callable writer(path) that writes the .npy file
   itself (to stream an array too large for memory).
   """
+  if is_remote(root):
+    local = _local_mirror(root, name)
+    _write_entry(os.path.dirname(local), name, arrays, jsons, meta)
+    _upload(local, _join(root, name))
+    return _join(root, name)
   os.makedirs(root, exist_ok=True)
   final = os.path.join(root, name)
   tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
@@ -106,7 +185,10 @@ def _write_entry(root: str, name: str, arrays: dict[str, Any],
 
 def _read_entry(root: str, name: str,
                 verify: bool = True) -> tuple[str, dict[str, Any]] | None:
-  """Returns (dir, manifest) if the entry exists and (verify) every checksum matches."""
+  """Returns (dir, manifest) if the entry exists and (verify) every checksum matches;
+  for a remote root, dir is the verified local copy."""
+  if is_remote(root):
+    return _read_remote_entry(root, name, verify)
   entry = os.path.join(root, name)
   manifest_path = os.path.join(entry, "manifest.json")
   if not os.path.isfile(manifest_path):
@@ -122,6 +204,28 @@ def _read_entry(root: str, name: str,
     shutil.rmtree(entry, ignore_errors=True)
     return None
   return entry, manifest
+
+
+def _read_remote_entry(root: str, name: str,
+                       verify: bool) -> tuple[str, dict[str, Any]] | None:
+  remote = _join(root, name)
+  try:
+    with _gfile().GFile(_join(remote, "manifest.json"), "rb") as f:
+      remote_manifest = f.read()
+  except Exception:  # pylint: disable=broad-except
+    return None  # not there (or not finished: the manifest is uploaded last)
+  local = _local_mirror(root, name)
+  manifest_path = os.path.join(local, "manifest.json")
+  fresh = False
+  if not (os.path.isfile(manifest_path) and open(manifest_path, "rb").read() ==
+          remote_manifest):
+    _download(remote, local)
+    fresh = True
+  found = _read_entry(os.path.dirname(local), name, verify or fresh)
+  if found is None:
+    logging.warning("Store entry %s is damaged; recomputing it.", remote)
+    _remove(remote)
+  return found
 
 
 def _save_probe_entry(root: str, name: str, probe: ProbeActivations,
@@ -152,7 +256,7 @@ def load_probe(root: str, key: str,
 
 
 def _chunk_root(root: str, key: str) -> str:
-  return os.path.join(root, f"partial-{key}")
+  return _join(root, f"partial-{key}")
 
 
 def _chunk_name(start: int, stop: int) -> str:
@@ -177,17 +281,19 @@ def remove_probe_chunks(root: str, key: str) -> None:
   the store may be writing a chunk of the same pass (a .tmp-* directory): that one is
   left alone, and so is the folder holding it."""
   folder = _chunk_root(root, key)
-  try:
-    names = os.listdir(folder)
-  except OSError:
-    return
-  for name in names:
+  for name in listdir(folder):
     if name.startswith("chunk-"):
-      shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-  try:
-    os.rmdir(folder)
-  except OSError:
-    pass  # not empty: another run's chunk in progress
+      _remove(_join(folder, name))
+      if is_remote(root):
+        shutil.rmtree(_local_mirror(folder, name), ignore_errors=True)
+  if is_remote(root):
+    if not listdir(folder):
+      _remove(folder)
+  else:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      pass  # not empty (another run's chunk in progress), or gone
 
 
 def _load_probe_entry(root: str, name: str, mmap: bool = False,

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import pytest
@@ -176,7 +177,6 @@ class OneLineErrorTest(_TinyModels):
     import contextlib  # pylint: disable=g-import-not-at-top
     import errno  # pylint: disable=g-import-not-at-top
     import io  # pylint: disable=g-import-not-at-top
-    from unittest import mock  # pylint: disable=g-import-not-at-top
     from jaxdissect import cli  # pylint: disable=g-import-not-at-top
     from jaxdissect import store  # pylint: disable=g-import-not-at-top
     workdir = tempfile.mkdtemp(dir=self.tmp)
@@ -232,6 +232,38 @@ class OneLineErrorTest(_TinyModels):
     for field, args in cases.items():
       proc = run_main(*args, check=False)
       assert_one_line_error(self, proc, field.strip(), field)
+
+
+class CloudPathTest(_TinyModels):
+  """folder: and activation_dir on a tf.io.gfile filesystem (gs:// on TPU VMs; here TF's
+  in-memory ram://), in-process through main.py's path: the same results as local."""
+
+  def run_cli(self, workdir, **overrides):
+    from jaxdissect import cli  # pylint: disable=g-import-not-at-top
+    config = base_config()
+    for key, value in self.fields(target_layers="fc", **overrides).items():
+      config[key] = type(config[key])(value) if config[key] is not None else value
+    self.assertEqual(cli.run(config, workdir), 0)
+    return read_csv(os.path.join(workdir, "results", "descriptions.csv"))
+
+  def test_ram_folder_and_store_match_a_local_run(self):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    remote = f"ram://cloud-path-test-{os.getpid()}"
+    for rel in self.image_ids:
+      tf.io.gfile.makedirs(f"{remote}/images/{os.path.dirname(rel)}")
+      tf.io.gfile.copy(os.path.join(self.images, rel), f"{remote}/images/{rel}")
+    local = self.run_cli(tempfile.mkdtemp(dir=self.tmp))
+    workdir = tempfile.mkdtemp(dir=self.tmp)
+    overrides = dict(d_probe=f"folder:{remote}/images", activation_dir=f"{remote}/acts")
+    with mock.patch.dict(os.environ, {"JAXDISSECT_CACHE": tempfile.mkdtemp(dir=self.tmp)}):
+      self.assertEqual(self.run_cli(workdir, **overrides), local)
+      self.assertTrue(any(n.startswith("probe-") for n in tf.io.gfile.listdir(
+          f"{remote}/acts")))
+      with self.assertLogs(level="INFO") as logs:
+        self.assertEqual(self.run_cli(workdir, overwrite=True, **overrides), local)
+    self.assertTrue(any("Probe activations reused" in line for line in logs.output))
+    with open(os.path.join(workdir, "results", "config.json"), encoding="utf-8") as f:
+      self.assertEqual(json.load(f)["config"]["activation_dir"], f"{remote}/acts")
 
 
 @pytest.mark.slow

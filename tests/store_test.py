@@ -1,5 +1,6 @@
 """The activation store: atomic entries, checksums, fingerprints."""
 import os
+import shutil
 import tempfile
 from unittest import mock
 
@@ -88,6 +89,46 @@ class StoreTest(absltest.TestCase):
     np.testing.assert_array_equal(assembled.activations["fc"], finished.activations["fc"])
     with self.assertRaisesRegex(FileNotFoundError, "chunk 0..4 of probe-other is missing"):
       store.assemble_probe(root, "other", [(0, 5)], {})
+
+  def test_remote_store_through_tf_gfile(self):
+    # gs:// on TPU VMs, tested on TF's in-memory filesystem through the same API.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from jaxdissect import topk  # pylint: disable=g-import-not-at-top
+    cache = self.create_tempdir().full_path
+    root = f"ram://store-test-{os.getpid()}/activations"
+    with mock.patch.dict(os.environ, {"JAXDISSECT_CACHE": cache}):
+      probe = make_probe()
+      probe.top = {name: topk.from_activations(values, 2)
+                   for name, values in probe.activations.items()}
+      store.save_probe(root, "whole", probe, {})
+      self.assertTrue(tf.io.gfile.exists(f"{root}/probe-whole/manifest.json"))
+      loaded = store.load_probe(root, "whole", mmap=True)
+      self.assertIsInstance(loaded.activations["fc"], np.memmap)  # the local copy
+      np.testing.assert_array_equal(loaded.activations["fc"], probe.activations["fc"])
+      self.assertIsNone(store.load_probe(root, "absent"))
+      # Chunks, assembly, clean-up.
+      halves = [(0, 3), (3, 5)]
+      for start, stop in halves:
+        part = store.ProbeActivations(
+            probe.image_embeddings[start:stop],
+            {k: v[start:stop] for k, v in probe.activations.items()},
+            probe.image_ids[start:stop],
+            top={k: topk.from_activations(v[start:stop], 2)
+                 for k, v in probe.activations.items()})
+        store.save_probe_chunk(root, "pass", start, stop, part)
+      assembled = store.assemble_probe(root, "pass", halves, {})
+      np.testing.assert_array_equal(assembled.activations["layer4"],
+                                    probe.activations["layer4"])
+      store.remove_probe_chunks(root, "pass")
+      self.assertCountEqual(store.listdir(root), ["probe-whole", "probe-pass"])
+      # A damaged remote entry is dropped, not read, by a machine without a local copy.
+      with tf.io.gfile.GFile(f"{root}/probe-whole/layer-1.npy", "wb") as f:
+        f.write(b"garbage")
+      self.assertIsNotNone(store.load_probe(root, "whole"))  # this machine's copy is whole
+      shutil.rmtree(os.path.join(cache, "store"))
+      with self.assertLogs(level="WARNING"):
+        self.assertIsNone(store.load_probe(root, "whole"))
+      self.assertFalse(tf.io.gfile.exists(f"{root}/probe-whole/manifest.json"))
 
   def test_corrupted_or_truncated_entry_is_dropped_not_read(self):
     root = self.create_tempdir().full_path
