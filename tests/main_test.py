@@ -361,6 +361,8 @@ class MainEndToEndTest(_TinyModels):
       good = f.read()
     with open(os.path.join(folder, "ab_truncated.png"), "wb") as f:
       f.write(good[:len(good) // 2])
+    with open(os.path.join(folder, 'al_"odd",\tname\n.png'), "wb") as f:
+      f.write(b"quotes, a comma, a tab and a newline in the name; CSV keeps them")
     os.mkfifo(os.path.join(folder, "ae_fifo.png"))
     os.symlink("/dev/zero", os.path.join(folder, "af_zero.jpg"))  # never opened
     os.symlink(os.path.join(folder, "gone.png"), os.path.join(folder, "ag_dangling.png"))
@@ -379,7 +381,8 @@ class MainEndToEndTest(_TinyModels):
                 "ae_fifo.png": "not a regular file: a FIFO",
                 "af_zero.jpg": "not a regular file: a character device",
                 "ag_dangling.png": "missing, or a symlink to nothing",
-                "ah_loop.png": "a symlink loop"}
+                "ah_loop.png": "a symlink loop",
+                'al_"odd",\tname\n.png': "cannot decode"}
     workdir = tempfile.mkdtemp(dir=self.tmp)
     proc = run_main(*self.args(workdir, d_probe=f"folder:{folder}", target_layers="fc",
                                max_image_pixels=5_000_000))
@@ -393,14 +396,14 @@ class MainEndToEndTest(_TinyModels):
     for _, name, reason in skipped[1:]:
       self.assertTrue(reason.startswith(expected[name]), (name, reason))
     with open(os.path.join(workdir, "results", "config.json"), encoding="utf-8") as f:
-      self.assertEqual(json.load(f)["num_images"], NUM_IMAGES + 11)
+      self.assertEqual(json.load(f)["num_images"], NUM_IMAGES + 12)
     rows = read_csv(os.path.join(workdir, "results", "descriptions.csv"))
     self.assertLen(rows, 1 + 5)  # every fc unit labelled
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), d_probe=f"folder:{folder}",
                                target_layers="fc", max_image_pixels=5_000_000,
                                on_bad_image="error"), check=False)
     last = assert_one_line_error(self, proc, "d_probe")
-    self.assertIn(f"7 probe image(s) cannot be used; the first, 'aa_garbage.jpg' "
+    self.assertIn(f"8 probe image(s) cannot be used; the first, 'aa_garbage.jpg' "
                   f"(#{ids.index('aa_garbage.jpg')}): cannot decode (no image format PIL "
                   "reads).", last)
 
