@@ -234,6 +234,7 @@ class OneLineErrorTest(_TinyModels):
       assert_one_line_error(self, proc, field.strip(), field)
 
 
+@pytest.mark.slow
 class CloudPathTest(_TinyModels):
   """folder: and activation_dir on a tf.io.gfile filesystem (gs:// on TPU VMs; here TF's
   in-memory ram://), in-process through main.py's path: the same results as local."""
