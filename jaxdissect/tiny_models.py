@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxdissect import registry
+
 
 def _byte_characters() -> list[str]:
   """The 256 printable characters byte-level BPE (GPT-2 / CLIP) maps bytes to."""
@@ -102,8 +104,8 @@ def make_tiny_resnet(out_dir: str, layer_type: str = "basic",
   _perturb_batch_stats(model, seed)
   model.save_pretrained(out_dir, safe_serialization=safetensors)
   ConvNextImageProcessor(size={"shortest_edge": image_size}, crop_pct=0.875,
-                         resample=2, image_mean=[0.485, 0.456, 0.406],
-                         image_std=[0.229, 0.224, 0.225]).save_pretrained(out_dir)
+                         resample=2, image_mean=list(registry.IMAGENET_MEAN),
+                         image_std=list(registry.IMAGENET_STD)).save_pretrained(out_dir)
   return out_dir
 
 

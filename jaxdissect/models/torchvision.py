@@ -45,6 +45,7 @@ from absl import logging
 import numpy as np
 
 from jaxdissect import errors
+from jaxdissect import registry
 from jaxdissect import resources
 
 _STORAGE_DTYPES = {
@@ -226,8 +227,8 @@ def save_flax_resnet(state: dict[str, np.ndarray], out_dir: str,
   model.save_pretrained(out_dir)
   # torchvision's eval transform: Resize(256) (bilinear), CenterCrop(224), normalise.
   ConvNextImageProcessor(size={"shortest_edge": image_size}, crop_pct=224 / 256,
-                         resample=2, image_mean=[0.485, 0.456, 0.406],
-                         image_std=[0.229, 0.224, 0.225]).save_pretrained(out_dir)
+                         resample=2, image_mean=list(registry.IMAGENET_MEAN),
+                         image_std=list(registry.IMAGENET_STD)).save_pretrained(out_dir)
   return out_dir
 
 
@@ -352,8 +353,8 @@ def save_flax_vit(state: dict[str, np.ndarray], out_dir: str,
   # torchvision's ViT_B_16 eval transform: Resize(256) bilinear, CenterCrop(224).
   size = config.image_size
   ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=size / (size * 256 / 224),
-                         resample=2, image_mean=[0.485, 0.456, 0.406],
-                         image_std=[0.229, 0.224, 0.225]).save_pretrained(out_dir)
+                         resample=2, image_mean=list(registry.IMAGENET_MEAN),
+                         image_std=list(registry.IMAGENET_STD)).save_pretrained(out_dir)
   return out_dir
 
 

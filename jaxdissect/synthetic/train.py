@@ -21,6 +21,7 @@ from absl import logging
 import numpy as np
 
 from jaxdissect import registry
+from jaxdissect import similarity
 from jaxdissect.data import preprocessing
 from jaxdissect.synthetic import world
 
@@ -155,9 +156,7 @@ def train_clip(out_dir: str, steps: int = 8000, batch_size: int = 128, seed: int
       return pooled, image, text
     pooled, image, text = model.module.apply({"params": clip_params}, pixel_batch, ids,
                                              mask, method=features)
-    image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
-    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
-    return pooled, image, text
+    return pooled, similarity.l2_normalise(image), similarity.l2_normalise(text)
 
   def loss_fn(params, pixel_batch, ids, mask, matches, attribute_batch):
     pooled, image, text = embed(params["clip"], pixel_batch, ids, mask)
