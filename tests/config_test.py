@@ -17,6 +17,33 @@ class ConfigTest(absltest.TestCase):
     self.assertTrue(os.path.isabs(resolved.activation_dir))
     self.assertEqual(config.result_dir, "<workdir>/results")  # the input is untouched
 
+  def test_cloud_store_paths_stay_as_given(self):
+    config = config_lib.get_base_config()
+    config.activation_dir = "gs://bucket/acts"
+    self.assertEqual(config_lib.resolve_paths(config, "/w").activation_dir, "gs://bucket/acts")
+
+  def test_filesystem_failures_name_path_cause_and_fix(self):
+    import errno  # pylint: disable=g-import-not-at-top
+    cases = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+             errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+             errno.ENOTDIR: "a path component is a file"}
+    for code, cause in cases.items():
+      err = errors.from_os_error("activation_dir", OSError(code, os.strerror(code),
+                                                           "/data/acts/x.npy"), "saving")
+      self.assertEqual(err.field, "activation_dir")
+      self.assertIn(f"saving at /data/acts/x.npy failed: {cause}.", err.one_line())
+      self.assertIn("a rerun resumes from what was saved", err.one_line())
+    odd = errors.from_os_error("result_dir", OSError(errno.EIO, "Input/output error"), "writing")
+    self.assertIn("writing at its path failed: Input/output error.", odd.one_line())
+
+  def test_invalid_decode_limits_are_user_errors(self):
+    for field in ("max_image_bytes", "max_image_pixels"):
+      for value in (0, -5):
+        config = config_lib.get_base_config()
+        config[field] = value
+        with self.assertRaisesRegex(errors.UserError, f"^{field}: must be a positive"):
+          config_lib.validate(config)
+
   def test_the_demo_config_does_not_write_over_the_default_results(self):
     import importlib.util  # pylint: disable=g-import-not-at-top
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

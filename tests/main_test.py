@@ -377,6 +377,20 @@ class MainEndToEndTest(_TinyModels):
       Image.fromarray(np.full((8, 9, 3), 10, np.uint8)).save(f, format="BMP")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (2500, 3000, 3), np.uint8)
                     ).save(os.path.join(folder, "ad_huge.png"))
+    # More valid files, kept: a photo stored sideways (EXIF orientation 6), CMYK, 16-bit
+    # grayscale, an animated GIF, a TIFF.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.full((20, 40, 3), 120, np.uint8)).save(
+        os.path.join(folder, "am_rotated.jpg"), exif=exif.tobytes())
+    Image.fromarray(np.full((20, 20, 3), 60, np.uint8)).convert("CMYK").save(
+        os.path.join(folder, "an_cmyk.jpg"))
+    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(
+        os.path.join(folder, "ao_16bit.png"))
+    frames = [Image.fromarray(np.full((20, 20, 3), v, np.uint8)) for v in (10, 240)]
+    frames[0].save(os.path.join(folder, "ap_animated.gif"), save_all=True,
+                   append_images=frames[1:])
+    Image.fromarray(np.full((20, 20, 3), 30, np.uint8)).save(os.path.join(folder, "aq.tiff"))
     expected = {"aa_garbage.jpg": "cannot decode", "ab_truncated.png": "cannot decode",
                 "ad_huge.png": "3000x2500 pixels, more than max_image_pixels",
                 "ae_fifo.png": "not a regular file: a FIFO",
@@ -397,7 +411,7 @@ class MainEndToEndTest(_TinyModels):
     for _, name, reason in skipped[1:]:
       self.assertTrue(reason.startswith(expected[name]), (name, reason))
     with open(os.path.join(workdir, "results", "config.json"), encoding="utf-8") as f:
-      self.assertEqual(json.load(f)["num_images"], NUM_IMAGES + 12)
+      self.assertEqual(json.load(f)["num_images"], NUM_IMAGES + 17)
     rows = read_csv(os.path.join(workdir, "results", "descriptions.csv"))
     self.assertLen(rows, 1 + 5)  # every fc unit labelled
     proc = run_main(*self.args(tempfile.mkdtemp(dir=self.tmp), d_probe=f"folder:{folder}",
