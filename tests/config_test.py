@@ -26,7 +26,7 @@ class ConfigTest(absltest.TestCase):
     import errno  # pylint: disable=g-import-not-at-top
     cases = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
              errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
-             errno.ENOTDIR: "a path component is a file"}
+             errno.ENOTDIR: "a path component is a file, not a directory"}
     for code, cause in cases.items():
       err = errors.from_os_error("activation_dir", OSError(code, os.strerror(code),
                                                            "/data/acts/x.npy"), "saving")
