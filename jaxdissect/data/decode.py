@@ -89,7 +89,9 @@ def read_file(path: str, limits: Limits = Limits()) -> bytes:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
       raise BadImage(f"not a regular file: {_not_regular(info.st_mode)}")
-    data = f.read(limits.max_bytes + 1)
+    # At most one byte past the limit; sized by the file, not the limit, so that a small
+    # image does not allocate a buffer of max_bytes.
+    data = f.read(min(info.st_size, limits.max_bytes) + 1)
   if len(data) > limits.max_bytes:
     raise BadImage(f"larger than max_image_bytes ({limits.max_bytes} bytes)")
   return data
