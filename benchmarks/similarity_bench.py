@@ -7,6 +7,10 @@ For each size (images x concepts x neurons) and function: seconds for ours (in-m
 jitted, compile excluded by a warm-up on the same shapes), ours streaming (no P, from
 the embeddings), and the per-neuron NumPy baseline, measured in the same run; the ratios
 baseline / ours and baseline / streaming; and the peak RSS of each (every measurement runs in its own process).
+For (soft-)WPMI also the loop users would otherwise run: the official tool's algorithm in
+PyTorch (float32, no autograd, torch threads = cores; softmax over concepts once, top-k of
+the activations, then per neuron a gather of its top rows, log and sum, and the prior),
+written from the paper's formulas; skipped with a note where torch is not installed.
 For (soft-)WPMI also streaming with bfloat16 products (float32 accumulation): its time
 and its label agreement with float32 streaming; with --kernels, streaming through the
 fused Pallas kernel (kernels.py; only meaningful on a GPU or TPU, the CPU interprets it).
@@ -76,6 +80,37 @@ def numpy_baseline(name, images, texts, activations):
   raise ValueError(name)
 
 
+def torch_baseline(name, images, texts, activations):
+  """(Soft-)WPMI as the official PyTorch code computes it, one neuron at a time."""
+  import math  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  defaults = registry.SIMILARITY[name].defaults
+  with torch.no_grad():
+    image_t = torch.nn.functional.normalize(torch.from_numpy(images), dim=1)
+    text_t = torch.nn.functional.normalize(torch.from_numpy(texts), dim=1)
+    probs = torch.softmax(defaults["a"] * (image_t @ text_t.T), dim=1)
+    top_k = defaults["top_k"]
+    top = torch.topk(torch.from_numpy(activations), k=top_k, dim=0).indices  # (top_k, K)
+    if name == "soft_wpmi":
+      ranks = torch.arange(top_k, dtype=torch.float32)
+      membership = (defaults["p_start"] - ranks / top_k * (
+          defaults["p_start"] - defaults["p_end"])).unsqueeze(1)
+    rows = []
+    for k in range(activations.shape[1]):
+      selected = probs[top[:, k]]
+      terms = 1 + membership * (selected - 1) if name == "soft_wpmi" else selected
+      rows.append(torch.log(terms + defaults["min_prob"]).sum(dim=0))
+    L = torch.stack(rows)
+    prior = torch.logsumexp(L, dim=0) - math.log(L.shape[0])
+    return (L - defaults["lam"] * prior).numpy()
+
+
+def torch_available() -> bool:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return importlib.util.find_spec("torch") is not None
+
+
 def _measure(kind, name, size, queue):
   import jax  # pylint: disable=g-import-not-at-top
   from jaxdissect import labeling, similarity, streaming  # pylint: disable=g-import-not-at-top
@@ -83,6 +118,9 @@ def _measure(kind, name, size, queue):
   if kind == "numpy":
     start = time.perf_counter()
     scores = numpy_baseline(name, images, texts, activations)
+  elif kind == "torch":
+    start = time.perf_counter()
+    scores = torch_baseline(name, images, texts, activations)
   else:
     def ours():
       if kind == "streaming":
@@ -126,7 +164,8 @@ def main(argv=None):
   header = (f"{'function':<16} {'images':>7} {'concepts':>8} {'neurons':>7} "
             f"{'ours s':>8} {'stream s':>8} {'numpy s':>8} {'speedup':>8} {'stream x':>8} "
             f"{'ours GB':>8} {'stream GB':>9} {'numpy GB':>8} {'agree':>6} "
-            f"{'bf16 s':>7} {'bf16 agree':>10} {'pallas s':>8}")
+            f"{'bf16 s':>7} {'bf16 agree':>10} {'pallas s':>8} {'torch s':>8} "
+            f"{'vs torch':>8} {'torch GB':>8}")
   print(header, flush=True)
   for size_text in args.sizes.split(","):
     size = tuple(int(x) for x in size_text.split("x"))
@@ -135,7 +174,13 @@ def main(argv=None):
       stream = measure("streaming", name, size)
       baseline = measure("numpy", name, size)
       agree = float(np.mean(np.asarray(ours["labels"]) == np.asarray(baseline["labels"])))
-      bf16 = pallas = None
+      bf16 = pallas = official = None
+      if name in registry.PRIOR_FUNCTIONS and torch_available():
+        official = measure("torch", name, size)
+        official["agreement"] = float(np.mean(np.asarray(ours["labels"]) ==
+                                              np.asarray(official["labels"])))
+      elif name in registry.PRIOR_FUNCTIONS:
+        print("(torch not installed: the official-algorithm baseline is skipped)")
       if name in registry.PRIOR_FUNCTIONS:
         bf16 = measure("streaming_bf16", name, size)
         bf16["agreement"] = float(np.mean(np.asarray(bf16["labels"]) ==
@@ -154,7 +199,13 @@ def main(argv=None):
                 "label_agreement": agree,
                 "bf16_streaming_seconds": bf16 and bf16["seconds"],
                 "bf16_label_agreement_with_f32": bf16 and bf16["agreement"],
-                "pallas_streaming_seconds": pallas and pallas["seconds"]}
+                "pallas_streaming_seconds": pallas and pallas["seconds"],
+                "torch_seconds": official and official["seconds"],
+                "speedup_vs_torch": official and official["seconds"] / ours["seconds"],
+                "streaming_speedup_vs_torch": official and (official["seconds"]
+                                                            / stream["seconds"]),
+                "torch_peak_rss_gb": official and official["peak_rss_gb"],
+                "label_agreement_with_torch": official and official["agreement"]}
       records.append(record)
       print(f"{name:<16} {size[0]:>7} {size[1]:>8} {size[2]:>7} "
             f"{ours['seconds']:>8.2f} {stream['seconds']:>8.2f} {baseline['seconds']:>8.2f} "
@@ -162,7 +213,10 @@ def main(argv=None):
             f"{ours['peak_rss_gb']:>8.2f} "
             f"{stream['peak_rss_gb']:>9.2f} {baseline['peak_rss_gb']:>8.2f} {agree:>6.3f} "
             f"{_fmt(bf16 and bf16['seconds'], 7)} {_fmt(bf16 and bf16['agreement'], 10, 3)} "
-            f"{_fmt(pallas and pallas['seconds'], 8)}", flush=True)
+            f"{_fmt(pallas and pallas['seconds'], 8)} "
+            f"{_fmt(official and official['seconds'], 8)} "
+            f"{_fmt(record['speedup_vs_torch'], 7)}x "
+            f"{_fmt(official and official['peak_rss_gb'], 8)}", flush=True)
   if args.out:
     common.write_json(args.out, {"device": common.device_info(), "records": records})
 
