@@ -11,6 +11,7 @@ import threading
 from jaxdissect import config as config_lib
 from jaxdissect import dissect
 from jaxdissect import errors
+from jaxdissect import resources
 from jaxdissect import store
 from jaxdissect.models import targets
 
@@ -93,7 +94,7 @@ def _saved_work(config, workdir: str) -> str:
     entries += name.startswith("probe-")
     if name.startswith("partial-"):
       chunks += sum(n.startswith("chunk-")
-                    for n in store.listdir(f"{activation_dir.rstrip('/')}/{name}"))
+                    for n in store.listdir(resources.join_path(activation_dir, name)))
   kept = [f"{n} {what}" for n, what in ((entries, "stored probe pass(es)"),
                                        (chunks, "saved chunk(s) of an unfinished pass"))
           if n]

@@ -12,6 +12,7 @@ import ml_collections
 
 from jaxdissect import errors
 from jaxdissect import registry
+from jaxdissect import resources
 
 WORKDIR_PLACEHOLDER = "<workdir>"
 
@@ -42,7 +43,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The probe pass saves its progress every this many images (rounded up to a multiple
   # of batch_size), so a killed run resumes from the last saved chunk.
   config.probe_chunk_images = 10240
-  # Probe images that cannot be decoded: "skip" (listed in skipped_images.txt) or "error".
+  # Probe images that cannot be used: "skip" (listed with the reason in
+  # skipped_images.csv) or "error".
   config.on_bad_image = "skip"
   # A probe file larger than this, or an image with more pixels (read from its header,
   # before decoding), is skipped with its reason: what one image may cost to decode.
@@ -108,7 +110,7 @@ def resolve_paths(config: ml_collections.ConfigDict,
     if isinstance(value, str) and WORKDIR_PLACEHOLDER in value:
       resolved[key] = value.replace(WORKDIR_PLACEHOLDER, workdir)
   for key in ("activation_dir", "result_dir"):
-    if "://" not in resolved[key]:  # gs:// and other tf.io.gfile paths stay as given
+    if not resources.is_url(resolved[key]):  # gs:// and other gfile paths stay as given
       resolved[key] = os.path.abspath(os.path.expanduser(resolved[key]))
   return resolved
 

@@ -104,6 +104,16 @@ RESOURCES = {r.name: r for r in (
 SCHEMES = ("clip_dissect:", "torchvision:")
 
 
+def is_url(path: str) -> bool:
+  """A path that tf.io.gfile reads (gs://, ram://, s3://), not the local filesystem."""
+  return "://" in path
+
+
+def join_path(root: str, name: str) -> str:
+  """root/name for a local path or a tf.io.gfile URL alike."""
+  return f"{root.rstrip('/')}/{name}" if is_url(root) else os.path.join(root, name)
+
+
 def cache_root() -> str:
   return os.path.expanduser(os.environ.get("JAXDISSECT_CACHE") or "~/.cache/jaxdissect")
 

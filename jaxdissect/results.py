@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from jaxdissect import errors
+from jaxdissect import resources
 
 
 def _fmt(value: float) -> str:
@@ -121,16 +122,13 @@ def check_result_dir(result_dir: str, overwrite: bool) -> None:
 def check_output_dirs(config) -> None:
   """result_dir and activation_dir, before any model loads (see check_result_dir)."""
   check_result_dir(config.result_dir, config.overwrite)
-  if "://" in config.activation_dir:
-    check_writable_remote(config.activation_dir, "activation_dir")
-  else:
-    check_writable(config.activation_dir, "activation_dir")
+  check_writable(config.activation_dir, "activation_dir")
 
 
-def check_writable_remote(directory: str, field: str) -> None:
+def _check_writable_url(directory: str, field: str) -> None:
   """check_writable for a tf.io.gfile path (gs://...): a small file written and removed."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  probe_path = f"{directory.rstrip('/')}/.write-check-{os.getpid()}"
+  probe_path = resources.join_path(directory, f".write-check-{os.getpid()}")
   try:
     tf.io.gfile.makedirs(directory)
     with tf.io.gfile.GFile(probe_path, "wb") as f:
@@ -146,7 +144,10 @@ def check_writable_remote(directory: str, field: str) -> None:
 def check_writable(directory: str, field: str, shown: str | None = None) -> None:
   """That files can be created in `directory` (made if missing); a UserError naming
   the cause (a file in the way, not writable, disk full) otherwise, about the path
-  `shown` (default: directory)."""
+  `shown` (default: directory). tf.io.gfile paths (gs://...) are checked through it."""
+  if resources.is_url(directory):
+    _check_writable_url(directory, field)
+    return
   shown = shown or directory
   probe_path = directory
   while not os.path.exists(probe_path):

@@ -69,24 +69,15 @@ def fingerprint(parts: dict[str, Any]) -> str:
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
-def is_remote(root: str) -> bool:
-  """A tf.io.gfile path (gs://, ram://, ...) rather than a local directory."""
-  return "://" in root
-
-
 def _gfile():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.io.gfile
 
 
-def _join(root: str, name: str) -> str:
-  return f"{root.rstrip('/')}/{name}" if is_remote(root) else os.path.join(root, name)
-
-
 def listdir(root: str) -> list[str]:
   """Names in a store directory, local or remote; [] where it does not exist."""
   try:
-    if is_remote(root):
+    if resources.is_url(root):
       return [n.rstrip("/") for n in _gfile().listdir(root)]
     return os.listdir(root)
   except Exception:  # pylint: disable=broad-except
@@ -94,7 +85,7 @@ def listdir(root: str) -> list[str]:
 
 
 def _remove(path: str) -> None:
-  if is_remote(path):
+  if resources.is_url(path):
     try:
       _gfile().rmtree(path)
     except Exception:  # pylint: disable=broad-except
@@ -111,12 +102,12 @@ def _local_mirror(root: str, name: str) -> str:
 
 def _upload(local: str, remote: str) -> None:
   gfile = _gfile()
-  if gfile.exists(_join(remote, "manifest.json")):
+  if gfile.exists(resources.join_path(remote, "manifest.json")):
     return  # another run sharing the store finished the same entry (same contents)
   gfile.makedirs(remote)
   names = sorted(os.listdir(local), key=lambda n: n == "manifest.json")  # manifest last
   for filename in names:
-    gfile.copy(os.path.join(local, filename), _join(remote, filename), overwrite=True)
+    gfile.copy(os.path.join(local, filename), resources.join_path(remote, filename), overwrite=True)
 
 
 def _download(remote: str, local: str) -> None:
@@ -129,7 +120,7 @@ def _download(remote: str, local: str) -> None:
     names = sorted((n.rstrip("/") for n in gfile.listdir(remote)),
                    key=lambda n: n == "manifest.json")
     for filename in names:
-      gfile.copy(_join(remote, filename), os.path.join(tmp, filename), overwrite=True)
+      gfile.copy(resources.join_path(remote, filename), os.path.join(tmp, filename), overwrite=True)
     shutil.rmtree(local, ignore_errors=True)
     os.rename(tmp, local)
   except BaseException:
@@ -145,11 +136,11 @@ def _write_entry(root: str, name: str, arrays: dict[str, Any],
   arrays: file name -> an array, or a callable writer(path) that writes the .npy file
   itself (to stream an array too large for memory).
   """
-  if is_remote(root):
+  if resources.is_url(root):
     local = _local_mirror(root, name)
     _write_entry(os.path.dirname(local), name, arrays, jsons, meta)
-    _upload(local, _join(root, name))
-    return _join(root, name)
+    _upload(local, resources.join_path(root, name))
+    return resources.join_path(root, name)
   os.makedirs(root, exist_ok=True)
   final = os.path.join(root, name)
   tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
@@ -187,7 +178,7 @@ def _read_entry(root: str, name: str,
                 verify: bool = True) -> tuple[str, dict[str, Any]] | None:
   """Returns (dir, manifest) if the entry exists and (verify) every checksum matches;
   for a remote root, dir is the verified local copy."""
-  if is_remote(root):
+  if resources.is_url(root):
     return _read_remote_entry(root, name, verify)
   entry = os.path.join(root, name)
   manifest_path = os.path.join(entry, "manifest.json")
@@ -208,9 +199,9 @@ def _read_entry(root: str, name: str,
 
 def _read_remote_entry(root: str, name: str,
                        verify: bool) -> tuple[str, dict[str, Any]] | None:
-  remote = _join(root, name)
+  remote = resources.join_path(root, name)
   try:
-    with _gfile().GFile(_join(remote, "manifest.json"), "rb") as f:
+    with _gfile().GFile(resources.join_path(remote, "manifest.json"), "rb") as f:
       remote_manifest = f.read()
   except Exception:  # pylint: disable=broad-except
     return None  # not there (or not finished: the manifest is uploaded last)
@@ -256,7 +247,7 @@ def load_probe(root: str, key: str,
 
 
 def _chunk_root(root: str, key: str) -> str:
-  return _join(root, f"partial-{key}")
+  return resources.join_path(root, f"partial-{key}")
 
 
 def _chunk_name(start: int, stop: int) -> str:
@@ -283,10 +274,10 @@ def remove_probe_chunks(root: str, key: str) -> None:
   folder = _chunk_root(root, key)
   for name in listdir(folder):
     if name.startswith("chunk-"):
-      _remove(_join(folder, name))
-      if is_remote(root):
+      _remove(resources.join_path(folder, name))
+      if resources.is_url(root):
         shutil.rmtree(_local_mirror(folder, name), ignore_errors=True)
-  if is_remote(root):
+  if resources.is_url(root):
     if not listdir(folder):
       _remove(folder)
   else:

@@ -22,6 +22,8 @@ import os
 import stat
 import warnings
 
+from jaxdissect import resources
+
 # What PIL and the probe folder listing both accept.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 # Names this decoding in the activation store's keys: a change of decoder changes them.
@@ -41,11 +43,6 @@ class Limits:
   max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def is_url(path: str) -> bool:
-  """Paths that tf.io.gfile reads (gs://, ram://, s3://), not the local filesystem."""
-  return "://" in path
-
-
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"))
@@ -57,7 +54,7 @@ def _not_regular(mode: int) -> str:
 
 def read_file(path: str, limits: Limits = Limits()) -> bytes:
   """The bytes of a regular file of at most limits.max_bytes; BadImage otherwise."""
-  if is_url(path):
+  if resources.is_url(path):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     try:
       size = tf.io.gfile.stat(path).length

@@ -19,6 +19,7 @@ from absl import logging
 import numpy as np
 
 from jaxdissect import errors
+from jaxdissect import resources
 from jaxdissect.data import broden
 from jaxdissect.data import decode
 from jaxdissect.data import preprocessing
@@ -134,7 +135,7 @@ def printable(name: str) -> str:
 
 
 def _walk(root: str):
-  if decode.is_url(root):
+  if resources.is_url(root):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return ((d, sorted(dirs), files) for d, dirs, files in tf.io.gfile.walk(root))
   return os.walk(root)  # symlinked directories are not followed
@@ -153,16 +154,11 @@ def _list_files(root: str) -> tuple[list[str], collections.Counter, collections.
     for filename in filenames:
       extension = os.path.splitext(filename)[1].lower()
       if extension in IMAGE_EXTENSIONS:
-        found.append(_join(directory, filename)[len(root):].lstrip("/" + os.sep))
+        found.append(resources.join_path(directory, filename)[len(root):].lstrip("/" + os.sep))
         kept[extension] += 1
       else:
         ignored[extension or "(none)"] += 1
   return sorted(p.replace(os.sep, "/") for p in found), kept, ignored
-
-
-def _join(directory: str, name: str) -> str:
-  return f"{directory.rstrip('/')}/{name}" if decode.is_url(directory) else os.path.join(
-      directory, name)
 
 
 def _counts(counter: collections.Counter) -> str:
@@ -170,8 +166,8 @@ def _counts(counter: collections.Counter) -> str:
 
 
 def folder_source(path: str, field: str = "d_probe") -> ProbeSource:
-  root = path if decode.is_url(path) else os.path.abspath(os.path.expanduser(path))
-  if decode.is_url(root):
+  root = path if resources.is_url(path) else os.path.abspath(os.path.expanduser(path))
+  if resources.is_url(root):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     root = root.rstrip("/")
     exists = tf.io.gfile.isdir(root)
@@ -205,7 +201,7 @@ def _stat(path: str) -> tuple[int, int]:
   """(size, mtime in ns) identifying a file without reading it; (-1, -1) where the path
   cannot be stat'ed (the pass will skip it with the reason)."""
   try:
-    if decode.is_url(path):
+    if resources.is_url(path):
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       info = tf.io.gfile.stat(path)
       return int(info.length), int(info.mtime_nsec)
@@ -218,7 +214,7 @@ def _stat(path: str) -> tuple[int, int]:
 def _files_source(root: str, files: Sequence[str], description: str,
                   kind: str) -> ProbeSource:
   """Image files under root (relative paths, in probe order)."""
-  paths = [_join(root, rel) for rel in files]
+  paths = [resources.join_path(root, rel) for rel in files]
   ids = [printable(rel) for rel in files]
   listing = [[image_id, *_stat(path)] for image_id, path in zip(ids, paths)]
 

@@ -85,8 +85,7 @@ def write_tokenizer(out_dir: str, words) -> None:
 def normalise_images(images: np.ndarray, mean, std) -> np.ndarray:
   """uint8 (..., 3) images already at the model's size -> its input (the probe pass's
   normalisation, without the resize)."""
-  return preprocessing.normalise(images.astype(np.float32),
-                                 preprocessing.ImageTransform(mean=mean, std=std))
+  return preprocessing.normalise(images, preprocessing.ImageTransform(mean=mean, std=std))
 
 
 # ------------------------------------------------------------------ CLIP
