@@ -77,6 +77,13 @@ class _TinyModels(absltest.TestCase):
     fields.update(overrides)
     return fields
 
+  def config(self, **overrides):
+    """The config that args() would give main.py, built in-process (for cli.run)."""
+    config = base_config()
+    for key, value in self.fields(**overrides).items():
+      config[key] = type(config[key])(value) if config[key] is not None else value
+    return config
+
   def args(self, workdir, **overrides):
     return ["--config", BASE_CONFIG,
             "--workdir", workdir] + [f"--config.{k}={v}"
@@ -91,12 +98,9 @@ class OneLineErrorTest(_TinyModels):
     import contextlib  # pylint: disable=g-import-not-at-top
     import io  # pylint: disable=g-import-not-at-top
     from jaxdissect import cli  # pylint: disable=g-import-not-at-top
-    config = base_config()
-    for key, value in self.fields(**overrides).items():
-      config[key] = type(config[key])(value) if config[key] is not None else value
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-      status = cli.run(config, workdir or tempfile.mkdtemp(dir=self.tmp))
+      status = cli.run(self.config(**overrides), workdir or tempfile.mkdtemp(dir=self.tmp))
     self.assertEqual(status, 2, context)
     lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
     self.assertLen([l for l in lines if l.startswith("error:")], 1, context)
@@ -203,13 +207,10 @@ class OneLineErrorTest(_TinyModels):
     self.assertIn("the disk is full", last)
     self.assertEqual([n for n in os.listdir(workdir) if n.startswith(".results")], [])
 
-    config = base_config()
-    for key, value in self.fields(target_layers="fc").items():
-      config[key] = type(config[key])(value) if config[key] is not None else value
     stderr = io.StringIO()
     with mock.patch.object(cli.dissect, "run", side_effect=KeyboardInterrupt()), \
         contextlib.redirect_stderr(stderr):
-      status = cli.run(config, workdir)
+      status = cli.run(self.config(target_layers="fc"), workdir)
     self.assertEqual(status, 130)
     (line,) = stderr.getvalue().strip().splitlines()
     # The pass above stored its activations before the results failed.
@@ -241,10 +242,7 @@ class CloudPathTest(_TinyModels):
 
   def run_cli(self, workdir, **overrides):
     from jaxdissect import cli  # pylint: disable=g-import-not-at-top
-    config = base_config()
-    for key, value in self.fields(target_layers="fc", **overrides).items():
-      config[key] = type(config[key])(value) if config[key] is not None else value
-    self.assertEqual(cli.run(config, workdir), 0)
+    self.assertEqual(cli.run(self.config(target_layers="fc", **overrides), workdir), 0)
     return read_csv(os.path.join(workdir, "results", "descriptions.csv"))
 
   def test_ram_folder_and_store_match_a_local_run(self):
