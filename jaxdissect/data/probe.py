@@ -10,6 +10,7 @@ Every image carries its global index (position in the concatenated sources) and 
 (relative file name or TFDS key) that ends up in top_images.csv.
 """
 import collections
+import concurrent.futures
 import dataclasses
 import os
 import re
@@ -216,7 +217,13 @@ def _files_source(root: str, files: Sequence[str], description: str,
   """Image files under root (relative paths, in probe order)."""
   paths = [resources.join_path(root, rel) for rel in files]
   ids = [printable(rel) for rel in files]
-  listing = [[image_id, *_stat(path)] for image_id, path in zip(ids, paths)]
+  if resources.is_url(root):
+    # One request per file on a bucket: many at once, not a million in a row.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+      stats = list(pool.map(_stat, paths))
+  else:
+    stats = [_stat(path) for path in paths]
+  listing = [[image_id, *stat] for image_id, stat in zip(ids, stats)]
 
   def make_dataset():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
