@@ -81,8 +81,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Streamed (soft-)WPMI: "bfloat16" multiplies the embeddings in bfloat16 with float32
   # accumulation (faster on accelerators; label agreement in BENCHMARKS.md).
   config.similarity_dtype = "float32"
-  # Neurons per similarity chunk (0: chosen from a memory budget).
+  # rank_reorder: neurons per chunk (0: chosen from a memory budget).
   config.neuron_chunk_size = 0
+  # (Soft-)WPMI: concepts per block, whose softmax rows are the one images x block
+  # temporary (0: 128 to 4096 concepts within 512 MiB; jaxdissect/likelihood.py).
+  config.concept_block_size = 0
   # Parallel decode calls in tf.data (-1: autotune).
   config.num_decode_threads = -1
   # Seconds between progress log lines.
@@ -143,6 +146,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                            f"must be a positive integer, got {config.probe_chunk_images!r}.",
                            "set --config.probe_chunk_images to a number of images, e.g. "
                            "10240.")
+  for field in ("neuron_chunk_size", "concept_block_size"):
+    if not isinstance(config[field], int) or config[field] < 0:
+      raise errors.UserError(field, f"must be 0 (automatic) or a positive integer, got "
+                             f"{config[field]!r}.", f"set --config.{field}=0.")
   if config.similarity_kernel not in registry.KERNELS:
     raise errors.UserError("similarity_kernel",
                            f"unknown kernel {config.similarity_kernel!r}.",

@@ -25,8 +25,8 @@ from jax._src import config as jax_config  # the scoped Triton switch (see _on_t
 from jax.experimental import pallas as pl
 import numpy as np
 
+from jaxdissect import likelihood
 from jaxdissect import registry
-from jaxdissect import similarity
 
 CONCEPT_BLOCK = 128
 KERNELS = registry.KERNELS
@@ -68,7 +68,7 @@ def _tile(gathered_ref, texts_ref, lse_ref, weights_ref, out_ref, *, a, min_prob
   probs = jnp.exp(logits - lse_ref[0, 0][:, None])   # (top_k_pad, CONCEPT_BLOCK)
   weights = weights_ref[0]                     # (top_k_pad,): membership, 0 on padding
   valid = (weights > 0)[:, None]
-  terms = jnp.log(similarity.likelihood_terms(probs, weights[:, None] if soft else None,
+  terms = jnp.log(likelihood.likelihood_terms(probs, weights[:, None] if soft else None,
                                               min_prob))
   out_ref[0, 0] = jnp.sum(jnp.where(valid, terms, 0.0), axis=0)
 

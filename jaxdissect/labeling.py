@@ -85,7 +85,8 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
                 chunk_size: int | None = None, *,
                 embeddings: tuple[np.ndarray, np.ndarray] | None = None,
                 top: topk_lib.RunningTopK | None = None, mesh=None,
-                kernel: str = "auto", compute_dtype: str = "float32") -> LayerScores:
+                kernel: str = "auto", compute_dtype: str = "float32",
+                block_size: int | None = None) -> LayerScores:
   """Scores (num_units, num_concepts), with dead and invalid units flagged.
 
   concept_activations: P (num_images, num_concepts); or None with embeddings = (image
@@ -97,6 +98,7 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
   mesh: with embeddings, the neurons are split over its devices.
   kernel, compute_dtype: with embeddings, (soft-)WPMI's kernel and matmul dtype
   (streaming._top_k_log_likelihood).
+  block_size: (soft-)WPMI's concepts per block (likelihood.py); None: from a budget.
   Non-finite units are zeroed before scoring so they cannot poison the (soft-)WPMI
   prior; dead units stay in it, as in the official method, so live scores are
   unchanged by flagging them.
@@ -127,6 +129,8 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
                            concept_activations)
     if "chunk_size" in inspect.signature(fn.func).parameters and chunk_size:
       kwargs["chunk_size"] = chunk_size
+  if similarity_fn in PRIOR_FUNCTIONS and block_size:
+    kwargs["block_size"] = block_size
   if similarity_fn not in PRIOR_FUNCTIONS:
     return LayerScores(np.asarray(fn(activations, **kwargs)), dead, invalid)
   if num_units < MIN_UNITS_FOR_PRIOR:
@@ -256,7 +260,8 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
                 keep_scores: bool | Sequence[str] = False,
                 concept_matrix_max_gb: float = registry.DEFAULT_CONCEPT_MATRIX_MAX_GB,
                 mesh=None, kernel: str = "auto",
-                compute_dtype: str = "float32") -> results_lib.DissectionResult:
+                compute_dtype: str = "float32",
+                concept_block_size: int | None = None) -> results_lib.DissectionResult:
   """Similarity and labels for every layer of a probe pass.
 
   P (num_images x num_concepts) is held in memory only while it takes at most
@@ -295,7 +300,8 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
       scored = score_layer(similarity_fn, concept_activations, acts,
                                     neuron_chunk_size, embeddings=embeddings, top=top,
                                     mesh=mesh if stream else None, kernel=kernel,
-                                    compute_dtype=compute_dtype)
+                                    compute_dtype=compute_dtype,
+                                    block_size=concept_block_size)
     except (MemoryError, jax.errors.JaxRuntimeError) as err:
       raise _matrix_out_of_memory(err, f"scoring layer {name} with P", num_images,
                                   num_concepts, similarity_fn) from None
@@ -335,4 +341,5 @@ def label_with_config(config, probe: store.ProbeActivations,
                      config.num_alternatives, config.num_top_images,
                      config.neuron_chunk_size or None, keep_scores=keep_scores,
                      concept_matrix_max_gb=config.concept_matrix_max_gb, mesh=mesh,
-                     kernel=config.similarity_kernel, compute_dtype=config.similarity_dtype)
+                     kernel=config.similarity_kernel, compute_dtype=config.similarity_dtype,
+                     concept_block_size=config.concept_block_size or None)

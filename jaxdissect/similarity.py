@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect import likelihood
 from jaxdissect import registry
 
 # Bytes one chunk's largest intermediate may take when chunk_size is None.
@@ -68,14 +69,46 @@ def top_activations(activations: jax.Array, k: int) -> tuple[jax.Array, jax.Arra
   return jax.lax.top_k(jnp.asarray(activations).T, k)
 
 
+def _fold_rows(step, init, x):
+  """step(carry, row index) over the rows of x in order.
+
+  Why: XLA:CPU runs a reduction over a major axis of (neurons, concepts) about 10x
+  slower than this loop of row-wide elementwise steps (BENCHMARKS.md).
+  """
+  return jax.lax.fori_loop(0, x.shape[0], step, init)
+
+
 def _best_neuron_parts(log_likelihood: jax.Array):
-  """(is_best (K, M) bool, logsumexp over all neurons (M,), over all but the best (M,))."""
-  num_neurons = log_likelihood.shape[0]
-  best = jnp.argmax(log_likelihood, axis=0)
+  """(is_best (K, M) bool, logsumexp over all neurons (M,), over all but the best (M,)).
+
+  The best neuron is the first with the largest L (jnp.argmax's rule).
+  """
+  num_neurons, num_concepts = log_likelihood.shape
+  low = jnp.full((num_concepts,), -jnp.inf, log_likelihood.dtype)
+
+  def best_step(k, carry):
+    best_value, best = carry
+    higher = log_likelihood[k] > best_value
+    return jnp.where(higher, log_likelihood[k], best_value), jnp.where(higher, k, best)
+
+  best_value, best = _fold_rows(best_step, (low, jnp.zeros((num_concepts,), jnp.int32)),
+                                log_likelihood)
+  second_value = _fold_rows(
+      lambda k, value: jnp.where(best == k, value, jnp.maximum(value, log_likelihood[k])),
+      low, log_likelihood)
+  # With one neuron there is no other: its logsumexp is -inf (exp sums to 0).
+  second_shift = jnp.where(jnp.isfinite(second_value), second_value, 0.0)
+
+  def sum_step(k, sums):
+    all_sum, other_sum = sums
+    return (all_sum + jnp.exp(log_likelihood[k] - best_value),
+            other_sum + jnp.where(best == k, 0.0,
+                                  jnp.exp(log_likelihood[k] - second_shift)))
+
+  zeros = jnp.zeros((num_concepts,), log_likelihood.dtype)
+  all_sum, other_sum = _fold_rows(sum_step, (zeros, zeros), log_likelihood)
   is_best = jnp.arange(num_neurons)[:, None] == best[None, :]
-  lse_all = jax.nn.logsumexp(log_likelihood, axis=0)
-  lse_without_best = jax.nn.logsumexp(jnp.where(is_best, -jnp.inf, log_likelihood), axis=0)
-  return is_best, lse_all, lse_without_best
+  return is_best, best_value + jnp.log(all_sum), second_shift + jnp.log(other_sum)
 
 
 def prior_score(log_likelihood, gap, lam: float, num_neurons: int):
@@ -195,86 +228,65 @@ def _cos_similarity_cubed(concept_activation, activations, min_norm):
 
 
 def wpmi(concept_activation, activations, top_k=_WPMI["top_k"], a=_WPMI["a"],
-         lam=_WPMI["lam"], min_prob=_WPMI["min_prob"],
-         chunk_size=None, return_log_likelihood=False):
+         lam=_WPMI["lam"], min_prob=_WPMI["min_prob"], block_size=None,
+         return_log_likelihood=False):
   """WPMI: sum over a neuron's top_k images of log softmax(a P), minus lam * prior.
 
   Returns scores (num_neurons, num_concepts), and with return_log_likelihood also L
   (num_neurons, num_concepts), from which prior_margin breaks float32 ties.
+  block_size: concepts per block (likelihood.py); None: from a memory budget.
   """
-  num_images, num_concepts, num_neurons = _check_inputs(concept_activation, activations,
-                                                        "wpmi")
-  check_top_k(top_k, num_images, "wpmi")
-  chunk = _chunk(chunk_size, num_neurons, top_k * num_concepts * 4)
-  log_likelihood = _wpmi(jnp.asarray(concept_activation, jnp.float32),
-                         jnp.asarray(activations, jnp.float32), a, min_prob,
-                         top_k=top_k, chunk=chunk)
+  # WPMI's terms S + min_prob are at least min_prob.
+  log_likelihood = _top_k_log_likelihood(concept_activation, activations, top_k, a,
+                                         min_prob, None, min_prob, block_size, "wpmi")
   scores = subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
-def _softmax_and_top_images(concept_activation, activations, a, top_k):
-  """softmax(a P) over concepts, and each neuron's top_k image ids, materialised.
+def _top_k_log_likelihood(concept_activation, activations, top_k, a, min_prob,
+                          membership, term_floor, block_size, name):
+  """L (num_neurons, num_concepts) through likelihood.py, S never materialised.
 
-  The barrier keeps XLA from fusing the softmax into the per-chunk gathers of the
-  neuron loop: at some shapes it did, and soft_wpmi ran 4x slower on CPU (500 neurons x
-  5000 concepts x 20000 images: 1.7 s instead of 0.4 s).
+  Only the rows some neuron's top_k holds are read; when that is every image, P's
+  column blocks are sliced without a gather.
   """
-  probs = jax.nn.softmax(a * concept_activation, axis=1)
-  _, top_images = top_activations(activations, top_k)
-  return jax.lax.optimization_barrier((probs, top_images))
+  num_images, num_concepts, _ = _check_inputs(concept_activation, activations, name)
+  check_top_k(top_k, num_images, name)
+  concept_activation = jnp.asarray(concept_activation, jnp.float32)
+  _, top_images = top_activations(jnp.asarray(activations, jnp.float32), top_k)
+  rows, top_rows = likelihood.unique_rows(top_images)
+  num_rows = rows.size
+  block = block_size or likelihood.block_size(num_rows, num_concepts)
+  block = int(min(block, num_concepts))
+  return _blocked_log_likelihood(
+      concept_activation, None if num_rows == num_images else jnp.asarray(rows),
+      jnp.asarray(top_rows), None if membership is None else jnp.asarray(membership,
+                                                                        jnp.float32),
+      jnp.float32(a), jnp.float32(min_prob), block=block,
+      group=likelihood.log_group_size(term_floor, top_k))
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "chunk"))
-def _wpmi(concept_activation, activations, a, min_prob, *, top_k, chunk):
-  probs, top_images = _softmax_and_top_images(concept_activation, activations, a, top_k)
+@functools.partial(jax.jit, static_argnames=("block", "group"))
+def _blocked_log_likelihood(concept_activation, rows, top_rows, membership, a, min_prob,
+                            *, block, group):
+  """rows: (num_rows,) image rows read, or None for all; top_rows index them."""
+  num_concepts = concept_activation.shape[1]
 
-  def neuron_log_likelihood(image_ids):  # (top_k,) -> (num_concepts,)
-    return jnp.sum(jnp.log(likelihood_terms(probs[image_ids], None, min_prob)), axis=0)
+  def block_logits(start):
+    columns = jax.lax.dynamic_slice_in_dim(concept_activation, start, block, axis=1)
+    return a * (columns if rows is None else columns[rows])
 
-  return _map_neurons(neuron_log_likelihood, top_images, chunk)
+  num_rows = concept_activation.shape[0] if rows is None else rows.shape[0]
 
+  def row_logits(start, size):
+    if rows is None:
+      return a * jax.lax.dynamic_slice_in_dim(concept_activation, start, size)
+    return a * concept_activation[jax.lax.dynamic_slice_in_dim(rows, start, size)]
 
-# Terms of soft-WPMI lie in [1 - p_start + min_prob, 1 + min_prob], i.e. above ~0.002 at
-# the defaults: a product of 8 stays above 1e-22, far from float32's underflow.
-LOG_BLOCK = 8
-
-
-def likelihood_terms(probs, membership=None, min_prob: float = 1e-7):
-  """The factors whose log, summed over a unit's top images, is its log-likelihood L.
-
-  probs: S = softmax(a P) at the unit's top images, (top_k, ...) or (..., top_k) with
-  `membership` broadcast against it. WPMI (membership None): S + min_prob. Soft-WPMI:
-  1 + p_j (S - 1) + min_prob, p_j the membership of the unit's j-th image. Plain
-  arithmetic, so the jnp paths, the Pallas kernel and trust's NumPy float64 nulls all
-  use this one formula.
-  """
-  if membership is None:
-    return probs + min_prob
-  return 1.0 + membership * (probs - 1.0) + min_prob
-
-
-def soft_wpmi_term_floor(p_start: float, p_end: float, min_prob: float) -> float:
-  """The least value of a soft-WPMI term 1 + p (S - 1) + min_prob, S in [0, 1]."""
-  return 1.0 - max(p_start, p_end) + min_prob
-
-
-def sum_of_logs_of_bounded(terms: jax.Array, lower: float) -> jax.Array:
-  """sum over axis 0 of log(terms), terms >= lower > 0, with fewer log evaluations.
-
-  Why: the log is soft-WPMI's bottleneck (top_k x neurons x concepts of them). Terms are
-  multiplied in blocks whose product cannot underflow, then one log per block; the
-  result differs from the plain sum by float32 rounding only.
-  """
-  block = max(1, min(LOG_BLOCK, int(math.floor(-37.0 / math.log10(lower))) if lower < 1
-                     else LOG_BLOCK))
-  count = terms.shape[0]
-  padded = -(-count // block) * block
-  if padded != count:
-    terms = jnp.concatenate(
-        [terms, jnp.ones((padded - count, *terms.shape[1:]), terms.dtype)], axis=0)
-  blocks = terms.reshape(padded // block, block, *terms.shape[1:])
-  return jnp.sum(jnp.log(jnp.prod(blocks, axis=1)), axis=0)
+  row_lse = likelihood.row_log_normalisers(row_logits, num_rows,
+                                           likelihood.rows_per_block(num_concepts))
+  return likelihood.log_likelihood(block_logits, row_lse, top_rows, membership, min_prob,
+                                   num_concepts=num_concepts, block=block, group=group)
 
 
 def soft_wpmi_membership(top_k: int, p_start: float, p_end: float) -> np.ndarray:
@@ -285,36 +297,20 @@ def soft_wpmi_membership(top_k: int, p_start: float, p_end: float) -> np.ndarray
 
 def soft_wpmi(concept_activation, activations, top_k=_SOFT["top_k"], a=_SOFT["a"],
               lam=_SOFT["lam"], min_prob=_SOFT["min_prob"], p_start=_SOFT["p_start"],
-              p_end=_SOFT["p_end"], chunk_size=None, return_log_likelihood=False):
+              p_end=_SOFT["p_end"], block_size=None, return_log_likelihood=False):
   """Soft-WPMI (CLIP-Dissect's default): (num_neurons, num_concepts).
 
   L[k, m] = sum_j log(1 + p_j (S[idx_k[j], m] - 1) + min_prob), S = softmax(a P) over
   concepts, idx_k the neuron's top_k images; returns L - lam * prior (and L with
-  return_log_likelihood).
+  return_log_likelihood). block_size: concepts per block (likelihood.py); None: from
+  a memory budget.
   """
-  num_images, num_concepts, num_neurons = _check_inputs(concept_activation, activations,
-                                                        "soft_wpmi")
-  check_top_k(top_k, num_images, "soft_wpmi")
-  chunk = _chunk(chunk_size, num_neurons, top_k * num_concepts * 4)
-  membership = jnp.asarray(soft_wpmi_membership(top_k, p_start, p_end), jnp.float32)
-  log_likelihood = _soft_wpmi(jnp.asarray(concept_activation, jnp.float32),
-                              jnp.asarray(activations, jnp.float32), membership, a,
-                              min_prob, top_k=top_k, chunk=chunk,
-                              term_floor=soft_wpmi_term_floor(p_start, p_end, min_prob))
+  log_likelihood = _top_k_log_likelihood(
+      concept_activation, activations, top_k, a, min_prob,
+      soft_wpmi_membership(top_k, p_start, p_end),
+      likelihood.soft_wpmi_term_floor(p_start, p_end, min_prob), block_size, "soft_wpmi")
   scores = subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
-
-
-@functools.partial(jax.jit, static_argnames=("top_k", "chunk", "term_floor"))
-def _soft_wpmi(concept_activation, activations, membership, a, min_prob, *, top_k, chunk,
-               term_floor):
-  probs, top_images = _softmax_and_top_images(concept_activation, activations, a, top_k)
-
-  def neuron_log_likelihood(image_ids):  # (top_k,) -> (num_concepts,)
-    terms = likelihood_terms(probs[image_ids], membership[:, None], min_prob)
-    return sum_of_logs_of_bounded(terms, term_floor)
-
-  return _map_neurons(neuron_log_likelihood, top_images, chunk)
 
 
 def rank_reorder_baseline_permutations(num_top: int, seed: int) -> np.ndarray:

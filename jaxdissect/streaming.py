@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec
 import numpy as np
 
 from jaxdissect import kernels
+from jaxdissect import likelihood
 from jaxdissect import registry
 from jaxdissect import sharding
 from jaxdissect import similarity
@@ -28,6 +29,8 @@ CHUNK_BUDGET_BYTES = 256 * 2**20
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Neurons per vectorised step of (soft-)WPMI at most: bounds the padding of small layers.
 MAX_NEURON_CHUNK = 32
+# Bytes of the whole rows of logits per step of the softmax normalisers.
+STREAM_ROW_BLOCK_BYTES = 8 * 2**20
 STREAMING_FUNCTIONS = registry.STREAMING_FUNCTIONS
 _SOFT = registry.SIMILARITY["soft_wpmi"].defaults
 _WPMI = registry.SIMILARITY["wpmi"].defaults
@@ -74,10 +77,12 @@ def _check(image_embeddings, text_embeddings, activations, name):
 def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k, a,
                           min_prob, name, membership=None, term_floor=None,
                           top_images=None, mesh: Mesh | None = None,
-                          kernel: str = "auto", compute_dtype: str = "float32"):
+                          kernel: str = "auto", compute_dtype: str = "float32",
+                          block_size: int | None = None):
   """L (num_neurons, num_concepts): for each neuron, the sum over its top_k images of
   log(S + min_prob) (wpmi; membership None) or log(1 + p_j (S - 1) + min_prob)
-  (soft_wpmi), S = softmax(a P) at those images, recomputed per chunk of neurons.
+  (soft_wpmi), S = softmax(a P) at those images (likelihood.py's blocked plan, the P
+  rows recomputed per block of concepts).
 
   top_images: (num_neurons, >= top_k) image rows, highest activation first (the probe
   pass's running top-k); when given, activations is not read (it may be None).
@@ -87,6 +92,7 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   kernel: "jnp", "pallas" (kernels.py, fused; the Pallas interpreter on CPU) or "auto"
   (Pallas only where it was measured faster: kernels.PALLAS_MEASURED_FASTER_ON).
   compute_dtype: "float32" or "bfloat16" (the P rows' products; see _rows).
+  block_size: concepts per block (jnp path); None: from likelihood.BLOCK_BYTES.
   """
   if compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"{name}: compute_dtype must be one of {COMPUTE_DTYPES}, got "
@@ -102,61 +108,71 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
     if top_images.shape[1] < top_k:
       raise ValueError(f"{name}: top_images has {top_images.shape[1]} images per neuron, "
                        f"fewer than top_k={top_k}.")
-  top_images = np.asarray(top_images)[:, :top_k]
   # Only the rows of the top images are read: a memmap of a million embeddings stays
   # on disk, and the device gets at most num_neurons x top_k rows.
-  rows, local_ids = np.unique(top_images, return_inverse=True)
+  rows, top_images = likelihood.unique_rows(np.asarray(top_images)[:, :top_k])
   if rows.size and (rows[0] < 0 or rows[-1] >= num_images):
     raise ValueError(f"{name}: top_images holds rows outside 0..{num_images - 1}.")
   images = np.asarray(image_embeddings[rows], np.float32)
   num_concepts = text_embeddings.shape[0]
   soft = membership is not None
-  top_images = local_ids.reshape(top_images.shape).astype(np.int32)
   num_neurons = top_images.shape[0]
   devices = 1 if mesh is None else mesh.devices.size
-  # Every vectorised step has the same shape on any device count: (chunk, top_k, ...)
-  # with chunk independent of the mesh, the neurons padded (copies of neuron 0, dropped
-  # below) to whole chunks on every device. Then L is bit-identical however it is split.
-  chunk = min(_neuron_chunk(top_k, num_concepts), MAX_NEURON_CHUNK)
+  pallas = kernels.use_pallas(kernel) and compute_dtype == "float32"
+  # The kernel runs `chunk` neurons a call; the jnp plan takes all neurons at once.
+  chunk = min(_neuron_chunk(top_k, num_concepts), MAX_NEURON_CHUNK) if pallas else 1
+  # Padding (copies of neuron 0, dropped below) gives every device whole chunks.
   padded = -(-num_neurons // (devices * chunk)) * devices * chunk
   top_images = np.concatenate([top_images, np.repeat(top_images[:1],
                                                      padded - num_neurons, axis=0)])
   args = (_normalise(images), _normalise(text_embeddings), jnp.asarray(top_images),
           jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
           jnp.float32(a), jnp.float32(min_prob))
-  pallas = kernels.use_pallas(kernel) and compute_dtype == "float32"
+  statics = {"soft": soft, "chunk": chunk,
+             "block": int(min(block_size or likelihood.block_size(rows.size, num_concepts),
+                              num_concepts)),
+             "group": likelihood.log_group_size(term_floor if soft else min_prob, top_k),
+             "compute_dtype": compute_dtype}
   body = _neurons_log_likelihood
   if pallas:
     body = _kernel_body(float(a), float(min_prob), jax.default_backend() == "cpu")
   with kernels.lowering_context() if pallas else contextlib.nullcontext():
     if devices == 1:
-      out = _jitted(body)(*args, soft=soft, chunk=chunk, term_floor=term_floor,
-                          compute_dtype=compute_dtype)
-      return out[:num_neurons]
-    out = _sharded_log_likelihood(mesh, body, soft, chunk, term_floor, compute_dtype)(*args)
+      return _jitted(body)(*args, **statics)[:num_neurons]
+    out = _sharded_log_likelihood(mesh, body, *statics.values())(*args)
   # Gathered to the host: the prior (a logsumexp over all neurons) is then computed as
   # in the unsharded case, so sharding cannot change a single bit of the scores.
   return np.asarray(out)[:num_neurons]
 
 
 def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, *,
-                            soft, chunk, term_floor, compute_dtype="float32"):
-  def neuron(image_ids):  # (top_k,) -> (num_concepts,)
-    probs = jax.nn.softmax(a * _rows(images[image_ids], texts, compute_dtype), axis=-1)
-    if soft:
-      return similarity.sum_of_logs_of_bounded(
-          similarity.likelihood_terms(probs, membership[:, None], min_prob), term_floor)
-    return jnp.sum(jnp.log(similarity.likelihood_terms(probs, None, min_prob)), axis=0)
+                            soft, chunk, block, group, compute_dtype="float32"):
+  """likelihood.py's plan with the logits recomputed from the embeddings: whole rows
+  for the normalisers, then (rows, dim) x (block, dim) per block of concepts for L."""
+  del chunk  # the kernel's
+  num_concepts = texts.shape[0]
 
-  return jax.lax.map(neuron, top_images, batch_size=chunk)
+  def block_logits(start):
+    return a * _rows(images, jax.lax.dynamic_slice_in_dim(texts, start, block),
+                     compute_dtype)
+
+  # Rows of a whole (rows x concepts) matmul: more rows than in memory, where the
+  # matmul's efficiency, not the cache, sets the best size (measured).
+  row_lse = likelihood.row_log_normalisers(
+      lambda start, size: a * _rows(jax.lax.dynamic_slice_in_dim(images, start, size),
+                                    texts, compute_dtype),
+      images.shape[0], likelihood.rows_per_block(num_concepts, STREAM_ROW_BLOCK_BYTES))
+  return likelihood.log_likelihood(block_logits, row_lse, top_images,
+                                   membership if soft else None, min_prob,
+                                   num_concepts=num_concepts, block=block, group=group)
 
 
 def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *, soft,
-                           chunk, term_floor, a_value, min_prob_value, interpret,
+                           chunk, block, group, a_value, min_prob_value, interpret,
                            compute_dtype="float32"):
   """_neurons_log_likelihood through the fused Pallas kernel, `chunk` neurons a call
   (float32 only)."""
-  del a, min_prob, term_floor, compute_dtype  # constants of the kernel (a_value, ...)
+  del a, min_prob, block, group, compute_dtype  # constants of the kernel (a_value, ...)
   row_lse = kernels.row_log_normalisers(images, texts, a_value)
   blocks = top_images.reshape(-1, chunk, top_images.shape[1])
   out = jax.lax.map(
@@ -177,14 +193,15 @@ def _kernel_body(a_value: float, min_prob_value: float, interpret: bool):
 # Only hashable settings are static, so layers of equal shapes share one compilation.
 @functools.lru_cache(maxsize=32)
 def _jitted(body):
-  return jax.jit(body, static_argnames=("soft", "chunk", "term_floor", "compute_dtype"))
+  return jax.jit(body, static_argnames=("soft", "chunk", "block", "group",
+                                        "compute_dtype"))
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_log_likelihood(mesh, body, soft, chunk, term_floor, compute_dtype):
+def _sharded_log_likelihood(mesh, body, soft, chunk, block, group, compute_dtype):
   """jit(shard_map(...)): top_images split over the mesh axis, the rest replicated."""
   replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
-  body = functools.partial(body, soft=soft, chunk=chunk, term_floor=term_floor,
+  body = functools.partial(body, soft=soft, chunk=chunk, block=block, group=group,
                            compute_dtype=compute_dtype)
   return jax.jit(jax.shard_map(
       body, mesh=mesh, in_specs=(replicated, replicated, split, replicated, replicated,
@@ -195,13 +212,15 @@ def _sharded_log_likelihood(mesh, body, soft, chunk, term_floor, compute_dtype):
 def wpmi(image_embeddings, text_embeddings, activations, top_k=_WPMI["top_k"],
          a=_WPMI["a"], lam=_WPMI["lam"], min_prob=_WPMI["min_prob"],
          return_log_likelihood=False, top_images=None, mesh=None,
-         kernel="auto", compute_dtype="float32"):
+         kernel="auto", compute_dtype="float32", block_size=None):
   """similarity.wpmi(P, A) without P. image_embeddings: (num_images, dim), may be a
-  memmap; top_images, mesh, kernel, compute_dtype: see _top_k_log_likelihood."""
+  memmap; top_images, mesh, kernel, compute_dtype, block_size: see
+  _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
                                          top_k, a, min_prob, "wpmi",
                                          top_images=top_images, mesh=mesh, kernel=kernel,
-                                         compute_dtype=compute_dtype)
+                                         compute_dtype=compute_dtype,
+                                         block_size=block_size)
   scores = similarity.subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 
@@ -209,14 +228,17 @@ def wpmi(image_embeddings, text_embeddings, activations, top_k=_WPMI["top_k"],
 def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=_SOFT["top_k"],
               a=_SOFT["a"], lam=_SOFT["lam"], min_prob=_SOFT["min_prob"],
               p_start=_SOFT["p_start"], p_end=_SOFT["p_end"], return_log_likelihood=False,
-              top_images=None, mesh=None, kernel="auto", compute_dtype="float32"):
+              top_images=None, mesh=None, kernel="auto", compute_dtype="float32",
+              block_size=None):
   """similarity.soft_wpmi(P, A) without P. image_embeddings: (num_images, dim), may be
-  a memmap; top_images, mesh, kernel, compute_dtype: see _top_k_log_likelihood."""
+  a memmap; top_images, mesh, kernel, compute_dtype, block_size: see
+  _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(
       image_embeddings, text_embeddings, activations, top_k, a, min_prob, "soft_wpmi",
       membership=similarity.soft_wpmi_membership(top_k, p_start, p_end),
-      term_floor=similarity.soft_wpmi_term_floor(p_start, p_end, min_prob),
-      top_images=top_images, mesh=mesh, kernel=kernel, compute_dtype=compute_dtype)
+      term_floor=likelihood.soft_wpmi_term_floor(p_start, p_end, min_prob),
+      top_images=top_images, mesh=mesh, kernel=kernel, compute_dtype=compute_dtype,
+      block_size=block_size)
   scores = similarity.subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 

@@ -27,6 +27,7 @@ from absl import logging
 import numpy as np
 
 from jaxdissect import labeling
+from jaxdissect import likelihood
 from jaxdissect import registry
 from jaxdissect import results as results_lib
 from jaxdissect import similarity
@@ -125,7 +126,7 @@ def _top_k_terms(log_probs: np.ndarray, similarity_fn: str, params: dict,
   """log_probs: (..., top_k) log S at a unit's top images, best first -> (...) L."""
   membership = None if similarity_fn == "wpmi" else similarity.soft_wpmi_membership(
       top_k, params["p_start"], params["p_end"])
-  return np.sum(np.log(similarity.likelihood_terms(np.exp(log_probs), membership,
+  return np.sum(np.log(likelihood.likelihood_terms(np.exp(log_probs), membership,
                                                    params["min_prob"])), axis=-1)
 
 

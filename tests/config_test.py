@@ -44,6 +44,13 @@ class ConfigTest(absltest.TestCase):
         with self.assertRaisesRegex(errors.UserError, f"^{field}: must be a positive"):
           config_lib.validate(config)
 
+  def test_negative_similarity_block_sizes_are_user_errors(self):
+    for field in ("neuron_chunk_size", "concept_block_size"):
+      config = config_lib.get_base_config()
+      config[field] = -1
+      with self.assertRaisesRegex(errors.UserError, f"^{field}: must be 0"):
+        config_lib.validate(config)
+
   def test_the_demo_config_does_not_write_over_the_default_results(self):
     import importlib.util  # pylint: disable=g-import-not-at-top
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import kernels
+from jaxdissect import likelihood
 from jaxdissect import similarity
 from jaxdissect import streaming
 
@@ -28,8 +29,9 @@ class KernelTest(parameterized.TestCase):
     expected = streaming._neurons_log_likelihood(  # pylint: disable=protected-access
         jnp.asarray(images), jnp.asarray(texts), jnp.asarray(top),
         jnp.asarray(membership if soft else np.ones(top_k, np.float32)),
-        jnp.float32(a), jnp.float32(1e-7), soft=soft, chunk=3,
-        term_floor=similarity.soft_wpmi_term_floor(0.998, 0.97, 1e-7) if soft else None)
+        jnp.float32(a), jnp.float32(1e-7), soft=soft, chunk=1, block=min(64, num_concepts),
+        group=likelihood.log_group_size(
+            likelihood.soft_wpmi_term_floor(0.998, 0.97, 1e-7) if soft else 1e-7, top_k))
     got = kernels.log_likelihood(images, texts, top, membership, a, 1e-7, soft=soft,
                                  interpret=True)
     self.assertEqual(got.shape, (9, num_concepts))

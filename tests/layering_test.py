@@ -11,8 +11,9 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Bottom to top; a module may import its own layer and those below it.
 LAYERS = (
     # Package __init__ files import nothing; "synthetic" is the empty package.
-    ("foundations", ("errors", "registry", "resources", "config", "sharding", "topk", "similarity",
-                     "kernels", "results", "tiny_models", "synthetic")),
+    ("foundations", ("errors", "registry", "resources", "config", "sharding", "topk",
+                     "likelihood", "similarity", "kernels", "results", "tiny_models",
+                     "synthetic")),
     ("data and scoring math", ("data.*", "synthetic.world", "streaming", "store")),
     ("models", ("models.*",)),
     ("computation", ("activations", "labeling", "images")),

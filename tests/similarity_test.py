@@ -3,11 +3,13 @@ import math
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
 from jaxdissect import labeling
+from jaxdissect import likelihood
 from jaxdissect import similarity
 from jaxdissect import store
 
@@ -55,6 +57,19 @@ def ref_prior_subtract(L, lam):
   K = L.shape[0]
   prior = special.logsumexp(L, axis=0) - math.log(K)
   return L - lam * prior
+
+
+def ref_wpmi_log_likelihood(P, A, top_k=28, a=2.0, min_prob=1e-7):
+  S = ref_softmax(a * P)
+  return np.stack([np.log(S[idx] + min_prob).sum(axis=0) for idx in ref_top(A, top_k)])
+
+
+def ref_soft_log_likelihood(P, A, top_k=100, a=10.0, min_prob=1e-7, p_start=0.998,
+                            p_end=0.97):
+  S = ref_softmax(a * P)
+  p = (p_start - np.arange(top_k) / top_k * (p_start - p_end))[:, None]
+  return np.stack([np.log(1 + p * (S[idx] - 1) + min_prob).sum(axis=0)
+                   for idx in ref_top(A, top_k)])
 
 
 def ref_wpmi(P, A, top_k=28, a=2.0, lam=0.6, min_prob=1e-7):
@@ -107,7 +122,7 @@ REFERENCES = {
     "soft_wpmi": ref_soft_wpmi,
     "rank_reorder": ref_rank_reorder,
 }
-CHUNKED = ("wpmi", "soft_wpmi", "rank_reorder")
+PRIOR = ("wpmi", "soft_wpmi")
 
 
 def random_inputs(num_images, num_concepts, num_neurons, seed):
@@ -142,16 +157,56 @@ class SimilarityTest(parameterized.TestCase):
     ours = similarity.SIMILARITY_FUNCTIONS[name](P.astype(np.float32), A.astype(np.float32))
     assert_matches_reference(self, ours, REFERENCES[name](P, A))
 
-  @parameterized.parameters(*CHUNKED)
-  def test_chunked_equals_unchunked(self, name):
+  def test_rank_reorder_chunked_equals_unchunked(self):
     P, A = random_inputs(300, 20, 13, seed=3)
-    fn = similarity.SIMILARITY_FUNCTIONS[name]
-    whole = np.asarray(fn(P, A, chunk_size=13))
+    whole = np.asarray(similarity.rank_reorder(P, A, chunk_size=13))
     for chunk in (1, 4, 5):
-      chunked = np.asarray(fn(P, A, chunk_size=chunk))
-      # Scores are differences of sums of ~100 logs: float32 rounding of those sums.
-      np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=5e-4)
-      np.testing.assert_array_equal(chunked.argmax(1), whole.argmax(1))
+      np.testing.assert_allclose(similarity.rank_reorder(P, A, chunk_size=chunk), whole,
+                                 rtol=1e-5, atol=5e-4)
+
+  @parameterized.parameters(*PRIOR)
+  def test_concept_blocks_equal_one_block(self, name):
+    # 23 concepts in blocks of 5 leave a last block moved back over 2 seen concepts:
+    # the row normalisers must not count those twice.
+    P, A = random_inputs(300, 23, 13, seed=3)
+    fn = similarity.SIMILARITY_FUNCTIONS[name]
+    _, whole = fn(P, A, block_size=23, return_log_likelihood=True)
+    for block in (1, 5, 7, 22):
+      _, blocked = fn(P, A, block_size=block, return_log_likelihood=True)
+      # L is a sum of ~100 logs: float32 rounding of the normalisers moves it slightly.
+      np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=5e-4)
+    ref = (ref_soft_log_likelihood if name == "soft_wpmi" else ref_wpmi_log_likelihood)(P, A)
+    np.testing.assert_allclose(whole, ref, rtol=2e-5, atol=1e-3)
+
+  @parameterized.parameters((100, 0.998, 0.97), (97, 0.998, 0.97), (28, 1.0, 1.0))
+  def test_rank_groups_and_padding_match_float64(self, top_k, p_start, p_end):
+    # 97 ranks: no divisor in the group range, so padded ranks must count as log 1.
+    P, A = random_inputs(400, 9, 6, seed=top_k)
+    _, L = similarity.soft_wpmi(P, A, top_k=top_k, p_start=p_start, p_end=p_end,
+                                return_log_likelihood=True)
+    ref = ref_soft_log_likelihood(P, A, top_k=top_k, p_start=p_start, p_end=p_end)
+    np.testing.assert_allclose(L, ref, rtol=2e-5, atol=1e-3)
+
+  def test_a_few_neurons_read_only_their_rows(self):
+    # 3 neurons x top 100 of 5000 images: the gathered-rows path, not the full slice.
+    P, A = random_inputs(5000, 11, 3, seed=8)
+    _, L = similarity.soft_wpmi(P, A, block_size=4, return_log_likelihood=True)
+    np.testing.assert_allclose(L, ref_soft_log_likelihood(P, A), rtol=2e-5, atol=1e-3)
+
+  def test_softmax_is_never_materialised(self):
+    # 10,000 x 20,000 x 256, compiled from shapes alone: XLA's temporaries stay far
+    # below one images x concepts float32 matrix (800 MB).
+    images, concepts, neurons, top_k = 10_000, 20_000, 256, 100
+    block = likelihood.block_size(images, concepts)
+    compiled = similarity._blocked_log_likelihood.lower(  # pylint: disable=protected-access
+        jax.ShapeDtypeStruct((images, concepts), jnp.float32), None,
+        jax.ShapeDtypeStruct((neurons, top_k), jnp.int32),
+        jax.ShapeDtypeStruct((top_k,), jnp.float32), jnp.float32(10.0),
+        jnp.float32(1e-7), block=block,
+        group=likelihood.log_group_size(0.002, top_k)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    self.assertLess(temp, images * concepts * 4 // 4)
+    self.assertLess(temp, 2 * likelihood.BLOCK_BYTES)
 
   @parameterized.parameters(*sorted(REFERENCES))
   def test_permuting_images_leaves_scores_unchanged(self, name):
@@ -282,14 +337,13 @@ class PriorSaturationTest(parameterized.TestCase):
 
 class BlockedLogTest(parameterized.TestCase):
 
-  @parameterized.parameters((100, 0.002), (37, 0.002), (28, 1e-7), (5, 0.5))
-  def test_equals_float64_sum_of_logs_at_the_floor(self, count, floor):
-    rng = np.random.default_rng(count)
-    terms = np.where(rng.random((count, 7)) < 0.5, floor, rng.uniform(floor, 1, (count, 7)))
-    got = np.asarray(similarity.sum_of_logs_of_bounded(jnp.asarray(terms, jnp.float32),
-                                                       floor))
-    np.testing.assert_allclose(got, np.log(terms).sum(axis=0), rtol=2e-6)
-    self.assertTrue(np.all(np.isfinite(got)))
+  @parameterized.parameters((100, 0.0020001, 10), (28, 1e-7, 4), (97, 0.0020001, 10),
+                            (5, 0.5, 5), (100, 1.0, 10))
+  def test_group_size_is_safe_and_prefers_divisors(self, top_k, floor, expected):
+    group = likelihood.log_group_size(floor, top_k)
+    self.assertEqual(group, expected)
+    # The smallest product of a group stays a normal float32.
+    self.assertGreater(np.float32(floor) ** group, np.finfo(np.float32).tiny)
 
   def test_soft_wpmi_with_full_membership_stays_finite(self):
     P, A = random_inputs(200, 6, 4, seed=5)

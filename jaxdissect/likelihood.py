@@ -1,0 +1,177 @@
+"""The (soft-)WPMI log-likelihood of every neuron, blocked over concepts.
+
+  L[k, m] = sum_j log t_j(S[top[k, j], m]),   S = softmax over concepts of a P,
+  t_j(s) = 1 + p_j (s - 1) + min_prob (soft-WPMI, p_j the membership of rank j) or
+  t_j(s) = s + min_prob (WPMI),
+with top[k] the rows of neuron k's top_k images, highest activation first.
+
+The plan, which never holds S (images x concepts):
+  1. every row's softmax log-normaliser, lse[r] = logsumexp_m a P[r, m], a few whole
+     rows at a time (row_log_normalisers);
+  2. per block of concepts: S on the block for the rows some neuron reads
+     (rows x block, the one temporary of that size), then, for all neurons at once and
+     `group` ranks at a time, the product of their terms gathered from the block, one
+     log per group (log_likelihood).
+The logits come from callables (a few whole rows; a block of concepts for the rows
+read): slices of P in memory (similarity.py), or recomputed from the CLIP embeddings
+(streaming.py). One code path serves both.
+
+Why this shape (measured on a 2-core CPU, 10,000 images x 20,000 concepts x 256
+neurons; BENCHMARKS.md): a materialised S costs 800 MB and 0.35 s to write; gathering
+100 rows into one fused loop per neuron runs about 1 ns per term (100 concurrent
+streams); `group` rows per fused gather for all neurons runs about 0.2 ns per term; and
+an XLA reduction over a major axis is several times slower than these elementwise
+products, so ranks are summed by an explicit loop, not jnp.sum.
+"""
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Ranks multiplied before one log: terms lie in [floor, 1 + min_prob], so a product of
+# `group` of them stays in float32's normal range when floor ** group > 1e-37. Ten
+# divides the default top_k of 100 (1.25x faster than groups of 4, measured).
+MAX_GROUP = 10
+# The one (rows x block) temporary: at most BLOCK_BYTES, and between MIN_BLOCK and
+# MAX_BLOCK concepts. Long blocks make each gathered row a long contiguous read: on 2
+# CPU cores 2,000-4,000 concepts ran 1.4x faster than 335 at 50,000 rows, and 8,000
+# ran 1.5x slower than 4,000 at 10,000 rows (BENCHMARKS.md).
+BLOCK_BYTES = 512 * 2**20
+MIN_BLOCK = 128
+MAX_BLOCK = 4096
+# Bytes of whole rows of logits per step of the normalisers: a few rows, cache-sized.
+ROW_BLOCK_BYTES = 2 * 2**20
+
+
+def likelihood_terms(probs, membership=None, min_prob: float = 1e-7):
+  """The factors whose log, summed over a unit's top images, is its log-likelihood L.
+
+  probs: S = softmax(a P) at the unit's top images, with `membership` broadcast against
+  it. WPMI (membership None): S + min_prob. Soft-WPMI: 1 + p_j (S - 1) + min_prob, p_j
+  the membership of the unit's j-th image. Plain arithmetic, so the jnp paths, the
+  Pallas kernel and trust's NumPy float64 nulls all use this one formula.
+  """
+  if membership is None:
+    return probs + min_prob
+  return 1.0 + membership * (probs - 1.0) + min_prob
+
+
+def soft_wpmi_term_floor(p_start: float, p_end: float, min_prob: float) -> float:
+  """The least value of a soft-WPMI term 1 + p (S - 1) + min_prob, S in [0, 1]."""
+  return 1.0 - max(p_start, p_end) + min_prob
+
+
+def log_group_size(term_floor: float, top_k: int) -> int:
+  """Ranks multiplied before one log, for terms >= term_floor > 0.
+
+  A divisor of top_k when one is at least half the largest safe size: a last, shorter
+  group would be a separate fused loop, which XLA:CPU ran 4x slower than the rest
+  together (it fuses it into the write of the output block). Otherwise the largest
+  safe size, and the ranks are padded (log_likelihood masks them).
+  """
+  largest = MAX_GROUP
+  if term_floor < 1.0:
+    largest = max(1, min(MAX_GROUP, int(math.floor(-37.0 / math.log10(term_floor)))))
+  for size in range(largest, (largest + 1) // 2 - 1, -1):
+    if top_k % size == 0:
+      return size
+  return largest
+
+
+def block_size(num_rows: int, num_concepts: int, budget_bytes: int = BLOCK_BYTES) -> int:
+  """Concepts per block: the (rows x block) float32 temporary within budget_bytes
+  unless that is under MIN_BLOCK concepts."""
+  block = min(MAX_BLOCK, max(MIN_BLOCK, budget_bytes // (4 * max(1, num_rows))))
+  return int(min(num_concepts, block))
+
+
+def rows_per_block(num_concepts: int, budget_bytes: int = ROW_BLOCK_BYTES) -> int:
+  """Whole rows of logits per step of row_log_normalisers within budget_bytes."""
+  return int(max(1, budget_bytes // (4 * max(1, num_concepts))))
+
+
+def _num_blocks(num_concepts: int, block: int) -> int:
+  return -(-num_concepts // block)
+
+
+def _block_start(index, num_concepts: int, block: int):
+  """The last block is moved back to end at num_concepts, so every block is full."""
+  return jnp.minimum(index * block, num_concepts - block)
+
+
+def row_log_normalisers(row_logits: Callable, num_rows: int, rows_per_block: int
+                        ) -> jax.Array:
+  """lse: (num_rows,), logsumexp over all concepts of each row's logits.
+
+  row_logits(start, size) -> (size, num_concepts) logits of rows start.. (whole
+  rows: the max and the sum run along contiguous memory, about 2x faster on CPU than
+  a running max and sum over blocks of concepts, and 5x at 50,000 images).
+  """
+  rows_per_block = min(rows_per_block, num_rows)
+
+  def body(index, lse):
+    # The last block is moved back to end at num_rows; its rows repeat equal values.
+    start = jnp.minimum(index * rows_per_block, num_rows - rows_per_block)
+    logits = row_logits(start, rows_per_block)
+    row_max = jnp.max(logits, axis=1)
+    block_lse = row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1))
+    return jax.lax.dynamic_update_slice(lse, block_lse, (start,))
+
+  return jax.lax.fori_loop(0, -(-num_rows // rows_per_block), body,
+                           jnp.zeros((num_rows,), jnp.float32))
+
+
+def log_likelihood(block_logits: Callable, row_lse: jax.Array, top_rows: jax.Array,
+                   membership: jax.Array | None, min_prob, *, num_concepts: int,
+                   block: int, group: int) -> jax.Array:
+  """L: (num_neurons, num_concepts), the formula of the module docstring.
+
+  block_logits(start) -> (rows, block) logits; row_lse: (rows,) from
+  row_log_normalisers; top_rows: (num_neurons, top_k) int32 rows, highest activation
+  first; membership: (top_k,) soft-WPMI weights, or None for WPMI; group: ranks per
+  log (log_group_size of the terms' floor).
+
+  Each entry of L is computed by the same operations in the same order whatever the
+  number of neurons or the block, so a neuron's row is bit-identical however the
+  neurons are split over devices.
+  """
+  num_neurons, top_k = top_rows.shape
+  num_groups = -(-top_k // group)
+  padding = num_groups * group - top_k
+  if padding:  # masked below: their terms are 1
+    top_rows = jnp.pad(top_rows, ((0, 0), (0, padding)))
+    if membership is not None:
+      membership = jnp.pad(membership, (0, padding))
+
+  def block_body(index, out):
+    start = _block_start(index, num_concepts, block)
+    # Materialised once per block: fused into the gathers below it would be
+    # recomputed for every (neuron, rank), 2.6 times per row at the benchmark's shape.
+    probs = jax.lax.optimization_barrier(jnp.exp(block_logits(start) - row_lse[:, None]))
+
+    def add_log_of_group(index, acc):
+      product = None
+      for offset in range(group):
+        rank = index * group + offset
+        rows = jax.lax.dynamic_index_in_dim(top_rows, rank, axis=1, keepdims=False)
+        weight = None if membership is None else membership[rank]
+        term = likelihood_terms(probs[rows], weight, min_prob)  # (num_neurons, block)
+        if padding:
+          term = jnp.where(rank < top_k, term, 1.0)
+        product = term if product is None else product * term
+      return acc + jnp.log(product)
+
+    acc = jax.lax.fori_loop(0, num_groups, add_log_of_group,
+                            jnp.zeros((num_neurons, block), jnp.float32))
+    return jax.lax.dynamic_update_slice(out, acc, (0, start))
+
+  return jax.lax.fori_loop(0, _num_blocks(num_concepts, block), block_body,
+                           jnp.zeros((num_neurons, num_concepts), jnp.float32))
+
+
+def unique_rows(top_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(sorted distinct image rows, top_images as int32 indices into them), host-side."""
+  rows, local = np.unique(np.asarray(top_images), return_inverse=True)
+  return rows, local.reshape(np.shape(top_images)).astype(np.int32)
