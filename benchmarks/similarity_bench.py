@@ -1,20 +1,29 @@
-"""Similarity functions against a per-neuron NumPy loop (the official tool's shape).
+"""Similarity functions against the loops users would otherwise run, in the same run.
 
     python benchmarks/similarity_bench.py --out benchmarks/results/similarity_bench.json \
-        [--sizes 10000x20000x256,50000x20000x2048] [--functions soft_wpmi,cos_similarity]
+        [--sizes 10000x20000x256,50000x20000x2048] [--functions soft_wpmi,wpmi]
 
-For each size (images x concepts x neurons) and function: seconds for ours (in-memory P,
-jitted, compile excluded by a warm-up on the same shapes), ours streaming (no P, from
-the embeddings), and the per-neuron NumPy baseline, measured in the same run; the ratios
-baseline / ours and baseline / streaming; and the peak RSS of each (every measurement runs in its own process).
-For (soft-)WPMI also the loop users would otherwise run: the official tool's algorithm in
-PyTorch (float32, no autograd, torch threads = cores; softmax over concepts once, top-k of
-the activations, then per neuron a gather of its top rows, log and sum, and the prior),
-written from the paper's formulas; skipped with a note where torch is not installed.
+For each size (images x concepts x neurons) and function, every measurement in its own
+process (peak RSS per measurement):
+  - ours: similarity.<function>(P, activations) on P already in memory, jitted, best
+    of 3 after a compiling call on the same shapes;
+  - streaming: streaming.<function>(image embeddings, text embeddings, activations),
+    which never holds P (it recomputes P's blocks), best of 3 likewise;
+  - torch, for (soft-)WPMI: the official tool's algorithm as a PyTorch loop on the same
+    P (float32, no autograd, torch threads = cores; softmax over concepts once, top-k of
+    the activations, then per neuron a gather of its top rows, log and sum, and the
+    prior), written from the paper's formulas, one call; skipped with a note where
+    torch is not installed;
+  - numpy: the same per-neuron loop in NumPy on the same P, one call;
+  - copy: a plain copy of P into a buffer already in memory (NumPy), best of 3. It moves
+    2 x images x concepts x 4 bytes, as many as ours reads (P twice: the softmax
+    normalisers, then the blocks), so copy / ours is how close ours runs to the memory
+    floor.
 For (soft-)WPMI also streaming with bfloat16 products (float32 accumulation): its time
 and its label agreement with float32 streaming; with --kernels, streaming through the
 fused Pallas kernel (kernels.py; only meaningful on a GPU or TPU, the CPU interprets it).
-Inputs are random CLIP-like embeddings (dim 64) and ReLU activations, seeded.
+Inputs are random CLIP-like embeddings (dim 64) and ReLU activations, seeded; P is
+computed from them outside every timer.
 cos_similarity's NumPy baseline reads all of P once per neuron: at 50000x20000x2048 that
 is over 10 minutes, so BENCHMARKS.md runs that size with --functions soft_wpmi,wpmi.
 """
@@ -48,9 +57,8 @@ def numpy_concept_activation(images, texts):
   return images @ texts.T
 
 
-def numpy_baseline(name, images, texts, activations):
+def numpy_baseline(name, P, activations):
   """One neuron at a time, as the official code loops: (num_neurons, num_concepts)."""
-  P = numpy_concept_activation(images, texts)
   num_neurons = activations.shape[1]
   if name in registry.PRIOR_FUNCTIONS:
     top_k, a, lam = (100, 10.0, 1.0) if name == "soft_wpmi" else (28, 2.0, 0.6)
@@ -80,16 +88,14 @@ def numpy_baseline(name, images, texts, activations):
   raise ValueError(name)
 
 
-def torch_baseline(name, images, texts, activations):
+def torch_baseline(name, P, activations):
   """(Soft-)WPMI as the official PyTorch code computes it, one neuron at a time."""
   import math  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
   defaults = registry.SIMILARITY[name].defaults
   with torch.no_grad():
-    image_t = torch.nn.functional.normalize(torch.from_numpy(images), dim=1)
-    text_t = torch.nn.functional.normalize(torch.from_numpy(texts), dim=1)
-    probs = torch.softmax(defaults["a"] * (image_t @ text_t.T), dim=1)
+    probs = torch.softmax(defaults["a"] * torch.from_numpy(P), dim=1)
     top_k = defaults["top_k"]
     top = torch.topk(torch.from_numpy(activations), k=top_k, dim=0).indices  # (top_k, K)
     if name == "soft_wpmi":
@@ -111,34 +117,53 @@ def torch_available() -> bool:
   return importlib.util.find_spec("torch") is not None
 
 
+def _best_of(repeats, fn):
+  best, result = float("inf"), None
+  for _ in range(repeats):
+    start = time.perf_counter()
+    result = fn()
+    best = min(best, time.perf_counter() - start)
+  return best, result
+
+
 def _measure(kind, name, size, queue):
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxdissect import labeling, similarity, streaming  # pylint: disable=g-import-not-at-top
+  from jaxdissect import similarity, streaming  # pylint: disable=g-import-not-at-top
   images, texts, activations = make_inputs(*size)
+  P = numpy_concept_activation(images, texts)
+  extra = {}
   if kind == "numpy":
-    start = time.perf_counter()
-    scores = numpy_baseline(name, images, texts, activations)
+    seconds, scores = _best_of(1, lambda: numpy_baseline(name, P, activations))
   elif kind == "torch":
-    start = time.perf_counter()
-    scores = torch_baseline(name, images, texts, activations)
+    # Torch's one-time start-up (thread pool, kernels) is not the loop's cost.
+    small = make_inputs(200, 50, 4)
+    torch_baseline(name, numpy_concept_activation(*small[:2]), small[2])
+    seconds, scores = _best_of(1, lambda: torch_baseline(name, P, activations))
   else:
+    P_device = jax.device_put(P) if kind == "ours" else None
+    del P
+
     def ours():
       if kind == "streaming":
-        return streaming.FUNCTIONS[name](images, texts, activations)
-      if kind == "streaming_bf16":
-        return streaming.FUNCTIONS[name](images, texts, activations,
-                                         compute_dtype="bfloat16", kernel="jnp")
-      if kind == "streaming_pallas":
-        return streaming.FUNCTIONS[name](images, texts, activations, kernel="pallas")
-      P = labeling.concept_activation(images, texts)
-      return similarity.SIMILARITY_FUNCTIONS[name](P, activations)
-    jax.block_until_ready(ours())  # compile
-    start = time.perf_counter()
-    scores = np.asarray(jax.block_until_ready(ours()))
-  seconds = time.perf_counter() - start
+        out = streaming.FUNCTIONS[name](images, texts, activations)
+      elif kind == "streaming_bf16":
+        out = streaming.FUNCTIONS[name](images, texts, activations,
+                                        compute_dtype="bfloat16", kernel="jnp")
+      elif kind == "streaming_pallas":
+        out = streaming.FUNCTIONS[name](images, texts, activations, kernel="pallas")
+      else:
+        out = similarity.SIMILARITY_FUNCTIONS[name](P_device, activations)
+      return np.asarray(jax.block_until_ready(out))
+
+    ours()  # compile
+    seconds, scores = _best_of(3, ours)
+    if kind == "ours":
+      source = np.asarray(P_device)
+      target = np.ones_like(source)  # in memory before the copy: no page faults timed
+      extra["copy_seconds"], _ = _best_of(3, lambda: np.copyto(target, source))
   peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   queue.put({"seconds": seconds, "peak_rss_gb": peak_gb,
-             "labels": np.asarray(scores).argmax(axis=1).tolist()})
+             "labels": np.asarray(scores).argmax(axis=1).tolist(), **extra})
 
 
 def measure(kind, name, size):
@@ -151,6 +176,26 @@ def measure(kind, name, size):
   return result
 
 
+COLUMNS = (  # (header, record key, width, digits)
+    ("function", "function", 16, None), ("images", "images", 7, None),
+    ("concepts", "concepts", 8, None), ("neurons", "neurons", 7, None),
+    ("ours s", "ours_seconds", 7, 2), ("stream s", "streaming_seconds", 8, 2),
+    ("torch s", "torch_seconds", 7, 2), ("numpy s", "numpy_seconds", 7, 2),
+    ("vs torch", "speedup_vs_torch", 8, 1), ("stream vs torch", "streaming_speedup_vs_torch",
+                                             15, 1),
+    ("vs numpy", "speedup", 8, 1), ("stream/ours", "streaming_over_ours", 11, 2),
+    ("copy/ours", "memory_floor_fraction", 9, 2), ("ours GB", "ours_peak_rss_gb", 7, 2),
+    ("stream GB", "streaming_peak_rss_gb", 9, 2), ("torch GB", "torch_peak_rss_gb", 8, 2),
+    ("agree torch", "label_agreement_with_torch", 11, 3),
+    ("agree numpy", "label_agreement", 11, 3), ("bf16 s", "bf16_streaming_seconds", 6, 2),
+    ("bf16 agree", "bf16_label_agreement_with_f32", 10, 3),
+    ("pallas s", "pallas_streaming_seconds", 8, 2))
+
+
+def _agreement(a, b):
+  return float(np.mean(np.asarray(a["labels"]) == np.asarray(b["labels"])))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,70 +204,60 @@ def main(argv=None):
   parser.add_argument("--out", default=None)
   parser.add_argument("--kernels", action="store_true",
                       help="also time streaming (soft-)WPMI through the Pallas kernel")
+  parser.add_argument("--no-numpy", action="store_true",
+                      help="skip the NumPy loop (the slowest baseline)")
   args = parser.parse_args(argv)
   records = []
-  header = (f"{'function':<16} {'images':>7} {'concepts':>8} {'neurons':>7} "
-            f"{'ours s':>8} {'stream s':>8} {'numpy s':>8} {'speedup':>8} {'stream x':>8} "
-            f"{'ours GB':>8} {'stream GB':>9} {'numpy GB':>8} {'agree':>6} "
-            f"{'bf16 s':>7} {'bf16 agree':>10} {'pallas s':>8} {'torch s':>8} "
-            f"{'vs torch':>8} {'torch GB':>8}")
-  print(header, flush=True)
+  print(" ".join(f"{h:>{w}}" for h, _, w, _ in COLUMNS), flush=True)
   for size_text in args.sizes.split(","):
     size = tuple(int(x) for x in size_text.split("x"))
     for name in args.functions.split(","):
       ours = measure("ours", name, size)
       stream = measure("streaming", name, size)
-      baseline = measure("numpy", name, size)
-      agree = float(np.mean(np.asarray(ours["labels"]) == np.asarray(baseline["labels"])))
-      bf16 = pallas = official = None
+      record = {"function": name, "images": size[0], "concepts": size[1],
+                "neurons": size[2], "ours_seconds": ours["seconds"],
+                "streaming_seconds": stream["seconds"],
+                "streaming_over_ours": stream["seconds"] / ours["seconds"],
+                "copy_seconds": ours["copy_seconds"],
+                "memory_floor_fraction": ours["copy_seconds"] / ours["seconds"],
+                "ours_peak_rss_gb": ours["peak_rss_gb"],
+                "streaming_peak_rss_gb": stream["peak_rss_gb"]}
+      if not args.no_numpy:
+        baseline = measure("numpy", name, size)
+        record.update(numpy_seconds=baseline["seconds"],
+                      speedup=baseline["seconds"] / ours["seconds"],
+                      streaming_speedup=baseline["seconds"] / stream["seconds"],
+                      numpy_peak_rss_gb=baseline["peak_rss_gb"],
+                      label_agreement=_agreement(ours, baseline))
       if name in registry.PRIOR_FUNCTIONS and torch_available():
         official = measure("torch", name, size)
-        official["agreement"] = float(np.mean(np.asarray(ours["labels"]) ==
-                                              np.asarray(official["labels"])))
+        record.update(torch_seconds=official["seconds"],
+                      speedup_vs_torch=official["seconds"] / ours["seconds"],
+                      streaming_speedup_vs_torch=official["seconds"] / stream["seconds"],
+                      torch_peak_rss_gb=official["peak_rss_gb"],
+                      label_agreement_with_torch=_agreement(ours, official))
       elif name in registry.PRIOR_FUNCTIONS:
         print("(torch not installed: the official-algorithm baseline is skipped)")
       if name in registry.PRIOR_FUNCTIONS:
         bf16 = measure("streaming_bf16", name, size)
-        bf16["agreement"] = float(np.mean(np.asarray(bf16["labels"]) ==
-                                          np.asarray(stream["labels"])))
+        record.update(bf16_streaming_seconds=bf16["seconds"],
+                      bf16_label_agreement_with_f32=_agreement(bf16, stream))
         if args.kernels:
-          pallas = measure("streaming_pallas", name, size)
-      record = {"function": name, "images": size[0], "concepts": size[1],
-                "neurons": size[2], "ours_seconds": ours["seconds"],
-                "streaming_seconds": stream["seconds"],
-                "numpy_seconds": baseline["seconds"],
-                "speedup": baseline["seconds"] / ours["seconds"],
-                "streaming_speedup": baseline["seconds"] / stream["seconds"],
-                "ours_peak_rss_gb": ours["peak_rss_gb"],
-                "streaming_peak_rss_gb": stream["peak_rss_gb"],
-                "numpy_peak_rss_gb": baseline["peak_rss_gb"],
-                "label_agreement": agree,
-                "bf16_streaming_seconds": bf16 and bf16["seconds"],
-                "bf16_label_agreement_with_f32": bf16 and bf16["agreement"],
-                "pallas_streaming_seconds": pallas and pallas["seconds"],
-                "torch_seconds": official and official["seconds"],
-                "speedup_vs_torch": official and official["seconds"] / ours["seconds"],
-                "streaming_speedup_vs_torch": official and (official["seconds"]
-                                                            / stream["seconds"]),
-                "torch_peak_rss_gb": official and official["peak_rss_gb"],
-                "label_agreement_with_torch": official and official["agreement"]}
+          record["pallas_streaming_seconds"] = measure("streaming_pallas", name,
+                                                       size)["seconds"]
       records.append(record)
-      print(f"{name:<16} {size[0]:>7} {size[1]:>8} {size[2]:>7} "
-            f"{ours['seconds']:>8.2f} {stream['seconds']:>8.2f} {baseline['seconds']:>8.2f} "
-            f"{record['speedup']:>7.1f}x {record['streaming_speedup']:>7.1f}x "
-            f"{ours['peak_rss_gb']:>8.2f} "
-            f"{stream['peak_rss_gb']:>9.2f} {baseline['peak_rss_gb']:>8.2f} {agree:>6.3f} "
-            f"{_fmt(bf16 and bf16['seconds'], 7)} {_fmt(bf16 and bf16['agreement'], 10, 3)} "
-            f"{_fmt(pallas and pallas['seconds'], 8)} "
-            f"{_fmt(official and official['seconds'], 8)} "
-            f"{_fmt(record['speedup_vs_torch'], 7)}x "
-            f"{_fmt(official and official['peak_rss_gb'], 8)}", flush=True)
+      print(" ".join(_fmt(record.get(key), width, digits)
+                     for _, key, width, digits in COLUMNS), flush=True)
   if args.out:
     common.write_json(args.out, {"device": common.device_info(), "records": records})
 
 
 def _fmt(value, width, digits=2):
-  return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+  if value is None:
+    return f"{'-':>{width}}"
+  if digits is None:
+    return f"{value:>{width}}"
+  return f"{value:>{width}.{digits}f}"
 
 
 if __name__ == "__main__":
