@@ -139,11 +139,7 @@ def log_likelihood(block_logits: Callable, row_lse: jax.Array, top_rows: jax.Arr
   """
   num_neurons, top_k = top_rows.shape
   num_groups = -(-top_k // group)
-  padding = num_groups * group - top_k
-  if padding:  # masked below: their terms are 1
-    top_rows = jnp.pad(top_rows, ((0, 0), (0, padding)))
-    if membership is not None:
-      membership = jnp.pad(membership, (0, padding))
+  top_rows, membership = pad_ranks(top_rows, membership, group)
 
   def block_body(index, out):
     start = _block_start(index, num_concepts, block)
@@ -151,17 +147,9 @@ def log_likelihood(block_logits: Callable, row_lse: jax.Array, top_rows: jax.Arr
     # recomputed for every (neuron, rank), 2.6 times per row at the benchmark's shape.
     probs = jax.lax.optimization_barrier(jnp.exp(block_logits(start) - row_lse[:, None]))
 
-    def add_log_of_group(index, acc):
-      product = None
-      for offset in range(group):
-        rank = index * group + offset
-        rows = jax.lax.dynamic_index_in_dim(top_rows, rank, axis=1, keepdims=False)
-        weight = None if membership is None else membership[rank]
-        term = likelihood_terms(probs[rows], weight, min_prob)  # (num_neurons, block)
-        if padding:
-          term = jnp.where(rank < top_k, term, 1.0)
-        product = term if product is None else product * term
-      return acc + jnp.log(product)
+    def add_log_of_group(group_index, acc):
+      return acc + log_of_group(lambda rank: probs[top_rows[:, rank]],
+                                group_index * group, group, top_k, membership, min_prob)
 
     acc = jax.lax.fori_loop(0, num_groups, add_log_of_group,
                             jnp.zeros((num_neurons, block), jnp.float32))
@@ -169,6 +157,37 @@ def log_likelihood(block_logits: Callable, row_lse: jax.Array, top_rows: jax.Arr
 
   return jax.lax.fori_loop(0, _num_blocks(num_concepts, block), block_body,
                            jnp.zeros((num_neurons, num_concepts), jnp.float32))
+
+
+def pad_ranks(top_rows, membership, group: int):
+  """top_rows (num_neurons, top_k) and membership (top_k,) or None, padded to whole
+  groups of ranks (log_of_group counts a padded rank's term as 1)."""
+  top_k = top_rows.shape[1]
+  padding = -(-top_k // group) * group - top_k
+  if padding:
+    top_rows = jnp.pad(top_rows, ((0, 0), (0, padding)))
+    if membership is not None:
+      membership = jnp.pad(membership, (0, padding))
+  return top_rows, membership
+
+
+def log_of_group(probs_at: Callable, first_rank, group: int, top_k: int,
+                 membership, min_prob) -> jax.Array:
+  """log of the product of the terms of ranks first_rank .. first_rank + group - 1.
+
+  probs_at(rank) -> S at each neuron's row of that rank, (num_neurons, columns);
+  ranks >= top_k (padding) count as a term of 1. One log per group: see the module
+  docstring and log_group_size.
+  """
+  product = None
+  for offset in range(group):
+    rank = first_rank + offset
+    weight = None if membership is None else membership[rank]
+    term = likelihood_terms(probs_at(rank), weight, min_prob)
+    if (top_k % group) != 0:
+      term = jnp.where(rank < top_k, term, 1.0)
+    product = term if product is None else product * term
+  return jnp.log(product)
 
 
 def unique_rows(top_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

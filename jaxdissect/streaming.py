@@ -119,8 +119,17 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   num_neurons = top_images.shape[0]
   devices = 1 if mesh is None else mesh.devices.size
   pallas = kernels.use_pallas(kernel) and compute_dtype == "float32"
-  # The kernel runs `chunk` neurons a call; the jnp plan takes all neurons at once.
-  chunk = min(_neuron_chunk(top_k, num_concepts), MAX_NEURON_CHUNK) if pallas else 1
+  group = likelihood.log_group_size(term_floor if soft else min_prob, top_k)
+  # Matmul rows of each plan (see _rank_groups_log_likelihood): the blocked plan's two
+  # passes over the distinct rows, or one row per (neuron, rank).
+  rank_groups = not pallas and num_neurons * top_k < 2 * rows.size
+  # The kernel and the rank-group plan run `chunk` neurons a step; the blocked plan
+  # takes all neurons at once.
+  chunk = 1
+  if pallas:
+    chunk = min(_neuron_chunk(top_k, num_concepts), MAX_NEURON_CHUNK)
+  elif rank_groups:
+    chunk = min(_neuron_chunk(group, num_concepts), MAX_NEURON_CHUNK)
   # Padding (copies of neuron 0, dropped below) gives every device whole chunks.
   padded = -(-num_neurons // (devices * chunk)) * devices * chunk
   top_images = np.concatenate([top_images, np.repeat(top_images[:1],
@@ -131,9 +140,8 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   statics = {"soft": soft, "chunk": chunk,
              "block": int(min(block_size or likelihood.block_size(rows.size, num_concepts),
                               num_concepts)),
-             "group": likelihood.log_group_size(term_floor if soft else min_prob, top_k),
-             "compute_dtype": compute_dtype}
-  body = _neurons_log_likelihood
+             "group": group, "compute_dtype": compute_dtype}
+  body = _rank_groups_log_likelihood if rank_groups else _neurons_log_likelihood
   if pallas:
     body = _kernel_body(float(a), float(min_prob), jax.default_backend() == "cpu")
   with kernels.lowering_context() if pallas else contextlib.nullcontext():
@@ -165,6 +173,42 @@ def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, 
   return likelihood.log_likelihood(block_logits, row_lse, top_images,
                                    membership if soft else None, min_prob,
                                    num_concepts=num_concepts, block=block, group=group)
+
+
+def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_prob, *,
+                                soft, chunk, block, group, compute_dtype="float32"):
+  """The same L with whole rows of logits per (neuron, rank): `chunk` neurons and one
+  group of ranks a step, one (chunk x group, dim) x (concepts, dim) matmul, each row's
+  normaliser from its own row.
+
+  Why a second plan: the blocked one computes every read row's logits twice (the
+  normalisers, then the blocks). When units share few top images (a large probe set),
+  that is 2 x rows matmul work against num_neurons x top_k here: at 1M images x 512
+  units x 512-d embeddings, 16.4 s against about 8 on 2 CPU cores (BENCHMARKS.md).
+  """
+  del block  # the blocked plan's
+  num_neurons, top_k = top_images.shape
+  num_groups = -(-top_k // group)
+  top_images, membership = likelihood.pad_ranks(top_images, membership if soft else None,
+                                                group)
+
+  def neurons(ids):  # (chunk, padded top_k) -> (chunk, num_concepts)
+    def add_log_of_group(group_index, acc):
+      group_ids = jax.lax.dynamic_slice_in_dim(ids, group_index * group, group, axis=1)
+      logits = a * _rows(images[group_ids.reshape(-1)], texts, compute_dtype)
+      row_max = jnp.max(logits, axis=1, keepdims=True)
+      row_lse = row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=1,
+                                          keepdims=True))
+      probs = jnp.exp(logits - row_lse).reshape(ids.shape[0], group, -1)
+      return acc + likelihood.log_of_group(
+          lambda rank: probs[:, rank - group_index * group], group_index * group, group,
+          top_k, membership, min_prob)
+
+    return jax.lax.fori_loop(0, num_groups, add_log_of_group,
+                             jnp.zeros((ids.shape[0], texts.shape[0]), jnp.float32))
+
+  out = jax.lax.map(neurons, top_images.reshape(num_neurons // chunk, chunk, -1))
+  return out.reshape(num_neurons, -1)
 
 
 def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *, soft,
@@ -206,7 +250,9 @@ def _sharded_log_likelihood(mesh, body, soft, chunk, block, group, compute_dtype
   return jax.jit(jax.shard_map(
       body, mesh=mesh, in_specs=(replicated, replicated, split, replicated, replicated,
                                  replicated),
-      out_specs=split))
+      # The loops' zero-initialised carries are per-device values; the neuron split
+      # is all that varies.
+      out_specs=split, check_vma=False))
 
 
 def wpmi(image_embeddings, text_embeddings, activations, top_k=_WPMI["top_k"],
