@@ -59,34 +59,51 @@ def _next_power_of_two(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _tile(gathered_ref, texts_ref, lse_ref, weights_ref, out_ref, *, a, min_prob, soft):
-  rows = gathered_ref[0]                       # (top_k_pad, dim_pad)
+def _tile(gathered_ref, texts_ref, lse_ref, weights_ref, out_ref, *, a, min_prob, soft,
+          group):
+  """One (neuron, concept block) tile. The padded ranks come as `group` slabs of n
+  ranks each (refs (1, group, n, ...)); rank i of every slab shares one product and
+  one log, as in likelihood.py. Slabs are separate ref loads because Triton lowers no
+  value slice and Mosaic no product reduction."""
   texts = texts_ref[...]                       # (CONCEPT_BLOCK, dim_pad)
-  logits = a * jax.lax.dot_general(rows, texts, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32,
-                                   precision=jax.lax.Precision.HIGHEST)
-  probs = jnp.exp(logits - lse_ref[0, 0][:, None])   # (top_k_pad, CONCEPT_BLOCK)
-  weights = weights_ref[0]                     # (top_k_pad,): membership, 0 on padding
-  valid = (weights > 0)[:, None]
-  terms = jnp.log(likelihood.likelihood_terms(probs, weights[:, None] if soft else None,
-                                              min_prob))
-  out_ref[0, 0] = jnp.sum(jnp.where(valid, terms, 0.0), axis=0)
+  product = None
+  for slab in range(group):
+    rows = gathered_ref[0, slab]               # (n, dim_pad)
+    logits = a * jax.lax.dot_general(rows, texts, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32,
+                                     precision=jax.lax.Precision.HIGHEST)
+    probs = jnp.exp(logits - lse_ref[0, slab][:, None])   # (n, CONCEPT_BLOCK)
+    weights = weights_ref[0, slab]             # (n,): membership, 0 on padding
+    terms = jnp.where((weights > 0)[:, None], likelihood.likelihood_terms(
+        probs, weights[:, None] if soft else None, min_prob), 1.0)
+    product = terms if product is None else product * terms
+  out_ref[0, 0] = jnp.sum(jnp.log(product), axis=0)
+
+
+def kernel_group(group: int) -> int:
+  """The largest power of two <= group: it divides the padded top_k (a power of two)."""
+  return 1 << (max(1, group).bit_length() - 1)
+
+
+# Triton's dot needs at least 16 rows per operand: each slab keeps that many ranks.
+MIN_SLAB_RANKS = 16
 
 
 def log_likelihood(images, texts, top_images, membership, a, min_prob, *, soft,
-                   interpret=False):
+                   group=1, interpret=False):
   """L (num_neurons, num_concepts), as streaming._neurons_log_likelihood computes it.
 
   images: (rows, dim) L2-normalised embeddings of the gathered top images;
   texts: (num_concepts, dim) L2-normalised; top_images: (num_neurons, top_k) rows of
   images; membership: (top_k,) soft-WPMI weights p_j (ignored, all 1, for WPMI);
-  a, min_prob: Python floats; interpret: run the kernel in the Pallas interpreter (CPU,
+  a, min_prob: Python floats; group: ranks per log (likelihood.log_group_size; rounded
+  down to a power of two); interpret: run the kernel in the Pallas interpreter (CPU,
   tests).
   """
   with lowering_context():  # lowering happens inside the call: the switch must cover it
     return _log_likelihood(images, texts, row_log_normalisers(images, texts, a),
                            top_images, membership, a=float(a), min_prob=float(min_prob),
-                           soft=soft, interpret=interpret)
+                           soft=soft, group=kernel_group(group), interpret=interpret)
 
 
 def lowering_context():
@@ -97,17 +114,22 @@ def lowering_context():
 @jax.jit
 def row_log_normalisers(images, texts, a):
   """(rows,) logsumexp over concepts of a * images @ texts.T: the softmax denominators,
-  computed once per call, not once per tile."""
-  return jax.nn.logsumexp(
-      a * jnp.matmul(images.astype(jnp.float32), texts.astype(jnp.float32).T,
-                     precision=jax.lax.Precision.HIGHEST), axis=1)
+  computed once per call, not once per tile, a few whole rows at a time
+  (likelihood.row_log_normalisers; never rows x concepts)."""
+  images, texts = images.astype(jnp.float32), texts.astype(jnp.float32)
+  return likelihood.row_log_normalisers(
+      lambda start, size: a * jnp.matmul(
+          jax.lax.dynamic_slice_in_dim(images, start, size), texts.T,
+          precision=jax.lax.Precision.HIGHEST),
+      images.shape[0], likelihood.rows_per_block(texts.shape[0], 8 * 2**20))
 
 
 # a and min_prob are static: the kernel needs them as constants, and they are fixed
 # hyperparameters of a run.
-@functools.partial(jax.jit, static_argnames=("a", "min_prob", "soft", "interpret"))
+@functools.partial(jax.jit, static_argnames=("a", "min_prob", "soft", "group",
+                                             "interpret"))
 def _log_likelihood(images, texts, row_lse, top_images, membership, a, min_prob, *,
-                    soft, interpret=False):
+                    soft, group=1, interpret=False):
   """log_likelihood given the rows' softmax denominators row_lse (rows,)."""
   num_neurons, top_k = top_images.shape
   num_concepts, dim = texts.shape
@@ -117,11 +139,16 @@ def _log_likelihood(images, texts, row_lse, top_images, membership, a, min_prob,
   texts = jnp.pad(texts.astype(jnp.float32), ((0, concepts_pad - num_concepts),
                                                (0, dim_pad - dim)))
   ids = jnp.pad(top_images, ((0, 0), (0, top_k_pad - top_k)))
-  gathered = images[ids]                                        # (K, top_k_pad, dim_pad)
-  lse = row_lse[ids][:, None, :]                                # (K, 1, top_k_pad)
+  group = max(1, min(group, top_k_pad // MIN_SLAB_RANKS))
+  slab = top_k_pad // group
+  # Rank r of the padded top_k sits in slab r // slab at position r % slab.
+  gathered = images[ids].reshape(num_neurons, group, slab, dim_pad)
+  lse = row_lse[ids].reshape(num_neurons, group, slab)
   weights = membership if soft else jnp.ones((top_k,), jnp.float32)
-  weights = jnp.pad(weights.astype(jnp.float32), (0, top_k_pad - top_k))[None, :]
-  kernel = functools.partial(_tile, a=float(a), min_prob=float(min_prob), soft=soft)
+  weights = jnp.pad(weights.astype(jnp.float32), (0, top_k_pad - top_k)).reshape(
+      1, group, slab)
+  kernel = functools.partial(_tile, a=float(a), min_prob=float(min_prob), soft=soft,
+                             group=group)
 
   def call(interpret_mode=False):
     return pl.pallas_call(
@@ -129,10 +156,10 @@ def _log_likelihood(images, texts, row_lse, top_images, membership, a, min_prob,
         out_shape=jax.ShapeDtypeStruct((num_neurons, 1, concepts_pad), jnp.float32),
         grid=(num_neurons, concepts_pad // CONCEPT_BLOCK),
         in_specs=[
-            pl.BlockSpec((1, top_k_pad, dim_pad), lambda n, c: (n, 0, 0)),
+            pl.BlockSpec((1, group, slab, dim_pad), lambda n, c: (n, 0, 0, 0)),
             pl.BlockSpec((CONCEPT_BLOCK, dim_pad), lambda n, c: (c, 0)),
-            pl.BlockSpec((1, 1, top_k_pad), lambda n, c: (n, 0, 0)),
-            pl.BlockSpec((1, top_k_pad), lambda n, c: (0, 0)),
+            pl.BlockSpec((1, group, slab), lambda n, c: (n, 0, 0)),
+            pl.BlockSpec((1, group, slab), lambda n, c: (0, 0, 0)),
         ],
         out_specs=pl.BlockSpec((1, 1, CONCEPT_BLOCK), lambda n, c: (n, 0, c)),
         interpret=interpret_mode,
@@ -149,7 +176,7 @@ def export_for(platforms: tuple[str, ...], num_neurons: int, top_k: int, rows: i
   from jax import export  # pylint: disable=g-import-not-at-top
   f32 = jnp.float32
   fn = functools.partial(_log_likelihood, a=10.0 if soft else 2.0, min_prob=1e-7,
-                         soft=soft)
+                         soft=soft, group=8 if soft else 4)
   # Triton kernels carry no cross-version compatibility guarantee; the export here only
   # shows that the kernel lowers, it is not stored.
   with lowering_context():

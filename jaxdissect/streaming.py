@@ -216,13 +216,13 @@ def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *
                            compute_dtype="float32"):
   """_neurons_log_likelihood through the fused Pallas kernel, `chunk` neurons a call
   (float32 only)."""
-  del a, min_prob, block, group, compute_dtype  # constants of the kernel (a_value, ...)
+  del a, min_prob, block, compute_dtype  # constants of the kernel (a_value, ...)
   row_lse = kernels.row_log_normalisers(images, texts, a_value)
   blocks = top_images.reshape(-1, chunk, top_images.shape[1])
   out = jax.lax.map(
       lambda ids: kernels._log_likelihood(
           images, texts, row_lse, ids, membership, a=a_value, min_prob=min_prob_value,
-          soft=soft, interpret=interpret), blocks)
+          soft=soft, group=kernels.kernel_group(group), interpret=interpret), blocks)
   return out.reshape(-1, texts.shape[0])
 
 

@@ -26,14 +26,16 @@ class KernelTest(parameterized.TestCase):
     top = rng.integers(0, 250, (9, top_k)).astype(np.int32)
     membership = similarity.soft_wpmi_membership(top_k, 0.998, 0.97).astype(np.float32)
     a = 10.0 if soft else 2.0
+    group = likelihood.log_group_size(
+        likelihood.soft_wpmi_term_floor(0.998, 0.97, 1e-7) if soft else 1e-7, top_k)
     expected = streaming._neurons_log_likelihood(  # pylint: disable=protected-access
         jnp.asarray(images), jnp.asarray(texts), jnp.asarray(top),
         jnp.asarray(membership if soft else np.ones(top_k, np.float32)),
         jnp.float32(a), jnp.float32(1e-7), soft=soft, chunk=1, block=min(64, num_concepts),
-        group=likelihood.log_group_size(
-            likelihood.soft_wpmi_term_floor(0.998, 0.97, 1e-7) if soft else 1e-7, top_k))
+        group=group)
+    # The kernel multiplies a power of two of ranks before each log (8 or 4 here).
     got = kernels.log_likelihood(images, texts, top, membership, a, 1e-7, soft=soft,
-                                 interpret=True)
+                                 group=group, interpret=True)
     self.assertEqual(got.shape, (9, num_concepts))
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-6,
                                atol=1e-4)
