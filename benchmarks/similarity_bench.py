@@ -183,17 +183,26 @@ COLUMNS = (  # (header, record key, width, digits)
     ("torch s", "torch_seconds", 7, 2), ("numpy s", "numpy_seconds", 7, 2),
     ("vs torch", "speedup_vs_torch", 8, 1), ("stream vs torch", "streaming_speedup_vs_torch",
                                              15, 1),
-    ("vs numpy", "speedup", 8, 1), ("stream/ours", "streaming_over_ours", 11, 2),
+    ("vs numpy", "speedup_vs_numpy", 8, 1), ("stream/ours", "streaming_over_ours", 11, 2),
     ("copy/ours", "memory_floor_fraction", 9, 2), ("ours GB", "ours_peak_rss_gb", 7, 2),
     ("stream GB", "streaming_peak_rss_gb", 9, 2), ("torch GB", "torch_peak_rss_gb", 8, 2),
     ("agree torch", "label_agreement_with_torch", 11, 3),
-    ("agree numpy", "label_agreement", 11, 3), ("bf16 s", "bf16_streaming_seconds", 6, 2),
+    ("agree numpy", "label_agreement_with_numpy", 11, 3), ("bf16 s", "bf16_streaming_seconds", 6, 2),
     ("bf16 agree", "bf16_label_agreement_with_f32", 10, 3),
     ("pallas s", "pallas_streaming_seconds", 8, 2))
 
 
 def _agreement(a, b):
   return float(np.mean(np.asarray(a["labels"]) == np.asarray(b["labels"])))
+
+
+def _against(kind, baseline, ours, stream):
+  """A baseline's record fields: its time and memory, ratios, label agreement."""
+  return {f"{kind}_seconds": baseline["seconds"],
+          f"speedup_vs_{kind}": baseline["seconds"] / ours["seconds"],
+          f"streaming_speedup_vs_{kind}": baseline["seconds"] / stream["seconds"],
+          f"{kind}_peak_rss_gb": baseline["peak_rss_gb"],
+          f"label_agreement_with_{kind}": _agreement(ours, baseline)}
 
 
 def main(argv=None):
@@ -223,19 +232,9 @@ def main(argv=None):
                 "ours_peak_rss_gb": ours["peak_rss_gb"],
                 "streaming_peak_rss_gb": stream["peak_rss_gb"]}
       if not args.no_numpy:
-        baseline = measure("numpy", name, size)
-        record.update(numpy_seconds=baseline["seconds"],
-                      speedup=baseline["seconds"] / ours["seconds"],
-                      streaming_speedup=baseline["seconds"] / stream["seconds"],
-                      numpy_peak_rss_gb=baseline["peak_rss_gb"],
-                      label_agreement=_agreement(ours, baseline))
+        record.update(_against("numpy", measure("numpy", name, size), ours, stream))
       if name in registry.PRIOR_FUNCTIONS and torch_available():
-        official = measure("torch", name, size)
-        record.update(torch_seconds=official["seconds"],
-                      speedup_vs_torch=official["seconds"] / ours["seconds"],
-                      streaming_speedup_vs_torch=official["seconds"] / stream["seconds"],
-                      torch_peak_rss_gb=official["peak_rss_gb"],
-                      label_agreement_with_torch=_agreement(ours, official))
+        record.update(_against("torch", measure("torch", name, size), ours, stream))
       elif name in registry.PRIOR_FUNCTIONS:
         print("(torch not installed: the official-algorithm baseline is skipped)")
       if name in registry.PRIOR_FUNCTIONS:
