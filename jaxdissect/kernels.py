@@ -1,16 +1,20 @@
 """A fused Pallas kernel for the (soft-)WPMI log-likelihood over each neuron's top images.
 
-L[n, m] = sum_j w_j(log term of S[top[n, j], m]), S = softmax over concepts of
-a * images @ texts.T. The jnp version (streaming._neurons_log_likelihood) writes each
-neuron's (top_k, concepts) block of S to memory before the log and the sum; this kernel
-computes one (top_k, block of concepts) tile at a time in fast memory: matmul, exp,
-log and the sum over top_k fused, so only L leaves the kernel.
+L[n, m] = sum_j log t_j(S[top[n, j], m]), S = softmax over concepts of
+a * images @ texts.T: likelihood.py's formula and arithmetic. The jnp version
+(streaming._neurons_log_likelihood) holds S for one block of concepts and every read
+row, then gathers each neuron's rows from it; this kernel holds nothing of S: one
+program per (neuron, block of 128 concepts) recomputes its top_k rows of that block
+(a small matmul, cheap on a GPU or TPU) and multiplies, logs and sums them in fast
+memory, so only L leaves the kernel.
 
 Two stages:
-  1. lse[r] = logsumexp_m a * images[r] . texts[m], per gathered image row (XLA; the
-     softmax denominator needs every concept, which no single tile holds);
+  1. lse[r] = logsumexp_m a * images[r] . texts[m], per gathered image row, a few
+     whole rows at a time (XLA, likelihood.row_log_normalisers; the softmax
+     denominator needs every concept, which no single tile holds);
   2. the kernel, grid (neurons, concept blocks): exp(a x.t - lse), the bounded term,
-     log, and the masked sum over the top_k rows.
+     and one log per group of ranks (likelihood.log_group_size, rounded down to a
+     power of two), summed over the groups.
 Shapes are padded to what both lowerings accept: top_k and the embedding width to
 powers of two (Triton), concept blocks of 128 (TPU lanes, Triton).
 
