@@ -35,6 +35,13 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
       from_top = np.asarray(fn(images, texts, None, top_images=running.ids.T, mesh=mesh))
       assert np.array_equal(one, eight), (name, np.abs(one - eight).max())
       assert np.array_equal(one, from_top), (name, np.abs(one - from_top).max())
+    # 5 neurons over 3,000 images share few top images: the rank-group plan.
+    wide = rng.standard_normal((3000, 24)).astype(np.float32)
+    few = rng.random((3000, 5)).astype(np.float32)
+    for name in ("soft_wpmi", "wpmi"):
+      fn = streaming.FUNCTIONS[name]
+      one, eight = (np.asarray(fn(wide, texts, few, mesh=m)) for m in (None, mesh))
+      assert np.array_equal(one, eight), (name, np.abs(one - eight).max())
     for name in ("cos_similarity", "cos_similarity_cubed"):
       fn = streaming.FUNCTIONS[name]
       one = np.asarray(fn(images, texts, acts))

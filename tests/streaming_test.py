@@ -2,9 +2,11 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import pytest
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import labeling
+from jaxdissect import likelihood
 from jaxdissect import similarity
 from jaxdissect import store
 from jaxdissect import streaming
@@ -36,6 +38,25 @@ class StreamingTest(parameterized.TestCase):
     np.testing.assert_allclose(got, expected, rtol=2e-5,
                                atol=2e-5 * max(1.0, np.abs(expected).max()))
     np.testing.assert_array_equal(got.argmax(axis=1), expected.argmax(axis=1))
+
+  @parameterized.parameters((True, 100), (False, 28), (True, 97))
+  def test_both_plans_compute_the_same_log_likelihood(self, soft, top_k):
+    # The blocked plan (shared rows) and the rank-group plan (few shared rows) are
+    # chosen by cost alone; 97 ranks leave padded ranks in both.
+    images, texts, activations = embeddings(900, 13, 6, seed=top_k)
+    _, top = similarity.top_activations(activations, top_k)
+    rows, top_rows = likelihood.unique_rows(np.asarray(top))
+    membership = similarity.soft_wpmi_membership(top_k, 0.998, 0.97)
+    floor = likelihood.soft_wpmi_term_floor(0.998, 0.97, 1e-7) if soft else 1e-7
+    args = (streaming._normalise(images[rows]), streaming._normalise(texts),  # pylint: disable=protected-access
+            jnp.asarray(top_rows),
+            jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
+            jnp.float32(10.0 if soft else 2.0), jnp.float32(1e-7))
+    statics = {"soft": soft, "block": 5, "group": likelihood.log_group_size(floor, top_k)}
+    blocked = streaming._neurons_log_likelihood(*args, chunk=1, **statics)  # pylint: disable=protected-access
+    ranked = streaming._rank_groups_log_likelihood(*args, chunk=3, **statics)  # pylint: disable=protected-access
+    np.testing.assert_allclose(np.asarray(ranked), np.asarray(blocked), rtol=2e-6,
+                               atol=2e-4)
 
   def test_small_chunks_change_nothing(self):
     images, texts, activations = embeddings(700, 12, 9, seed=3)
