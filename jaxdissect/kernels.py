@@ -84,7 +84,7 @@ def _tile(gathered_ref, texts_ref, lse_ref, weights_ref, out_ref, *, a, min_prob
   out_ref[0, 0] = jnp.sum(jnp.log(product), axis=0)
 
 
-def kernel_group(group: int) -> int:
+def _kernel_group(group: int) -> int:
   """The largest power of two <= group: it divides the padded top_k (a power of two)."""
   return 1 << (max(1, group).bit_length() - 1)
 
@@ -100,14 +100,14 @@ def log_likelihood(images, texts, top_images, membership, a, min_prob, *, soft,
   images: (rows, dim) L2-normalised embeddings of the gathered top images;
   texts: (num_concepts, dim) L2-normalised; top_images: (num_neurons, top_k) rows of
   images; membership: (top_k,) soft-WPMI weights p_j (ignored, all 1, for WPMI);
-  a, min_prob: Python floats; group: ranks per log (likelihood.log_group_size; rounded
-  down to a power of two); interpret: run the kernel in the Pallas interpreter (CPU,
+  a, min_prob: Python floats; group: ranks per log (likelihood.log_group_size; the
+  kernel rounds it down to a power of two); interpret: run the kernel in the Pallas interpreter (CPU,
   tests).
   """
   with lowering_context():  # lowering happens inside the call: the switch must cover it
     return _log_likelihood(images, texts, row_log_normalisers(images, texts, a),
                            top_images, membership, a=float(a), min_prob=float(min_prob),
-                           soft=soft, group=kernel_group(group), interpret=interpret)
+                           soft=soft, group=group, interpret=interpret)
 
 
 def lowering_context():
@@ -125,7 +125,8 @@ def row_log_normalisers(images, texts, a):
       lambda start, size: a * jnp.matmul(
           jax.lax.dynamic_slice_in_dim(images, start, size), texts.T,
           precision=jax.lax.Precision.HIGHEST),
-      images.shape[0], likelihood.rows_per_block(texts.shape[0], 8 * 2**20))
+      images.shape[0],
+      likelihood.rows_per_block(texts.shape[0], likelihood.MATMUL_ROW_BLOCK_BYTES))
 
 
 # a and min_prob are static: the kernel needs them as constants, and they are fixed
@@ -143,7 +144,7 @@ def _log_likelihood(images, texts, row_lse, top_images, membership, a, min_prob,
   texts = jnp.pad(texts.astype(jnp.float32), ((0, concepts_pad - num_concepts),
                                                (0, dim_pad - dim)))
   ids = jnp.pad(top_images, ((0, 0), (0, top_k_pad - top_k)))
-  group = max(1, min(group, top_k_pad // MIN_SLAB_RANKS))
+  group = min(_kernel_group(group), max(1, top_k_pad // MIN_SLAB_RANKS))
   slab = top_k_pad // group
   # Rank r of the padded top_k sits in slab r // slab at position r % slab.
   gathered = images[ids].reshape(num_neurons, group, slab, dim_pad)

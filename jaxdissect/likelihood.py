@@ -41,8 +41,11 @@ MAX_GROUP = 10
 BLOCK_BYTES = 512 * 2**20
 MIN_BLOCK = 128
 MAX_BLOCK = 4096
-# Bytes of whole rows of logits per step of the normalisers: a few rows, cache-sized.
+# Bytes of whole rows of logits per step of the normalisers: a few rows, cache-sized
+# when they are slices of P; more when each step is a matmul of embeddings, whose
+# efficiency, not the cache, sets the best size (measured).
 ROW_BLOCK_BYTES = 2 * 2**20
+MATMUL_ROW_BLOCK_BYTES = 8 * 2**20
 
 
 def likelihood_terms(probs, membership=None, min_prob: float = 1e-7):
@@ -101,6 +104,12 @@ def _block_start(index, num_concepts: int, block: int):
   return jnp.minimum(index * block, num_concepts - block)
 
 
+def logsumexp_rows(logits: jax.Array) -> jax.Array:
+  """(rows,) logsumexp of each row of finite logits (rows, columns), max-shifted."""
+  row_max = jnp.max(logits, axis=1)
+  return row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1))
+
+
 def row_log_normalisers(row_logits: Callable, num_rows: int, rows_per_block: int
                         ) -> jax.Array:
   """lse: (num_rows,), logsumexp over all concepts of each row's logits.
@@ -114,10 +123,8 @@ def row_log_normalisers(row_logits: Callable, num_rows: int, rows_per_block: int
   def body(index, lse):
     # The last block is moved back to end at num_rows; its rows repeat equal values.
     start = jnp.minimum(index * rows_per_block, num_rows - rows_per_block)
-    logits = row_logits(start, rows_per_block)
-    row_max = jnp.max(logits, axis=1)
-    block_lse = row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1))
-    return jax.lax.dynamic_update_slice(lse, block_lse, (start,))
+    return jax.lax.dynamic_update_slice(
+        lse, logsumexp_rows(row_logits(start, rows_per_block)), (start,))
 
   return jax.lax.fori_loop(0, -(-num_rows // rows_per_block), body,
                            jnp.zeros((num_rows,), jnp.float32))

@@ -4,9 +4,10 @@ Every public function takes
   concept_activation: (num_images, num_concepts), P[i, m] = cos(CLIP image i, text m)
   activations:        (num_images, num_neurons), pooled activations of one layer
 and returns (num_neurons, num_concepts) scores, higher = better match. The formulas
-are those of docs/DESIGN.md. All functions are vectorised over neurons and
-chunked over them (`chunk_size` neurons at a time, chosen from a memory budget when
-None), so no Python loop runs per neuron and memory stays bounded.
+are those of docs/DESIGN.md. All functions are vectorised over neurons, so no Python
+loop runs per neuron, and memory stays bounded: (soft-)WPMI works through blocks of
+concepts (`block_size`, likelihood.py), rank_reorder through chunks of neurons
+(`chunk_size`), both chosen from a memory budget when None.
 
 Ties among a neuron's top activations are broken by the lower image index (the rule
 of jax.lax.top_k), so results do not depend on batch size or sharding.

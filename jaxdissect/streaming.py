@@ -29,8 +29,6 @@ CHUNK_BUDGET_BYTES = 256 * 2**20
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Neurons per vectorised step of (soft-)WPMI at most: bounds the padding of small layers.
 MAX_NEURON_CHUNK = 32
-# Bytes of the whole rows of logits per step of the softmax normalisers.
-STREAM_ROW_BLOCK_BYTES = 8 * 2**20
 STREAMING_FUNCTIONS = registry.STREAMING_FUNCTIONS
 _SOFT = registry.SIMILARITY["soft_wpmi"].defaults
 _WPMI = registry.SIMILARITY["wpmi"].defaults
@@ -147,7 +145,7 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   with kernels.lowering_context() if pallas else contextlib.nullcontext():
     if devices == 1:
       return _jitted(body)(*args, **statics)[:num_neurons]
-    out = _sharded_log_likelihood(mesh, body, *statics.values())(*args)
+    out = _sharded_log_likelihood(mesh, body, **statics)(*args)
   # Gathered to the host: the prior (a logsumexp over all neurons) is then computed as
   # in the unsharded case, so sharding cannot change a single bit of the scores.
   return np.asarray(out)[:num_neurons]
@@ -164,12 +162,11 @@ def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, 
     return a * _rows(images, jax.lax.dynamic_slice_in_dim(texts, start, block),
                      compute_dtype)
 
-  # Rows of a whole (rows x concepts) matmul: more rows than in memory, where the
-  # matmul's efficiency, not the cache, sets the best size (measured).
   row_lse = likelihood.row_log_normalisers(
       lambda start, size: a * _rows(jax.lax.dynamic_slice_in_dim(images, start, size),
                                     texts, compute_dtype),
-      images.shape[0], likelihood.rows_per_block(num_concepts, STREAM_ROW_BLOCK_BYTES))
+      images.shape[0],
+      likelihood.rows_per_block(num_concepts, likelihood.MATMUL_ROW_BLOCK_BYTES))
   return likelihood.log_likelihood(block_logits, row_lse, top_images,
                                    membership if soft else None, min_prob,
                                    num_concepts=num_concepts, block=block, group=group)
@@ -196,10 +193,8 @@ def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_pr
     def add_log_of_group(group_index, acc):
       group_ids = jax.lax.dynamic_slice_in_dim(ids, group_index * group, group, axis=1)
       logits = a * _rows(images[group_ids.reshape(-1)], texts, compute_dtype)
-      row_max = jnp.max(logits, axis=1, keepdims=True)
-      row_lse = row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=1,
-                                          keepdims=True))
-      probs = jnp.exp(logits - row_lse).reshape(ids.shape[0], group, -1)
+      probs = jnp.exp(logits - likelihood.logsumexp_rows(logits)[:, None]).reshape(
+          ids.shape[0], group, -1)
       return acc + likelihood.log_of_group(
           lambda rank: probs[:, rank - group_index * group], group_index * group, group,
           top_k, membership, min_prob)
@@ -222,7 +217,7 @@ def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *
   out = jax.lax.map(
       lambda ids: kernels._log_likelihood(
           images, texts, row_lse, ids, membership, a=a_value, min_prob=min_prob_value,
-          soft=soft, group=kernels.kernel_group(group), interpret=interpret), blocks)
+          soft=soft, group=group, interpret=interpret), blocks)
   return out.reshape(-1, texts.shape[0])
 
 
