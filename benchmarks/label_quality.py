@@ -10,6 +10,14 @@ cosine to the truth, planted-unit top-1 / cosine) and writes one JSON record per
 "num_units"}. With --num_draws N the probe sets are drawn N times (seeds 0..N-1) and
 top1 / top5 / clip_cos are means over the draws, with each draw's value in
 "top1_per_draw" etc.: on 8 units one label is 0.125 of top-1, so one draw says little.
+
+    python benchmarks/label_quality.py --stability --num_draws 5 --out stability.json
+
+measures instead whether the label stability (jaxdissect/stability.py) predicts that a
+fresh probe draw of the same size reproduces a unit's label: for each draw, every unit's
+stability against the share of the other draws that give it the same label, binned in
+fifths (calibration error), per layer and pooled over the hidden layers, beside the
+naive estimator (the share of resamples that keep the run's label).
 """
 import argparse
 import json
@@ -32,10 +40,30 @@ def main() -> None:
                       help="probe sets drawn (seeds 0..N-1); metrics are means over them")
   parser.add_argument("--checkpoints", default=None,
                       help="checkpoint dir (default: the committed ones)")
+  parser.add_argument("--stability", action="store_true",
+                      help="measure the label stability's calibration (needs 2+ draws)")
+  parser.add_argument("--resamples", type=int, default=20,
+                      help="bootstrap resamples per draw with --stability")
   args = parser.parse_args()
   start = time.monotonic()
   if args.num_draws < 1:
     parser.error(f"--num_draws must be at least 1, got {args.num_draws}")
+  if args.stability:
+    if args.num_draws < 2:
+      parser.error("--stability compares draws: give --num_draws 2 or more")
+    stability_draws = []
+    for seed in range(args.num_draws):
+      stability_draws.append(benchmark.stability_draw(
+          args.num_images, seed, args.resamples, args.checkpoints))
+      print(f"draw {seed + 1}/{args.num_draws} done ({time.monotonic() - start:.0f}s)",
+            flush=True)
+    report = benchmark.stability_report(stability_draws)
+    report.update(num_images=args.num_images, resamples=args.resamples)
+    print(benchmark.format_stability(report))
+    print(f"({args.num_images} probe images per draw, {args.num_draws} draws, "
+          f"{args.resamples} resamples, {time.monotonic() - start:.0f}s)")
+    _write_json(args.out, report)
+    return
   draws = []
   for seed in range(args.num_draws):
     draws.append(benchmark.run(num_images=args.num_images,
@@ -46,10 +74,14 @@ def main() -> None:
   print(benchmark.format_table(records))
   print(f"({args.num_images} probe images per set, mean of {args.num_draws} draw(s), "
         f"{time.monotonic() - start:.0f}s)")
-  tmp = args.out + ".tmp"
+  _write_json(args.out, records)
+
+
+def _write_json(path: str, data) -> None:
+  tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(records, f, indent=1)
-  os.replace(tmp, args.out)
+    json.dump(data, f, indent=1)
+  os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ process (peak RSS per measurement):
     prior), written from the paper's formulas, one call; skipped with a note where
     torch is not installed;
   - numpy: the same per-neuron loop in NumPy on the same P, one call;
+  - stability, with --stability, for (soft-)WPMI: the label stability of every neuron
+    (stability.py, 20 bootstrap resamples, trust_bootstrap's default) from the
+    embeddings and each neuron's top images, one call after a compiling call;
+    stability/ours is what it adds to a run's similarity time;
   - copy: a plain copy of P into a buffer already in memory (NumPy), best of 3. It moves
     2 x images x concepts x 4 bytes, as many as ours reads (P twice: the softmax
     normalisers, then the blocks), so copy / ours is how close ours runs to the memory
@@ -139,6 +143,20 @@ def _measure(kind, name, size, queue):
     small = make_inputs(200, 50, 4)
     torch_baseline(name, numpy_concept_activation(*small[:2]), small[2])
     seconds, scores = _best_of(1, lambda: torch_baseline(name, P, activations))
+  elif kind == "stability":
+    from jaxdissect import stability, topk  # pylint: disable=g-import-not-at-top
+    del P
+    depth = stability.depth(name)
+    top_rows = topk.from_activations(activations, depth).ids[:depth].T.astype(np.int64)
+    usable = np.ones(activations.shape[1], bool)
+
+    def resampled():
+      return stability.layer_stability(name, images, texts, top_rows, usable)
+
+    resampled()  # compile
+    seconds, result = _best_of(1, resampled)
+    scores = np.eye(activations.shape[1], 1)  # no labels of its own
+    extra["mean_stability"] = float(np.mean(result.stability))
   else:
     P_device = jax.device_put(P) if kind == "ours" else None
     del P
@@ -189,7 +207,9 @@ COLUMNS = (  # (header, record key, width, digits)
     ("agree torch", "label_agreement_with_torch", 11, 3),
     ("agree numpy", "label_agreement_with_numpy", 11, 3), ("bf16 s", "bf16_streaming_seconds", 6, 2),
     ("bf16 agree", "bf16_label_agreement_with_f32", 10, 3),
-    ("pallas s", "pallas_streaming_seconds", 8, 2))
+    ("pallas s", "pallas_streaming_seconds", 8, 2),
+    ("stability s", "stability_seconds", 11, 2),
+    ("stability/ours", "stability_over_ours", 14, 2))
 
 
 def _agreement(a, b):
@@ -215,6 +235,10 @@ def main(argv=None):
                       help="also time streaming (soft-)WPMI through the Pallas kernel")
   parser.add_argument("--no-numpy", action="store_true",
                       help="skip the NumPy loop (the slowest baseline)")
+  parser.add_argument("--no-torch", action="store_true",
+                      help="skip the PyTorch loop")
+  parser.add_argument("--stability", action="store_true",
+                      help="also time the label stability (20 resamples) of (soft-)WPMI")
   args = parser.parse_args(argv)
   records = []
   print(" ".join(f"{h:>{w}}" for h, _, w, _ in COLUMNS), flush=True)
@@ -233,7 +257,9 @@ def main(argv=None):
                 "streaming_peak_rss_gb": stream["peak_rss_gb"]}
       if not args.no_numpy:
         record.update(_against("numpy", measure("numpy", name, size), ours, stream))
-      if name in registry.PRIOR_FUNCTIONS and torch_available():
+      if args.no_torch:
+        pass
+      elif name in registry.PRIOR_FUNCTIONS and torch_available():
         record.update(_against("torch", measure("torch", name, size), ours, stream))
       elif name in registry.PRIOR_FUNCTIONS:
         print("(torch not installed: the official-algorithm baseline is skipped)")
@@ -244,6 +270,12 @@ def main(argv=None):
         if args.kernels:
           record["pallas_streaming_seconds"] = measure("streaming_pallas", name,
                                                        size)["seconds"]
+        if args.stability:
+          resampled = measure("stability", name, size)
+          record.update(stability_seconds=resampled["seconds"],
+                        stability_over_ours=resampled["seconds"] / ours["seconds"],
+                        stability_peak_rss_gb=resampled["peak_rss_gb"],
+                        mean_stability=resampled["mean_stability"])
       records.append(record)
       print(" ".join(_fmt(record.get(key), width, digits)
                      for _, key, width, digits in COLUMNS), flush=True)

@@ -64,6 +64,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # permutation p-value of its score over trust_permutations seeded shuffles (0: off).
   config.trust_top_fraction = 0.05
   config.trust_permutations = 100
+  # Label stability (unit_trust.csv's stability, (soft-)WPMI only): over trust_bootstrap
+  # seeded Poisson-bootstrap resamples of the probe images, the share of pairs of
+  # resamples that give a unit the same label (0: off; at least 2 otherwise).
+  config.trust_bootstrap = 20
   config.trust_seed = 0
   # Label evaluation's sentence-embedding space (sentence_cos in evaluation.json): an HF
   # id or directory of a BERT/RoBERTa-family sentence-transformers model, or
@@ -166,6 +170,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError("trust_permutations",
                            f"must be 0 (off) or more, got {config.trust_permutations!r}.",
                            "set --config.trust_permutations=100.")
+  if int(config.trust_bootstrap) < 0 or int(config.trust_bootstrap) == 1:
+    raise errors.UserError("trust_bootstrap",
+                           f"must be 0 (off) or at least 2 (pairs of resamples are "
+                           f"compared), got {config.trust_bootstrap!r}.",
+                           "set --config.trust_bootstrap=20.")
   if config.token_pool not in registry.TOKEN_POOL_MODES:
     raise errors.UserError("token_pool", f"unknown token pool {config.token_pool!r}.",
                            f"use one of {', '.join(registry.TOKEN_POOL_MODES)}.")

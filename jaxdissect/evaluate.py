@@ -31,9 +31,11 @@ def format_table(evaluation: Mapping[str, dict]) -> str:
   columns = (("top1", 7, ".3f"), ("top5", 7, ".3f"), ("clip_cos", 9, ".3f"),
              ("sentence_cos", 12, ".3f"), ("mean_rank", 9, ".2f"), ("median_rank", 6, ".0f"),
              ("label_auc", 9, ".3f"), ("mean_auc", 8, ".3f"),
-             ("significant_share", 8, ".3f"), ("diversity", 9, ".3f"))
+             ("significant_share", 8, ".3f"), ("mean_stability", 9, ".3f"),
+             ("stable_share", 8, ".3f"), ("diversity", 9, ".3f"))
   shown = [c for c in columns if any(c[0] in row for row in evaluation.values())]
-  titles = {"significant_share": "p<0.05", "median_rank": "median"}
+  titles = {"significant_share": "p<0.05", "median_rank": "median",
+            "mean_stability": "stability", "stable_share": "st>=0.8"}
   lines = [f"{'layer':<20} {'units':>6} " + " ".join(
       f"{titles.get(key, key):>{width}}" for key, width, _ in shown)]
   for name, row in evaluation.items():

@@ -123,17 +123,26 @@ def make_embedder(concepts: Sequence[str], text_embeddings: np.ndarray,
 
 
 def trust_summary(unit_trust) -> dict[str, float | None]:
-  """Mean AUC and the share of units with p < 0.05, over units that have them."""
+  """Mean AUC, the share of units with p < 0.05, the mean label stability and the share
+  of units with stability >= STABLE, over units that have them (stability keys only
+  when it was computed)."""
   out = {}
-  for key, values, fn in (("mean_auc", unit_trust.auc, np.mean),
-                          ("significant_share",
-                           unit_trust.p_value, lambda v: np.mean(v < SIGNIFICANCE))):
+  measures = [("mean_auc", unit_trust.auc, np.mean),
+              ("significant_share", unit_trust.p_value,
+               lambda v: np.mean(v < SIGNIFICANCE))]
+  if getattr(unit_trust, "stability", None) is not None:
+    measures += [("mean_stability", unit_trust.stability, np.mean),
+                 ("stable_share", unit_trust.stability, lambda v: np.mean(v >= STABLE))]
+  for key, values, fn in measures:
     values = values[~np.isnan(values)]
     out[key] = float(fn(values)) if values.size else None
   return out
 
 
 SIGNIFICANCE = 0.05
+# A label counts as stable at this bootstrap agreement (stability.py): on the synthetic
+# world such labels are reproduced by a fresh probe draw about 80% of the time.
+STABLE = 0.8
 
 
 def evaluate_result(result, truths: Mapping[str, Sequence[str]], embed,

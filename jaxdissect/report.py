@@ -3,7 +3,7 @@ unit's top images with its activation map overlaid.
 
 Each layer page has one card per unit (label, score, AUC and p-value, its top-5
 concepts with their scores, the top-image strip) and a bar chart of its most common
-labels; the cards sort by unit, score or AUC (buttons, or #sort=score in the URL).
+labels; the cards sort by unit, score, AUC or stability (buttons, or #sort=score in the URL).
 Every string that comes from outside (concepts, layer names, image ids) is
 HTML-escaped, attributes included; the pages load nothing from the network.
 """
@@ -53,7 +53,7 @@ _SORT_SCRIPT = """
   document.body.dataset.sortedBy=key;}
  document.querySelectorAll('button[data-sort]').forEach(function(b){
   b.addEventListener('click',function(){sortBy(b.dataset.sort);});});
- var m=/sort=(unit|score|auc)/.exec(location.hash);if(m)sortBy(m[1]);
+ var m=/sort=(unit|score|auc|stability)/.exec(location.hash);if(m)sortBy(m[1]);
  document.body.dataset.ready='1';
 })();
 """
@@ -146,6 +146,8 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
       score = float(layer.label_scores[unit])
       auc = float(unit_trust.auc[unit]) if unit_trust is not None else float("nan")
       p_value = float(unit_trust.p_value[unit]) if unit_trust is not None else float("nan")
+      stability = (float(unit_trust.stability_or_nan()[unit]) if unit_trust is not None
+                   else float("nan"))
       alternatives = ", ".join(
           f"{esc(result.concepts[c])} ({s:.3f})"
           for c, s in zip(layer.alternative_ids[unit][:5],
@@ -161,9 +163,10 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
                    f"alt='top images of unit {unit}'>")
       cards.append(
           f"<div class='card{flagged}' data-unit='{unit}' data-score='{score!r}' "
-          f"data-auc='{auc!r}'><h3>{unit}: {esc(label)}</h3>"
+          f"data-auc='{auc!r}' data-stability='{stability!r}'><h3>{unit}: {esc(label)}</h3>"
           f"<div class='stats'>score {score:.4f} &middot; AUC {_number(auc, 3)} "
-          f"&middot; p {_number(p_value, 3)}</div>"
+          f"&middot; p {_number(p_value, 3)} &middot; stability "
+          f"{_number(stability, 2)}</div>"
           f"<div class='alt'>top 5: {alternatives or '-'}</div>{picture}"
           f"<div class='ids'>{image_ids}</div></div>")
     body = (f"<p><a href='index.html'>all layers</a></p><h1>Layer {esc(name)}</h1>"
@@ -173,7 +176,11 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
             "(a dense layer such as fc has none).</p>" + _bars(counts) +
             "<p>Sort: <button data-sort='unit'>unit</button>"
             "<button data-sort='score'>score</button>"
-            "<button data-sort='auc'>AUC</button></p>"
+            "<button data-sort='auc'>AUC</button>"
+            "<button data-sort='stability'>stability</button></p>"
+            "<p>Stability: the share of pairs of bootstrap resamples of the probe images "
+            "that give the unit the same label; on the synthetic world, labels at 0.8 or "
+            "more were reproduced by a fresh probe draw about 80% of the time.</p>"
             "<div class='cards'>" + "".join(cards) + "</div>")
     _write(os.path.join(report_dir, filename), _page(f"jaxdissect: {name}", body))
   body = ("<h1>jaxdissect report</h1>"

@@ -38,7 +38,8 @@ class DissectionResult:
 
   concepts: the concept set (num_concepts,). image_ids: probe image ids (num_images,).
   layers: layer name -> LayerLabels. scores: layer name -> (num_units, num_concepts).
-  trust: layer name -> trust.UnitTrust (per-unit AUC and permutation p-value).
+  trust: layer name -> trust.UnitTrust (per-unit AUC, permutation p-value, label
+    stability and each alternative's share of the bootstrap resamples).
   """
   concepts: list[str]
   image_ids: list[str]
@@ -70,24 +71,32 @@ class DissectionResult:
     """unit_trust.csv: each label beside its AUC and p-value (empty where undefined)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["layer", "unit", "description", "similarity", "auc", "p_value"])
+    writer.writerow(["layer", "unit", "description", "similarity", "auc", "p_value",
+                     "stability"])
     for name, layer in self.layers.items():
       unit_trust = self.trust[name]
+      stability = unit_trust.stability_or_nan()
       for unit in range(layer.num_units):
         writer.writerow([name, unit, layer.labels[unit], _fmt(layer.label_scores[unit]),
                          _fmt_or_empty(unit_trust.auc[unit]),
-                         _fmt_or_empty(unit_trust.p_value[unit])])
+                         _fmt_or_empty(unit_trust.p_value[unit]),
+                         _fmt_or_empty(stability[unit])])
     return out.getvalue()
 
   def topk_csv(self) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["layer", "unit", "rank", "concept", "similarity"])
+    writer.writerow(["layer", "unit", "rank", "concept", "similarity", "resample_share"])
     for name, layer in self.layers.items():
+      unit_trust = self.trust.get(name)
+      shares = None if unit_trust is None else unit_trust.alternative_shares
+      if shares is None:
+        shares = np.full(layer.alternative_ids.shape, np.nan)
       for unit in range(layer.num_units):
         for rank, (cid, score) in enumerate(zip(layer.alternative_ids[unit],
                                                 layer.alternative_scores[unit])):
-          writer.writerow([name, unit, rank, self.concepts[cid], _fmt(score)])
+          writer.writerow([name, unit, rank, self.concepts[cid], _fmt(score),
+                           _fmt_or_empty(shares[unit, rank])])
     return out.getvalue()
 
   def top_images_csv(self) -> str:

@@ -174,6 +174,28 @@ def prior_margin(log_likelihood: jax.Array) -> jax.Array:
                    log_likelihood - lse_all[None, :])
 
 
+@functools.partial(jax.jit, static_argnames=("lam",))
+def prior_labels(log_likelihood: jax.Array, lam: float) -> jax.Array:
+  """The label (num_neurons,) int32 that subtract_prior's scores give, ties ordered as
+  labeling.order_with_ties orders them: by score, then by prior_margin, then by the
+  lower concept index. One pass of _best_neuron_parts serves both keys, so relabelling
+  a layer many times (stability.py's resamples) costs one prior per resample.
+  """
+  num_neurons = log_likelihood.shape[0]
+  is_best, lse_all, lse_without_best = _best_neuron_parts(log_likelihood)
+  gap = jnp.where(is_best, jax.nn.softplus(lse_without_best[None, :] - log_likelihood),
+                  lse_all[None, :] - log_likelihood)
+  scores = prior_score(log_likelihood, gap, lam, num_neurons)
+  if num_neurons == 1:
+    margin = jnp.full_like(log_likelihood, jnp.inf)
+  else:
+    margin = jnp.where(is_best, log_likelihood - lse_without_best[None, :],
+                       log_likelihood - lse_all[None, :])
+  best = jnp.max(scores, axis=1, keepdims=True)
+  # argmax returns the first of equal keys: the lower concept index.
+  return jnp.argmax(jnp.where(scores == best, margin, -jnp.inf), axis=1).astype(jnp.int32)
+
+
 def _map_neurons(fn: Callable, xs, chunk: int):
   """jax.lax.map over neurons, `chunk` neurons vectorised at a time."""
   return jax.lax.map(fn, xs, batch_size=chunk)

@@ -284,6 +284,28 @@ def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=_SOFT["top_k
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
+def log_likelihood(similarity_fn: str, image_embeddings, text_embeddings, top_images,
+                   mesh=None, kernel="auto", compute_dtype="float32", block_size=None):
+  """L (num_neurons, num_concepts) of wpmi / soft_wpmi with their default parameters,
+  for given top images (num_neurons, >= top_k), without the prior: for callers that
+  score many sets of top images against one layer's prior each (stability.py's
+  resamples, stacked as extra neurons)."""
+  params = dict(_WPMI if similarity_fn == "wpmi" else _SOFT)
+  extra = {}
+  if similarity_fn == "soft_wpmi":
+    extra = {"membership": similarity.soft_wpmi_membership(
+        params["top_k"], params["p_start"], params["p_end"]),
+             "term_floor": likelihood.soft_wpmi_term_floor(
+                 params["p_start"], params["p_end"], params["min_prob"])}
+  elif similarity_fn != "wpmi":
+    raise ValueError(f"log_likelihood is defined for wpmi and soft_wpmi, not "
+                     f"{similarity_fn!r}.")
+  return _top_k_log_likelihood(image_embeddings, text_embeddings, None, params["top_k"],
+                               params["a"], params["min_prob"], similarity_fn,
+                               top_images=top_images, mesh=mesh, kernel=kernel,
+                               compute_dtype=compute_dtype, block_size=block_size, **extra)
+
+
 def _image_chunks(num_images: int, size: int):
   return [(start, min(start + size, num_images)) for start in range(0, num_images, size)]
 

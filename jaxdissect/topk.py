@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# How many top images per unit the probe pass keeps: soft_wpmi's top_k (100) and the
-# listed top images fit. A run that asks for more recomputes them from the stored
-# activations (top_k_from_activations).
-RUNNING_TOP_K = 128
+# How many top images per unit the probe pass keeps: soft_wpmi's top_k (100), the listed
+# top images and the label stability's 200 (stability.depth) fit. A run that asks for
+# more recomputes them from the stored activations (top_k_from_activations).
+RUNNING_TOP_K = 256
 # The id of an empty slot: sorts after every real image.
 EMPTY_ID = np.iinfo(np.int32).max
 

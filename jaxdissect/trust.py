@@ -31,6 +31,7 @@ from jaxdissect import likelihood
 from jaxdissect import registry
 from jaxdissect import results as results_lib
 from jaxdissect import similarity
+from jaxdissect import stability as stability_lib
 from jaxdissect import store
 
 DEFAULT_TOP_FRACTION = 0.05
@@ -47,9 +48,19 @@ def _image_chunk(num_columns: int) -> int:
 
 @dataclasses.dataclass
 class UnitTrust:
-  """auc, p_value: (num_units,) float64, NaN for dead or invalid units."""
+  """auc, p_value: (num_units,) float64, NaN for dead or invalid units.
+
+  stability: (num_units,) the bootstrap's pairwise label agreement (stability.py), NaN
+  where not computed; alternative_shares: (num_units, num_alternatives) the share of
+  resamples labelling the unit with each alternative, or None."""
   auc: np.ndarray
   p_value: np.ndarray
+  stability: np.ndarray | None = None
+  alternative_shares: np.ndarray | None = None
+
+  def stability_or_nan(self) -> np.ndarray:
+    return (np.full(len(self.auc), np.nan) if self.stability is None
+            else self.stability)
 
 
 def function_defaults(similarity_fn: str) -> dict:
@@ -226,10 +237,16 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
 
 
 def layer_trust(config, probe: store.ProbeActivations,
-                result: results_lib.DissectionResult, text_embeddings: np.ndarray
-                ) -> dict[str, UnitTrust]:
-  """Per-unit AUC and permutation p-value of every layer's labels."""
+                result: results_lib.DissectionResult, text_embeddings: np.ndarray,
+                mesh=None) -> dict[str, UnitTrust]:
+  """Per-unit AUC, permutation p-value and (config.trust_bootstrap resamples, (soft-)WPMI
+  only) label stability of every layer's labels; mesh: the stability's devices."""
   out = {}
+  # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).
+  bootstrap = (int(config.get("trust_bootstrap", 0))
+               if config.similarity_fn in registry.PRIOR_FUNCTIONS else 0)
+  weights = (stability_lib.poisson_weights(len(probe.image_embeddings), bootstrap,
+                                           config.trust_seed) if bootstrap else None)
   for name, layer in result.layers.items():
     top_ids = None
     if config.similarity_fn in labeling.PRIOR_FUNCTIONS:
@@ -247,4 +264,20 @@ def layer_trust(config, probe: store.ProbeActivations,
         num_permutations=config.trust_permutations, seed=config.trust_seed)
     logging.info("Layer %s: unit trust (AUC, %d permutations) in %.1f s.", name,
                  config.trust_permutations, time.time() - started)
+    if bootstrap:
+      started = time.time()
+      num_top = stability_lib.depth(config.similarity_fn)
+      top = probe.top_for(name, min(num_top, len(probe.image_ids)))
+      unit_stability = stability_lib.layer_stability(
+          config.similarity_fn, probe.image_embeddings, text_embeddings,
+          labeling.top_images_of_zeroed(top, top.k), ~(layer.dead | layer.invalid),
+          num_resamples=bootstrap, weights=weights, mesh=mesh,
+          kernel=config.similarity_kernel, compute_dtype=config.similarity_dtype,
+          block_size=config.concept_block_size or None)
+      out[name].stability = unit_stability.stability
+      out[name].alternative_shares = unit_stability.shares(layer.alternative_ids)
+      logging.info("Layer %s: label stability (%d resamples) in %.1f s; mean %.3f.",
+                   name, bootstrap, time.time() - started,
+                   float(np.nanmean(unit_stability.stability))
+                   if np.isfinite(unit_stability.stability).any() else float("nan"))
   return out

@@ -51,6 +51,18 @@ class ConfigTest(absltest.TestCase):
       with self.assertRaisesRegex(errors.UserError, f"^{field}: must be 0"):
         config_lib.validate(config)
 
+  def test_trust_bootstrap_is_off_or_at_least_two(self):
+    for value in (-1, 1):
+      config = config_lib.get_base_config()
+      config.trust_bootstrap = value
+      with self.assertRaisesRegex(errors.UserError, "^trust_bootstrap: must be 0 .off. or "
+                                  "at least 2.*--config.trust_bootstrap=20"):
+        config_lib.validate(config)
+    for value in (0, 2, 20):
+      config = config_lib.get_base_config()
+      config.trust_bootstrap = value
+      config_lib.validate(config)
+
   def test_the_demo_config_does_not_write_over_the_default_results(self):
     import importlib.util  # pylint: disable=g-import-not-at-top
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

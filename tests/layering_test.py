@@ -17,7 +17,7 @@ LAYERS = (
     ("data and scoring math", ("data.*", "synthetic.world", "streaming", "store")),
     ("models", ("models.*",)),
     ("computation", ("activations", "labeling", "images")),
-    ("analysis", ("trust", "metrics", "probe_pass", "report", "rundir")),
+    ("analysis", ("trust", "stability", "metrics", "probe_pass", "report", "rundir")),
     ("entry points", ("dissect", "cli", "evaluate", "compare", "applications.*",
                       "synthetic.train", "synthetic.planted", "synthetic.benchmark")),
 )

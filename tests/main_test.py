@@ -292,11 +292,12 @@ class MainEndToEndTest(_TinyModels):
     for layer, unit_ids in per_layer.items():
       self.assertEqual(unit_ids, list(range(units[layer])))
     topk = read_csv(os.path.join(result_dir, "descriptions_topk.csv"))
-    self.assertEqual(topk[0], ["layer", "unit", "rank", "concept", "similarity"])
+    self.assertEqual(topk[0], ["layer", "unit", "rank", "concept", "similarity",
+                               "resample_share"])
     self.assertLen(topk, 1 + 5 * sum(units.values()))
     # The rank-0 alternative is the label.
     labels = {(r[0], r[1]): r[2] for r in rows[1:]}
-    for layer, unit, rank, concept, _ in topk[1:]:
+    for layer, unit, rank, concept, _, _ in topk[1:]:
       if rank == "0":
         self.assertEqual(labels[(layer, unit)], concept)
     top = read_csv(os.path.join(result_dir, "top_images.csv"))

@@ -329,6 +329,24 @@ class PriorSaturationTest(parameterized.TestCase):
     self.assertIn(result.layers["small"].labels[0], ("a", "b"))
     self.assertEqual(result.layers["small"].labels[1], "c")
 
+  @parameterized.parameters(0.6, 1.0)
+  def test_prior_labels_equal_the_labels_of_scores_and_margin(self, lam):
+    # The tie case above, a single unit, and random layers with and without owned
+    # concepts: prior_labels picks what label_units picks from the two keys.
+    rng = np.random.default_rng(3)
+    cases = [np.array([[-500.0, -300.0, -310.0, -200.0],
+                       [-200.0, -340.0, -370.0, -200.0],
+                       [-200.0, -345.0, -380.0, -200.0]], np.float32),
+             np.array([[-5.0, -1.0, -3.0]], np.float32),
+             (rng.normal(0, 1, (7, 11)) - 300.0).astype(np.float32),
+             (rng.normal(0, 80, (7, 11)) - 300.0).astype(np.float32)]
+    for L in cases:
+      scores = np.asarray(similarity.subtract_prior(L, lam))
+      margin = np.asarray(similarity.prior_margin(L))
+      expected, _ = labeling.order_with_ties(scores, margin, 1)
+      np.testing.assert_array_equal(np.asarray(similarity.prior_labels(L, lam)),
+                                    expected[:, 0])
+
   def test_a_single_unit_layer_has_no_tiebreak_preference(self):
     L = np.array([[-5.0, -1.0, -3.0]], np.float32)
     np.testing.assert_array_equal(np.asarray(similarity.subtract_prior(L, 1.0)), 0.0)

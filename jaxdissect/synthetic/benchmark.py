@@ -190,3 +190,135 @@ def format_table(records: Sequence[dict]) -> str:
     lines.append(f"{method:<22} {probe_name:<9} {fc['top1']:>8.3f} {fc['top5']:>8.3f} "
                  f"{fc['clip_cos']:>7.3f} {planted_top1:>13.3f} {planted_cos:>12.3f}")
   return "\n".join(lines)
+
+
+# ------------------------------------------------ label stability against fresh draws
+HIDDEN_LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4")
+STABILITY_LAYERS = HIDDEN_LAYERS + LAYERS
+NUM_BINS = 5
+
+
+@dataclasses.dataclass
+class StabilityDraw:
+  """One probe draw: labels[layer] (units,) concept ids of the run; stability[layer]
+  (units,) pairwise agreement; keep_share[layer] (units,) the share of resamples that
+  keep the run's label (the naive estimator, for comparison)."""
+  labels: dict
+  stability: dict
+  keep_share: dict
+
+
+def stability_draw(num_images: int, seed: int, num_resamples: int = 20,
+                   checkpoint_dir: str | None = None,
+                   layers: Sequence[str] = STABILITY_LAYERS) -> StabilityDraw:
+  """Labels and label stability of `layers` on the in-distribution probe drawn with
+  `seed`, as main.py computes them (soft-WPMI, trust_seed 0)."""
+  from jaxdissect import stability as stability_lib  # pylint: disable=g-import-not-at-top
+  checkpoint_dir = checkpoint_dir or train_lib.CHECKPOINT_DIR
+  clip = clip_lib.load_clip(f"{checkpoint_dir}/clip")
+  target = planted.make_target(checkpoint_dir)
+  infos = target.resolve_layers(list(layers))
+  concepts = list(world.CONCEPTS)
+  text = np.asarray(clip_lib.embed_texts(clip, concepts))
+  data = render_probe("in_dist", num_images, seed)
+  source = probe_lib.array_source(data.images)
+  batches = probe_lib.ProbeSet([source]).batches(clip.transform, target.transform, 100)
+  probe = activations_lib.run_probe_pass(clip, target, infos, batches, len(data.images),
+                                         log_every_s=60)
+  result = labeling.label_probe(probe, text, concepts, "soft_wpmi")
+  weights = stability_lib.poisson_weights(num_images, num_resamples, 0)
+  out = StabilityDraw({}, {}, {})
+  for name, layer in result.layers.items():
+    top = probe.top_for(name, min(stability_lib.depth("soft_wpmi"), num_images))
+    unit = stability_lib.layer_stability(
+        "soft_wpmi", probe.image_embeddings, text,
+        labeling.top_images_of_zeroed(top, top.k), ~(layer.dead | layer.invalid),
+        num_resamples=num_resamples, weights=weights)
+    out.labels[name] = layer.alternative_ids[:, 0].copy()
+    out.stability[name] = unit.stability
+    out.keep_share[name] = unit.shares(layer.alternative_ids[:, :1])[:, 0]
+  return out
+
+
+def calibration(estimates: np.ndarray, outcomes: np.ndarray) -> dict:
+  """Bins of `estimates` in fifths ([0, 0.2), ..., [0.8, 1]) against the mean outcome of
+  their units: {"ece": sum over bins of (units in bin / units) |mean estimate - mean
+  outcome|, "bins": [{"low", "units", "mean_estimate", "mean_outcome"}]}."""
+  keep = ~np.isnan(estimates)
+  estimates, outcomes = estimates[keep], outcomes[keep]
+  index = np.minimum((estimates * NUM_BINS).astype(int), NUM_BINS - 1)
+  bins, ece = [], 0.0
+  for b in range(NUM_BINS):
+    members = index == b
+    if not members.any():
+      continue
+    gap = abs(float(estimates[members].mean()) - float(outcomes[members].mean()))
+    ece += members.mean() * gap
+    bins.append({"low": b / NUM_BINS, "units": int(members.sum()),
+                 "mean_estimate": float(estimates[members].mean()),
+                 "mean_outcome": float(outcomes[members].mean())})
+  return {"ece": float(ece), "bins": bins}
+
+
+def stability_report(draws: Sequence[StabilityDraw], stable: float = 0.8,
+                     hidden: Sequence[str] = HIDDEN_LAYERS) -> dict:
+  """Each draw's stability against the other draws: a unit's outcome is the share of
+  the other draws that give it the same label. Pooled over `hidden` (calibration of the
+  pairwise stability and of the naive keep share, units >= `stable` per draw and how
+  often they keep their label) and per layer."""
+  if len(draws) < 2:
+    raise ValueError("stability_report needs at least 2 probe draws")
+  layers = list(draws[0].labels)
+  rows = {name: {"stability": [], "keep_share": [], "kept": [], "draw": []}
+          for name in layers}
+  for d, draw in enumerate(draws):
+    for name in layers:
+      others = [o.labels[name] for i, o in enumerate(draws) if i != d]
+      rows[name]["kept"].append(np.mean([o == draw.labels[name] for o in others], axis=0))
+      rows[name]["stability"].append(draw.stability[name])
+      rows[name]["keep_share"].append(draw.keep_share[name])
+      rows[name]["draw"].append(np.full(len(draw.labels[name]), d))
+  rows = {name: {k: np.concatenate(v) for k, v in r.items()} for name, r in rows.items()}
+
+  def summary(r):
+    high = r["stability"] >= stable
+    per_draw = [int(np.sum(high & (r["draw"] == d))) for d in range(len(draws))]
+    return {"units_per_draw": int(len(r["kept"]) // len(draws)),
+            "mean_stability": float(np.nanmean(r["stability"])),
+            "mean_kept": float(np.mean(r["kept"])),
+            "stable_units_per_draw": per_draw,
+            "stable_kept": float(np.mean(r["kept"][high])) if high.any() else None,
+            "ece": calibration(r["stability"], r["kept"])["ece"]}
+
+  pooled = {k: np.concatenate([rows[n][k] for n in hidden if n in rows])
+            for k in ("stability", "keep_share", "kept", "draw")}
+  return {"num_draws": len(draws), "stable_threshold": stable,
+          "hidden": {**summary(pooled),
+                     "calibration": calibration(pooled["stability"], pooled["kept"]),
+                     "naive_keep_share": {
+                         "calibration": calibration(pooled["keep_share"], pooled["kept"]),
+                         "stable_units_per_draw": [
+                             int(np.sum((pooled["keep_share"] >= stable) &
+                                        (pooled["draw"] == d))) for d in range(len(draws))],
+                         "stable_kept": float(np.mean(pooled["kept"][
+                             pooled["keep_share"] >= stable]))}},
+          "layers": {name: summary(r) for name, r in rows.items()}}
+
+
+def format_stability(report: dict) -> str:
+  hidden = report["hidden"]
+  lines = [f"{'layer':<16} {'units':>5} {'stability':>9} {'kept':>6} {'>=0.8/draw':>10} "
+           f"{'their kept':>10} {'ECE':>6}"]
+  for name, row in [("hidden (pooled)", hidden)] + list(report["layers"].items()):
+    kept = "-" if row["stable_kept"] is None else f"{row['stable_kept']:.3f}"
+    lines.append(f"{name:<16} {row['units_per_draw']:>5} {row['mean_stability']:>9.3f} "
+                 f"{row['mean_kept']:>6.3f} {np.mean(row['stable_units_per_draw']):>10.1f} "
+                 f"{kept:>10} {row['ece']:>6.3f}")
+  lines.append("hidden bins (stability -> kept): " + " ".join(
+      f"[{b['mean_estimate']:.2f}->{b['mean_outcome']:.2f} n{b['units']}]"
+      for b in hidden["calibration"]["bins"]))
+  naive = hidden["naive_keep_share"]
+  lines.append(f"naive keep share: ECE {naive['calibration']['ece']:.3f}, "
+               f">=0.8 per draw {np.mean(naive['stable_units_per_draw']):.1f}, their kept "
+               f"{naive['stable_kept']:.3f}")
+  return "\n".join(lines)
