@@ -17,7 +17,10 @@ measures instead whether the label stability (jaxdissect/stability.py) predicts 
 fresh probe draw of the same size reproduces a unit's label: for each draw, every unit's
 stability against the share of the other draws that give it the same label, binned in
 fifths (calibration error), per layer and pooled over the hidden layers, beside the
-naive estimator (the share of resamples that keep the run's label).
+naive estimator (the share of resamples that keep the run's label); and the labels'
+ground truth on every layer (metrics.ground_truth_layer: distractor share, correlation
+of the label's concept with the unit, the oracle's, their ratio, AUPRC), means over the
+draws.
 """
 import argparse
 import json
@@ -58,8 +61,11 @@ def main() -> None:
       print(f"draw {seed + 1}/{args.num_draws} done ({time.monotonic() - start:.0f}s)",
             flush=True)
     report = benchmark.stability_report(stability_draws)
-    report.update(num_images=args.num_images, resamples=args.resamples)
+    report.update(num_images=args.num_images, resamples=args.resamples,
+                  ground_truth=benchmark.ground_truth_report(stability_draws))
     print(benchmark.format_stability(report))
+    print("\nGround truth of the soft-WPMI labels (world annotations), mean over draws:")
+    print(benchmark.format_ground_truth(report["ground_truth"]))
     print(f"({args.num_images} probe images per draw, {args.num_draws} draws, "
           f"{args.resamples} resamples, {time.monotonic() - start:.0f}s)")
     _write_json(args.out, report)

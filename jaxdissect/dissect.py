@@ -115,7 +115,8 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
   result = labeling.label_with_config(config, probe, text_embeddings, concepts,
                                       list(truths), mesh)
   result.trust = trust.layer_trust(config, probe, result, text_embeddings, mesh)
-  evaluation = evaluate.evaluate_run(config, result, truths, concepts, text_embeddings, clip)
+  evaluation = evaluate.evaluate_run(config, result, truths, concepts, text_embeddings, clip,
+                                     probe=probe, annotations=probe_set.annotations())
   config_json = {"config": config.to_dict(), "workdir": os.path.abspath(workdir),
                  "layers": {i.name: {"path": i.path, "units": i.num_units} for i in layer_infos},
                  "num_images": probe_set.num_images, "num_concepts": len(concepts),

@@ -13,6 +13,7 @@ import sys
 from typing import Mapping, Sequence
 
 from absl import logging
+import numpy as np
 
 from jaxdissect import errors
 from jaxdissect import labeling
@@ -32,10 +33,12 @@ def format_table(evaluation: Mapping[str, dict]) -> str:
              ("sentence_cos", 12, ".3f"), ("mean_rank", 9, ".2f"), ("median_rank", 6, ".0f"),
              ("label_auc", 9, ".3f"), ("mean_auc", 8, ".3f"),
              ("significant_share", 8, ".3f"), ("mean_stability", 9, ".3f"),
-             ("stable_share", 8, ".3f"), ("diversity", 9, ".3f"))
+             ("stable_share", 8, ".3f"), ("gt_explained_share", 9, ".3f"),
+             ("gt_distractor_share", 9, ".3f"), ("diversity", 9, ".3f"))
   shown = [c for c in columns if any(c[0] in row for row in evaluation.values())]
   titles = {"significant_share": "p<0.05", "median_rank": "median",
-            "mean_stability": "stability", "stable_share": "st>=0.8"}
+            "mean_stability": "stability", "stable_share": "st>=0.8",
+            "gt_explained_share": "explained", "gt_distractor_share": "distract"}
   lines = [f"{'layer':<20} {'units':>6} " + " ".join(
       f"{titles.get(key, key):>{width}}" for key, width, _ in shown)]
   for name, row in evaluation.items():
@@ -106,9 +109,11 @@ def _warn_of_missing_truth(target, layer_infos, truths) -> None:
 
 
 def evaluate_run(config, result, truths, concepts, text_embeddings, clip,
-                 log_table: bool = True) -> dict:
+                 log_table: bool = True, probe=None, annotations=None) -> dict:
   """evaluation.json's contents, logged as a table. clip: a ClipModel, or a callable
-  returning one (loaded only if a true label is not in the concept set)."""
+  returning one (loaded only if a true label is not in the concept set). probe,
+  annotations: the run's store.ProbeActivations and its probe set's annotations
+  (ProbeSet.annotations()), for the ground truth of every layer (add_ground_truth)."""
   sentence_embed = None
   if truths:
     encoder = sentence_lib.load_optional(config.sentence_model)
@@ -117,11 +122,39 @@ def evaluate_run(config, result, truths, concepts, text_embeddings, clip,
       concepts, text_embeddings,
       lambda texts: clip_lib.embed_texts(clip() if callable(clip) else clip, texts))
   evaluation = metrics.evaluate_result(result, truths, embed, sentence_embed)
+  if probe is not None and annotations is not None:
+    add_ground_truth(evaluation, result, probe, annotations)
   if log_table:  # the evaluate CLI prints it instead
     logging.info("Label evaluation%s:\n%s",
                  " (precision against known truth)" if truths else "",
                  format_table(evaluation))
   return evaluation
+
+
+def add_ground_truth(evaluation: dict, result, probe, annotations) -> dict:
+  """Adds metrics.ground_truth_layer's "gt_" keys to every layer whose activation matrix
+  the probe holds, from annotations = (words, (num_probe_images, len(words))) over the
+  probe set's images (skipped images are dropped to match the activations' rows)."""
+  words, matrix = annotations
+  kept = np.setdiff1d(np.arange(len(matrix)), np.asarray(probe.skipped, np.int64))
+  matrix = np.asarray(matrix)[kept]
+  for name, layer in result.layers.items():
+    activations = probe.activations.get(name)
+    if activations is None or activations.shape != (len(matrix), layer.num_units):
+      continue  # multi-process runs that gathered only the top-k
+    evaluation[name].update(metrics.ground_truth_layer(
+        activations, matrix, words, layer.labels, ~(layer.dead | layer.invalid)))
+  return evaluation
+
+
+def _annotations(run):
+  """The run's probe-set annotations, or None where its sources have none or cannot be
+  listed any more (a moved image folder: the labels are still evaluated)."""
+  try:
+    return run.probe_set.annotations()
+  except errors.UserError as err:
+    logging.info("No per-image annotations for the ground truth: %s", err.one_line())
+    return None
 
 
 def evaluate_directory(result_dir: str, truth_file: str | None = None,
@@ -155,7 +188,8 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
           "the CSVs were edited or come from another run; rerun main.py.")
   result.trust = trust.layer_trust(config, probe, result, text_embeddings)
   evaluation = evaluate_run(config, result, truths, concepts, text_embeddings,
-                            lambda: run.clip, log_table=False)
+                            lambda: run.clip, log_table=False, probe=probe,
+                            annotations=_annotations(run))
   write_json_atomic(evaluation_path(result_dir), evaluation)
   temporary = os.path.join(result_dir, f"unit_trust.csv.tmp-{os.getpid()}")
   with open(temporary, "w", encoding="utf-8", newline="") as f:

@@ -178,3 +178,84 @@ def evaluate_result(result, truths: Mapping[str, Sequence[str]], embed,
     scores.update(label_diversity(layer.labels))
     report[name] = scores
   return report
+
+
+# ------------------------------------------ ground truth from per-image annotations
+def pearson_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Pearson correlation over rows of every column of x (N, K) with every column of y
+  (N, W): (K, W) float64; 0 where either column is constant."""
+  x = np.asarray(x, np.float64)
+  y = np.asarray(y, np.float64)
+  x = x - x.mean(axis=0)
+  y = y - y.mean(axis=0)
+  x_norm = np.linalg.norm(x, axis=0)
+  y_norm = np.linalg.norm(y, axis=0)
+  # A column constant up to float64 rounding of its mean has no direction.
+  x_flat = x_norm <= 1e-12 * np.maximum(1.0, np.abs(x).max(axis=0, initial=0.0)) * len(x)
+  y_flat = y_norm == 0
+  corr = (x.T @ y) / np.outer(np.where(x_flat, 1.0, x_norm), np.where(y_flat, 1.0, y_norm))
+  corr[x_flat] = 0.0
+  corr[:, y_flat] = 0.0
+  return corr
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+  """Area under the precision-recall curve as average precision: sum over thresholds
+  (each distinct score, highest first) of the recall gained times the precision there;
+  tied scores enter together. NaN without positives."""
+  scores = np.asarray(scores, np.float64)
+  positive = np.asarray(positive, bool)
+  num_positive = int(positive.sum())
+  if num_positive == 0:
+    return float("nan")
+  order = np.argsort(-scores, kind="stable")
+  sorted_scores, hits = scores[order], positive[order]
+  ends = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
+  true_positives = np.cumsum(hits)[ends]
+  precision = true_positives / (ends + 1)
+  recall_gain = np.diff(np.r_[0, true_positives]) / num_positive
+  return float(np.sum(recall_gain * precision))
+
+
+def ground_truth_layer(activations: np.ndarray, annotations: np.ndarray,
+                       words: Sequence[str], labels: Sequence[str],
+                       live: np.ndarray) -> dict[str, float | int | None]:
+  """How well a layer's labels describe its units, by what the images show.
+
+  activations: (N, K) the units' pooled activations over the probe images;
+  annotations: (N, W) 1 where image i shows word w (the synthetic world's annotations);
+  labels: (K,) each unit's label; live: (K,) False for dead or invalid units.
+  Per live unit: the Pearson correlation over the images between its activation and the
+  presence of its label's concept (0 for a label that names nothing annotated: a
+  distractor), the oracle's (the best-correlated annotated concept), and the average
+  precision of the activation for the label's concept (0 for a distractor). Returns
+  their means over live units, explained_share = mean label / mean oracle correlation,
+  and the share of live units whose label is a distractor ("gt_" keys; None without
+  live units)."""
+  live = np.asarray(live, bool)
+  index = {word: i for i, word in enumerate(words)}
+  units = np.flatnonzero(live)
+  if not units.size:
+    return {"gt_units": 0, "gt_label_corr": None, "gt_oracle_corr": None,
+            "gt_explained_share": None, "gt_distractor_share": None,
+            "gt_label_auprc": None}
+  block = np.asarray(activations[:, units], np.float64)
+  corr = pearson_columns(block, annotations)
+  label_corr, label_ap = np.zeros(len(units)), np.zeros(len(units))
+  distractor = np.zeros(len(units), bool)
+  for i, unit in enumerate(units):
+    word = index.get(labels[unit])
+    if word is None:
+      distractor[i] = True
+      continue
+    label_corr[i] = corr[i, word]
+    ap = average_precision(block[:, i], annotations[:, word] > 0)
+    label_ap[i] = 0.0 if np.isnan(ap) else ap
+  oracle = corr.max(axis=1)
+  mean_oracle = float(oracle.mean())
+  return {"gt_units": int(len(units)), "gt_label_corr": float(label_corr.mean()),
+          "gt_oracle_corr": mean_oracle,
+          "gt_explained_share": (float(label_corr.mean()) / mean_oracle
+                                 if mean_oracle > 0 else None),
+          "gt_distractor_share": float(distractor.mean()),
+          "gt_label_auprc": float(label_ap.mean())}

@@ -93,6 +93,55 @@ class EvaluateTest(absltest.TestCase):
     lookup(["zebra"])
     self.assertEqual(asked, [["zebra"]])
 
+  def test_pearson_columns_matches_numpy_and_zeroes_constant_columns(self):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4))
+    x[:, 2] = 3.0  # constant
+    y = (rng.random((50, 3)) < 0.3).astype(np.float32)
+    y[:, 1] = 0.0  # a word no image shows
+    got = metrics.pearson_columns(x, y)
+    for i in range(4):
+      for j in range(3):
+        expected = 0.0 if i == 2 or j == 1 else np.corrcoef(x[:, i], y[:, j])[0, 1]
+        self.assertAlmostEqual(got[i, j], expected, places=12)
+
+  def test_average_precision_by_hand_with_ties(self):
+    # Ranked: 0.9 (pos), 0.8 (neg), then 0.5 twice (pos, neg) entering together, 0.1 (pos).
+    scores = np.array([0.9, 0.8, 0.5, 0.5, 0.1])
+    positive = np.array([True, False, True, False, True])
+    expected = (1 / 3) * 1.0 + (1 / 3) * (2 / 4) + (1 / 3) * (3 / 5)
+    self.assertAlmostEqual(metrics.average_precision(scores, positive), expected)
+    self.assertTrue(np.isnan(metrics.average_precision(scores, np.zeros(5, bool))))
+    self.assertEqual(metrics.average_precision(scores, scores > 0.7), 1.0)
+
+  def test_ground_truth_of_planted_units_and_distractors(self):
+    # Unit 0 detects "red", unit 1 half-detects "striped" but is labelled "dog" (not
+    # annotated: a distractor), unit 2 is dead, unit 3 detects "blue" and is labelled so.
+    rng = np.random.default_rng(1)
+    words = ["red", "striped", "blue"]
+    annotations = (rng.random((400, 3)) < 0.3).astype(np.float32)
+    activations = np.stack([annotations[:, 0] + 0.01 * rng.random(400),
+                            annotations[:, 1] + rng.random(400),
+                            np.ones(400),
+                            annotations[:, 2] * 2.0], axis=1)
+    labels = ["red", "dog", "<dead>", "blue"]
+    live = np.array([True, True, False, True])
+    got = metrics.ground_truth_layer(activations, annotations, words, labels, live)
+    corr = metrics.pearson_columns(activations, annotations)
+    self.assertEqual(got["gt_units"], 3)
+    self.assertAlmostEqual(got["gt_distractor_share"], 1 / 3)
+    self.assertAlmostEqual(got["gt_label_corr"], (corr[0, 0] + 0.0 + corr[3, 2]) / 3)
+    self.assertAlmostEqual(got["gt_oracle_corr"],
+                           (corr[0].max() + corr[1].max() + corr[3].max()) / 3)
+    self.assertAlmostEqual(got["gt_explained_share"],
+                           got["gt_label_corr"] / got["gt_oracle_corr"])
+    self.assertGreater(corr[0, 0], 0.99)
+    # Detectors rank every positive first (AP 1); the distractor counts 0.
+    self.assertAlmostEqual(got["gt_label_auprc"], 2 / 3)
+    none_live = metrics.ground_truth_layer(activations, annotations, words, labels,
+                                           np.zeros(4, bool))
+    self.assertIsNone(none_live["gt_label_corr"])
+
   def test_length_mismatch_is_an_error(self):
     with self.assertRaises(ValueError):
       metrics.label_precision(["cat"], [["cat"]], ["cat", "dog"], embed)

@@ -55,6 +55,22 @@ class SyntheticQualityTest(absltest.TestCase):
     # Every layer, in the order dissected; precision where the truth is known.
     self.assertEqual(list(evaluation),
                      ["layer4", "fc", "planted.colour", "planted.texture"])
+    # Every layer: ground truth from the world's annotations, and label stability.
+    for layer, row in evaluation.items():
+      self.assertContainsSubset(
+          {"gt_units", "gt_label_corr", "gt_oracle_corr", "gt_explained_share",
+           "gt_distractor_share", "gt_label_auprc", "mean_stability", "stable_share"},
+          set(row), layer)
+      self.assertBetween(row["gt_distractor_share"], 0.0, 1.0)
+      self.assertBetween(row["mean_stability"], 0.0, 1.0)
+      self.assertGreaterEqual(row["gt_oracle_corr"], row["gt_label_corr"])
+    # Planted units are their concept's detectors: their labels explain them and come
+    # out the same in (almost) every resample, also from only 300 images.
+    for layer in ("planted.colour", "planted.texture"):
+      self.assertEqual(evaluation[layer]["gt_distractor_share"], 0.0)
+      self.assertGreater(evaluation[layer]["gt_explained_share"], 0.85)
+      self.assertGreater(evaluation[layer]["mean_stability"], 0.95)
+    self.assertLess(evaluation["layer4"]["mean_stability"], 0.7)
     self.assertNotIn("top1", evaluation.pop("layer4"))
     for layer, row in evaluation.items():
       self.assertContainsSubset(

@@ -48,6 +48,9 @@ class ProbeSource:
     class_labels: every image's class name where the source knows it (the synthetic
       world's shape; a folder's class subfolder), else None. Only the label
       applications read it (accuracy under editing and pruning).
+    annotations: (words, (num_images, len(words)) float32, 1 where the image shows the
+      word) where the source knows what each image shows (the synthetic world), else
+      None. evaluation.json's ground truth for every layer ("gt_" keys) reads it.
   """
   description: str
   num_images: int
@@ -57,6 +60,7 @@ class ProbeSource:
   load: Callable[[Any, decode.Limits], Any]
   image_ids: Sequence[str] | None = None
   class_labels: Sequence[str] | None = None
+  annotations: tuple[list[str], np.ndarray] | None = None
 
 
 # The paper's probe sets by name. Broden has no TFDS builder: its directory comes from
@@ -315,6 +319,8 @@ def synthetic_source(spec: str, field: str = "d_probe") -> ProbeSource:
                         description=f"synthetic:{spec}")
   # The shape classifier's class: the first object's shape.
   source.class_labels = [scene.objects[0].shape for scene in scenes]
+  words = list(world.ATTRIBUTE_WORDS)
+  source.annotations = (words, world.annotation_matrix(scenes, words))
   source.identity = {"kind": "synthetic", "spec": spec, "sha256":
                      source.identity["sha256"]}
   return source
@@ -380,6 +386,13 @@ class ProbeSet:
     if any(s.class_labels is None for s in self.sources):
       return None
     return [label for s in self.sources for label in s.class_labels]
+
+  def annotations(self) -> tuple[list[str], np.ndarray] | None:
+    """(words, (num_images, len(words))) if every source annotates the same words."""
+    parts = [s.annotations for s in self.sources]
+    if not parts or any(p is None or p[0] != parts[0][0] for p in parts):
+      return None
+    return parts[0][0], np.concatenate([p[1] for p in parts])
 
   def describe(self, index: int) -> str:
     """The id of image `index` where it is known without reading it, else its source."""

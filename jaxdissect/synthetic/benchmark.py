@@ -202,10 +202,12 @@ NUM_BINS = 5
 class StabilityDraw:
   """One probe draw: labels[layer] (units,) concept ids of the run; stability[layer]
   (units,) pairwise agreement; keep_share[layer] (units,) the share of resamples that
-  keep the run's label (the naive estimator, for comparison)."""
+  keep the run's label (the naive estimator, for comparison); ground_truth[layer]
+  metrics.ground_truth_layer's measures against the world's annotations."""
   labels: dict
   stability: dict
   keep_share: dict
+  ground_truth: dict = dataclasses.field(default_factory=dict)
 
 
 def stability_draw(num_images: int, seed: int, num_resamples: int = 20,
@@ -228,7 +230,12 @@ def stability_draw(num_images: int, seed: int, num_resamples: int = 20,
   result = labeling.label_probe(probe, text, concepts, "soft_wpmi")
   weights = stability_lib.poisson_weights(num_images, num_resamples, 0)
   out = StabilityDraw({}, {}, {})
+  words = list(world.ATTRIBUTE_WORDS)
+  annotations = world.annotation_matrix(data.scenes, words)
   for name, layer in result.layers.items():
+    out.ground_truth[name] = metrics.ground_truth_layer(
+        probe.activations[name], annotations, words, layer.labels,
+        ~(layer.dead | layer.invalid))
     top = probe.top_for(name, min(stability_lib.depth("soft_wpmi"), num_images))
     unit = stability_lib.layer_stability(
         "soft_wpmi", probe.image_embeddings, text,
@@ -321,4 +328,30 @@ def format_stability(report: dict) -> str:
   lines.append(f"naive keep share: ECE {naive['calibration']['ece']:.3f}, "
                f">=0.8 per draw {np.mean(naive['stable_units_per_draw']):.1f}, their kept "
                f"{naive['stable_kept']:.3f}")
+  return "\n".join(lines)
+
+
+GROUND_TRUTH_KEYS = ("gt_distractor_share", "gt_label_corr", "gt_oracle_corr",
+                     "gt_explained_share", "gt_label_auprc")
+
+
+def ground_truth_report(draws: Sequence[StabilityDraw]) -> dict:
+  """{layer: {key: mean over draws, key + "_per_draw": [...]}} of GROUND_TRUTH_KEYS."""
+  out = {}
+  for name in draws[0].ground_truth:
+    row = {}
+    for key in GROUND_TRUTH_KEYS:
+      values = [d.ground_truth[name][key] for d in draws]
+      row[key] = (None if any(v is None for v in values) else float(np.mean(values)))
+      row[f"{key}_per_draw"] = values
+    out[name] = row
+  return out
+
+
+def format_ground_truth(report: dict) -> str:
+  titles = ("distractors", "label corr", "oracle corr", "explained", "label AUPRC")
+  lines = [f"{'layer':<16} " + " ".join(f"{t:>11}" for t in titles)]
+  for name, row in report.items():
+    lines.append(f"{name:<16} " + " ".join(
+        f"{'-' if row[k] is None else format(row[k], '.3f'):>11}" for k in GROUND_TRUTH_KEYS))
   return "\n".join(lines)
