@@ -142,8 +142,19 @@ def add_ground_truth(evaluation: dict, result, probe, annotations) -> dict:
     activations = probe.activations.get(name)
     if activations is None or activations.shape != (len(matrix), layer.num_units):
       continue  # multi-process runs that gathered only the top-k
+    live = ~(layer.dead | layer.invalid)
     evaluation[name].update(metrics.ground_truth_layer(
-        activations, matrix, words, layer.labels, ~(layer.dead | layer.invalid)))
+        activations, matrix, words, layer.labels, live))
+    unit_trust = result.trust.get(name)
+    correlation = None if unit_trust is None else unit_trust.correlation_label
+    if correlation is not None:
+      # The same measures for the correlation label, "gt_correlation_" keys.
+      labels = [result.concepts[c] if c >= 0 else "" for c in correlation]
+      scores = metrics.ground_truth_layer(activations, matrix, words, labels,
+                                          live & (correlation >= 0))
+      evaluation[name].update({f"gt_correlation_{key[3:]}": value
+                               for key, value in scores.items()
+                               if key != "gt_units"})
   return evaluation
 
 

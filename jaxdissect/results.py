@@ -72,15 +72,18 @@ class DissectionResult:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["layer", "unit", "description", "similarity", "auc", "p_value",
-                     "stability"])
+                     "stability", "correlation_label"])
     for name, layer in self.layers.items():
       unit_trust = self.trust[name]
       stability = unit_trust.stability_or_nan()
+      correlation = unit_trust.correlation_label
       for unit in range(layer.num_units):
         writer.writerow([name, unit, layer.labels[unit], _fmt(layer.label_scores[unit]),
                          _fmt_or_empty(unit_trust.auc[unit]),
                          _fmt_or_empty(unit_trust.p_value[unit]),
-                         _fmt_or_empty(stability[unit])])
+                         _fmt_or_empty(stability[unit]),
+                         "" if correlation is None or correlation[unit] < 0
+                         else self.concepts[correlation[unit]]])
     return out.getvalue()
 
   def topk_csv(self) -> str:

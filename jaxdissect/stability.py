@@ -31,7 +31,7 @@ import dataclasses
 import time
 
 from absl import logging
-import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import registry
@@ -152,7 +152,7 @@ def layer_stability(similarity_fn: str, image_embeddings, text_embeddings,
         block_size=block_size).reshape(stop - start, num_units, num_concepts)
     for r in range(stop - start):
       labels[start + r] = np.asarray(similarity.prior_labels(
-          jax.numpy.asarray(log_likelihood[r]), lam))
+          jnp.asarray(log_likelihood[r]), lam))
     logging.log_every_n_seconds(
         logging.INFO, "Stability: %d/%d resamples (%.1f s).", 10, stop, num_resamples,
         time.time() - started)

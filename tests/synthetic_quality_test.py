@@ -59,7 +59,8 @@ class SyntheticQualityTest(absltest.TestCase):
     for layer, row in evaluation.items():
       self.assertContainsSubset(
           {"gt_units", "gt_label_corr", "gt_oracle_corr", "gt_explained_share",
-           "gt_distractor_share", "gt_label_auprc", "mean_stability", "stable_share"},
+           "gt_distractor_share", "gt_label_auprc", "gt_correlation_explained_share",
+           "gt_correlation_distractor_share", "mean_stability", "stable_share"},
           set(row), layer)
       self.assertBetween(row["gt_distractor_share"], 0.0, 1.0)
       self.assertBetween(row["mean_stability"], 0.0, 1.0)

@@ -21,6 +21,7 @@ from jaxdissect import labeling
 from jaxdissect import metrics
 from jaxdissect import registry
 from jaxdissect import results
+from jaxdissect import trust
 from jaxdissect.data import probe as probe_lib
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import targets as targets_lib
@@ -233,9 +234,16 @@ def stability_draw(num_images: int, seed: int, num_resamples: int = 20,
   words = list(world.ATTRIBUTE_WORDS)
   annotations = world.annotation_matrix(data.scenes, words)
   for name, layer in result.layers.items():
+    live = ~(layer.dead | layer.invalid)
     out.ground_truth[name] = metrics.ground_truth_layer(
-        probe.activations[name], annotations, words, layer.labels,
-        ~(layer.dead | layer.invalid))
+        probe.activations[name], annotations, words, layer.labels, live)
+    correlation = trust.correlation_labels(probe.activations[name],
+                                           probe.image_embeddings, text, live)
+    scores = metrics.ground_truth_layer(
+        probe.activations[name], annotations, words,
+        [concepts[c] if c >= 0 else "" for c in correlation], live & (correlation >= 0))
+    out.ground_truth[name].update({f"gt_correlation_{k[3:]}": v for k, v in scores.items()
+                                   if k != "gt_units"})
     top = probe.top_for(name, min(stability_lib.depth("soft_wpmi"), num_images))
     unit = stability_lib.layer_stability(
         "soft_wpmi", probe.image_embeddings, text,
@@ -332,7 +340,8 @@ def format_stability(report: dict) -> str:
 
 
 GROUND_TRUTH_KEYS = ("gt_distractor_share", "gt_label_corr", "gt_oracle_corr",
-                     "gt_explained_share", "gt_label_auprc")
+                     "gt_explained_share", "gt_label_auprc",
+                     "gt_correlation_distractor_share", "gt_correlation_explained_share")
 
 
 def ground_truth_report(draws: Sequence[StabilityDraw]) -> dict:
@@ -349,9 +358,12 @@ def ground_truth_report(draws: Sequence[StabilityDraw]) -> dict:
 
 
 def format_ground_truth(report: dict) -> str:
-  titles = ("distractors", "label corr", "oracle corr", "explained", "label AUPRC")
-  lines = [f"{'layer':<16} " + " ".join(f"{t:>11}" for t in titles)]
+  titles = ("distractors", "label corr", "oracle corr", "explained", "label AUPRC",
+            "corr-label distractors", "corr-label explained")
+  widths = [max(11, len(t)) for t in titles]
+  lines = [f"{'layer':<16} " + " ".join(f"{t:>{w}}" for t, w in zip(titles, widths))]
   for name, row in report.items():
     lines.append(f"{name:<16} " + " ".join(
-        f"{'-' if row[k] is None else format(row[k], '.3f'):>11}" for k in GROUND_TRUTH_KEYS))
+        f"{'-' if row[k] is None else format(row[k], '.3f'):>{w}}"
+        for k, w in zip(GROUND_TRUTH_KEYS, widths)))
   return "\n".join(lines)
