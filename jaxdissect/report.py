@@ -1,7 +1,7 @@
 """The static HTML report: index.html and a page per layer, plus PNG strips of each
 unit's top images with its activation map overlaid.
 
-Each layer page has one card per unit (label, score, AUC and p-value, its top-5
+Each layer page has one card per unit (label, score, AUC, p-value, stability, its top-5
 concepts with their scores, the top-image strip) and a bar chart of its most common
 labels; the cards sort by unit, score, AUC or stability (buttons, or #sort=score in the URL).
 Every string that comes from outside (concepts, layer names, image ids) is
@@ -140,14 +140,15 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
         f"<tr><td><a href='{esc(filename, quote=True)}'>{esc(name)}</a></td>"
         f"<td>{layer.num_units}</td><td>{len(counts)}</td><td>{int(layer.dead.sum())}</td>"
         f"<td>{_number(mean_auc, 3)}</td><td>{common}</td></tr>")
+    stabilities = (unit_trust.stability_or_nan() if unit_trust is not None
+                   else np.full(layer.num_units, np.nan))
     cards = []
     for unit in range(layer.num_units):
       label = layer.labels[unit]
       score = float(layer.label_scores[unit])
       auc = float(unit_trust.auc[unit]) if unit_trust is not None else float("nan")
       p_value = float(unit_trust.p_value[unit]) if unit_trust is not None else float("nan")
-      stability = (float(unit_trust.stability_or_nan()[unit]) if unit_trust is not None
-                   else float("nan"))
+      stability = float(stabilities[unit])
       alternatives = ", ".join(
           f"{esc(result.concepts[c])} ({s:.3f})"
           for c, s in zip(layer.alternative_ids[unit][:5],

@@ -147,11 +147,7 @@ def subtract_prior(log_likelihood: jax.Array, lam: float) -> jax.Array:
   (less (1 - lam) L) instead of that plus float32 noise of order ulp(L). Exact ties are
   then broken by prior_margin.
   """
-  num_neurons = log_likelihood.shape[0]
-  is_best, lse_all, lse_without_best = _best_neuron_parts(log_likelihood)
-  gap = jnp.where(is_best, jax.nn.softplus(lse_without_best[None, :] - log_likelihood),
-                  lse_all[None, :] - log_likelihood)
-  return prior_score(log_likelihood, gap, lam, num_neurons)
+  return _prior_scores(log_likelihood, _best_neuron_parts(log_likelihood), lam)
 
 
 @jax.jit
@@ -167,11 +163,7 @@ def prior_margin(log_likelihood: jax.Array) -> jax.Array:
   others the logsumexp over all neurons stands in (leaving out a neuron that is not the
   largest changes little, and their scores do not saturate).
   """
-  if log_likelihood.shape[0] == 1:
-    return jnp.full_like(log_likelihood, jnp.inf)
-  is_best, lse_all, lse_without_best = _best_neuron_parts(log_likelihood)
-  return jnp.where(is_best, log_likelihood - lse_without_best[None, :],
-                   log_likelihood - lse_all[None, :])
+  return _prior_margins(log_likelihood, _best_neuron_parts(log_likelihood))
 
 
 @functools.partial(jax.jit, static_argnames=("lam",))
@@ -181,19 +173,30 @@ def prior_labels(log_likelihood: jax.Array, lam: float) -> jax.Array:
   lower concept index. One pass of _best_neuron_parts serves both keys, so relabelling
   a layer many times (stability.py's resamples) costs one prior per resample.
   """
-  num_neurons = log_likelihood.shape[0]
-  is_best, lse_all, lse_without_best = _best_neuron_parts(log_likelihood)
-  gap = jnp.where(is_best, jax.nn.softplus(lse_without_best[None, :] - log_likelihood),
-                  lse_all[None, :] - log_likelihood)
-  scores = prior_score(log_likelihood, gap, lam, num_neurons)
-  if num_neurons == 1:
-    margin = jnp.full_like(log_likelihood, jnp.inf)
-  else:
-    margin = jnp.where(is_best, log_likelihood - lse_without_best[None, :],
-                       log_likelihood - lse_all[None, :])
+  parts = _best_neuron_parts(log_likelihood)
+  scores = _prior_scores(log_likelihood, parts, lam)
+  margin = _prior_margins(log_likelihood, parts)
   best = jnp.max(scores, axis=1, keepdims=True)
   # argmax returns the first of equal keys: the lower concept index.
   return jnp.argmax(jnp.where(scores == best, margin, -jnp.inf), axis=1).astype(jnp.int32)
+
+
+def _prior_scores(log_likelihood, parts, lam):
+  """subtract_prior from _best_neuron_parts(log_likelihood)."""
+  is_best, lse_all, lse_without_best = parts
+  gap = jnp.where(is_best, jax.nn.softplus(lse_without_best[None, :] - log_likelihood),
+                  lse_all[None, :] - log_likelihood)
+  return prior_score(log_likelihood, gap, lam, log_likelihood.shape[0])
+
+
+def _prior_margins(log_likelihood, parts):
+  """prior_margin from _best_neuron_parts(log_likelihood); +inf for a single neuron,
+  which has no other to be compared with."""
+  if log_likelihood.shape[0] == 1:
+    return jnp.full_like(log_likelihood, jnp.inf)
+  is_best, lse_all, lse_without_best = parts
+  return jnp.where(is_best, log_likelihood - lse_without_best[None, :],
+                   log_likelihood - lse_all[None, :])
 
 
 def _map_neurons(fn: Callable, xs, chunk: int):

@@ -19,7 +19,7 @@ resamples that keep the run's label": the run's label is itself one draw, and in
 run's own resamples it wins more often than it does on fresh images (the argmax's
 winner's curse). Measured on the synthetic world (benchmarks/label_quality.py
 --stability, BENCHMARKS.md): the share that keeps the label is over-confident
-(calibration error 0.15), the pairwise agreement is calibrated against the share of
+(calibration error 0.17), the pairwise agreement is calibrated against the share of
 units whose label a fresh draw reproduces. `shares` gives, per concept listed, the
 share of resamples that label the unit with it.
 

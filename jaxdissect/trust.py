@@ -300,8 +300,10 @@ def layer_trust(config, probe: store.ProbeActivations,
   for name, layer in result.layers.items():
     top_ids = None
     if config.similarity_fn in labeling.PRIOR_FUNCTIONS:
-      top_k = similarity.default_top_k(config.similarity_fn)
-      top = probe.top_for(name, min(top_k, len(probe.image_ids)))
+      # One read of the top images serves the p-values (top_k) and the resamples.
+      depth = (stability_lib.depth(config.similarity_fn) if bootstrap
+               else similarity.default_top_k(config.similarity_fn))
+      top = probe.top_for(name, min(depth, len(probe.image_ids)))
       top_ids = labeling.top_images_of_zeroed(top, top.k)
     activations = probe.activations.get(name)
     if activations is not None and activations.shape[1] != layer.num_units:
@@ -316,11 +318,9 @@ def layer_trust(config, probe: store.ProbeActivations,
                  config.trust_permutations, time.time() - started)
     if bootstrap:
       started = time.time()
-      num_top = stability_lib.depth(config.similarity_fn)
-      top = probe.top_for(name, min(num_top, len(probe.image_ids)))
       unit_stability = stability_lib.layer_stability(
           config.similarity_fn, probe.image_embeddings, text_embeddings,
-          labeling.top_images_of_zeroed(top, top.k), ~(layer.dead | layer.invalid),
+          top_ids, ~(layer.dead | layer.invalid),
           num_resamples=bootstrap, weights=weights, mesh=mesh,
           kernel=config.similarity_kernel, compute_dtype=config.similarity_dtype,
           block_size=config.concept_block_size or None)

@@ -21,6 +21,7 @@ from jaxdissect import labeling
 from jaxdissect import metrics
 from jaxdissect import registry
 from jaxdissect import results
+from jaxdissect import stability as stability_lib
 from jaxdissect import trust
 from jaxdissect.data import probe as probe_lib
 from jaxdissect.models import clip as clip_lib
@@ -100,26 +101,36 @@ def _layer_from_scores(scores, acts, concepts, tiebreak=None):
   return labeling.label_units(scores, acts, concepts, dead, dead.copy(), tiebreak=tiebreak)
 
 
+def _world_models(checkpoint_dir: str | None, layers: Sequence[str]):
+  """(clip, target, layer infos, concepts, text embeddings (num_concepts, dim)) of the
+  synthetic world's checkpoints (the committed ones when checkpoint_dir is None)."""
+  checkpoint_dir = checkpoint_dir or train_lib.CHECKPOINT_DIR
+  clip = clip_lib.load_clip(f"{checkpoint_dir}/clip")
+  target = planted.make_target(checkpoint_dir)
+  concepts = list(world.CONCEPTS)
+  return (clip, target, target.resolve_layers(list(layers)), concepts,
+          np.asarray(clip_lib.embed_texts(clip, concepts)))
+
+
+def _probe_pass(clip, target, infos, data: ProbeData):
+  batches = probe_lib.ProbeSet([probe_lib.array_source(data.images)]).batches(
+      clip.transform, target.transform, 100)
+  return activations_lib.run_probe_pass(clip, target, infos, batches, len(data.images),
+                                        log_every_s=60)
+
+
 def run(num_images: int = 2000, probes: Sequence[str] = ("in_dist", "shifted"),
         methods: Sequence[str] = METHODS, netdissect: bool = True,
         oracle: bool = True, checkpoint_dir: str | None = None,
         seed: int = 0) -> list[dict]:
   """Returns one record per (method, probe, layer); `seed` draws another probe set."""
-  checkpoint_dir = checkpoint_dir or train_lib.CHECKPOINT_DIR
-  clip = clip_lib.load_clip(f"{checkpoint_dir}/clip")
-  target = planted.make_target(checkpoint_dir)
-  infos = target.resolve_layers(list(LAYERS))
-  concepts = list(world.CONCEPTS)
-  text = clip_lib.embed_texts(clip, concepts)
+  clip, target, infos, concepts, text = _world_models(checkpoint_dir, LAYERS)
   embed = metrics.make_embedder(concepts, text, lambda t: clip_lib.embed_texts(clip, t))
   truths = {info.name: target.truth_for(info) for info in infos}
   records = []
   for probe_name in probes:
     data = render_probe(probe_name, num_images, seed)
-    source = probe_lib.array_source(data.images)
-    batches = probe_lib.ProbeSet([source]).batches(clip.transform, target.transform, 100)
-    probe = activations_lib.run_probe_pass(clip, target, infos, batches, len(data.images),
-                                           log_every_s=60)
+    probe = _probe_pass(clip, target, infos, data)
 
     def add(method, result):
       for layer, row in metrics.evaluate_result(result, truths, embed).items():
@@ -216,18 +227,9 @@ def stability_draw(num_images: int, seed: int, num_resamples: int = 20,
                    layers: Sequence[str] = STABILITY_LAYERS) -> StabilityDraw:
   """Labels and label stability of `layers` on the in-distribution probe drawn with
   `seed`, as main.py computes them (soft-WPMI, trust_seed 0)."""
-  from jaxdissect import stability as stability_lib  # pylint: disable=g-import-not-at-top
-  checkpoint_dir = checkpoint_dir or train_lib.CHECKPOINT_DIR
-  clip = clip_lib.load_clip(f"{checkpoint_dir}/clip")
-  target = planted.make_target(checkpoint_dir)
-  infos = target.resolve_layers(list(layers))
-  concepts = list(world.CONCEPTS)
-  text = np.asarray(clip_lib.embed_texts(clip, concepts))
+  clip, target, infos, concepts, text = _world_models(checkpoint_dir, layers)
   data = render_probe("in_dist", num_images, seed)
-  source = probe_lib.array_source(data.images)
-  batches = probe_lib.ProbeSet([source]).batches(clip.transform, target.transform, 100)
-  probe = activations_lib.run_probe_pass(clip, target, infos, batches, len(data.images),
-                                         log_every_s=60)
+  probe = _probe_pass(clip, target, infos, data)
   result = labeling.label_probe(probe, text, concepts, "soft_wpmi")
   weights = stability_lib.poisson_weights(num_images, num_resamples, 0)
   out = StabilityDraw({}, {}, {})
