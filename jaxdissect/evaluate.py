@@ -155,6 +155,17 @@ def add_ground_truth(evaluation: dict, result, probe, annotations) -> dict:
       evaluation[name].update({f"gt_correlation_{key[3:]}": value
                                for key, value in scores.items()
                                if key != "gt_units"})
+    explained = None if unit_trust is None else unit_trust.explanations
+    if explained is not None:
+      # The layer's recommended single label, and the explained verdicts.
+      ids = explained.recommended_labels(layer.alternative_ids[:, 0])
+      labels = [result.concepts[c] if c >= 0 else "" for c in ids]
+      scores = metrics.ground_truth_layer(activations, matrix, words, labels,
+                                          live & (ids >= 0))
+      evaluation[name].update({f"gt_recommended_{key[3:]}": value
+                               for key, value in scores.items() if key != "gt_units"})
+      evaluation[name].update(metrics.ground_truth_explained(
+          activations, matrix, words, labels, live, explained.explained))
   return evaluation
 
 
@@ -172,7 +183,8 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
                        sentence_model: str | None = None,
                        permutations: int | None = None) -> dict[str, dict]:
   """Re-scores a finished run from its stored activations, checks that the labels are
-  the ones in result_dir, and writes evaluation.json and unit_trust.csv there."""
+  the ones in result_dir, and writes evaluation.json, unit_trust.csv and (where the
+  run's config asks for them) explanations.csv there."""
   from jaxdissect import rundir  # pylint: disable=g-import-not-at-top
   run = rundir.load_run(result_dir)
   config = run.config
@@ -202,11 +214,18 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
                             lambda: run.clip, log_table=False, probe=probe,
                             annotations=_annotations(run))
   write_json_atomic(evaluation_path(result_dir), evaluation)
-  temporary = os.path.join(result_dir, f"unit_trust.csv.tmp-{os.getpid()}")
-  with open(temporary, "w", encoding="utf-8", newline="") as f:
-    f.write(result.trust_csv())
-  os.replace(temporary, os.path.join(result_dir, "unit_trust.csv"))
+  _write_atomic(os.path.join(result_dir, "unit_trust.csv"), result.trust_csv())
+  explanations = result.explanations_csv()
+  if explanations is not None:
+    _write_atomic(os.path.join(result_dir, "explanations.csv"), explanations)
   return evaluation
+
+
+def _write_atomic(path: str, text: str) -> None:
+  temporary = f"{path}.tmp-{os.getpid()}"
+  with open(temporary, "w", encoding="utf-8", newline="") as f:
+    f.write(text)
+  os.replace(temporary, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -125,7 +125,8 @@ def make_embedder(concepts: Sequence[str], text_embeddings: np.ndarray,
 def trust_summary(unit_trust) -> dict[str, float | None]:
   """Mean AUC, the share of units with p < 0.05, the mean label stability and the share
   of units with stability >= STABLE, over units that have them (stability keys only
-  when it was computed)."""
+  when it was computed), and the explanations' summary (mean held-out simulations, the
+  recommended label, the share explained) where they were computed."""
   out = {}
   measures = [("mean_auc", unit_trust.auc, np.mean),
               ("significant_share", unit_trust.p_value,
@@ -136,6 +137,8 @@ def trust_summary(unit_trust) -> dict[str, float | None]:
   for key, values, fn in measures:
     values = values[~np.isnan(values)]
     out[key] = float(fn(values)) if values.size else None
+  if getattr(unit_trust, "explanations", None) is not None:
+    out.update(unit_trust.explanations.summary())
   return out
 
 
@@ -259,3 +262,34 @@ def ground_truth_layer(activations: np.ndarray, annotations: np.ndarray,
                                  if mean_oracle > 0 else None),
           "gt_distractor_share": float(distractor.mean()),
           "gt_label_auprc": float(label_ap.mean())}
+
+
+# A unit whose best annotated concept correlates at least this much with it has
+# something to explain (issue 16's target: few such units marked unexplained).
+STRONG_ORACLE = 0.3
+
+
+def ground_truth_explained(activations: np.ndarray, annotations: np.ndarray,
+                           words: Sequence[str], labels: Sequence[str], live: np.ndarray,
+                           explained: np.ndarray) -> dict[str, float | None]:
+  """Whether the `explained` verdicts agree with what the images show.
+
+  activations, annotations, words, live: as ground_truth_layer; labels: (K,) the label
+  to judge (the layer's recommended one); explained: (K,) bool. Returns the share of
+  explained live units whose label names nothing annotated (a distractor), and the
+  share of live units whose oracle correlation is >= STRONG_ORACLE marked unexplained
+  (None where no unit qualifies)."""
+  live = np.asarray(live, bool)
+  explained = np.asarray(explained, bool) & live
+  known = set(words)
+  distractor = np.array([label not in known for label in labels])
+  units = np.flatnonzero(live)
+  oracle = np.zeros(len(live))
+  if units.size:
+    oracle[units] = pearson_columns(np.asarray(activations[:, units], np.float64),
+                                    annotations).max(axis=1)
+  strong = live & (oracle >= STRONG_ORACLE)
+  return {"gt_explained_distractor_share": (float(distractor[explained].mean())
+                                            if explained.any() else None),
+          "gt_strong_unexplained_share": (float(np.mean(~explained[strong]))
+                                          if strong.any() else None)}

@@ -1,9 +1,12 @@
 """The static HTML report: index.html and a page per layer, plus PNG strips of each
 unit's top images with its activation map overlaid.
 
-Each layer page has one card per unit (label, score, AUC, p-value, stability, its top-5
-concepts with their scores, the top-image strip) and a bar chart of its most common
-labels; the cards sort by unit, score, AUC or stability (buttons, or #sort=score in the URL).
+Each layer page has one card per unit (label, score, AUC, p-value, stability, its
+correlation label, its linear explanation and its held-out simulation, "unexplained"
+where that is not significant, its top-5 concepts with their scores, the top-image
+strip), a bar chart of its most common labels and, where explanations were computed,
+which explanation simulates the layer's units best; the cards sort by unit, score, AUC,
+stability or simulation (buttons, or #sort=score in the URL).
 Every string that comes from outside (concepts, layer names, image ids) is
 HTML-escaped, attributes included; the pages load nothing from the network.
 """
@@ -28,6 +31,7 @@ text-align:left;vertical-align:top}th{background:#f4f4f4}
 .cards{display:flex;flex-wrap:wrap;gap:.8em}
 .card{border:1px solid #ccc;border-radius:6px;padding:.6em;width:330px;background:#fff}
 .card h3{margin:.1em 0 .3em;font-size:105%}.card.flagged{background:#fff4f4}
+.card.unexplained{background:#f6f6f6;color:#666}.note{font-size:85%;color:#a33}
 .stats{font-size:90%;color:#333}.alt{color:#555;font-size:88%;margin:.3em 0}
 .strip{width:100%;image-rendering:pixelated;margin-top:.3em}
 .ids{font-family:monospace;font-size:78%;color:#555;overflow-wrap:anywhere}
@@ -53,7 +57,7 @@ _SORT_SCRIPT = """
   document.body.dataset.sortedBy=key;}
  document.querySelectorAll('button[data-sort]').forEach(function(b){
   b.addEventListener('click',function(){sortBy(b.dataset.sort);});});
- var m=/sort=(unit|score|auc|stability)/.exec(location.hash);if(m)sortBy(m[1]);
+ var m=/sort=(unit|score|auc|stability|simulation)/.exec(location.hash);if(m)sortBy(m[1]);
  document.body.dataset.ready='1';
 })();
 """
@@ -142,6 +146,8 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
         f"<td>{_number(mean_auc, 3)}</td><td>{common}</td></tr>")
     stabilities = (unit_trust.stability_or_nan() if unit_trust is not None
                    else np.full(layer.num_units, np.nan))
+    explained = None if unit_trust is None else unit_trust.explanations
+    summary = None if explained is None else explained.summary()
     cards = []
     for unit in range(layer.num_units):
       label = layer.labels[unit]
@@ -155,6 +161,12 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
                           layer.alternative_scores[unit][:5]))
       image_ids = " ".join(esc(result.image_ids[j]) for j in layer.top_image_ids[unit][:5])
       flagged = " flagged" if layer.dead[unit] or layer.invalid[unit] else ""
+      simulation, explanation = float("nan"), ""
+      if explained is not None and not flagged:
+        simulation = float(explained.simulation[unit])
+        if not explained.explained[unit]:
+          flagged = " unexplained"
+        explanation = _explanation_lines(explained, unit, result.concepts, simulation)
       picture = ""
       if (name, unit) in strips:
         path = strip_filename(i, unit)
@@ -164,10 +176,11 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
                    f"alt='top images of unit {unit}'>")
       cards.append(
           f"<div class='card{flagged}' data-unit='{unit}' data-score='{score!r}' "
-          f"data-auc='{auc!r}' data-stability='{stability!r}'><h3>{unit}: {esc(label)}</h3>"
+          f"data-auc='{auc!r}' data-stability='{stability!r}' "
+          f"data-simulation='{simulation!r}'><h3>{unit}: {esc(label)}</h3>"
           f"<div class='stats'>score {score:.4f} &middot; AUC {_number(auc, 3)} "
           f"&middot; p {_number(p_value, 3)} &middot; stability "
-          f"{_number(stability, 2)}</div>"
+          f"{_number(stability, 2)}</div>{explanation}"
           f"<div class='alt'>top 5: {alternatives or '-'}</div>{picture}"
           f"<div class='ids'>{image_ids}</div></div>")
     body = (f"<p><a href='index.html'>all layers</a></p><h1>Layer {esc(name)}</h1>"
@@ -178,10 +191,12 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
             "<p>Sort: <button data-sort='unit'>unit</button>"
             "<button data-sort='score'>score</button>"
             "<button data-sort='auc'>AUC</button>"
-            "<button data-sort='stability'>stability</button></p>"
+            "<button data-sort='stability'>stability</button>"
+            "<button data-sort='simulation'>simulation</button></p>"
             "<p>Stability: the share of pairs of bootstrap resamples of the probe images "
             "that give the unit the same label; on the synthetic world, labels at 0.8 or "
             "more were reproduced by a fresh probe draw about 80% of the time.</p>"
+            + _recommendation(summary) +
             "<div class='cards'>" + "".join(cards) + "</div>")
     _write(os.path.join(report_dir, filename), _page(f"jaxdissect: {name}", body))
   body = ("<h1>jaxdissect report</h1>"
@@ -191,6 +206,42 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
           + "".join(index_rows) + "</tbody></table>" + _warning_list(warnings)
           + _evaluation_table(evaluation))
   _write(os.path.join(report_dir, "index.html"), _page("jaxdissect report", body))
+
+
+_EXPLANATION_NAMES = {"label": "the label (descriptions.csv)",
+                      "correlation_label": "the correlation label",
+                      "linear": "the linear explanation"}
+
+
+def _explanation_lines(explained, unit: int, concepts, simulation: float) -> str:
+  """A card's correlation label, linear explanation and simulation."""
+  esc = html.escape
+  ids, weights = explained.linear.concept_ids[unit], explained.linear.weights[unit]
+  terms = " ".join(f"{w:+.3g}&nbsp;{esc(concepts[c])}" for c, w in zip(ids, weights)
+                   if c >= 0)
+  correlation = explained.correlation_label[unit]
+  note = ("" if explained.explained[unit] else
+          "<div class='note'>unexplained: no explanation predicts this unit on held-out "
+          "images better than chance (Benjamini-Hochberg, 5%)</div>")
+  return (f"<div class='alt'>correlation label: "
+          f"{esc(concepts[correlation]) if correlation >= 0 else '-'}</div>"
+          f"<div class='alt'>linear: {terms or '-'} &middot; simulation "
+          f"{_number(simulation, 3)}</div>{note}")
+
+
+def _recommendation(summary) -> str:
+  """The layer's held-out simulations and which explanation to read."""
+  if not summary or summary.get("best_explanation") is None:
+    return ""
+  means = ", ".join(f"{_EXPLANATION_NAMES[k]} {_number(summary[f'simulation_{k}'], 3)}"
+                    for k in ("label", "correlation_label", "linear"))
+  return (f"<p class='recommendation'>Mean simulation on {summary['held_out_images']} "
+          f"held-out images (the correlation of a unit's activations with what its "
+          f"explanation predicts from CLIP): {means}. Best single label for this layer: "
+          f"<b>{_EXPLANATION_NAMES[summary['recommended_label']]}</b>; best explanation: "
+          f"<b>{_EXPLANATION_NAMES[summary['best_explanation']]}</b> "
+          f"(explanations.csv). {summary['explained_units']} of the units are explained "
+          "(significant on the held-out images); the others are greyed out.</p>")
 
 
 def _warning_list(warnings) -> str:

@@ -68,22 +68,49 @@ class DissectionResult:
     return out.getvalue()
 
   def trust_csv(self) -> str:
-    """unit_trust.csv: each label beside its AUC and p-value (empty where undefined)."""
+    """unit_trust.csv: each label beside its AUC, p-value, stability, correlation label,
+    its linear explanation's held-out simulation and whether that is significant
+    (explained: true/false); empty where undefined or not computed."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["layer", "unit", "description", "similarity", "auc", "p_value",
-                     "stability", "correlation_label"])
+                     "stability", "correlation_label", "simulation", "explained"])
     for name, layer in self.layers.items():
       unit_trust = self.trust[name]
       stability = unit_trust.stability_or_nan()
       correlation = unit_trust.correlation_label
+      explained = unit_trust.explanations
       for unit in range(layer.num_units):
         writer.writerow([name, unit, layer.labels[unit], _fmt(layer.label_scores[unit]),
                          _fmt_or_empty(unit_trust.auc[unit]),
                          _fmt_or_empty(unit_trust.p_value[unit]),
                          _fmt_or_empty(stability[unit]),
                          "" if correlation is None or correlation[unit] < 0
-                         else self.concepts[correlation[unit]]])
+                         else self.concepts[correlation[unit]],
+                         "" if explained is None
+                         else _fmt_or_empty(explained.simulation[unit]),
+                         "" if explained is None or layer.dead[unit] or layer.invalid[unit]
+                         else str(bool(explained.explained[unit])).lower()])
+    return out.getvalue()
+
+  def explanations_csv(self) -> str | None:
+    """explanations.csv: layer,unit,rank,concept,weight, one row per concept of each
+    unit's linear explanation (rank 1 = largest |weight|; weight multiplies the raw
+    column of P); None where no layer has them."""
+    layers = {name: t.explanations for name, t in self.trust.items()
+              if t.explanations is not None}
+    if not layers:
+      return None
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["layer", "unit", "rank", "concept", "weight"])
+    for name in self.layers:
+      if name in layers:
+        ids, weights = layers[name].linear.concept_ids, layers[name].linear.weights
+        for unit in range(len(ids)):
+          for rank in np.flatnonzero(ids[unit] >= 0):
+            writer.writerow([name, unit, int(rank) + 1, self.concepts[ids[unit, rank]],
+                             f"{float(weights[unit, rank]):.6g}"])
     return out.getvalue()
 
   def topk_csv(self) -> str:
@@ -255,6 +282,11 @@ def write_files(directory: str, result: DissectionResult, config_json: dict[str,
     with open(os.path.join(directory, "unit_trust.csv"), "w", encoding="utf-8",
               newline="") as f:
       f.write(result.trust_csv())
+    explanations = result.explanations_csv()
+    if explanations is not None:
+      with open(os.path.join(directory, "explanations.csv"), "w", encoding="utf-8",
+                newline="") as f:
+        f.write(explanations)
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config_json, f, indent=2, sort_keys=True, default=str)
   if skipped:

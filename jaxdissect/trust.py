@@ -22,10 +22,12 @@ import dataclasses
 import inspect
 import time
 import zlib
+from typing import Any
 
 from absl import logging
 import numpy as np
 
+from jaxdissect import explanations as explanations_lib
 from jaxdissect import labeling
 from jaxdissect import likelihood
 from jaxdissect import registry
@@ -53,13 +55,20 @@ class UnitTrust:
   stability: (num_units,) the bootstrap's pairwise label agreement (stability.py), NaN
   where not computed; alternative_shares: (num_units, num_alternatives) the share of
   resamples labelling the unit with each alternative, or None.
-  correlation_label: (num_units,) the concept whose column of P correlates best with
-  the unit (correlation_labels), -1 where undefined; None where not computed."""
+  explanations: the layer's explanations.LayerExplanations (linear explanations,
+  held-out simulations, explained, the correlation label), or None where not computed
+  (config.explain_concepts = 0, or activations not gathered)."""
   auc: np.ndarray
   p_value: np.ndarray
   stability: np.ndarray | None = None
   alternative_shares: np.ndarray | None = None
-  correlation_label: np.ndarray | None = None
+  explanations: Any = None
+
+  @property
+  def correlation_label(self) -> np.ndarray | None:
+    """(num_units,) the concept whose column of P correlates best with the unit over
+    all probe images, -1 where undefined; None where not computed."""
+    return None if self.explanations is None else self.explanations.correlation_label
 
   def stability_or_nan(self) -> np.ndarray:
     return (np.full(len(self.auc), np.nan) if self.stability is None
@@ -112,49 +121,6 @@ def log_softmax_columns(image_embeddings: np.ndarray, text_embeddings: np.ndarra
     top = logits.max(axis=1, keepdims=True)
     lse = top[:, 0] + np.log(np.sum(np.exp(logits - top), axis=1))
     out[start:start + len(images)] = logits[:, concept_ids] - lse[:, None]
-  return out
-
-
-def correlation_labels(activations, image_embeddings, text_embeddings,
-                       usable: np.ndarray) -> np.ndarray:
-  """For each unit, the concept m maximising the Pearson correlation over the probe
-  images between the unit's activation and P[:, m]: (num_units,) int64, -1 for units
-  that are unusable or constant.
-
-  activations: (num_images, num_units), may be a memmap; image_embeddings:
-  (num_images, dim); text_embeddings: (num_concepts, dim). P is computed a chunk of
-  images at a time (never held), once per block of units; with the unit columns
-  centred, sum_i a_i P[i, m] needs no centring of P, only its column norms.
-  """
-  num_images, num_units = activations.shape
-  texts = _normalised(np.asarray(text_embeddings, np.float32))
-  chunk = _image_chunk(len(texts))
-  out = np.full(num_units, -1, np.int64)
-  units = np.flatnonzero(np.asarray(usable, bool))
-  per_block = max(1, _BLOCK_BYTES // (8 * max(1, num_images)))
-  p_sum = p_square_sum = None
-  for start in range(0, len(units), per_block):
-    chosen = units[start:start + per_block]
-    block = np.asarray(activations[:, chosen], np.float64)
-    block -= block.mean(axis=0)
-    norms = np.linalg.norm(block, axis=0)
-    cross = np.zeros((len(chosen), len(texts)))
-    sums = np.zeros((2, len(texts)))
-    for first in range(0, num_images, chunk):
-      images = _normalised(np.asarray(image_embeddings[first:first + chunk], np.float32))
-      columns = (images @ texts.T).astype(np.float64)
-      cross += block[first:first + chunk].T @ columns
-      if p_sum is None:
-        sums += [columns.sum(axis=0), np.square(columns).sum(axis=0)]
-    if p_sum is None:
-      p_sum, p_square_sum = sums
-    p_norms = np.sqrt(np.maximum(p_square_sum - np.square(p_sum) / num_images, 0.0))
-    # A concept CLIP scores the same on every image (up to rounding) has no correlation.
-    varies = p_norms > 1e-9 * np.sqrt(p_square_sum)
-    corr = np.where(varies[None, :], cross / np.where(varies, p_norms, 1.0)[None, :],
-                    -np.inf)
-    live = norms > 0
-    out[chosen[live]] = np.argmax(corr[live], axis=1)
   return out
 
 
@@ -220,11 +186,10 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
                top_fraction: float = DEFAULT_TOP_FRACTION,
                num_permutations: int = DEFAULT_NUM_PERMUTATIONS,
                seed: int = 0) -> UnitTrust:
-  """AUC and permutation p-value of each unit's label, and its correlation label.
+  """AUC and permutation p-value of each unit's label.
 
   layer: its name (seeds the per-unit shuffles). activations: (num_images, num_units),
-  may be a memmap, or None (then AUCs, non-(soft-)WPMI p-values and correlation labels
-  are left out).
+  may be a memmap, or None (then AUCs and non-(soft-)WPMI p-values are left out).
   image_embeddings: (num_images, dim); text_embeddings: (num_concepts, dim).
   label_ids: (num_units,) concept index of each label. usable: (num_units,) False for
   dead or invalid units. top_image_ids: (num_units, >= top_k) each unit's top images,
@@ -238,10 +203,7 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
   p_values = np.full(num_units, np.nan)
   distinct, column_of = np.unique(label_ids, return_inverse=True)
   columns = None
-  correlation = None
   if activations is not None:
-    correlation = correlation_labels(activations, image_embeddings, text_embeddings,
-                                     usable)
     columns = concept_columns(image_embeddings, text_embeddings, distinct)
     num_positive = max(1, int(np.floor(num_images * top_fraction)))
     thresholds = -np.partition(-columns, num_positive - 1, axis=0)[num_positive - 1]
@@ -249,7 +211,7 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
       c = column_of[unit]
       aucs[unit] = auc(values, columns[:, c] >= thresholds[c])
   if num_permutations <= 0:
-    return UnitTrust(aucs, p_values, correlation_label=correlation)
+    return UnitTrust(aucs, p_values)
   params = function_defaults(similarity_fn)
   if similarity_fn in registry.PRIOR_FUNCTIONS:
     if top_image_ids is None:
@@ -272,9 +234,9 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
       score, null_scores = prior_null_scores(log_probs[:, c], observed[:, c], unit,
                                              samples, similarity_fn, params)
       p_values[unit] = (1 + np.sum(null_scores >= score)) / (1 + num_permutations)
-    return UnitTrust(aucs, p_values, correlation_label=correlation)
+    return UnitTrust(aucs, p_values)
   if activations is None:
-    return UnitTrust(aucs, p_values, correlation_label=correlation)
+    return UnitTrust(aucs, p_values)
   fn = similarity.SIMILARITY_FUNCTIONS[similarity_fn]
   for unit, values in _unit_columns(activations, np.flatnonzero(usable)):
     c = column_of[unit]
@@ -283,14 +245,15 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
                                     for _ in range(num_permutations)], axis=1)
     scores = np.asarray(fn(columns[:, c:c + 1], shuffled))[:, 0].astype(np.float64)
     p_values[unit] = (1 + np.sum(scores[1:] >= scores[0])) / (1 + num_permutations)
-  return UnitTrust(aucs, p_values, correlation_label=correlation)
+  return UnitTrust(aucs, p_values)
 
 
 def layer_trust(config, probe: store.ProbeActivations,
                 result: results_lib.DissectionResult, text_embeddings: np.ndarray,
                 mesh=None) -> dict[str, UnitTrust]:
-  """Per-unit AUC, permutation p-value and (config.trust_bootstrap resamples, (soft-)WPMI
-  only) label stability of every layer's labels; mesh: the stability's devices."""
+  """Per-unit AUC, permutation p-value, explanations (where the activations are held)
+  and (config.trust_bootstrap resamples, (soft-)WPMI only) label stability of every
+  layer's labels; mesh: the devices of the stability and the explanations' fits."""
   out = {}
   # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).
   bootstrap = (int(config.get("trust_bootstrap", 0))
@@ -316,6 +279,10 @@ def layer_trust(config, probe: store.ProbeActivations,
         num_permutations=config.trust_permutations, seed=config.trust_seed)
     logging.info("Layer %s: unit trust (AUC, %d permutations) in %.1f s.", name,
                  config.trust_permutations, time.time() - started)
+    if activations is not None:
+      out[name].explanations = explanations_lib.run_explanations(
+          name, activations, probe.image_embeddings, text_embeddings,
+          layer.alternative_ids[:, 0], ~(layer.dead | layer.invalid), config, mesh)
     if bootstrap:
       started = time.time()
       unit_stability = stability_lib.layer_stability(

@@ -63,6 +63,18 @@ class ConfigTest(absltest.TestCase):
       config.trust_bootstrap = value
       config_lib.validate(config)
 
+  def test_explanation_settings(self):
+    for field, value, message in (("explain_concepts", -1, "must be 0 .off. or more"),
+                                  ("explain_holdout", 0.0, "must lie in .0, 1."),
+                                  ("explain_holdout", 1.0, "must lie in .0, 1.")):
+      config = config_lib.get_base_config()
+      config[field] = value
+      with self.assertRaisesRegex(errors.UserError, f"^{field}: {message}.*--config"):
+        config_lib.validate(config)
+    config = config_lib.get_base_config()
+    config.explain_concepts = 0  # off
+    config_lib.validate(config)
+
   def test_the_demo_config_does_not_write_over_the_default_results(self):
     import importlib.util  # pylint: disable=g-import-not-at-top
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

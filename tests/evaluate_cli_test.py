@@ -83,7 +83,12 @@ class EvaluateCliTest(absltest.TestCase):
     results, _ = self.copy_results()
     os.remove(os.path.join(results, "evaluation.json"))
     os.remove(os.path.join(results, "unit_trust.csv"))
+    os.remove(os.path.join(results, "explanations.csv"))
     proc = synthetic_run.run_module("jaxdissect.evaluate", "--results", results)
+    for name in ("unit_trust.csv", "explanations.csv"):  # as main.py wrote them
+      with open(os.path.join(results, name), "rb") as f, \
+          open(os.path.join(self.results, name), "rb") as g:
+        self.assertEqual(f.read(), g.read(), name)
     self.assertIn("planted.colour", proc.stdout)
     with open(os.path.join(results, "evaluation.json")) as f:
       evaluation = json.load(f)

@@ -12,12 +12,13 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = (
     # Package __init__ files import nothing; "synthetic" is the empty package.
     ("foundations", ("errors", "registry", "resources", "config", "sharding", "topk",
-                     "likelihood", "similarity", "kernels", "results", "tiny_models",
-                     "synthetic")),
+                     "likelihood", "similarity", "linear", "kernels", "results",
+                     "tiny_models", "synthetic")),
     ("data and scoring math", ("data.*", "synthetic.world", "streaming", "store")),
     ("models", ("models.*",)),
     ("computation", ("activations", "labeling", "images")),
-    ("analysis", ("trust", "stability", "metrics", "probe_pass", "report", "rundir")),
+    ("analysis", ("trust", "stability", "explanations", "metrics", "probe_pass", "report",
+                  "rundir")),
     ("entry points", ("dissect", "cli", "evaluate", "compare", "applications.*",
                       "synthetic.train", "synthetic.planted", "synthetic.benchmark")),
 )

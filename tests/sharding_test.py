@@ -49,6 +49,13 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
       # The matmul is split by rows across devices: equal to float32 rounding.
       np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-6, err_msg=name)
       assert np.array_equal(one.argmax(1), eight.argmax(1)), name
+    from jaxdissect import linear
+    moments = linear.image_moments(images, acts)[0]
+    one, eight = (linear.fit(moments, texts, np.ones(37, bool), 4, m) for m in (None, mesh))
+    assert np.array_equal(one.concept_ids, eight.concept_ids)
+    assert np.array_equal(one.weights, eight.weights)
+    assert np.array_equal(linear.correlation_labels(moments, texts, np.ones(37, bool)),
+                          linear.correlation_labels(moments, texts, np.ones(37, bool), mesh))
     from jaxdissect import config as config_lib, errors
     config = config_lib.get_base_config()
     config.num_devices = 4
@@ -87,7 +94,8 @@ class ShardedMainTest(absltest.TestCase):
     tiny_models.write_image_folder(images, 150)
     concepts = tiny_models.write_concepts(os.path.join(tmp, "concepts.txt"),
                                           main_test.CONCEPTS)
-    names = ("descriptions.csv", "descriptions_topk.csv", "top_images.csv")
+    names = ("descriptions.csv", "descriptions_topk.csv", "top_images.csv",
+             "explanations.csv", "unit_trust.csv")
 
     def run(workdir, env=None, **overrides):
       args = ["--config", main_test.BASE_CONFIG,

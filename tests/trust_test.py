@@ -1,11 +1,9 @@
 """Per-unit AUC and permutation p-values against references and planted units."""
-from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from jaxdissect import metrics
 from jaxdissect import similarity
 from jaxdissect import trust
 
@@ -106,32 +104,6 @@ class UnitTrustTest(parameterized.TestCase):
     other_seed = trust.unit_trust(*args, np.ones(4, bool), top_ids, num_permutations=30,
                                   seed=1)
     self.assertFalse(np.array_equal(whole.p_value, other_seed.p_value))
-
-
-class CorrelationLabelTest(absltest.TestCase):
-
-  def test_equals_the_argmax_of_pearson_over_p(self):
-    images, texts = _embeddings(num_images=300, num_concepts=40)
-    P = _p_matrix(images, texts)
-    rng = np.random.default_rng(2)
-    activations = rng.normal(size=(300, 6)).astype(np.float32)
-    activations[:, 1] += 3 * P[:, 17].astype(np.float32)  # planted: concept 17
-    activations[:, 4] = 2.0  # constant
-    usable = np.array([True, True, True, True, True, False])
-    got = trust.correlation_labels(activations, images, texts, usable)
-    expected = metrics.pearson_columns(activations, P).argmax(axis=1)
-    np.testing.assert_array_equal(got[:4], expected[:4])
-    self.assertEqual(got[1], 17)
-    np.testing.assert_array_equal(got[4:], [-1, -1])
-
-  def test_unit_blocks_and_image_chunks_change_nothing(self):
-    images, texts = _embeddings(num_images=300, num_concepts=40)
-    activations = np.random.default_rng(3).normal(size=(300, 9)).astype(np.float32)
-    usable = np.ones(9, bool)
-    whole = trust.correlation_labels(activations, images, texts, usable)
-    with mock.patch.object(trust, "_BLOCK_BYTES", 300 * 8 * 2 + 1):  # 2 units, 15 images
-      np.testing.assert_array_equal(
-          trust.correlation_labels(activations, images, texts, usable), whole)
 
 
 if __name__ == "__main__":

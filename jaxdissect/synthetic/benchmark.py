@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import activations as activations_lib
+from jaxdissect import evaluate
+from jaxdissect import explanations
 from jaxdissect import labeling
 from jaxdissect import metrics
 from jaxdissect import registry
@@ -237,15 +239,16 @@ def stability_draw(num_images: int, seed: int, num_resamples: int = 20,
   annotations = world.annotation_matrix(data.scenes, words)
   for name, layer in result.layers.items():
     live = ~(layer.dead | layer.invalid)
-    out.ground_truth[name] = metrics.ground_truth_layer(
-        probe.activations[name], annotations, words, layer.labels, live)
-    correlation = trust.correlation_labels(probe.activations[name],
-                                           probe.image_embeddings, text, live)
-    scores = metrics.ground_truth_layer(
-        probe.activations[name], annotations, words,
-        [concepts[c] if c >= 0 else "" for c in correlation], live & (correlation >= 0))
-    out.ground_truth[name].update({f"gt_correlation_{k[3:]}": v for k, v in scores.items()
-                                   if k != "gt_units"})
+    explained = explanations.layer_explanations(
+        probe.activations[name], probe.image_embeddings, text, layer.alternative_ids[:, 0],
+        live)
+    result.trust[name] = trust.UnitTrust(np.full(layer.num_units, np.nan),
+                                         np.full(layer.num_units, np.nan),
+                                         explanations=explained)
+    out.ground_truth[name] = explained.summary()
+  # The ground truth exactly as evaluation.json has it (evaluate.add_ground_truth).
+  evaluate.add_ground_truth(out.ground_truth, result, probe, (words, annotations))
+  for name, layer in result.layers.items():
     top = probe.top_for(name, min(stability_lib.depth("soft_wpmi"), num_images))
     unit = stability_lib.layer_stability(
         "soft_wpmi", probe.image_embeddings, text,
@@ -343,7 +346,11 @@ def format_stability(report: dict) -> str:
 
 GROUND_TRUTH_KEYS = ("gt_distractor_share", "gt_label_corr", "gt_oracle_corr",
                      "gt_explained_share", "gt_label_auprc",
-                     "gt_correlation_distractor_share", "gt_correlation_explained_share")
+                     "gt_correlation_distractor_share", "gt_correlation_explained_share",
+                     "simulation_label", "simulation_correlation_label",
+                     "simulation_linear", "explained_share",
+                     "gt_recommended_explained_share", "gt_recommended_distractor_share",
+                     "gt_explained_distractor_share", "gt_strong_unexplained_share")
 
 
 def ground_truth_report(draws: Sequence[StabilityDraw]) -> dict:
@@ -355,11 +362,16 @@ def ground_truth_report(draws: Sequence[StabilityDraw]) -> dict:
       values = [d.ground_truth[name][key] for d in draws]
       row[key] = (None if any(v is None for v in values) else float(np.mean(values)))
       row[f"{key}_per_draw"] = values
+    row["recommended_label_per_draw"] = [d.ground_truth[name]["recommended_label"]
+                                         for d in draws]
     out[name] = row
   return out
 
 
 def format_ground_truth(report: dict) -> str:
+  """Two tables: the labels' ground truth, and the explanations' (held-out simulations,
+  the linear explanation against the oracle and the label, the recommended label's
+  ground truth, the explained verdicts)."""
   titles = ("distractors", "label corr", "oracle corr", "explained", "label AUPRC",
             "corr-label distractors", "corr-label explained")
   widths = [max(11, len(t)) for t in titles]
@@ -368,4 +380,28 @@ def format_ground_truth(report: dict) -> str:
     lines.append(f"{name:<16} " + " ".join(
         f"{'-' if row[k] is None else format(row[k], '.3f'):>{w}}"
         for k, w in zip(GROUND_TRUTH_KEYS, widths)))
+  columns = (("sim label", lambda r: r["simulation_label"]),
+             ("sim corr-label", lambda r: r["simulation_correlation_label"]),
+             ("sim linear", lambda r: r["simulation_linear"]),
+             ("linear/oracle", lambda r: _ratio(r["simulation_linear"], r["gt_oracle_corr"])),
+             ("linear/label", lambda r: _ratio(r["simulation_linear"], r["gt_label_corr"])),
+             ("rec explained", lambda r: r["gt_recommended_explained_share"]),
+             ("rec distractors", lambda r: r["gt_recommended_distractor_share"]),
+             ("explained units", lambda r: r["explained_share"]),
+             ("distractors|expl", lambda r: r["gt_explained_distractor_share"]),
+             ("unexpl|oracle>=.3", lambda r: r["gt_strong_unexplained_share"]))
+  lines += ["", f"{'layer':<16} " + " ".join(f"{t:>{max(9, len(t))}}" for t, _ in columns)
+            + "  recommended (per draw)"]
+  for name, row in report.items():
+    cells = []
+    for title, get in columns:
+      value = get(row)
+      cells.append(f"{'-' if value is None else format(value, '.3f'):>{max(9, len(title))}}")
+    recommended = ",".join("corr" if r == explanations.CORRELATION else "label"
+                           for r in row["recommended_label_per_draw"])
+    lines.append(f"{name:<16} " + " ".join(cells) + f"  {recommended}")
   return "\n".join(lines)
+
+
+def _ratio(a, b):
+  return None if a is None or not b else a / b

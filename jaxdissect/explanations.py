@@ -1,0 +1,142 @@
+"""Which explanation of a unit to believe: its linear explanation, its correlation label
+and the run's (soft-WPMI) label, each scored by simulation on held-out images.
+
+Per layer, from one streaming pass over the stored activations and image embeddings
+(linear.image_moments; P is never formed):
+- the probe images are split, seeded, into fit images and held-out ones (a share
+  `holdout` of them, the same split for every layer);
+- the linear explanation (linear.fit: at most max_concepts concepts, signed weights) and
+  the correlation label are chosen on the fit images;
+- each is scored by its simulation: the Pearson correlation, on the held-out images,
+  between the unit's activations and the explanation's prediction (sum_c w_c P[:, c];
+  for a single label, its P column). The run's label was chosen on all images, which
+  can only flatter it in this comparison;
+- explained: the linear explanation's held-out simulation is significant against the
+  permutation null (linear.correlation_p_values), p < 0.05 after Benjamini-Hochberg
+  over the layer's units; a unit that is not is marked unexplained;
+- the layer's recommendation: the single label (the run's label or the correlation
+  label) with the higher mean held-out simulation over the layer's units, and the best
+  of all three. Nothing here reads the annotations of the probe images.
+The correlation_label column of unit_trust.csv is the correlation label over all images.
+"""
+import dataclasses
+import time
+
+from absl import logging
+import numpy as np
+
+from jaxdissect import linear
+
+DEFAULT_HOLDOUT = 0.25
+SIGNIFICANCE = 0.05
+# The names of the three explanations in evaluation.json and the report.
+LABEL, CORRELATION, LINEAR = "label", "correlation_label", "linear"
+
+
+@dataclasses.dataclass
+class LayerExplanations:
+  """Per unit (K units): linear: its linear explanation (fit images);
+  simulation, label_simulation, correlation_simulation: (K,) held-out simulation of the
+  linear explanation, the run's label and the fit images' correlation label (NaN where
+  undefined); p_value, q_value: (K,) the linear explanation's one-sided p-value and its
+  Benjamini-Hochberg adjustment over the layer; explained: (K,) bool;
+  correlation_label: (K,) over all images, -1 where undefined; held_out: images held
+  out."""
+  linear: linear.LinearExplanations
+  simulation: np.ndarray
+  label_simulation: np.ndarray
+  correlation_simulation: np.ndarray
+  p_value: np.ndarray
+  q_value: np.ndarray
+  explained: np.ndarray
+  correlation_label: np.ndarray
+  held_out: int
+
+  def summary(self) -> dict:
+    """Layer means over units with a defined simulation; the recommended single label
+    and the best explanation by mean held-out simulation; the share explained."""
+    means = {}
+    for key, values in ((LABEL, self.label_simulation),
+                        (CORRELATION, self.correlation_simulation),
+                        (LINEAR, self.simulation)):
+      finite = values[~np.isnan(values)]
+      means[key] = float(finite.mean()) if finite.size else None
+    defined = ~np.isnan(self.p_value)
+    out = {f"simulation_{key}": value for key, value in means.items()}
+    single = [k for k in (LABEL, CORRELATION) if means[k] is not None]
+    out["recommended_label"] = (max(single, key=lambda k: means[k]) if single else None)
+    ranked = [k for k in (LABEL, CORRELATION, LINEAR) if means[k] is not None]
+    out["best_explanation"] = max(ranked, key=lambda k: means[k]) if ranked else None
+    out["explained_units"] = int(np.sum(self.explained))
+    out["explained_share"] = (float(np.mean(self.explained[defined]))
+                              if defined.any() else None)
+    out["held_out_images"] = int(self.held_out)
+    return out
+
+  def recommended_labels(self, label_ids: np.ndarray) -> np.ndarray:
+    """(K,) the concept of each unit under the layer's recommended single label."""
+    if self.summary()["recommended_label"] == CORRELATION:
+      return self.correlation_label
+    return np.asarray(label_ids)
+
+
+def layer_explanations(activations, image_embeddings, text_embeddings,
+                       label_ids: np.ndarray, usable: np.ndarray, *,
+                       max_concepts: int = linear.DEFAULT_MAX_CONCEPTS,
+                       holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
+                       mesh=None) -> LayerExplanations:
+  """All of the above for one layer.
+
+  activations: (N, K), image_embeddings: (N, D), either may be a memmap;
+  text_embeddings: (M, D); label_ids: (K,) the run's label of each unit; usable: (K,)
+  False for dead or invalid units (no explanation, NaN scores, not explained).
+  """
+  num_images, num_units = activations.shape
+  usable = np.asarray(usable, bool)
+  held_out = linear.holdout_mask(num_images, holdout, seed)
+  fit_moments, test_moments, all_moments = linear.image_moments(
+      image_embeddings, activations, held_out)
+  explanation = linear.fit(fit_moments, text_embeddings, usable, max_concepts, mesh)
+  fit_correlation = linear.correlation_labels(fit_moments, text_embeddings, usable, mesh)
+  live = usable & (fit_moments.activation_var > 0) & (test_moments.activation_var > 0)
+
+  def held_out_simulation(directions):
+    return np.where(live, linear.simulation(directions, test_moments), np.nan)
+
+  simulation = held_out_simulation(explanation.directions)
+  label_ids = np.where(usable, np.asarray(label_ids, np.int64), -1)
+  p_value = linear.correlation_p_values(simulation, test_moments.count)
+  q_value = linear.benjamini_hochberg(p_value)
+  return LayerExplanations(
+      explanation, simulation,
+      held_out_simulation(linear.concept_directions(text_embeddings, label_ids)),
+      held_out_simulation(linear.concept_directions(text_embeddings, fit_correlation)),
+      p_value, q_value, np.nan_to_num(q_value, nan=1.0) < SIGNIFICANCE,
+      linear.correlation_labels(all_moments, text_embeddings, usable, mesh),
+      int(test_moments.count))
+
+
+def run_explanations(name: str, activations, image_embeddings, text_embeddings,
+                     label_ids, usable, config, mesh=None) -> LayerExplanations | None:
+  """layer_explanations with the run's settings (config.explain_concepts, 0: off;
+  config.explain_holdout; config.trust_seed), logged; None when off."""
+  max_concepts = int(config.get("explain_concepts", 0))
+  if max_concepts <= 0:
+    return None
+  started = time.time()
+  out = layer_explanations(activations, image_embeddings, text_embeddings, label_ids,
+                           usable, max_concepts=max_concepts,
+                           holdout=float(config.get("explain_holdout", DEFAULT_HOLDOUT)),
+                           seed=int(config.trust_seed), mesh=mesh)
+  summary = out.summary()
+  logging.info("Layer %s: linear explanations (%d concepts) in %.1f s; held-out "
+               "simulation label %s, correlation label %s, linear %s; %d/%d units "
+               "explained.", name, max_concepts, time.time() - started,
+               _fmt(summary["simulation_label"]), _fmt(summary["simulation_correlation_label"]),
+               _fmt(summary["simulation_linear"]), summary["explained_units"],
+               len(out.simulation))
+  return out
+
+
+def _fmt(value) -> str:
+  return "-" if value is None else f"{value:.3f}"

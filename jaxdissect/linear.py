@@ -1,0 +1,346 @@
+"""Linear explanations: each unit as a sparse signed sum of concepts' CLIP activations,
+fitted on some probe images and scored on the others, from D-dimensional moments.
+
+A unit with pooled activations a (N,) is explained by a set S of at most k concepts and
+weights w (one per concept, signed, no intercept reported) with
+
+    a ~ b + sum_{c in S} w_c P[:, c],      P = norm(I) @ norm(T).T  (N x M),
+
+and its simulation score is the Pearson correlation of that prediction with a on
+images that took no part in the fit. Because P[:, c] = norm(I) t_c is linear in the
+image embedding, every quantity needs only moments of the embeddings and activations:
+with Sigma the covariance of norm(I) over the images (D x D) and x_u = cov(norm(I), a_u)
+(D,),
+
+    cov(P[:, c], a_u) = t_c . x_u,     cov(P[:, c], P[:, c']) = t_c Sigma t_c',
+    corr(sum_c w_c P[:, c], a_u) = v . x_u / sqrt(v Sigma v var(a_u)),  v = sum_c w_c t_c.
+
+So one streaming pass over the images (image_moments: Sigma, X, var(a) per split, in
+float64) is all the data the fit and its scores read: memory D x D + K x D, whatever the
+number of images and concepts; P is never formed.
+
+The fit is orthogonal matching pursuit: step s adds the concept whose P column
+correlates most (in absolute value) with the current residual, a - prediction, then
+refits the weights of all chosen concepts by least squares (a relative ridge of RIDGE
+keeps near-duplicate concepts solvable). The scoring of all units against all concepts
+at each step, (units x D) @ (D x concepts), is the costly part: jitted, in blocks of
+units, split over the mesh. The small least-squares solves are batched float64 NumPy.
+
+The correlation label (correlation_labels) is the one-concept case with the sign kept:
+the concept whose P column correlates best with the unit.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec
+
+from jaxdissect import sharding
+
+DEFAULT_MAX_CONCEPTS = 5
+# Ridge added to each least-squares system, relative to the mean variance of its chosen
+# P columns: negligible next to a real column, enough to solve two near-equal ones.
+RIDGE = 1e-6
+# A concept whose P column's variance is below this share of the largest is constant
+# over the images (up to rounding): it has no correlation with anything.
+FLAT = 1e-9
+# Bytes of one (units, concepts) float32 block of selection scores.
+BLOCK_BYTES = 256 * 1024 * 1024
+# Bytes of activations read per chunk of images by image_moments.
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class Moments:
+  """Second moments over one set of images, float64.
+
+  count: images. image_cov: (D, D) covariance of the normalised image embeddings.
+  cross: (K, D) covariance of each unit's activation with them. activation_var: (K,).
+  All divided by count (population covariances: correlations do not care).
+  """
+  count: int
+  image_cov: np.ndarray
+  cross: np.ndarray
+  activation_var: np.ndarray
+
+
+class _Sums:
+  """Shifted sums of one split; shifting by a first-chunk mean keeps float64's
+  sum-of-squares from cancelling for activations with a large mean."""
+
+  def __init__(self, dim: int, units: int):
+    self.count = 0
+    self.image = np.zeros(dim)
+    self.image_square = np.zeros((dim, dim))
+    self.act = np.zeros(units)
+    self.act_square = np.zeros(units)
+    self.cross = np.zeros((units, dim))
+
+  def add(self, images: np.ndarray, acts: np.ndarray) -> None:
+    self.count += len(images)
+    self.image += images.sum(axis=0)
+    self.image_square += images.T @ images
+    self.act += acts.sum(axis=0)
+    self.act_square += np.square(acts).sum(axis=0)
+    self.cross += acts.T @ images
+
+  def merged(self, other: "_Sums") -> "_Sums":
+    out = _Sums(len(self.image), len(self.act))
+    for name in ("count", "image", "image_square", "act", "act_square", "cross"):
+      setattr(out, name, getattr(self, name) + getattr(other, name))
+    return out
+
+  def moments(self) -> Moments:
+    n = max(self.count, 1)
+    image_mean, act_mean = self.image / n, self.act / n
+    return Moments(
+        self.count, self.image_square / n - np.outer(image_mean, image_mean),
+        self.cross / n - np.outer(act_mean, image_mean),
+        np.maximum(self.act_square / n - np.square(act_mean), 0.0))
+
+
+def normalise_rows(x) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  return x / np.where(norms > 0, norms, 1.0)
+
+
+def holdout_mask(num_images: int, fraction: float, seed: int) -> np.ndarray:
+  """(num_images,) bool, True for the held-out images: round(fraction N) of them (at
+  least one, and at least one left to fit), drawn with the seed."""
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"the held-out fraction must lie in (0, 1), got {fraction!r}.")
+  held = min(max(1, int(round(fraction * num_images))), num_images - 1)
+  mask = np.zeros(num_images, bool)
+  mask[np.random.default_rng([seed, 16]).permutation(num_images)[:held]] = True
+  return mask
+
+
+def image_moments(image_embeddings, activations, held_out: np.ndarray | None = None
+                  ) -> tuple[Moments, Moments | None, Moments]:
+  """(fit, held-out, all) moments in one pass over the images.
+
+  image_embeddings: (N, D), activations: (N, K), either may be a memmap (read a chunk
+  of images at a time). held_out: (N,) bool or None (then fit = all, held-out None).
+  """
+  num_images, num_units = activations.shape
+  if len(image_embeddings) != num_images:
+    raise ValueError(f"{len(image_embeddings)} image embeddings but {num_images} rows "
+                     "of activations.")
+  dim = image_embeddings.shape[1]
+  chunk = max(1, CHUNK_BYTES // (8 * max(1, num_units + dim)))
+  fit, held = _Sums(dim, num_units), _Sums(dim, num_units)
+  shift = None
+  for start in range(0, num_images, chunk):
+    images = normalise_rows(image_embeddings[start:start + chunk])
+    acts = np.asarray(activations[start:start + chunk], np.float64)
+    if shift is None:
+      shift = (images.mean(axis=0), acts.mean(axis=0))
+    images, acts = images - shift[0], acts - shift[1]
+    mask = (np.zeros(len(images), bool) if held_out is None
+            else np.asarray(held_out[start:start + chunk], bool))
+    fit.add(images[~mask], acts[~mask])
+    held.add(images[mask], acts[mask])
+  return (fit.moments(), held.moments() if held_out is not None else None,
+          fit.merged(held).moments())
+
+
+# ------------------------------------------------------------------- selection (jit)
+def _select_body(residual, texts, inv_std, chosen, signed):
+  """residual: (B, D) f32, texts: (M, D) f32, inv_std: (M,) 1 / std of each P column
+  (0 for flat ones), chosen: (B, s) concept ids already taken (M: none) -> (B,) int32
+  argmax over the others of (signed or absolute) t_c . residual / std_c."""
+  scores = (residual @ texts.T) * inv_std[None, :]
+  scores = scores if signed else jnp.abs(scores)
+  scores = jnp.where(inv_std[None, :] > 0, scores, -jnp.inf)
+  rows = jnp.arange(scores.shape[0])[:, None]
+  scores = scores.at[rows, chosen].set(-jnp.inf, mode="drop")
+  return jnp.argmax(scores, axis=1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _selector(mesh: Mesh | None, signed: bool):
+  body = functools.partial(_select_body, signed=signed)
+  if mesh is None or mesh.devices.size == 1:
+    return jax.jit(body)
+  split, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+  return jax.jit(jax.shard_map(body, mesh=mesh,
+                               in_specs=(split, replicated, replicated, split),
+                               out_specs=split))
+
+
+def _block_size(num_units: int, num_concepts: int, devices: int) -> int:
+  """Units per selection block: the (block, concepts) scores within BLOCK_BYTES, a
+  multiple of the devices, no bigger than the units need."""
+  cap = max(1, BLOCK_BYTES // (4 * max(1, num_concepts)))
+  block = min(cap, -(-num_units // devices) * devices)
+  return max(devices, block // devices * devices)
+
+
+def _select(residual: np.ndarray, texts: jax.Array, inv_std: jax.Array,
+            chosen: np.ndarray, num_concepts: int, mesh: Mesh | None,
+            signed: bool) -> np.ndarray:
+  """The selection for every unit, in fixed-size blocks (one compilation)."""
+  num_units = len(residual)
+  devices = 1 if mesh is None else mesh.devices.size
+  block = _block_size(num_units, num_concepts, devices)
+  fn = _selector(mesh, signed)
+  out = np.empty(num_units, np.int64)
+  for start in range(0, num_units, block):
+    stop = min(start + block, num_units)
+    rows = np.zeros((block, residual.shape[1]), np.float32)
+    rows[:stop - start] = residual[start:stop]
+    taken = np.full((block, chosen.shape[1]), num_concepts, np.int32)
+    taken[:stop - start] = chosen[start:stop]
+    out[start:stop] = np.asarray(fn(jnp.asarray(rows), texts, inv_std,
+                                    jnp.asarray(taken)))[:stop - start]
+  return out
+
+
+def _concept_geometry(text_embeddings, image_cov: np.ndarray):
+  """(normalised texts (M, D) float64, texts @ Sigma (M, D), 1/std of each P column (M,),
+  0 where the column is flat)."""
+  texts = normalise_rows(text_embeddings)
+  texts_cov = texts @ image_cov
+  column_var = np.sum(texts_cov * texts, axis=1)
+  varies = column_var > FLAT * max(float(column_var.max(initial=0.0)), 1e-300)
+  inv_std = np.where(varies, 1.0 / np.sqrt(np.where(varies, column_var, 1.0)), 0.0)
+  return texts, texts_cov, inv_std
+
+
+def correlation_labels(moments: Moments, text_embeddings, usable: np.ndarray,
+                       mesh: Mesh | None = None) -> np.ndarray:
+  """(K,) int64: for each unit the concept whose P column correlates best (signed) with
+  its activations over the moments' images; -1 for unusable or constant units."""
+  texts, _, inv_std = _concept_geometry(text_embeddings, moments.image_cov)
+  live = np.asarray(usable, bool) & (moments.activation_var > 0)
+  out = np.full(len(live), -1, np.int64)
+  if live.any() and (inv_std > 0).any():
+    out[live] = _select(moments.cross[live], jnp.asarray(texts, jnp.float32),
+                        jnp.asarray(inv_std, jnp.float32),
+                        np.zeros((int(live.sum()), 0), np.int32), len(texts), mesh,
+                        signed=True)
+  return out
+
+
+@dataclasses.dataclass
+class LinearExplanations:
+  """concept_ids: (K, k) int64 chosen concepts, largest |weight| first, -1 past the
+  last (and for units left out); weights: (K, k) float64 multiplying the raw P columns,
+  0 past the last; directions: (K, D) v = sum_c w_c t_c, the prediction's direction in
+  embedding space (norm(I) @ v = the prediction minus its mean)."""
+  concept_ids: np.ndarray
+  weights: np.ndarray
+  directions: np.ndarray
+
+
+def fit(moments: Moments, text_embeddings, usable: np.ndarray,
+        max_concepts: int = DEFAULT_MAX_CONCEPTS, mesh: Mesh | None = None
+        ) -> LinearExplanations:
+  """Orthogonal matching pursuit of every usable, non-constant unit on `moments` (the
+  fit images). text_embeddings: (M, D). usable: (K,) bool."""
+  if max_concepts < 1:
+    raise ValueError(f"max_concepts must be at least 1, got {max_concepts}.")
+  texts, texts_cov, inv_std = _concept_geometry(text_embeddings, moments.image_cov)
+  num_units = len(usable)
+  steps = min(max_concepts, int(np.sum(inv_std > 0)))
+  ids = np.full((num_units, max_concepts), -1, np.int64)
+  weights = np.zeros((num_units, max_concepts))
+  directions = np.zeros((num_units, texts.shape[1]))
+  live = np.flatnonzero(np.asarray(usable, bool) & (moments.activation_var > 0))
+  if not live.size or not steps:
+    return LinearExplanations(ids, weights, directions)
+  cross = moments.cross[live]
+  texts_device = jnp.asarray(texts, jnp.float32)
+  inv_std_device = jnp.asarray(inv_std, jnp.float32)
+  chosen = np.zeros((len(live), 0), np.int64)
+  direction = np.zeros_like(cross)
+  w = np.zeros((len(live), 0))
+  for _ in range(steps):
+    residual = cross - direction @ moments.image_cov
+    new = _select(residual, texts_device, inv_std_device, chosen.astype(np.int32),
+                  len(texts), mesh, signed=False)
+    chosen = np.concatenate([chosen, new[:, None]], axis=1)
+    w = least_squares(texts[chosen], texts_cov[chosen], cross)
+    direction = np.einsum("us,usd->ud", w, texts[chosen])
+  order = np.argsort(-np.abs(w), axis=1, kind="stable")
+  ids[live, :steps] = np.take_along_axis(chosen, order, axis=1)
+  weights[live, :steps] = np.take_along_axis(w, order, axis=1)
+  directions[live] = direction
+  return LinearExplanations(ids, weights, directions)
+
+
+def least_squares(chosen_texts: np.ndarray, chosen_texts_cov: np.ndarray,
+                  cross: np.ndarray) -> np.ndarray:
+  """Per unit, the weights of its chosen P columns that best predict its activations.
+
+  chosen_texts: (U, s, D) t_c of each unit's chosen concepts; chosen_texts_cov:
+  (U, s, D) t_c Sigma; cross: (U, D) -> (U, s) w solving
+  (G + RIDGE mean(diag G) I) w = T_S x, G = T_S Sigma T_S^T."""
+  gram = np.einsum("usd,utd->ust", chosen_texts_cov, chosen_texts)
+  gram = 0.5 * (gram + np.swapaxes(gram, 1, 2))
+  size = gram.shape[1]
+  ridge = RIDGE * np.trace(gram, axis1=1, axis2=2) / size
+  target = np.einsum("usd,ud->us", chosen_texts, cross)
+  return np.linalg.solve(gram + ridge[:, None, None] * np.eye(size)[None],
+                         target[..., None])[..., 0]
+
+
+def simulation(directions: np.ndarray, moments: Moments) -> np.ndarray:
+  """(K,) Pearson correlation over the moments' images between norm(I) @ v (each row of
+  directions: (K, D)) and the unit's activations; NaN where either is constant."""
+  numerator = np.sum(directions * moments.cross, axis=1)
+  predicted_var = np.sum((directions @ moments.image_cov) * directions, axis=1)
+  denominator = np.sqrt(np.maximum(predicted_var, 0.0) * moments.activation_var)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0),
+                    np.nan)
+
+
+def concept_directions(text_embeddings, concept_ids: np.ndarray) -> np.ndarray:
+  """(K, D) the normalised text embedding of each unit's concept (zeros for -1): the
+  direction of a one-concept explanation."""
+  texts = normalise_rows(text_embeddings)
+  ids = np.asarray(concept_ids, np.int64)
+  return np.where((ids >= 0)[:, None], texts[np.maximum(ids, 0)], 0.0)
+
+
+# ------------------------------------------------------------------ significance
+def correlation_p_values(correlations: np.ndarray, num_images: int) -> np.ndarray:
+  """One-sided p-values of Pearson correlations measured on `num_images` images against
+  the permutation null (the activations shuffled over the images): (K,), NaN where the
+  correlation is.
+
+  Under any shuffle of one variable the correlation has mean 0 and variance exactly
+  1 / (n - 1) whatever the two marginals; the p-value is the Student t tail with n - 2
+  degrees of freedom at t = r sqrt((n - 2) / (1 - r^2)), which matches that
+  distribution's moments and is what a large permutation test converges to (tests
+  compare it with explicit shuffles). A fitted explanation scored on held-out images
+  is a fixed predictor there, so the test is valid for it; on the fit images it is not.
+  """
+  from scipy import special  # pylint: disable=g-import-not-at-top
+  r = np.asarray(correlations, np.float64)
+  if num_images < 3:
+    return np.full(r.shape, np.nan)
+  dof = num_images - 2
+  with np.errstate(divide="ignore", invalid="ignore"):
+    t = r * np.sqrt(dof / np.maximum(1.0 - np.square(r), 1e-300))
+  return np.where(np.isnan(r), np.nan, special.stdtr(dof, -t))
+
+
+def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
+  """Benjamini-Hochberg adjusted p-values (q-values) of the finite entries, NaN kept:
+  q_(i) = min_{j >= i} p_(j) m / j over the m finite p-values in ascending order."""
+  p = np.asarray(p_values, np.float64)
+  out = np.full(p.shape, np.nan)
+  finite = np.flatnonzero(~np.isnan(p))
+  if not finite.size:
+    return out
+  order = finite[np.argsort(p[finite], kind="stable")]
+  m = len(order)
+  scaled = p[order] * m / np.arange(1, m + 1)
+  out[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+  return out
