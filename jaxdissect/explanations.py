@@ -25,6 +25,7 @@ import time
 from absl import logging
 import numpy as np
 
+from jaxdissect import compositional as compositional_lib
 from jaxdissect import linear
 
 DEFAULT_HOLDOUT = 0.25
@@ -41,7 +42,8 @@ class LayerExplanations:
   undefined); p_value, q_value: (K,) the linear explanation's one-sided p-value and its
   Benjamini-Hochberg adjustment over the layer; explained: (K,) bool;
   correlation_label: (K,) over all images, -1 where undefined; held_out: images held
-  out."""
+  out; compositions: compositional.Compositions (each unit's best single concept, AND,
+  OR or "X Y" prompt, by correlation) or None where not computed."""
   linear: linear.LinearExplanations
   simulation: np.ndarray
   label_simulation: np.ndarray
@@ -51,6 +53,7 @@ class LayerExplanations:
   explained: np.ndarray
   correlation_label: np.ndarray
   held_out: int
+  compositions: compositional_lib.Compositions | None = None
 
   def summary(self) -> dict:
     """Layer means over units with a defined simulation; the recommended single label
@@ -71,6 +74,9 @@ class LayerExplanations:
     out["explained_share"] = (float(np.mean(self.explained[defined]))
                               if defined.any() else None)
     out["held_out_images"] = int(self.held_out)
+    if self.compositions is not None:
+      scores = self.compositions.score[~np.isnan(self.compositions.score)]
+      out["simulation_compositional"] = float(scores.mean()) if scores.size else None
     return out
 
   def recommended_labels(self, label_ids: np.ndarray) -> np.ndarray:
@@ -84,12 +90,15 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
                        label_ids: np.ndarray, usable: np.ndarray, *,
                        max_concepts: int = linear.DEFAULT_MAX_CONCEPTS,
                        holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
-                       mesh=None) -> LayerExplanations:
+                       mesh=None, concepts=None, beam: int = 0,
+                       embed_texts=None) -> LayerExplanations:
   """All of the above for one layer.
 
   activations: (N, K), image_embeddings: (N, D), either may be a memmap;
   text_embeddings: (M, D); label_ids: (K,) the run's label of each unit; usable: (K,)
   False for dead or invalid units (no explanation, NaN scores, not explained).
+  concepts, beam, embed_texts: with beam > 0, also each unit's compositional label
+  (compositional.compose over the same split; embed_texts for the "X Y" prompts).
   """
   num_images, num_units = activations.shape
   usable = np.asarray(usable, bool)
@@ -107,19 +116,28 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
   label_ids = np.where(usable, np.asarray(label_ids, np.int64), -1)
   p_value = linear.correlation_p_values(simulation, test_moments.count)
   q_value = linear.benjamini_hochberg(p_value)
+  compositions = None
+  if beam > 0:
+    compositions = compositional_lib.compose(
+        activations, image_embeddings, text_embeddings, concepts, usable, held_out,
+        beam=beam, embed_texts=embed_texts, mesh=mesh,
+        moments=(fit_moments, test_moments, all_moments))
   return LayerExplanations(
       explanation, simulation,
       held_out_simulation(linear.concept_directions(text_embeddings, label_ids)),
       held_out_simulation(linear.concept_directions(text_embeddings, fit_correlation)),
       p_value, q_value, np.nan_to_num(q_value, nan=1.0) < SIGNIFICANCE,
       linear.correlation_labels(all_moments, text_embeddings, usable, mesh),
-      int(test_moments.count))
+      int(test_moments.count), compositions)
 
 
 def run_explanations(name: str, activations, image_embeddings, text_embeddings,
-                     label_ids, usable, config, mesh=None) -> LayerExplanations | None:
+                     label_ids, usable, config, mesh=None, concepts=None,
+                     embed_texts=None) -> LayerExplanations | None:
   """layer_explanations with the run's settings (config.explain_concepts, 0: off;
-  config.explain_holdout; config.trust_seed), logged; None when off."""
+  config.explain_holdout; config.compose_beam, 0: no compositional labels;
+  config.compose_prompts: embed "X Y" prompts with embed_texts; config.trust_seed),
+  logged; None when off."""
   max_concepts = int(config.get("explain_concepts", 0))
   if max_concepts <= 0:
     return None
@@ -127,13 +145,18 @@ def run_explanations(name: str, activations, image_embeddings, text_embeddings,
   out = layer_explanations(activations, image_embeddings, text_embeddings, label_ids,
                            usable, max_concepts=max_concepts,
                            holdout=float(config.get("explain_holdout", DEFAULT_HOLDOUT)),
-                           seed=int(config.trust_seed), mesh=mesh)
+                           seed=int(config.trust_seed), mesh=mesh, concepts=concepts,
+                           beam=int(config.get("compose_beam", 0)) if concepts else 0,
+                           embed_texts=(embed_texts if config.get("compose_prompts", False)
+                                        else None))
   summary = out.summary()
   logging.info("Layer %s: linear explanations (%d concepts) in %.1f s; held-out "
-               "simulation label %s, correlation label %s, linear %s; %d/%d units "
-               "explained.", name, max_concepts, time.time() - started,
-               _fmt(summary["simulation_label"]), _fmt(summary["simulation_correlation_label"]),
-               _fmt(summary["simulation_linear"]), summary["explained_units"],
+               "simulation label %s, correlation label %s, linear %s, compositional "
+               "%s; %d/%d units explained.", name, max_concepts, time.time() - started,
+               _fmt(summary["simulation_label"]),
+               _fmt(summary["simulation_correlation_label"]),
+               _fmt(summary["simulation_linear"]),
+               _fmt(summary.get("simulation_compositional")), summary["explained_units"],
                len(out.simulation))
   return out
 

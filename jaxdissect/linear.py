@@ -60,18 +60,21 @@ class Moments:
   count: images. image_cov: (D, D) covariance of the normalised image embeddings.
   cross: (K, D) covariance of each unit's activation with them. activation_var: (K,).
   All divided by count (population covariances: correlations do not care).
+  image_mean: (D,) mean of the normalised image embeddings.
   """
   count: int
   image_cov: np.ndarray
   cross: np.ndarray
   activation_var: np.ndarray
+  image_mean: np.ndarray
 
 
 class _Sums:
   """Shifted sums of one split; shifting by a first-chunk mean keeps float64's
   sum-of-squares from cancelling for activations with a large mean."""
 
-  def __init__(self, dim: int, units: int):
+  def __init__(self, dim: int, units: int, shift=None):
+    self.shift = shift
     self.count = 0
     self.image = np.zeros(dim)
     self.image_square = np.zeros((dim, dim))
@@ -88,7 +91,7 @@ class _Sums:
     self.cross += acts.T @ images
 
   def merged(self, other: "_Sums") -> "_Sums":
-    out = _Sums(len(self.image), len(self.act))
+    out = _Sums(len(self.image), len(self.act), self.shift)
     for name in ("count", "image", "image_square", "act", "act_square", "cross"):
       setattr(out, name, getattr(self, name) + getattr(other, name))
     return out
@@ -99,7 +102,8 @@ class _Sums:
     return Moments(
         self.count, self.image_square / n - np.outer(image_mean, image_mean),
         self.cross / n - np.outer(act_mean, image_mean),
-        np.maximum(self.act_square / n - np.square(act_mean), 0.0))
+        np.maximum(self.act_square / n - np.square(act_mean), 0.0),
+        image_mean + (0.0 if self.shift is None else self.shift))
 
 
 def normalise_rows(x) -> np.ndarray:
@@ -139,6 +143,7 @@ def image_moments(image_embeddings, activations, held_out: np.ndarray | None = N
     acts = np.asarray(activations[start:start + chunk], np.float64)
     if shift is None:
       shift = (images.mean(axis=0), acts.mean(axis=0))
+      fit.shift = held.shift = shift[0]
     images, acts = images - shift[0], acts - shift[1]
     mask = (np.zeros(len(images), bool) if held_out is None
             else np.asarray(held_out[start:start + chunk], bool))
@@ -161,15 +166,25 @@ def _select_body(residual, texts, inv_std, chosen, signed):
   return jnp.argmax(scores, axis=1).astype(jnp.int32)
 
 
+def _top_body(residual, texts, inv_std, chosen, k):
+  """As _select_body, signed, but the k best: ((B, k) int32 ids, (B, k) scores)."""
+  del chosen
+  scores = (residual @ texts.T) * inv_std[None, :]
+  scores = jnp.where(inv_std[None, :] > 0, scores, -jnp.inf)
+  values, ids = jax.lax.top_k(scores, k)
+  return ids.astype(jnp.int32), values
+
+
 @functools.lru_cache(maxsize=None)
-def _selector(mesh: Mesh | None, signed: bool):
-  body = functools.partial(_select_body, signed=signed)
+def _selector(mesh: Mesh | None, signed: bool, k: int = 0):
+  body = (functools.partial(_top_body, k=k) if k else
+          functools.partial(_select_body, signed=signed))
   if mesh is None or mesh.devices.size == 1:
     return jax.jit(body)
   split, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
   return jax.jit(jax.shard_map(body, mesh=mesh,
                                in_specs=(split, replicated, replicated, split),
-                               out_specs=split))
+                               out_specs=(split, split) if k else split))
 
 
 def _block_size(num_units: int, num_concepts: int, devices: int) -> int:
@@ -182,22 +197,28 @@ def _block_size(num_units: int, num_concepts: int, devices: int) -> int:
 
 def _select(residual: np.ndarray, texts: jax.Array, inv_std: jax.Array,
             chosen: np.ndarray, num_concepts: int, mesh: Mesh | None,
-            signed: bool) -> np.ndarray:
-  """The selection for every unit, in fixed-size blocks (one compilation)."""
+            signed: bool, k: int = 0):
+  """The selection for every unit, in fixed-size blocks (one compilation): (units,)
+  ids, or with k > 0 ((units, k) ids, (units, k) scores) of the k best, signed."""
   num_units = len(residual)
   devices = 1 if mesh is None else mesh.devices.size
   block = _block_size(num_units, num_concepts, devices)
-  fn = _selector(mesh, signed)
-  out = np.empty(num_units, np.int64)
+  fn = _selector(mesh, signed, k)
+  ids = np.empty((num_units, k) if k else num_units, np.int64)
+  values = np.empty((num_units, k), np.float64)
   for start in range(0, num_units, block):
     stop = min(start + block, num_units)
     rows = np.zeros((block, residual.shape[1]), np.float32)
     rows[:stop - start] = residual[start:stop]
     taken = np.full((block, chosen.shape[1]), num_concepts, np.int32)
     taken[:stop - start] = chosen[start:stop]
-    out[start:stop] = np.asarray(fn(jnp.asarray(rows), texts, inv_std,
-                                    jnp.asarray(taken)))[:stop - start]
-  return out
+    out = fn(jnp.asarray(rows), texts, inv_std, jnp.asarray(taken))
+    if k:
+      ids[start:stop] = np.asarray(out[0])[:stop - start]
+      values[start:stop] = np.asarray(out[1])[:stop - start]
+    else:
+      ids[start:stop] = np.asarray(out)[:stop - start]
+  return (ids, values) if k else ids
 
 
 def _concept_geometry(text_embeddings, image_cov: np.ndarray):
@@ -224,6 +245,43 @@ def correlation_labels(moments: Moments, text_embeddings, usable: np.ndarray,
                         np.zeros((int(live.sum()), 0), np.int32), len(texts), mesh,
                         signed=True)
   return out
+
+
+def top_correlated(moments: Moments, text_embeddings, usable: np.ndarray, k: int,
+                   mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Each unit's k concepts whose P columns correlate best (signed) with it over the
+  moments' images: ((K, k) int64 ids, best first, (K, k) correlations); rows of
+  unusable or constant units are 0 and NaN. k may not exceed the concepts."""
+  texts, _, inv_std = _concept_geometry(text_embeddings, moments.image_cov)
+  live = np.asarray(usable, bool) & (moments.activation_var > 0)
+  ids = np.zeros((len(live), k), np.int64)
+  correlations = np.full((len(live), k), np.nan)
+  if live.any():
+    ids[live], scores = _select(moments.cross[live], jnp.asarray(texts, jnp.float32),
+                                jnp.asarray(inv_std, jnp.float32),
+                                np.zeros((int(live.sum()), 0), np.int32), len(texts),
+                                mesh, signed=True, k=k)
+    correlations[live] = simulation_matrix(texts, ids[live],
+                                           _rows(moments, np.flatnonzero(live)))
+  return ids, correlations
+
+
+def _rows(moments: Moments, units: np.ndarray) -> Moments:
+  return dataclasses.replace(moments, cross=moments.cross[units],
+                             activation_var=moments.activation_var[units])
+
+
+def simulation_matrix(text_embeddings, concept_ids: np.ndarray,
+                      moments: Moments) -> np.ndarray:
+  """(K, k) the correlation over the moments' images of each unit with the P column of
+  each of its concepts concept_ids: (K, k); NaN where either is constant."""
+  texts = normalise_rows(text_embeddings)[np.asarray(concept_ids)]  # (K, k, D)
+  numerator = np.einsum("ukd,ud->uk", texts, moments.cross)
+  column_var = np.sum((texts @ moments.image_cov) * texts, axis=-1)
+  denominator = np.sqrt(np.maximum(column_var, 0.0) * moments.activation_var[:, None])
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0),
+                    np.nan)
 
 
 @dataclasses.dataclass

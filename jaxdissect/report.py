@@ -223,8 +223,12 @@ def _explanation_lines(explained, unit: int, concepts, simulation: float) -> str
   note = ("" if explained.explained[unit] else
           "<div class='note'>unexplained: no explanation predicts this unit on held-out "
           "images better than chance (Benjamini-Hochberg, 5%)</div>")
+  composed = explained.compositions
+  composition = ("" if composed is None or not composed.expression[unit] else
+                 f"<div class='alt'>compositional: {esc(composed.expression[unit])} "
+                 f"({_number(float(composed.score[unit]), 3)})</div>")
   return (f"<div class='alt'>correlation label: "
-          f"{esc(concepts[correlation]) if correlation >= 0 else '-'}</div>"
+          f"{esc(concepts[correlation]) if correlation >= 0 else '-'}</div>{composition}"
           f"<div class='alt'>linear: {terms or '-'} &middot; simulation "
           f"{_number(simulation, 3)}</div>{note}")
 

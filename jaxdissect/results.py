@@ -93,6 +93,25 @@ class DissectionResult:
                          else str(bool(explained.explained[unit])).lower()])
     return out.getvalue()
 
+  def compositional_csv(self) -> str | None:
+    """compositional.csv: layer,unit,expression,score, each live unit's best expression
+    (a concept, "X AND Y", "X OR Y" or the prompt "X Y") and its held-out correlation;
+    None where no layer has them."""
+    layers = {name: t.explanations.compositions for name, t in self.trust.items()
+              if t.explanations is not None and t.explanations.compositions is not None}
+    if not layers:
+      return None
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["layer", "unit", "expression", "score"])
+    for name in self.layers:
+      if name in layers:
+        found = layers[name]
+        for unit, expression in enumerate(found.expression):
+          if expression:
+            writer.writerow([name, unit, expression, _fmt_or_empty(found.score[unit])])
+    return out.getvalue()
+
   def explanations_csv(self) -> str | None:
     """explanations.csv: layer,unit,rank,concept,weight, one row per concept of each
     unit's linear explanation (rank 1 = largest |weight|; weight multiplies the raw
@@ -282,11 +301,11 @@ def write_files(directory: str, result: DissectionResult, config_json: dict[str,
     with open(os.path.join(directory, "unit_trust.csv"), "w", encoding="utf-8",
               newline="") as f:
       f.write(result.trust_csv())
-    explanations = result.explanations_csv()
-    if explanations is not None:
-      with open(os.path.join(directory, "explanations.csv"), "w", encoding="utf-8",
-                newline="") as f:
-        f.write(explanations)
+    for name, text in (("explanations.csv", result.explanations_csv()),
+                       ("compositional.csv", result.compositional_csv())):
+      if text is not None:
+        with open(os.path.join(directory, name), "w", encoding="utf-8", newline="") as f:
+          f.write(text)
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config_json, f, indent=2, sort_keys=True, default=str)
   if skipped:

@@ -250,10 +250,11 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
 
 def layer_trust(config, probe: store.ProbeActivations,
                 result: results_lib.DissectionResult, text_embeddings: np.ndarray,
-                mesh=None) -> dict[str, UnitTrust]:
+                mesh=None, embed_texts=None) -> dict[str, UnitTrust]:
   """Per-unit AUC, permutation p-value, explanations (where the activations are held)
   and (config.trust_bootstrap resamples, (soft-)WPMI only) label stability of every
-  layer's labels; mesh: the devices of the stability and the explanations' fits."""
+  layer's labels; mesh: the devices of the stability and the explanations' fits;
+  embed_texts: texts -> CLIP text embeddings, for the compositional labels' prompts."""
   out = {}
   # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).
   bootstrap = (int(config.get("trust_bootstrap", 0))
@@ -282,7 +283,8 @@ def layer_trust(config, probe: store.ProbeActivations,
     if activations is not None:
       out[name].explanations = explanations_lib.run_explanations(
           name, activations, probe.image_embeddings, text_embeddings,
-          layer.alternative_ids[:, 0], ~(layer.dead | layer.invalid), config, mesh)
+          layer.alternative_ids[:, 0], ~(layer.dead | layer.invalid), config, mesh,
+          result.concepts, embed_texts)
     if bootstrap:
       started = time.time()
       unit_stability = stability_lib.layer_stability(

@@ -65,6 +65,7 @@ class ConfigTest(absltest.TestCase):
 
   def test_explanation_settings(self):
     for field, value, message in (("explain_concepts", -1, "must be 0 .off. or more"),
+                                  ("compose_beam", -2, "must be 0 .off. or more"),
                                   ("explain_holdout", 0.0, "must lie in .0, 1."),
                                   ("explain_holdout", 1.0, "must lie in .0, 1.")):
       config = config_lib.get_base_config()

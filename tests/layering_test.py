@@ -17,8 +17,8 @@ LAYERS = (
     ("data and scoring math", ("data.*", "synthetic.world", "streaming", "store")),
     ("models", ("models.*",)),
     ("computation", ("activations", "labeling", "images")),
-    ("analysis", ("trust", "stability", "explanations", "sanity", "metrics", "probe_pass",
-                  "report", "rundir")),
+    ("analysis", ("trust", "stability", "explanations", "compositional", "sanity",
+                  "metrics", "probe_pass", "report", "rundir")),
     ("entry points", ("dissect", "cli", "evaluate", "compare", "applications.*",
                       "synthetic.train", "synthetic.planted", "synthetic.benchmark")),
 )

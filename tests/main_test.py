@@ -271,7 +271,8 @@ class MainEndToEndTest(_TinyModels):
 
   def check_results(self, result_dir, units, concepts):
     expected = ["descriptions.csv", "descriptions_topk.csv", "top_images.csv",
-                "config.json", "report", "evaluation.json", "unit_trust.csv"]
+                "config.json", "report", "evaluation.json", "unit_trust.csv",
+                "explanations.csv", "compositional.csv"]
     self.assertCountEqual(os.listdir(result_dir), expected)
     with open(os.path.join(result_dir, "evaluation.json"), encoding="utf-8") as f:
       evaluation = json.load(f)

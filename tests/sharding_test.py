@@ -56,6 +56,13 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
     assert np.array_equal(one.weights, eight.weights)
     assert np.array_equal(linear.correlation_labels(moments, texts, np.ones(37, bool)),
                           linear.correlation_labels(moments, texts, np.ones(37, bool), mesh))
+    from jaxdissect import compositional
+    held = linear.holdout_mask(700, 0.25, 0)
+    names = [f"c{i}" for i in range(90)]
+    one, eight = (compositional.compose(acts, images, texts, names, np.ones(37, bool), held,
+                                        beam=4, mesh=m) for m in (None, mesh))
+    assert one.expression == eight.expression
+    np.testing.assert_allclose(one.score, eight.score, rtol=0, atol=1e-6)  # float32 sums
     from jaxdissect import config as config_lib, errors
     config = config_lib.get_base_config()
     config.num_devices = 4

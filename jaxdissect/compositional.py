@@ -1,0 +1,200 @@
+"""Compositional labels: the best of a unit's single concepts, their pairwise AND / OR, and
+(where a text encoder is given) the paper's combined prompts "X Y", by correlation.
+
+Cost is bounded by a beam: each unit's candidates are its `beam` concepts whose P
+columns correlate best with it (from the fit images' moments, linear.top_correlated),
+so a unit has beam singles, beam (beam - 1) / 2 ANDs and as many ORs, and with an
+encoder beam (beam - 1) ordered prompts. AND and OR are the per-image minimum and
+maximum of the two concepts' standardised P columns (z-scored over the fit images: raw
+columns sit at different levels, and the minimum of two raw columns is mostly the
+lower one); a prompt "X Y" is a new concept embedded by CLIP, whose P column is linear
+in the image embedding like any other (its correlation comes from the moments).
+
+Every expression is scored by the Pearson correlation with the unit's activations, the
+metric that passes the label sanity checks (sanity.py): chosen on the fit images,
+reported on the held-out ones (the same split as the linear explanations). AND and OR
+are not linear in the embedding, so they take one streaming pass over the images:
+P for the candidates' concepts a chunk of images at a time, the (images x units x
+expressions) values reduced to sums in the chunk (jitted, units split over the mesh),
+the sums accumulated in float64. Memory: chunk x units x expressions, never
+images x concepts.
+"""
+import dataclasses
+import functools
+import itertools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec
+
+from jaxdissect import linear
+from jaxdissect import sharding
+
+DEFAULT_BEAM = 6
+# Bytes of one chunk's (images, units, expressions) float32 values.
+CHUNK_BYTES = 128 * 1024 * 1024
+AND, OR = "AND", "OR"
+
+
+@dataclasses.dataclass
+class Compositions:
+  """expression: (K,) the best expression of each unit ("" for units left out);
+  fit_score, score: (K,) its correlation on the fit and the held-out images (NaN for
+  units left out)."""
+  expression: list
+  fit_score: np.ndarray
+  score: np.ndarray
+
+
+def pairs(beam: int) -> list[tuple[int, int]]:
+  return list(itertools.combinations(range(beam), 2))
+
+
+def _pair_body(images, acts, texts, means, inv_stds, ids, first, second):
+  """One chunk: sums over its images of each (unit, pair) AND and OR value, its square
+  and its product with the unit's activation.
+
+  images: (C, D) normalised, acts: (C, B) the chunk's activations of B units (0 rows
+  for padding images), texts: (M, D); means, inv_stds: (M,) of the P columns on the fit
+  images; ids: (B, beam) each unit's candidates; first, second: (E,) positions in the
+  beam of each pair. Returns (3, B, 2E) float32: sum x, sum x^2, sum x a.
+  """
+  columns = images @ texts.T  # (C, M)
+  chosen = (jnp.take(columns, ids, axis=1) - means[ids][None]) * inv_stds[ids][None]
+  left, right = chosen[:, :, first], chosen[:, :, second]  # (C, B, E)
+  values = jnp.concatenate([jnp.minimum(left, right), jnp.maximum(left, right)], axis=2)
+  valid = (jnp.abs(images).sum(axis=1) > 0)[:, None, None]
+  values = jnp.where(valid, values, 0.0)
+  return jnp.stack([values.sum(0), jnp.square(values).sum(0),
+                    jnp.einsum("cbe,cb->be", values, acts)])
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_sums(mesh: Mesh | None):
+  if mesh is None or mesh.devices.size == 1:
+    return jax.jit(_pair_body)
+  split, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+  return jax.jit(jax.shard_map(
+      _pair_body, mesh=mesh,
+      in_specs=(replicated, PartitionSpec(None, sharding.DATA_AXIS), replicated,
+                replicated, replicated, split, replicated, replicated),
+      out_specs=PartitionSpec(None, sharding.DATA_AXIS)))
+
+
+def _pair_correlations(image_embeddings, activations, texts, means, inv_stds,
+                       ids: np.ndarray, held_out: np.ndarray, mesh):
+  """(fit, held-out) correlations of each unit's ANDs then ORs: (K, 2E) each."""
+  num_images, num_units = activations.shape
+  beam = ids.shape[1]
+  first, second = (np.array(side, np.int32) for side in zip(*pairs(beam)))
+  devices = 1 if mesh is None else mesh.devices.size
+  padded_units = -(-num_units // devices) * devices
+  ids_padded = np.zeros((padded_units, beam), np.int32)
+  ids_padded[:num_units] = ids
+  width = 2 * len(first)
+  chunk = max(8, min(num_images, CHUNK_BYTES // (4 * padded_units * max(width, 1)
+                                                  + 4 * len(texts))))
+  fn = _pair_sums(mesh)
+  device_args = [jnp.asarray(a) for a in (np.asarray(texts, np.float32),
+                                          np.asarray(means, np.float32),
+                                          np.asarray(inv_stds, np.float32),
+                                          ids_padded, first, second)]
+  sums = {split: np.zeros((3, num_units, width)) for split in (False, True)}
+  act_sums = {split: np.zeros((2, num_units)) for split in (False, True)}
+  counts = {False: 0, True: 0}
+  for start in range(0, num_images, chunk):
+    stop = min(start + chunk, num_images)
+    images = linear.normalise_rows(image_embeddings[start:stop]).astype(np.float32)
+    acts = np.asarray(activations[start:stop], np.float64)
+    mask = np.asarray(held_out[start:stop], bool)
+    for split in (False, True):
+      rows = mask == split
+      if not rows.any():
+        continue
+      block = np.zeros((chunk, images.shape[1]), np.float32)
+      block[:rows.sum()] = images[rows]
+      act_block = np.zeros((chunk, padded_units), np.float32)
+      act_block[:rows.sum(), :num_units] = acts[rows]
+      out = np.asarray(fn(jnp.asarray(block), jnp.asarray(act_block), *device_args),
+                       np.float64)
+      sums[split] += out[:, :num_units]
+      act_sums[split] += np.stack([acts[rows].sum(0), np.square(acts[rows]).sum(0)])
+      counts[split] += int(rows.sum())
+  out = []
+  for split in (False, True):
+    n = max(counts[split], 1)
+    s_x, s_xx, s_xa = sums[split]
+    s_a, s_aa = act_sums[split][0][:, None], act_sums[split][1][:, None]
+    covariance = s_xa / n - (s_x / n) * (s_a / n)
+    variance_x = np.maximum(s_xx / n - np.square(s_x / n), 0.0)
+    variance_a = np.maximum(s_aa / n - np.square(s_a / n), 0.0)
+    denominator = np.sqrt(variance_x * variance_a)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      out.append(np.where(denominator > 1e-12, covariance / np.where(
+          denominator > 0, denominator, 1.0), np.nan))
+  return out[0], out[1]
+
+
+def compose(activations, image_embeddings, text_embeddings, concepts: Sequence[str],
+            usable: np.ndarray, held_out: np.ndarray, *, beam: int = DEFAULT_BEAM,
+            embed_texts: Callable[[list[str]], np.ndarray] | None = None,
+            mesh=None, moments=None) -> Compositions:
+  """The best expression of each usable unit.
+
+  activations: (N, K), image_embeddings: (N, D), either may be a memmap;
+  text_embeddings: (M, D) of `concepts`; held_out: (N,) bool, the images the reported
+  score is measured on; embed_texts: texts -> (len, D) CLIP text embeddings for the
+  "X Y" prompts (None leaves them out); moments: linear.image_moments(...) of the same
+  split, if already computed.
+  """
+  if beam < 1:
+    raise ValueError(f"beam must be at least 1, got {beam}.")
+  num_units = activations.shape[1]
+  if moments is None:
+    moments = linear.image_moments(image_embeddings, activations, held_out)
+  fit_moments, test_moments, _ = moments
+  usable = np.asarray(usable, bool) & (fit_moments.activation_var > 0) & (
+      test_moments.activation_var > 0)
+  texts = linear.normalise_rows(text_embeddings)
+  beam = min(beam, len(texts))
+  ids, fit_single = linear.top_correlated(fit_moments, text_embeddings, usable, beam, mesh)
+  test_single = linear.simulation_matrix(texts, ids, test_moments)
+  names = [[concepts[c] for c in row] for row in ids]
+  fit_scores, test_scores, expressions = [fit_single], [test_single], [names]
+  if beam >= 2:
+    means = texts @ fit_moments.image_mean
+    std = np.sqrt(np.maximum(np.sum((texts @ fit_moments.image_cov) * texts, axis=1), 0.0))
+    inv_stds = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0)
+    fit_pairs, test_pairs = _pair_correlations(image_embeddings, activations, texts, means,
+                                               inv_stds, ids, held_out, mesh)
+    fit_scores.append(fit_pairs)
+    test_scores.append(test_pairs)
+    expressions.append([[f"{row[i]} {op} {row[j]}" for op in (AND, OR)
+                         for i, j in pairs(beam)] for row in names])
+    if embed_texts is not None:
+      ordered = list(itertools.permutations(range(beam), 2))
+      prompts = sorted({f"{row[i]} {row[j]}" for row in np.array(names, object)[usable]
+                        for i, j in ordered})
+      if prompts:
+        prompt_index = {p: k for k, p in enumerate(prompts)}
+        prompt_texts = linear.normalise_rows(embed_texts(prompts))
+        prompt_ids = np.array([[prompt_index.get(f"{row[i]} {row[j]}", 0)
+                                for i, j in ordered] for row in names])
+        fit_scores.append(linear.simulation_matrix(prompt_texts, prompt_ids, fit_moments))
+        test_scores.append(linear.simulation_matrix(prompt_texts, prompt_ids,
+                                                    test_moments))
+        expressions.append([[f"{row[i]} {row[j]}" for i, j in ordered] for row in names])
+  fit_all = np.concatenate(fit_scores, axis=1)
+  test_all = np.concatenate(test_scores, axis=1)
+  labels = [sum((part[u] for part in expressions), []) for u in range(num_units)]
+  expression, fit_best, test_best = [""] * num_units, np.full(num_units, np.nan), \
+      np.full(num_units, np.nan)
+  for unit in np.flatnonzero(usable):
+    scores = np.where(np.isnan(fit_all[unit]), -np.inf, fit_all[unit])
+    best = int(np.argmax(scores))
+    expression[unit] = labels[unit][best]
+    fit_best[unit], test_best[unit] = fit_all[unit, best], test_all[unit, best]
+  return Compositions(expression, fit_best, test_best)
