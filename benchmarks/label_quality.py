@@ -19,8 +19,11 @@ stability against the share of the other draws that give it the same label, binn
 fifths (calibration error), per layer and pooled over the hidden layers, beside the
 naive estimator (the share of resamples that keep the run's label); and the labels'
 ground truth on every layer (metrics.ground_truth_layer: distractor share, correlation
-of the label's concept with the unit, the oracle's, their ratio, AUPRC), means over the
-draws.
+of the label's concept with the unit, the oracle's, their ratio, AUPRC), and the
+explanations' (explanations.py: held-out simulation of the label, the correlation
+label, the linear and the compositional explanation, the recommended label's ground
+truth, the explained verdicts), means over the draws. --probe shifted draws the probe
+sets from the shifted distribution instead.
 """
 import argparse
 import json
@@ -47,6 +50,8 @@ def main() -> None:
                       help="measure the label stability's calibration (needs 2+ draws)")
   parser.add_argument("--resamples", type=int, default=20,
                       help="bootstrap resamples per draw with --stability")
+  parser.add_argument("--probe", default="in_dist", choices=("in_dist", "shifted"),
+                      help="the probe distribution with --stability")
   args = parser.parse_args()
   start = time.monotonic()
   if args.num_draws < 1:
@@ -57,17 +62,18 @@ def main() -> None:
     stability_draws = []
     for seed in range(args.num_draws):
       stability_draws.append(benchmark.stability_draw(
-          args.num_images, seed, args.resamples, args.checkpoints))
+          args.num_images, seed, args.resamples, args.checkpoints,
+          probe_name=args.probe))
       print(f"draw {seed + 1}/{args.num_draws} done ({time.monotonic() - start:.0f}s)",
             flush=True)
     report = benchmark.stability_report(stability_draws)
-    report.update(num_images=args.num_images, resamples=args.resamples,
+    report.update(num_images=args.num_images, resamples=args.resamples, probe=args.probe,
                   ground_truth=benchmark.ground_truth_report(stability_draws))
     print(benchmark.format_stability(report))
     print("\nGround truth of the soft-WPMI labels (world annotations), mean over draws:")
     print(benchmark.format_ground_truth(report["ground_truth"]))
-    print(f"({args.num_images} probe images per draw, {args.num_draws} draws, "
-          f"{args.resamples} resamples, {time.monotonic() - start:.0f}s)")
+    print(f"({args.num_images} {args.probe} probe images per draw, {args.num_draws} "
+          f"draws, {args.resamples} resamples, {time.monotonic() - start:.0f}s)")
     _write_json(args.out, report)
     return
   draws = []

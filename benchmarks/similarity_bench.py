@@ -19,6 +19,11 @@ process (peak RSS per measurement):
     (stability.py, 20 bootstrap resamples, trust_bootstrap's default) from the
     embeddings and each neuron's top images, one call after a compiling call;
     stability/ours is what it adds to a run's similarity time;
+  - explanations, with --explanations (once per size, after the first function): the
+    linear explanations of every neuron (explanations.py: 5 concepts, 25% held out,
+    the moments pass, the fit, the simulations and the explained test), and the same
+    with the compositional labels (beam 6, AND / OR, no prompts), one call each after
+    a compiling call; /ours is what they add to a run's similarity time;
   - copy: a plain copy of P into a buffer already in memory (NumPy), best of 3. It moves
     2 x images x concepts x 4 bytes, as many as ours reads (P twice: the softmax
     normalisers, then the blocks), so copy / ours is how close ours runs to the memory
@@ -143,6 +148,22 @@ def _measure(kind, name, size, queue):
     small = make_inputs(200, 50, 4)
     torch_baseline(name, numpy_concept_activation(*small[:2]), small[2])
     seconds, scores = _best_of(1, lambda: torch_baseline(name, P, activations))
+  elif kind in ("explanations", "compositional"):
+    from jaxdissect import explanations  # pylint: disable=g-import-not-at-top
+    del P
+    names = [f"concept {i}" for i in range(len(texts))]
+    labels = np.zeros(activations.shape[1], np.int64)
+    usable = np.ones(activations.shape[1], bool)
+    beam = 6 if kind == "compositional" else 0
+
+    def explain():
+      return explanations.layer_explanations(activations, images, texts, labels, usable,
+                                             concepts=names, beam=beam)
+
+    explain()  # compile
+    seconds, result = _best_of(1, explain)
+    scores = np.eye(activations.shape[1], 1)  # no labels of its own
+    extra["mean_simulation"] = float(np.nanmean(result.simulation))
   elif kind == "stability":
     from jaxdissect import stability, topk  # pylint: disable=g-import-not-at-top
     del P
@@ -209,7 +230,11 @@ COLUMNS = (  # (header, record key, width, digits)
     ("bf16 agree", "bf16_label_agreement_with_f32", 10, 3),
     ("pallas s", "pallas_streaming_seconds", 8, 2),
     ("stability s", "stability_seconds", 11, 2),
-    ("stability/ours", "stability_over_ours", 14, 2))
+    ("stability/ours", "stability_over_ours", 14, 2),
+    ("explain s", "explanations_seconds", 9, 2),
+    ("explain/ours", "explanations_over_ours", 12, 2),
+    ("+compose s", "compositional_seconds", 10, 2),
+    ("+compose/ours", "compositional_over_ours", 13, 2))
 
 
 def _agreement(a, b):
@@ -239,12 +264,14 @@ def main(argv=None):
                       help="skip the PyTorch loop")
   parser.add_argument("--stability", action="store_true",
                       help="also time the label stability (20 resamples) of (soft-)WPMI")
+  parser.add_argument("--explanations", action="store_true",
+                      help="also time the linear explanations and compositional labels")
   args = parser.parse_args(argv)
   records = []
   print(" ".join(f"{h:>{w}}" for h, _, w, _ in COLUMNS), flush=True)
   for size_text in args.sizes.split(","):
     size = tuple(int(x) for x in size_text.split("x"))
-    for name in args.functions.split(","):
+    for index, name in enumerate(args.functions.split(",")):
       ours = measure("ours", name, size)
       stream = measure("streaming", name, size)
       record = {"function": name, "images": size[0], "concepts": size[1],
@@ -276,6 +303,12 @@ def main(argv=None):
                         stability_over_ours=resampled["seconds"] / ours["seconds"],
                         stability_peak_rss_gb=resampled["peak_rss_gb"],
                         mean_stability=resampled["mean_stability"])
+      if args.explanations and index == 0:
+        for kind in ("explanations", "compositional"):
+          timed = measure(kind, name, size)
+          record.update({f"{kind}_seconds": timed["seconds"],
+                         f"{kind}_over_ours": timed["seconds"] / ours["seconds"],
+                         f"{kind}_peak_rss_gb": timed["peak_rss_gb"]})
       records.append(record)
       print(" ".join(_fmt(record.get(key), width, digits)
                      for _, key, width, digits in COLUMNS), flush=True)

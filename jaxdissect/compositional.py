@@ -168,8 +168,11 @@ def compose(activations, image_embeddings, text_embeddings, concepts: Sequence[s
     means = texts @ fit_moments.image_mean
     std = np.sqrt(np.maximum(np.sum((texts @ fit_moments.image_cov) * texts, axis=1), 0.0))
     inv_stds = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0)
-    fit_pairs, test_pairs = _pair_correlations(image_embeddings, activations, texts, means,
-                                               inv_stds, ids, held_out, mesh)
+    # P only for the concepts some unit's beam holds.
+    union, local_ids = np.unique(ids, return_inverse=True)
+    fit_pairs, test_pairs = _pair_correlations(
+        image_embeddings, activations, texts[union], means[union], inv_stds[union],
+        local_ids.reshape(ids.shape), held_out, mesh)
     fit_scores.append(fit_pairs)
     test_scores.append(test_pairs)
     expressions.append([[f"{row[i]} {op} {row[j]}" for op in (AND, OR)

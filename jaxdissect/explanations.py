@@ -43,7 +43,10 @@ class LayerExplanations:
   Benjamini-Hochberg adjustment over the layer; explained: (K,) bool;
   correlation_label: (K,) over all images, -1 where undefined; held_out: images held
   out; compositions: compositional.Compositions (each unit's best single concept, AND,
-  OR or "X Y" prompt, by correlation) or None where not computed."""
+  OR or "X Y" prompt, by correlation) or None where not computed; selection_share:
+  (K, k) for each concept of each linear explanation the share of bootstrap resamples
+  of the fit images whose explanation of the unit also chooses it (NaN past the last
+  concept), or None where not computed."""
   linear: linear.LinearExplanations
   simulation: np.ndarray
   label_simulation: np.ndarray
@@ -54,6 +57,7 @@ class LayerExplanations:
   correlation_label: np.ndarray
   held_out: int
   compositions: compositional_lib.Compositions | None = None
+  selection_share: np.ndarray | None = None
 
   def summary(self) -> dict:
     """Layer means over units with a defined simulation; the recommended single label
@@ -77,6 +81,11 @@ class LayerExplanations:
     if self.compositions is not None:
       scores = self.compositions.score[~np.isnan(self.compositions.score)]
       out["simulation_compositional"] = float(scores.mean()) if scores.size else None
+    if self.selection_share is not None:
+      shares = self.selection_share[~np.isnan(self.selection_share)]
+      first = self.selection_share[:, 0][~np.isnan(self.selection_share[:, 0])]
+      out["mean_selection_share"] = float(shares.mean()) if shares.size else None
+      out["first_concept_selection_share"] = float(first.mean()) if first.size else None
     return out
 
   def recommended_labels(self, label_ids: np.ndarray) -> np.ndarray:
@@ -91,7 +100,7 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
                        max_concepts: int = linear.DEFAULT_MAX_CONCEPTS,
                        holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
                        mesh=None, concepts=None, beam: int = 0,
-                       embed_texts=None) -> LayerExplanations:
+                       embed_texts=None, weights=None) -> LayerExplanations:
   """All of the above for one layer.
 
   activations: (N, K), image_embeddings: (N, D), either may be a memmap;
@@ -99,6 +108,8 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
   False for dead or invalid units (no explanation, NaN scores, not explained).
   concepts, beam, embed_texts: with beam > 0, also each unit's compositional label
   (compositional.compose over the same split; embed_texts for the "X Y" prompts).
+  weights: (R, N) bootstrap weights (stability.poisson_weights) or None: with them,
+  each resample of the fit images is fitted again for the selection shares.
   """
   num_images, num_units = activations.shape
   usable = np.asarray(usable, bool)
@@ -116,6 +127,11 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
   label_ids = np.where(usable, np.asarray(label_ids, np.int64), -1)
   p_value = linear.correlation_p_values(simulation, test_moments.count)
   q_value = linear.benjamini_hochberg(p_value)
+  selection_share = None
+  if weights is not None:
+    selection_share = _selection_share(explanation.concept_ids, linear.resampled_moments(
+        image_embeddings, activations, ~held_out, weights), text_embeddings, usable,
+        max_concepts, mesh)
   compositions = None
   if beam > 0:
     compositions = compositional_lib.compose(
@@ -128,16 +144,28 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
       held_out_simulation(linear.concept_directions(text_embeddings, fit_correlation)),
       p_value, q_value, np.nan_to_num(q_value, nan=1.0) < SIGNIFICANCE,
       linear.correlation_labels(all_moments, text_embeddings, usable, mesh),
-      int(test_moments.count), compositions)
+      int(test_moments.count), compositions, selection_share)
+
+
+def _selection_share(concept_ids: np.ndarray, resampled, text_embeddings, usable,
+                     max_concepts: int, mesh) -> np.ndarray:
+  """(K, k) share of the resamples' fits (resampled: their fit moments) that choose
+  each of concept_ids' concepts for the same unit; NaN where concept_ids is -1."""
+  counts = np.zeros(concept_ids.shape)
+  for moments in resampled:
+    chosen = linear.fit(moments, text_embeddings, usable, max_concepts, mesh).concept_ids
+    counts += np.any(concept_ids[:, :, None] == chosen[:, None, :], axis=2)
+  return np.where(concept_ids >= 0, counts / max(len(resampled), 1), np.nan)
 
 
 def run_explanations(name: str, activations, image_embeddings, text_embeddings,
                      label_ids, usable, config, mesh=None, concepts=None,
-                     embed_texts=None) -> LayerExplanations | None:
+                     embed_texts=None, weights=None) -> LayerExplanations | None:
   """layer_explanations with the run's settings (config.explain_concepts, 0: off;
   config.explain_holdout; config.compose_beam, 0: no compositional labels;
-  config.compose_prompts: embed "X Y" prompts with embed_texts; config.trust_seed),
-  logged; None when off."""
+  config.compose_prompts: embed "X Y" prompts with embed_texts; config.trust_seed;
+  weights: the run's bootstrap weights for the selection shares, or None), logged;
+  None when off."""
   max_concepts = int(config.get("explain_concepts", 0))
   if max_concepts <= 0:
     return None
@@ -148,7 +176,7 @@ def run_explanations(name: str, activations, image_embeddings, text_embeddings,
                            seed=int(config.trust_seed), mesh=mesh, concepts=concepts,
                            beam=int(config.get("compose_beam", 0)) if concepts else 0,
                            embed_texts=(embed_texts if config.get("compose_prompts", False)
-                                        else None))
+                                        else None), weights=weights)
   summary = out.summary()
   logging.info("Layer %s: linear explanations (%d concepts) in %.1f s; held-out "
                "simulation label %s, correlation label %s, linear %s, compositional "

@@ -82,13 +82,18 @@ class _Sums:
     self.act_square = np.zeros(units)
     self.cross = np.zeros((units, dim))
 
-  def add(self, images: np.ndarray, acts: np.ndarray) -> None:
-    self.count += len(images)
-    self.image += images.sum(axis=0)
-    self.image_square += images.T @ images
-    self.act += acts.sum(axis=0)
-    self.act_square += np.square(acts).sum(axis=0)
-    self.cross += acts.T @ images
+  def add(self, images: np.ndarray, acts: np.ndarray,
+          weights: np.ndarray | None = None) -> None:
+    """weights: (rows,) how many times each row counts (a bootstrap resample), or
+    None for once."""
+    weighted = images if weights is None else images * weights[:, None]
+    self.count += len(images) if weights is None else float(weights.sum())
+    self.image += weighted.sum(axis=0)
+    self.image_square += weighted.T @ images
+    self.act += acts.sum(axis=0) if weights is None else weights @ acts
+    self.act_square += (np.square(acts).sum(axis=0) if weights is None
+                        else weights @ np.square(acts))
+    self.cross += acts.T @ weighted
 
   def merged(self, other: "_Sums") -> "_Sums":
     out = _Sums(len(self.image), len(self.act), self.shift)
@@ -121,6 +126,28 @@ def holdout_mask(num_images: int, fraction: float, seed: int) -> np.ndarray:
   mask = np.zeros(num_images, bool)
   mask[np.random.default_rng([seed, 16]).permutation(num_images)[:held]] = True
   return mask
+
+
+def resampled_moments(image_embeddings, activations, rows: np.ndarray,
+                      weights: np.ndarray) -> list[Moments]:
+  """Moments of the images `rows` ((N,) bool) in each bootstrap resample: weights
+  (R, N), image i counted weights[r, i] times in resample r; one pass over the images.
+  """
+  num_images, num_units = activations.shape
+  dim = image_embeddings.shape[1]
+  chunk = max(1, CHUNK_BYTES // (8 * max(1, num_units + dim)))
+  sums, shift = [], None
+  for start in range(0, num_images, chunk):
+    images = normalise_rows(image_embeddings[start:start + chunk])
+    acts = np.asarray(activations[start:start + chunk], np.float64)
+    if shift is None:
+      shift = (images.mean(axis=0), acts.mean(axis=0))
+      sums = [_Sums(dim, num_units, shift[0]) for _ in range(len(weights))]
+    keep = np.asarray(rows[start:start + chunk], bool)
+    images, acts = images[keep] - shift[0], acts[keep] - shift[1]
+    for resample, total in enumerate(sums):
+      total.add(images, acts, weights[resample, start:start + chunk][keep].astype(np.float64))
+  return [total.moments() for total in sums]
 
 
 def image_moments(image_embeddings, activations, held_out: np.ndarray | None = None

@@ -217,8 +217,12 @@ def _explanation_lines(explained, unit: int, concepts, simulation: float) -> str
   """A card's correlation label, linear explanation and simulation."""
   esc = html.escape
   ids, weights = explained.linear.concept_ids[unit], explained.linear.weights[unit]
-  terms = " ".join(f"{w:+.3g}&nbsp;{esc(concepts[c])}" for c, w in zip(ids, weights)
-                   if c >= 0)
+  shares = (explained.selection_share[unit] if explained.selection_share is not None
+            else np.full(len(ids), np.nan))
+  terms = " ".join(
+      f"{w:+.3g}&nbsp;{esc(concepts[c])}" + ("" if np.isnan(share) else
+                                            f"&nbsp;<small>[{share:.0%}]</small>")
+      for c, w, share in zip(ids, weights, shares) if c >= 0)
   correlation = explained.correlation_label[unit]
   note = ("" if explained.explained[unit] else
           "<div class='note'>unexplained: no explanation predicts this unit on held-out "
@@ -244,8 +248,10 @@ def _recommendation(summary) -> str:
           f"explanation predicts from CLIP): {means}. Best single label for this layer: "
           f"<b>{_EXPLANATION_NAMES[summary['recommended_label']]}</b>; best explanation: "
           f"<b>{_EXPLANATION_NAMES[summary['best_explanation']]}</b> "
-          f"(explanations.csv). {summary['explained_units']} of the units are explained "
-          "(significant on the held-out images); the others are greyed out.</p>")
+          f"(explanations.csv; [n%] after a concept: the share of bootstrap resamples "
+          f"whose linear explanation also chooses it). {summary['explained_units']} of "
+          "the units are explained (significant on the held-out images); the others are "
+          "greyed out.</p>")
 
 
 def _warning_list(warnings) -> str:

@@ -113,23 +113,29 @@ class DissectionResult:
     return out.getvalue()
 
   def explanations_csv(self) -> str | None:
-    """explanations.csv: layer,unit,rank,concept,weight, one row per concept of each
-    unit's linear explanation (rank 1 = largest |weight|; weight multiplies the raw
-    column of P); None where no layer has them."""
+    """explanations.csv: layer,unit,rank,concept,weight,selection_share, one row per
+    concept of each unit's linear explanation (rank 1 = largest |weight|; weight
+    multiplies the raw column of P; selection_share: the share of bootstrap resamples
+    whose explanation also chooses the concept, empty where not computed); None where
+    no layer has them."""
     layers = {name: t.explanations for name, t in self.trust.items()
               if t.explanations is not None}
     if not layers:
       return None
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["layer", "unit", "rank", "concept", "weight"])
+    writer.writerow(["layer", "unit", "rank", "concept", "weight", "selection_share"])
     for name in self.layers:
       if name in layers:
         ids, weights = layers[name].linear.concept_ids, layers[name].linear.weights
+        shares = layers[name].selection_share
+        if shares is None:
+          shares = np.full(ids.shape, np.nan)
         for unit in range(len(ids)):
           for rank in np.flatnonzero(ids[unit] >= 0):
             writer.writerow([name, unit, int(rank) + 1, self.concepts[ids[unit, rank]],
-                             f"{float(weights[unit, rank]):.6g}"])
+                             f"{float(weights[unit, rank]):.6g}",
+                             _fmt_or_empty(shares[unit, rank])])
     return out.getvalue()
 
   def topk_csv(self) -> str:

@@ -251,16 +251,17 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
 def layer_trust(config, probe: store.ProbeActivations,
                 result: results_lib.DissectionResult, text_embeddings: np.ndarray,
                 mesh=None, embed_texts=None) -> dict[str, UnitTrust]:
-  """Per-unit AUC, permutation p-value, explanations (where the activations are held)
-  and (config.trust_bootstrap resamples, (soft-)WPMI only) label stability of every
-  layer's labels; mesh: the devices of the stability and the explanations' fits;
+  """Per-unit AUC, permutation p-value, explanations (where the activations are held;
+  with config.trust_bootstrap resamples, their concepts' selection shares) and
+  ((soft-)WPMI only) label stability of every layer's labels; mesh: the devices of the stability and the explanations' fits;
   embed_texts: texts -> CLIP text embeddings, for the compositional labels' prompts."""
   out = {}
   # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).
-  bootstrap = (int(config.get("trust_bootstrap", 0))
-               if config.similarity_fn in registry.PRIOR_FUNCTIONS else 0)
-  weights = (stability_lib.poisson_weights(len(probe.image_embeddings), bootstrap,
-                                           config.trust_seed) if bootstrap else None)
+  resamples = int(config.get("trust_bootstrap", 0))
+  bootstrap = resamples if config.similarity_fn in registry.PRIOR_FUNCTIONS else 0
+  # The same resamples for every layer, the labels and the linear explanations.
+  weights = (stability_lib.poisson_weights(len(probe.image_embeddings), resamples,
+                                           config.trust_seed) if resamples else None)
   for name, layer in result.layers.items():
     top_ids = None
     if config.similarity_fn in labeling.PRIOR_FUNCTIONS:
@@ -284,7 +285,7 @@ def layer_trust(config, probe: store.ProbeActivations,
       out[name].explanations = explanations_lib.run_explanations(
           name, activations, probe.image_embeddings, text_embeddings,
           layer.alternative_ids[:, 0], ~(layer.dead | layer.invalid), config, mesh,
-          result.concepts, embed_texts)
+          result.concepts, embed_texts, weights)
     if bootstrap:
       started = time.time()
       unit_stability = stability_lib.layer_stability(

@@ -62,6 +62,21 @@ class MomentsTest(absltest.TestCase):
       np.testing.assert_allclose(other.image_cov, one.image_cov, atol=1e-12)
       np.testing.assert_allclose(other.cross, one.cross, atol=1e-9)
 
+  def test_resampled_moments_equal_the_repeated_images(self):
+    images, _ = _embeddings(num_images=300)
+    acts = np.random.default_rng(14).normal(size=(300, 4)) + 50.0
+    rows = linear.holdout_mask(300, 0.25, 0)  # the held-out rows, as any subset
+    weights = np.random.default_rng(15).poisson(1.0, (3, 300))
+    with mock.patch.object(linear, "CHUNK_BYTES", 8 * 20 * 11):  # 11 images a chunk
+      got = linear.resampled_moments(images, acts, rows, weights)
+    for resample, moments in enumerate(got):
+      repeated = np.repeat(np.flatnonzero(rows), weights[resample, rows])
+      direct = linear.image_moments(images[repeated], acts[repeated])[0]
+      self.assertEqual(moments.count, len(repeated))
+      for field in ("image_cov", "cross", "activation_var", "image_mean"):
+        np.testing.assert_allclose(getattr(moments, field), getattr(direct, field),
+                                   rtol=1e-9, atol=1e-12, err_msg=field)
+
   def test_holdout_mask(self):
     mask = linear.holdout_mask(1000, 0.25, 3)
     self.assertEqual(mask.sum(), 250)
@@ -232,6 +247,16 @@ class LayerExplanationsTest(absltest.TestCase):
     self.assertEqual(summary["recommended_label"], explanations.CORRELATION)
     self.assertEqual(summary["best_explanation"], explanations.LINEAR)
     self.assertEqual(summary["held_out_images"], 500)
+    # Resampling the fit images: the planted units keep their concept every time.
+    weights = np.random.default_rng(16).poisson(1.0, (8, 2000))
+    resampled = explanations.layer_explanations(acts, images, texts, labels, usable,
+                                                seed=0, weights=weights)
+    np.testing.assert_array_equal(resampled.linear.concept_ids, got.linear.concept_ids)
+    np.testing.assert_array_equal(resampled.selection_share[:8, 0], 1.0)
+    self.assertLess(np.nanmean(resampled.selection_share[8:47]), 0.6)
+    self.assertTrue(np.isnan(resampled.selection_share[47]).all())
+    self.assertEqual(resampled.summary()["first_concept_selection_share"],
+                     float(np.nanmean(resampled.selection_share[:, 0])))
     # With the right label for every unit, both single labels simulate alike; the
     # run's label wins the tie.
     again = explanations.layer_explanations(planted, images, texts, np.arange(8),

@@ -226,14 +226,17 @@ class StabilityDraw:
 
 def stability_draw(num_images: int, seed: int, num_resamples: int = 20,
                    checkpoint_dir: str | None = None,
-                   layers: Sequence[str] = STABILITY_LAYERS) -> StabilityDraw:
-  """Labels and label stability of `layers` on the in-distribution probe drawn with
-  `seed`, as main.py computes them (soft-WPMI, trust_seed 0)."""
+                   layers: Sequence[str] = STABILITY_LAYERS,
+                   probe_name: str = "in_dist") -> StabilityDraw:
+  """Labels, label stability and explanations of `layers` on the probe set `probe_name`
+  drawn with `seed`, as main.py computes them (soft-WPMI, trust_seed 0);
+  num_resamples=0 leaves the stability out."""
   clip, target, infos, concepts, text = _world_models(checkpoint_dir, layers)
-  data = render_probe("in_dist", num_images, seed)
+  data = render_probe(probe_name, num_images, seed)
   probe = _probe_pass(clip, target, infos, data)
   result = labeling.label_probe(probe, text, concepts, "soft_wpmi")
-  weights = stability_lib.poisson_weights(num_images, num_resamples, 0)
+  weights = (stability_lib.poisson_weights(num_images, num_resamples, 0)
+             if num_resamples else None)
   out = StabilityDraw({}, {}, {})
   words = list(world.ATTRIBUTE_WORDS)
   annotations = world.annotation_matrix(data.scenes, words)
@@ -241,7 +244,8 @@ def stability_draw(num_images: int, seed: int, num_resamples: int = 20,
     live = ~(layer.dead | layer.invalid)
     explained = explanations.layer_explanations(
         probe.activations[name], probe.image_embeddings, text, layer.alternative_ids[:, 0],
-        live)
+        live, concepts=concepts, beam=6,
+        embed_texts=lambda texts: np.asarray(clip_lib.embed_texts(clip, texts)))
     result.trust[name] = trust.UnitTrust(np.full(layer.num_units, np.nan),
                                          np.full(layer.num_units, np.nan),
                                          explanations=explained)
@@ -249,6 +253,8 @@ def stability_draw(num_images: int, seed: int, num_resamples: int = 20,
   # The ground truth exactly as evaluation.json has it (evaluate.add_ground_truth).
   evaluate.add_ground_truth(out.ground_truth, result, probe, (words, annotations))
   for name, layer in result.layers.items():
+    if not num_resamples:  # the explanations only
+      continue
     top = probe.top_for(name, min(stability_lib.depth("soft_wpmi"), num_images))
     unit = stability_lib.layer_stability(
         "soft_wpmi", probe.image_embeddings, text,
@@ -348,7 +354,7 @@ GROUND_TRUTH_KEYS = ("gt_distractor_share", "gt_label_corr", "gt_oracle_corr",
                      "gt_explained_share", "gt_label_auprc",
                      "gt_correlation_distractor_share", "gt_correlation_explained_share",
                      "simulation_label", "simulation_correlation_label",
-                     "simulation_linear", "explained_share",
+                     "simulation_linear", "simulation_compositional", "explained_share",
                      "gt_recommended_explained_share", "gt_recommended_distractor_share",
                      "gt_explained_distractor_share", "gt_strong_unexplained_share")
 
@@ -383,6 +389,7 @@ def format_ground_truth(report: dict) -> str:
   columns = (("sim label", lambda r: r["simulation_label"]),
              ("sim corr-label", lambda r: r["simulation_correlation_label"]),
              ("sim linear", lambda r: r["simulation_linear"]),
+             ("sim compositional", lambda r: r["simulation_compositional"]),
              ("linear/oracle", lambda r: _ratio(r["simulation_linear"], r["gt_oracle_corr"])),
              ("linear/label", lambda r: _ratio(r["simulation_linear"], r["gt_label_corr"])),
              ("rec explained", lambda r: r["gt_recommended_explained_share"]),
