@@ -23,7 +23,9 @@ process (peak RSS per measurement):
     linear explanations of every neuron (explanations.py: 5 concepts, 25% held out,
     the moments pass, the fit, the simulations and the explained test), and the same
     with the compositional labels (beam 6, AND / OR, no prompts), one call each after
-    a compiling call; /ours is what they add to a run's similarity time;
+    a compiling call, and the explanations with their selection shares over 20
+    bootstrap resamples (trust_bootstrap's default); /ours is what they add to a run's
+    similarity time;
   - copy: a plain copy of P into a buffer already in memory (NumPy), best of 3. It moves
     2 x images x concepts x 4 bytes, as many as ours reads (P twice: the softmax
     normalisers, then the blocks), so copy / ours is how close ours runs to the memory
@@ -148,17 +150,20 @@ def _measure(kind, name, size, queue):
     small = make_inputs(200, 50, 4)
     torch_baseline(name, numpy_concept_activation(*small[:2]), small[2])
     seconds, scores = _best_of(1, lambda: torch_baseline(name, P, activations))
-  elif kind in ("explanations", "compositional"):
+  elif kind in ("explanations", "compositional", "selection"):
     from jaxdissect import explanations  # pylint: disable=g-import-not-at-top
+    from jaxdissect import stability  # pylint: disable=g-import-not-at-top
     del P
     names = [f"concept {i}" for i in range(len(texts))]
     labels = np.zeros(activations.shape[1], np.int64)
     usable = np.ones(activations.shape[1], bool)
     beam = 6 if kind == "compositional" else 0
+    weights = (stability.poisson_weights(len(images), 20, 0) if kind == "selection"
+               else None)
 
     def explain():
       return explanations.layer_explanations(activations, images, texts, labels, usable,
-                                             concepts=names, beam=beam)
+                                             concepts=names, beam=beam, weights=weights)
 
     explain()  # compile
     seconds, result = _best_of(1, explain)
@@ -234,7 +239,9 @@ COLUMNS = (  # (header, record key, width, digits)
     ("explain s", "explanations_seconds", 9, 2),
     ("explain/ours", "explanations_over_ours", 12, 2),
     ("+compose s", "compositional_seconds", 10, 2),
-    ("+compose/ours", "compositional_over_ours", 13, 2))
+    ("+compose/ours", "compositional_over_ours", 13, 2),
+    ("+shares s", "selection_seconds", 9, 2),
+    ("+shares/ours", "selection_over_ours", 12, 2))
 
 
 def _agreement(a, b):
@@ -304,7 +311,7 @@ def main(argv=None):
                         stability_peak_rss_gb=resampled["peak_rss_gb"],
                         mean_stability=resampled["mean_stability"])
       if args.explanations and index == 0:
-        for kind in ("explanations", "compositional"):
+        for kind in ("explanations", "compositional", "selection"):
           timed = measure(kind, name, size)
           record.update({f"{kind}_seconds": timed["seconds"],
                          f"{kind}_over_ours": timed["seconds"] / ours["seconds"],

@@ -53,35 +53,39 @@ def pairs(beam: int) -> list[tuple[int, int]]:
   return list(itertools.combinations(range(beam), 2))
 
 
-def _pair_body(images, acts, texts, means, inv_stds, ids, first, second):
-  """One chunk: sums over its images of each (unit, pair) AND and OR value, its square
-  and its product with the unit's activation.
+def _pair_body(images, acts, split_weights, texts, means, inv_stds, ids, beam):
+  """One chunk: per split, sums over its images of each (pair, unit) AND and OR value,
+  its square and its product with the unit's activation.
 
-  images: (C, D) normalised, acts: (C, B) the chunk's activations of B units (0 rows
-  for padding images), texts: (M, D); means, inv_stds: (M,) of the P columns on the fit
-  images; ids: (B, beam) each unit's candidates; first, second: (E,) positions in the
-  beam of each pair. Returns (3, B, 2E) float32: sum x, sum x^2, sum x a.
+  images: (C, D) normalised, acts: (C, B) the chunk's activations of B units,
+  split_weights: (2, C) 1 where the image is in the fit / held-out split (0 for
+  padding rows), texts: (U, D) the candidates' concepts; means, inv_stds: (U,) of their
+  P columns on the fit images; ids: (B, beam) each unit's candidates as rows of texts.
+  Returns (3, 2, 2E, B) float32: sum x, sum x^2, sum x a per split.
   """
-  columns = images @ texts.T  # (C, M)
-  chosen = (jnp.take(columns, ids, axis=1) - means[ids][None]) * inv_stds[ids][None]
-  left, right = chosen[:, :, first], chosen[:, :, second]  # (C, B, E)
-  values = jnp.concatenate([jnp.minimum(left, right), jnp.maximum(left, right)], axis=2)
-  valid = (jnp.abs(images).sum(axis=1) > 0)[:, None, None]
-  values = jnp.where(valid, values, 0.0)
-  return jnp.stack([values.sum(0), jnp.square(values).sum(0),
-                    jnp.einsum("cbe,cb->be", values, acts)])
+  # A matmul per beam position rather than a gather from P's (C, U) columns: gathers
+  # are slow on CPU, and U is up to beam x B anyway.
+  candidates = [(images @ texts[ids[:, k]].T - means[ids[:, k]][None, :]) *
+                inv_stds[ids[:, k]][None, :] for k in range(beam)]  # beam x (C, B)
+  pair_list = pairs(beam)
+  values = jnp.stack([jnp.minimum(candidates[i], candidates[j]) for i, j in pair_list] +
+                     [jnp.maximum(candidates[i], candidates[j]) for i, j in pair_list])
+  return jnp.stack([jnp.einsum("ecb,sc->seb", values, split_weights),
+                    jnp.einsum("ecb,sc->seb", jnp.square(values), split_weights),
+                    jnp.einsum("ecb,sc->seb", values * acts[None], split_weights)])
 
 
 @functools.lru_cache(maxsize=None)
-def _pair_sums(mesh: Mesh | None):
+def _pair_sums(mesh: Mesh | None, beam: int):
+  body = functools.partial(_pair_body, beam=beam)
   if mesh is None or mesh.devices.size == 1:
-    return jax.jit(_pair_body)
+    return jax.jit(body)
   split, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
   return jax.jit(jax.shard_map(
-      _pair_body, mesh=mesh,
+      body, mesh=mesh,
       in_specs=(replicated, PartitionSpec(None, sharding.DATA_AXIS), replicated,
-                replicated, replicated, split, replicated, replicated),
-      out_specs=PartitionSpec(None, sharding.DATA_AXIS)))
+                replicated, replicated, replicated, split),
+      out_specs=PartitionSpec(None, None, None, sharding.DATA_AXIS)))
 
 
 def _pair_correlations(image_embeddings, activations, texts, means, inv_stds,
@@ -89,44 +93,41 @@ def _pair_correlations(image_embeddings, activations, texts, means, inv_stds,
   """(fit, held-out) correlations of each unit's ANDs then ORs: (K, 2E) each."""
   num_images, num_units = activations.shape
   beam = ids.shape[1]
-  first, second = (np.array(side, np.int32) for side in zip(*pairs(beam)))
   devices = 1 if mesh is None else mesh.devices.size
   padded_units = -(-num_units // devices) * devices
   ids_padded = np.zeros((padded_units, beam), np.int32)
   ids_padded[:num_units] = ids
-  width = 2 * len(first)
-  chunk = max(8, min(num_images, CHUNK_BYTES // (4 * padded_units * max(width, 1)
+  width = 2 * len(pairs(beam))
+  chunk = max(8, min(num_images, CHUNK_BYTES // (4 * padded_units * (width + beam)
                                                   + 4 * len(texts))))
-  fn = _pair_sums(mesh)
+  fn = _pair_sums(mesh, beam)
   device_args = [jnp.asarray(a) for a in (np.asarray(texts, np.float32),
                                           np.asarray(means, np.float32),
-                                          np.asarray(inv_stds, np.float32),
-                                          ids_padded, first, second)]
-  sums = {split: np.zeros((3, num_units, width)) for split in (False, True)}
-  act_sums = {split: np.zeros((2, num_units)) for split in (False, True)}
-  counts = {False: 0, True: 0}
+                                          np.asarray(inv_stds, np.float32), ids_padded)]
+  sums = np.zeros((3, 2, width, num_units))
+  act_sums = np.zeros((2, 2, num_units))
+  counts = np.zeros(2)
   for start in range(0, num_images, chunk):
     stop = min(start + chunk, num_images)
-    images = linear.normalise_rows(image_embeddings[start:stop]).astype(np.float32)
+    block = np.zeros((chunk, image_embeddings.shape[1]), np.float32)
+    block[:stop - start] = linear.normalise_rows(image_embeddings[start:stop])
     acts = np.asarray(activations[start:stop], np.float64)
-    mask = np.asarray(held_out[start:stop], bool)
-    for split in (False, True):
-      rows = mask == split
-      if not rows.any():
-        continue
-      block = np.zeros((chunk, images.shape[1]), np.float32)
-      block[:rows.sum()] = images[rows]
-      act_block = np.zeros((chunk, padded_units), np.float32)
-      act_block[:rows.sum(), :num_units] = acts[rows]
-      out = np.asarray(fn(jnp.asarray(block), jnp.asarray(act_block), *device_args),
-                       np.float64)
-      sums[split] += out[:, :num_units]
-      act_sums[split] += np.stack([acts[rows].sum(0), np.square(acts[rows]).sum(0)])
-      counts[split] += int(rows.sum())
+    act_block = np.zeros((chunk, padded_units), np.float32)
+    act_block[:stop - start, :num_units] = acts
+    held = np.asarray(held_out[start:stop], bool)
+    split_weights = np.zeros((2, chunk), np.float32)
+    split_weights[0, :stop - start] = ~held
+    split_weights[1, :stop - start] = held
+    out = fn(jnp.asarray(block), jnp.asarray(act_block), jnp.asarray(split_weights),
+             *device_args)
+    sums += np.asarray(out, np.float64)[..., :num_units]
+    for index, rows in enumerate((~held, held)):
+      act_sums[index] += np.stack([acts[rows].sum(0), np.square(acts[rows]).sum(0)])
+      counts[index] += rows.sum()
   out = []
-  for split in (False, True):
+  for split in (0, 1):
     n = max(counts[split], 1)
-    s_x, s_xx, s_xa = sums[split]
+    s_x, s_xx, s_xa = (sums[k, split].T for k in range(3))
     s_a, s_aa = act_sums[split][0][:, None], act_sums[split][1][:, None]
     covariance = s_xa / n - (s_x / n) * (s_a / n)
     variance_x = np.maximum(s_xx / n - np.square(s_x / n), 0.0)

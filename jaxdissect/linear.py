@@ -188,8 +188,9 @@ def _select_body(residual, texts, inv_std, chosen, signed):
   scores = (residual @ texts.T) * inv_std[None, :]
   scores = scores if signed else jnp.abs(scores)
   scores = jnp.where(inv_std[None, :] > 0, scores, -jnp.inf)
-  rows = jnp.arange(scores.shape[0])[:, None]
-  scores = scores.at[rows, chosen].set(-jnp.inf, mode="drop")
+  concept = jnp.arange(scores.shape[1])[None, :]
+  for step in range(chosen.shape[1]):  # a compare per chosen concept beats a scatter
+    scores = jnp.where(concept == chosen[:, step:step + 1], -jnp.inf, scores)
   return jnp.argmax(scores, axis=1).astype(jnp.int32)
 
 
