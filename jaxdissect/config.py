@@ -174,31 +174,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError("similarity_dtype",
                            f"unknown dtype {config.similarity_dtype!r}.",
                            f"use one of {', '.join(registry.COMPUTE_DTYPES)}.")
-  if not 0.0 < float(config.trust_top_fraction) < 1.0:
-    raise errors.UserError("trust_top_fraction",
-                           f"must lie in (0, 1), got {config.trust_top_fraction!r}.",
-                           "set --config.trust_top_fraction=0.05.")
-  if int(config.trust_permutations) < 0:
-    raise errors.UserError("trust_permutations",
-                           f"must be 0 (off) or more, got {config.trust_permutations!r}.",
-                           "set --config.trust_permutations=100.")
+  for field, suggested in (("trust_top_fraction", 0.05), ("explain_holdout", 0.25)):
+    if not 0.0 < float(config[field]) < 1.0:
+      raise errors.UserError(field, f"must lie in (0, 1), got {config[field]!r}.",
+                             f"set --config.{field}={suggested}.")
+  for field, suggested in (("trust_permutations", 100), ("explain_concepts", 5),
+                           ("compose_beam", 6)):
+    if int(config[field]) < 0:
+      raise errors.UserError(field, f"must be 0 (off) or more, got {config[field]!r}.",
+                             f"set --config.{field}={suggested}.")
   if int(config.trust_bootstrap) < 0 or int(config.trust_bootstrap) == 1:
     raise errors.UserError("trust_bootstrap",
                            f"must be 0 (off) or at least 2 (pairs of resamples are "
                            f"compared), got {config.trust_bootstrap!r}.",
                            "set --config.trust_bootstrap=20.")
-  if int(config.explain_concepts) < 0:
-    raise errors.UserError("explain_concepts",
-                           f"must be 0 (off) or more, got {config.explain_concepts!r}.",
-                           "set --config.explain_concepts=5.")
-  if int(config.compose_beam) < 0:
-    raise errors.UserError("compose_beam",
-                           f"must be 0 (off) or more, got {config.compose_beam!r}.",
-                           "set --config.compose_beam=6.")
-  if not 0.0 < float(config.explain_holdout) < 1.0:
-    raise errors.UserError("explain_holdout",
-                           f"must lie in (0, 1), got {config.explain_holdout!r}.",
-                           "set --config.explain_holdout=0.25.")
   if config.token_pool not in registry.TOKEN_POOL_MODES:
     raise errors.UserError("token_pool", f"unknown token pool {config.token_pool!r}.",
                            f"use one of {', '.join(registry.TOKEN_POOL_MODES)}.")
