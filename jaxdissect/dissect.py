@@ -106,6 +106,7 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
     concepts = concepts_lib.load_concepts(config.concept_set, target.id2label)
   logging.info("Concept set %s: %d concepts.", config.concept_set, len(concepts))
   clip_hash = targets_lib.params_fingerprint(clip.params)
+  pass_mesh = mesh  # the simulator's pass runs on the same devices
   probe, probe_key, mesh = probe_pass.load_or_run(config, probe_set, clip, target,
                                                   layer_infos, mesh, len(concepts), clip_hash)
   skipped = probe_pass.check_skipped(config, probe, probe_set)
@@ -116,7 +117,8 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
                                       list(truths), mesh)
   result.trust = trust.layer_trust(
       config, probe, result, text_embeddings, mesh,
-      lambda texts: np.asarray(clip_lib.embed_texts(clip, texts, config.text_batch_size)))
+      lambda texts: np.asarray(clip_lib.embed_texts(clip, texts, config.text_batch_size)),
+      probe_pass.simulator_embeddings(config, probe_set, target, pass_mesh, concepts))
   evaluation = evaluate.evaluate_run(config, result, truths, concepts, text_embeddings, clip,
                                      probe=probe, annotations=probe_set.annotations())
   config_json = {"config": config.to_dict(), "workdir": os.path.abspath(workdir),

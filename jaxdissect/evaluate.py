@@ -18,6 +18,8 @@ import numpy as np
 from jaxdissect import errors
 from jaxdissect import labeling
 from jaxdissect import metrics
+from jaxdissect import probe_pass
+from jaxdissect import sharding
 from jaxdissect import trust
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import sentence as sentence_lib
@@ -212,16 +214,16 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
   result.trust = trust.layer_trust(
       config, probe, result, text_embeddings,
       embed_texts=lambda texts: np.asarray(clip_lib.embed_texts(
-          run.clip, texts, config.text_batch_size)))
+          run.clip, texts, config.text_batch_size)),
+      simulator=probe_pass.simulator_embeddings(config, run.probe_set, run.target,
+                                                sharding.make_mesh(), concepts))
   evaluation = evaluate_run(config, result, truths, concepts, text_embeddings,
                             lambda: run.clip, log_table=False, probe=probe,
                             annotations=_annotations(run))
   write_json_atomic(evaluation_path(result_dir), evaluation)
   _write_atomic(os.path.join(result_dir, "unit_trust.csv"), result.trust_csv())
-  for name, text in (("explanations.csv", result.explanations_csv()),
-                     ("compositional.csv", result.compositional_csv())):
-    if text is not None:
-      _write_atomic(os.path.join(result_dir, name), text)
+  for name, text in result.extra_files().items():
+    _write_atomic(os.path.join(result_dir, name), text)
   return evaluation
 
 

@@ -46,7 +46,10 @@ class LayerExplanations:
   OR or "X Y" prompt, by correlation) or None where not computed; selection_share:
   (K, k) for each concept of each linear explanation the share of bootstrap resamples
   of the fit images whose explanation of the unit also chooses it (NaN past the last
-  concept), or None where not computed."""
+  concept), or None where not computed; fit_correlation_label: (K,) the correlation
+  label on the fit images; simulator: the same explanations with another model's P
+  (config.simulator_model), its label_simulation and correlation_simulation scoring
+  this run's label and fit_correlation_label there, or None."""
   linear: linear.LinearExplanations
   simulation: np.ndarray
   label_simulation: np.ndarray
@@ -58,6 +61,8 @@ class LayerExplanations:
   held_out: int
   compositions: compositional_lib.Compositions | None = None
   selection_share: np.ndarray | None = None
+  fit_correlation_label: np.ndarray | None = None
+  simulator: "LayerExplanations | None" = None
 
   def summary(self) -> dict:
     """Layer means over units with a defined simulation; the recommended single label
@@ -81,6 +86,12 @@ class LayerExplanations:
     if self.compositions is not None:
       scores = self.compositions.score[~np.isnan(self.compositions.score)]
       out["simulation_compositional"] = float(scores.mean()) if scores.size else None
+    if self.simulator is not None:
+      for key, value in self.simulator.summary().items():
+        if key.startswith("simulation_") or key in ("recommended_label",
+                                                    "best_explanation",
+                                                    "explained_share"):
+          out[f"simulator_{key}"] = value
     if self.selection_share is not None:
       shares = self.selection_share[~np.isnan(self.selection_share)]
       first = self.selection_share[:, 0][~np.isnan(self.selection_share[:, 0])]
@@ -100,7 +111,8 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
                        max_concepts: int = linear.DEFAULT_MAX_CONCEPTS,
                        holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
                        mesh=None, concepts=None, beam: int = 0,
-                       embed_texts=None, weights=None) -> LayerExplanations:
+                       embed_texts=None, weights=None,
+                       correlation_ids=None) -> LayerExplanations:
   """All of the above for one layer.
 
   activations: (N, K), image_embeddings: (N, D), either may be a memmap;
@@ -110,6 +122,8 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
   (compositional.compose over the same split; embed_texts for the "X Y" prompts).
   weights: (R, N) bootstrap weights (stability.poisson_weights) or None: with them,
   each resample of the fit images is fitted again for the selection shares.
+  correlation_ids: (K,) the single label scored as the correlation label's simulation
+  instead of this P's own (a simulator scores CLIP's), or None.
   """
   num_images, num_units = activations.shape
   usable = np.asarray(usable, bool)
@@ -117,7 +131,8 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
   fit_moments, test_moments, all_moments = linear.image_moments(
       image_embeddings, activations, held_out)
   explanation = linear.fit(fit_moments, text_embeddings, usable, max_concepts, mesh)
-  fit_correlation = linear.correlation_labels(fit_moments, text_embeddings, usable, mesh)
+  fit_correlation = (linear.correlation_labels(fit_moments, text_embeddings, usable, mesh)
+                     if correlation_ids is None else np.asarray(correlation_ids))
   live = usable & (fit_moments.activation_var > 0) & (test_moments.activation_var > 0)
 
   def held_out_simulation(directions):
@@ -144,7 +159,7 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
       held_out_simulation(linear.concept_directions(text_embeddings, fit_correlation)),
       p_value, q_value, np.nan_to_num(q_value, nan=1.0) < SIGNIFICANCE,
       linear.correlation_labels(all_moments, text_embeddings, usable, mesh),
-      int(test_moments.count), compositions, selection_share)
+      int(test_moments.count), compositions, selection_share, fit_correlation)
 
 
 def _selection_share(concept_ids: np.ndarray, resampled, text_embeddings, usable,
@@ -160,12 +175,14 @@ def _selection_share(concept_ids: np.ndarray, resampled, text_embeddings, usable
 
 def run_explanations(name: str, activations, image_embeddings, text_embeddings,
                      label_ids, usable, config, mesh=None, concepts=None,
-                     embed_texts=None, weights=None) -> LayerExplanations | None:
+                     embed_texts=None, weights=None,
+                     simulator=None) -> LayerExplanations | None:
   """layer_explanations with the run's settings (config.explain_concepts, 0: off;
   config.explain_holdout; config.compose_beam, 0: no compositional labels;
   config.compose_prompts: embed "X Y" prompts with embed_texts; config.trust_seed;
-  weights: the run's bootstrap weights for the selection shares, or None), logged;
-  None when off."""
+  weights: the run's bootstrap weights for the selection shares, or None;
+  simulator: (image embeddings (N, D'), text embeddings (M, D')) of another model, or
+  None), logged; None when off."""
   max_concepts = int(config.get("explain_concepts", 0))
   if max_concepts <= 0:
     return None
@@ -177,6 +194,12 @@ def run_explanations(name: str, activations, image_embeddings, text_embeddings,
                            beam=int(config.get("compose_beam", 0)) if concepts else 0,
                            embed_texts=(embed_texts if config.get("compose_prompts", False)
                                         else None), weights=weights)
+  if simulator is not None:
+    out.simulator = layer_explanations(
+        activations, simulator[0], simulator[1], label_ids, usable,
+        max_concepts=max_concepts,
+        holdout=float(config.get("explain_holdout", DEFAULT_HOLDOUT)),
+        seed=int(config.trust_seed), mesh=mesh, correlation_ids=out.fit_correlation_label)
   summary = out.summary()
   logging.info("Layer %s: linear explanations (%d concepts) in %.1f s; held-out "
                "simulation label %s, correlation label %s, linear %s, compositional "
@@ -186,6 +209,12 @@ def run_explanations(name: str, activations, image_embeddings, text_embeddings,
                _fmt(summary["simulation_linear"]),
                _fmt(summary.get("simulation_compositional")), summary["explained_units"],
                len(out.simulation))
+  if out.simulator is not None:
+    logging.info("Layer %s, simulator %s: held-out simulation label %s, correlation "
+                 "label %s, its own linear explanations %s.", name,
+                 config.simulator_model, _fmt(summary["simulator_simulation_label"]),
+                 _fmt(summary["simulator_simulation_correlation_label"]),
+                 _fmt(summary["simulator_simulation_linear"]))
   return out
 
 

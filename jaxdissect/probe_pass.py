@@ -231,3 +231,20 @@ def _reason_counts(skipped) -> str:
   # "cannot decode (OSError: ...)" and "cannot decode (SyntaxError: ...)" count together.
   counts = collections.Counter(reason.split(" (")[0].split(":")[0] for _, _, reason in skipped)
   return ", ".join(f"{n} {what}" for what, n in counts.most_common())
+
+
+def simulator_embeddings(config, probe_set, target, mesh, concepts):
+  """(image embeddings (N, D'), text embeddings (M, D')) of config.simulator_model over
+  the probe set and the concepts (its own pass, stored and resumable like the run's),
+  or None when no simulator is set."""
+  if not config.get("simulator_model", ""):
+    return None
+  simulator = clip_lib.load_clip(config.simulator_model, field="simulator_model")
+  simulator_hash = targets_lib.params_fingerprint(simulator.params)
+  logging.info("Simulator %s: embedding the probe images and the concepts.",
+               config.simulator_model)
+  # No target layers: only the simulator's image embeddings are kept.
+  probe, _, _ = load_or_run(config, probe_set, simulator, target, [], mesh,
+                                       len(concepts), simulator_hash)
+  texts, _ = load_or_embed_texts(config, simulator, concepts, simulator_hash)
+  return np.asarray(probe.image_embeddings), np.asarray(texts)

@@ -93,6 +93,13 @@ class DissectionResult:
                          else str(bool(explained.explained[unit])).lower()])
     return out.getvalue()
 
+  def extra_files(self) -> dict[str, str]:
+    """{file name: contents} of the explanation files this result has."""
+    files = {"explanations.csv": self.explanations_csv(),
+             "explanations_simulator.csv": self.explanations_csv(simulator=True),
+             "compositional.csv": self.compositional_csv()}
+    return {name: text for name, text in files.items() if text is not None}
+
   def compositional_csv(self) -> str | None:
     """compositional.csv: layer,unit,expression,score, each live unit's best expression
     (a concept, "X AND Y", "X OR Y" or the prompt "X Y") and its held-out correlation;
@@ -112,14 +119,18 @@ class DissectionResult:
             writer.writerow([name, unit, expression, _fmt_or_empty(found.score[unit])])
     return out.getvalue()
 
-  def explanations_csv(self) -> str | None:
-    """explanations.csv: layer,unit,rank,concept,weight,selection_share, one row per
+  def explanations_csv(self, simulator: bool = False) -> str | None:
+    """explanations.csv (with simulator=True explanations_simulator.csv, fitted on the
+    simulator's P): layer,unit,rank,concept,weight,selection_share, one row per
     concept of each unit's linear explanation (rank 1 = largest |weight|; weight
     multiplies the raw column of P; selection_share: the share of bootstrap resamples
     whose explanation also chooses the concept, empty where not computed); None where
     no layer has them."""
     layers = {name: t.explanations for name, t in self.trust.items()
               if t.explanations is not None}
+    if simulator:
+      layers = {name: found.simulator for name, found in layers.items()
+                if found.simulator is not None}
     if not layers:
       return None
     out = io.StringIO()
@@ -307,11 +318,9 @@ def write_files(directory: str, result: DissectionResult, config_json: dict[str,
     with open(os.path.join(directory, "unit_trust.csv"), "w", encoding="utf-8",
               newline="") as f:
       f.write(result.trust_csv())
-    for name, text in (("explanations.csv", result.explanations_csv()),
-                       ("compositional.csv", result.compositional_csv())):
-      if text is not None:
-        with open(os.path.join(directory, name), "w", encoding="utf-8", newline="") as f:
-          f.write(text)
+    for name, text in result.extra_files().items():
+      with open(os.path.join(directory, name), "w", encoding="utf-8", newline="") as f:
+        f.write(text)
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config_json, f, indent=2, sort_keys=True, default=str)
   if skipped:

@@ -250,11 +250,12 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
 
 def layer_trust(config, probe: store.ProbeActivations,
                 result: results_lib.DissectionResult, text_embeddings: np.ndarray,
-                mesh=None, embed_texts=None) -> dict[str, UnitTrust]:
+                mesh=None, embed_texts=None, simulator=None) -> dict[str, UnitTrust]:
   """Per-unit AUC, permutation p-value, explanations (where the activations are held;
   with config.trust_bootstrap resamples, their concepts' selection shares) and
   ((soft-)WPMI only) label stability of every layer's labels; mesh: the devices of the stability and the explanations' fits;
-  embed_texts: texts -> CLIP text embeddings, for the compositional labels' prompts."""
+  embed_texts: texts -> CLIP text embeddings, for the compositional labels' prompts;
+  simulator: (image embeddings, text embeddings) of config.simulator_model, or None."""
   out = {}
   # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).
   resamples = int(config.get("trust_bootstrap", 0))
@@ -285,7 +286,7 @@ def layer_trust(config, probe: store.ProbeActivations,
       out[name].explanations = explanations_lib.run_explanations(
           name, activations, probe.image_embeddings, text_embeddings,
           layer.alternative_ids[:, 0], ~(layer.dead | layer.invalid), config, mesh,
-          result.concepts, embed_texts, weights)
+          result.concepts, embed_texts, weights, simulator)
     if bootstrap:
       started = time.time()
       unit_stability = stability_lib.layer_stability(
