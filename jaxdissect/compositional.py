@@ -142,14 +142,14 @@ def _pair_correlations(image_embeddings, activations, texts, means, inv_stds,
 def compose(activations, image_embeddings, text_embeddings, concepts: Sequence[str],
             usable: np.ndarray, held_out: np.ndarray, *, beam: int = DEFAULT_BEAM,
             embed_texts: Callable[[list[str]], np.ndarray] | None = None,
-            mesh=None, moments=None) -> Compositions:
+            mesh=None, moments=None, geometry=None) -> Compositions:
   """The best expression of each usable unit.
 
   activations: (N, K), image_embeddings: (N, D), either may be a memmap;
   text_embeddings: (M, D) of `concepts`; held_out: (N,) bool, the images the reported
   score is measured on; embed_texts: texts -> (len, D) CLIP text embeddings for the
   "X Y" prompts (None leaves them out); moments: linear.image_moments(...) of the same
-  split, if already computed.
+  split, and geometry: linear.concept_geometry of the fit moments, if already computed.
   """
   if beam < 1:
     raise ValueError(f"beam must be at least 1, got {beam}.")
@@ -159,20 +159,21 @@ def compose(activations, image_embeddings, text_embeddings, concepts: Sequence[s
   fit_moments, test_moments, _ = moments
   usable = np.asarray(usable, bool) & (fit_moments.activation_var > 0) & (
       test_moments.activation_var > 0)
-  texts = linear.normalise_rows(text_embeddings)
+  geometry = geometry or linear.concept_geometry(text_embeddings, fit_moments.image_cov)
+  texts = geometry.texts
   beam = min(beam, len(texts))
-  ids, fit_single = linear.top_correlated(fit_moments, text_embeddings, usable, beam, mesh)
+  ids, fit_single = linear.top_correlated(fit_moments, text_embeddings, usable, beam, mesh,
+                                          geometry)
   test_single = linear.simulation_matrix(texts, ids, test_moments)
   names = [[concepts[c] for c in row] for row in ids]
   fit_scores, test_scores, expressions = [fit_single], [test_single], [names]
   if beam >= 2:
     means = texts @ fit_moments.image_mean
-    std = np.sqrt(np.maximum(np.sum((texts @ fit_moments.image_cov) * texts, axis=1), 0.0))
-    inv_stds = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0)
     # P only for the concepts some unit's beam holds.
     union, local_ids = np.unique(ids, return_inverse=True)
     fit_pairs, test_pairs = _pair_correlations(
-        image_embeddings, activations, texts[union], means[union], inv_stds[union],
+        image_embeddings, activations, texts[union], means[union],
+        geometry.inv_std[union],
         local_ids.reshape(ids.shape), held_out, mesh)
     fit_scores.append(fit_pairs)
     test_scores.append(test_pairs)

@@ -57,8 +57,14 @@ def evaluation_path(result_dir: str) -> str:
 
 
 def write_json_atomic(path: str, evaluation: Mapping[str, dict]) -> None:
+  _write_atomic(path, json.dumps(evaluation, indent=2))
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """Writes a temporary file beside `path`, then renames it over `path`."""
   temporary = f"{path}.tmp-{os.getpid()}"
-  write_json(temporary, evaluation)
+  with open(temporary, "w", encoding="utf-8", newline="") as f:
+    f.write(text)
   os.replace(temporary, path)
 
 
@@ -225,13 +231,6 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
   for name, text in result.extra_files().items():
     _write_atomic(os.path.join(result_dir, name), text)
   return evaluation
-
-
-def _write_atomic(path: str, text: str) -> None:
-  temporary = f"{path}.tmp-{os.getpid()}"
-  with open(temporary, "w", encoding="utf-8", newline="") as f:
-    f.write(text)
-  os.replace(temporary, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

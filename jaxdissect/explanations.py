@@ -125,13 +125,16 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
   correlation_ids: (K,) the single label scored as the correlation label's simulation
   instead of this P's own (a simulator scores CLIP's), or None.
   """
-  num_images, num_units = activations.shape
+  num_images = activations.shape[0]
   usable = np.asarray(usable, bool)
   held_out = linear.holdout_mask(num_images, holdout, seed)
   fit_moments, test_moments, all_moments = linear.image_moments(
       image_embeddings, activations, held_out)
-  explanation = linear.fit(fit_moments, text_embeddings, usable, max_concepts, mesh)
-  fit_correlation = (linear.correlation_labels(fit_moments, text_embeddings, usable, mesh)
+  geometry = linear.concept_geometry(text_embeddings, fit_moments.image_cov)
+  explanation = linear.fit(fit_moments, text_embeddings, usable, max_concepts, mesh,
+                           geometry)
+  fit_correlation = (linear.correlation_labels(fit_moments, text_embeddings, usable, mesh,
+                                               geometry)
                      if correlation_ids is None else np.asarray(correlation_ids))
   live = usable & (fit_moments.activation_var > 0) & (test_moments.activation_var > 0)
 
@@ -152,7 +155,7 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
     compositions = compositional_lib.compose(
         activations, image_embeddings, text_embeddings, concepts, usable, held_out,
         beam=beam, embed_texts=embed_texts, mesh=mesh,
-        moments=(fit_moments, test_moments, all_moments))
+        moments=(fit_moments, test_moments, all_moments), geometry=geometry)
   return LayerExplanations(
       explanation, simulation,
       held_out_simulation(linear.concept_directions(text_embeddings, label_ids)),

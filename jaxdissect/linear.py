@@ -249,47 +249,67 @@ def _select(residual: np.ndarray, texts: jax.Array, inv_std: jax.Array,
   return (ids, values) if k else ids
 
 
-def _concept_geometry(text_embeddings, image_cov: np.ndarray):
-  """(normalised texts (M, D) float64, texts @ Sigma (M, D), 1/std of each P column (M,),
-  0 where the column is flat)."""
+@dataclasses.dataclass
+class ConceptGeometry:
+  """The concepts' P columns seen through one set of images' moments: texts (M, D)
+  normalised float64, texts_cov (M, D) = texts @ Sigma, inv_std (M,) 1/std of each P
+  column, 0 where the column is flat; texts_device, inv_std_device: float32 copies on
+  the device for the selection. Computed once per moments (M x D x D) and shared by
+  the fit, the correlation labels and the compositional candidates."""
+  texts: np.ndarray
+  texts_cov: np.ndarray
+  inv_std: np.ndarray
+
+  @functools.cached_property
+  def texts_device(self) -> jax.Array:
+    return jnp.asarray(self.texts, jnp.float32)
+
+  @functools.cached_property
+  def inv_std_device(self) -> jax.Array:
+    return jnp.asarray(self.inv_std, jnp.float32)
+
+
+def concept_geometry(text_embeddings, image_cov: np.ndarray) -> ConceptGeometry:
   texts = normalise_rows(text_embeddings)
   texts_cov = texts @ image_cov
   column_var = np.sum(texts_cov * texts, axis=1)
   varies = column_var > FLAT * max(float(column_var.max(initial=0.0)), 1e-300)
   inv_std = np.where(varies, 1.0 / np.sqrt(np.where(varies, column_var, 1.0)), 0.0)
-  return texts, texts_cov, inv_std
+  return ConceptGeometry(texts, texts_cov, inv_std)
 
 
 def correlation_labels(moments: Moments, text_embeddings, usable: np.ndarray,
-                       mesh: Mesh | None = None) -> np.ndarray:
+                       mesh: Mesh | None = None,
+                       geometry: ConceptGeometry | None = None) -> np.ndarray:
   """(K,) int64: for each unit the concept whose P column correlates best (signed) with
-  its activations over the moments' images; -1 for unusable or constant units."""
-  texts, _, inv_std = _concept_geometry(text_embeddings, moments.image_cov)
+  its activations over the moments' images; -1 for unusable or constant units.
+  geometry: concept_geometry(text_embeddings, moments.image_cov) if already computed."""
+  geometry = geometry or concept_geometry(text_embeddings, moments.image_cov)
   live = np.asarray(usable, bool) & (moments.activation_var > 0)
   out = np.full(len(live), -1, np.int64)
-  if live.any() and (inv_std > 0).any():
-    out[live] = _select(moments.cross[live], jnp.asarray(texts, jnp.float32),
-                        jnp.asarray(inv_std, jnp.float32),
-                        np.zeros((int(live.sum()), 0), np.int32), len(texts), mesh,
-                        signed=True)
+  if live.any() and (geometry.inv_std > 0).any():
+    out[live] = _select(moments.cross[live], geometry.texts_device,
+                        geometry.inv_std_device, np.zeros((int(live.sum()), 0), np.int32),
+                        len(geometry.texts), mesh, signed=True)
   return out
 
 
 def top_correlated(moments: Moments, text_embeddings, usable: np.ndarray, k: int,
-                   mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   mesh: Mesh | None = None, geometry: ConceptGeometry | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
   """Each unit's k concepts whose P columns correlate best (signed) with it over the
   moments' images: ((K, k) int64 ids, best first, (K, k) correlations); rows of
-  unusable or constant units are 0 and NaN. k may not exceed the concepts."""
-  texts, _, inv_std = _concept_geometry(text_embeddings, moments.image_cov)
+  unusable or constant units are 0 and NaN. k may not exceed the concepts.
+  geometry: concept_geometry(text_embeddings, moments.image_cov) if already computed."""
+  geometry = geometry or concept_geometry(text_embeddings, moments.image_cov)
   live = np.asarray(usable, bool) & (moments.activation_var > 0)
   ids = np.zeros((len(live), k), np.int64)
   correlations = np.full((len(live), k), np.nan)
   if live.any():
-    ids[live], scores = _select(moments.cross[live], jnp.asarray(texts, jnp.float32),
-                                jnp.asarray(inv_std, jnp.float32),
-                                np.zeros((int(live.sum()), 0), np.int32), len(texts),
-                                mesh, signed=True, k=k)
-    correlations[live] = simulation_matrix(texts, ids[live],
+    ids[live], _ = _select(moments.cross[live], geometry.texts_device,
+                           geometry.inv_std_device, np.zeros((int(live.sum()), 0), np.int32),
+                           len(geometry.texts), mesh, signed=True, k=k)
+    correlations[live] = simulation_matrix(geometry.texts, ids[live],
                                            _rows(moments, np.flatnonzero(live)))
   return ids, correlations
 
@@ -324,13 +344,15 @@ class LinearExplanations:
 
 
 def fit(moments: Moments, text_embeddings, usable: np.ndarray,
-        max_concepts: int = DEFAULT_MAX_CONCEPTS, mesh: Mesh | None = None
-        ) -> LinearExplanations:
+        max_concepts: int = DEFAULT_MAX_CONCEPTS, mesh: Mesh | None = None,
+        geometry: ConceptGeometry | None = None) -> LinearExplanations:
   """Orthogonal matching pursuit of every usable, non-constant unit on `moments` (the
-  fit images). text_embeddings: (M, D). usable: (K,) bool."""
+  fit images). text_embeddings: (M, D). usable: (K,) bool. geometry:
+  concept_geometry(text_embeddings, moments.image_cov) if already computed."""
   if max_concepts < 1:
     raise ValueError(f"max_concepts must be at least 1, got {max_concepts}.")
-  texts, texts_cov, inv_std = _concept_geometry(text_embeddings, moments.image_cov)
+  geometry = geometry or concept_geometry(text_embeddings, moments.image_cov)
+  texts, texts_cov, inv_std = geometry.texts, geometry.texts_cov, geometry.inv_std
   num_units = len(usable)
   steps = min(max_concepts, int(np.sum(inv_std > 0)))
   ids = np.full((num_units, max_concepts), -1, np.int64)
@@ -340,15 +362,13 @@ def fit(moments: Moments, text_embeddings, usable: np.ndarray,
   if not live.size or not steps:
     return LinearExplanations(ids, weights, directions)
   cross = moments.cross[live]
-  texts_device = jnp.asarray(texts, jnp.float32)
-  inv_std_device = jnp.asarray(inv_std, jnp.float32)
   chosen = np.zeros((len(live), 0), np.int64)
   direction = np.zeros_like(cross)
   w = np.zeros((len(live), 0))
   for _ in range(steps):
     residual = cross - direction @ moments.image_cov
-    new = _select(residual, texts_device, inv_std_device, chosen.astype(np.int32),
-                  len(texts), mesh, signed=False)
+    new = _select(residual, geometry.texts_device, geometry.inv_std_device,
+                  chosen.astype(np.int32), len(texts), mesh, signed=False)
     chosen = np.concatenate([chosen, new[:, None]], axis=1)
     w = least_squares(texts[chosen], texts_cov[chosen], cross)
     direction = np.einsum("us,usd->ud", w, texts[chosen])

@@ -244,7 +244,7 @@ def simulator_embeddings(config, probe_set, target, mesh, concepts):
   logging.info("Simulator %s: embedding the probe images and the concepts.",
                config.simulator_model)
   # No target layers: only the simulator's image embeddings are kept.
-  probe, _, _ = load_or_run(config, probe_set, simulator, target, [], mesh,
-                                       len(concepts), simulator_hash)
+  probe, _, _ = load_or_run(config, probe_set, simulator, target, [], mesh, len(concepts),
+                            simulator_hash)
   texts, _ = load_or_embed_texts(config, simulator, concepts, simulator_hash)
   return np.asarray(probe.image_embeddings), np.asarray(texts)

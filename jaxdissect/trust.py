@@ -253,9 +253,9 @@ def layer_trust(config, probe: store.ProbeActivations,
                 mesh=None, embed_texts=None, simulator=None) -> dict[str, UnitTrust]:
   """Per-unit AUC, permutation p-value, explanations (where the activations are held;
   with config.trust_bootstrap resamples, their concepts' selection shares) and
-  ((soft-)WPMI only) label stability of every layer's labels; mesh: the devices of the stability and the explanations' fits;
-  embed_texts: texts -> CLIP text embeddings, for the compositional labels' prompts;
-  simulator: (image embeddings, text embeddings) of config.simulator_model, or None."""
+  ((soft-)WPMI only) label stability of every layer's labels; mesh: the devices of
+  the stability and the explanations' fits; embed_texts: texts -> CLIP text
+  embeddings, for the compositional labels' prompts; simulator: (image embeddings, text embeddings) of config.simulator_model, or None."""
   out = {}
   # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).
   resamples = int(config.get("trust_bootstrap", 0))
