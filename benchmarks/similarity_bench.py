@@ -12,8 +12,11 @@ process (peak RSS per measurement):
   - torch, for (soft-)WPMI: the official tool's algorithm as a PyTorch loop on the same
     P (float32, no autograd, torch threads = cores; softmax over concepts once, top-k of
     the activations, then per neuron a gather of its top rows, log and sum, and the
-    prior), written from the paper's formulas, one call; skipped with a note where
-    torch is not installed;
+    prior), written from the paper's formulas the way the authors' loop computes them
+    (torch.gather with an expanded index), one call; skipped with a note where torch is
+    not installed;
+  - torch_index: the same loop reading the rows as probs[top[:, k]], faster than the
+    authors' gather (a stricter bar), one call;
   - numpy: the same per-neuron loop in NumPy on the same P, one call;
   - stability, with --stability, for (soft-)WPMI: the label stability of every neuron
     (stability.py, 20 bootstrap resamples, trust_bootstrap's default) from the
@@ -99,8 +102,14 @@ def numpy_baseline(name, P, activations):
   raise ValueError(name)
 
 
-def torch_baseline(name, P, activations):
-  """(Soft-)WPMI as the official PyTorch code computes it, one neuron at a time."""
+def torch_baseline(name, P, activations, rows="gather"):
+  """(Soft-)WPMI as the official PyTorch code computes it, one neuron at a time.
+
+  rows "gather": each neuron's top rows read as the authors' loop reads them,
+  probs.gather(0, top[:, k:k+1].expand(-1, concepts)) (an int64 index per element);
+  "index": probs[top[:, k]], a faster way to read the same rows, kept as a stricter
+  bar than the authors' code (about 1.4x faster at 10k x 20k x 256 on 2 cores).
+  """
   import math  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
@@ -113,12 +122,15 @@ def torch_baseline(name, P, activations):
       ranks = torch.arange(top_k, dtype=torch.float32)
       membership = (defaults["p_start"] - ranks / top_k * (
           defaults["p_start"] - defaults["p_end"])).unsqueeze(1)
-    rows = []
+    out = []
     for k in range(activations.shape[1]):
-      selected = probs[top[:, k]]
+      if rows == "gather":
+        selected = probs.gather(0, top[:, k:k + 1].expand(-1, probs.shape[1]))
+      else:
+        selected = probs[top[:, k]]
       terms = 1 + membership * (selected - 1) if name == "soft_wpmi" else selected
-      rows.append(torch.log(terms + defaults["min_prob"]).sum(dim=0))
-    L = torch.stack(rows)
+      out.append(torch.sum(torch.log(terms + defaults["min_prob"]), dim=0, keepdim=True))
+    L = torch.cat(out)
     prior = torch.logsumexp(L, dim=0) - math.log(L.shape[0])
     return (L - defaults["lam"] * prior).numpy()
 
@@ -145,11 +157,12 @@ def _measure(kind, name, size, queue):
   extra = {}
   if kind == "numpy":
     seconds, scores = _best_of(1, lambda: numpy_baseline(name, P, activations))
-  elif kind == "torch":
+  elif kind in ("torch", "torch_index"):
+    rows = "gather" if kind == "torch" else "index"
     # Torch's one-time start-up (thread pool, kernels) is not the loop's cost.
     small = make_inputs(200, 50, 4)
-    torch_baseline(name, numpy_concept_activation(*small[:2]), small[2])
-    seconds, scores = _best_of(1, lambda: torch_baseline(name, P, activations))
+    torch_baseline(name, numpy_concept_activation(*small[:2]), small[2], rows)
+    seconds, scores = _best_of(1, lambda: torch_baseline(name, P, activations, rows))
   elif kind in ("explanations", "compositional", "selection"):
     from jaxdissect import explanations  # pylint: disable=g-import-not-at-top
     from jaxdissect import stability  # pylint: disable=g-import-not-at-top
@@ -227,6 +240,8 @@ COLUMNS = (  # (header, record key, width, digits)
     ("torch s", "torch_seconds", 7, 2), ("numpy s", "numpy_seconds", 7, 2),
     ("vs torch", "speedup_vs_torch", 8, 1), ("stream vs torch", "streaming_speedup_vs_torch",
                                              15, 1),
+    ("torch idx s", "torch_index_seconds", 11, 2),
+    ("vs torch idx", "speedup_vs_torch_index", 12, 1),
     ("vs numpy", "speedup_vs_numpy", 8, 1), ("stream/ours", "streaming_over_ours", 11, 2),
     ("copy/ours", "memory_floor_fraction", 9, 2), ("ours GB", "ours_peak_rss_gb", 7, 2),
     ("stream GB", "streaming_peak_rss_gb", 9, 2), ("torch GB", "torch_peak_rss_gb", 8, 2),
@@ -295,6 +310,8 @@ def main(argv=None):
         pass
       elif name in registry.PRIOR_FUNCTIONS and torch_available():
         record.update(_against("torch", measure("torch", name, size), ours, stream))
+        record.update(_against("torch_index", measure("torch_index", name, size), ours,
+                               stream))
       elif name in registry.PRIOR_FUNCTIONS:
         print("(torch not installed: the official-algorithm baseline is skipped)")
       if name in registry.PRIOR_FUNCTIONS:
