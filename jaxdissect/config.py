@@ -100,7 +100,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # faster: none yet).
   config.similarity_kernel = "auto"
   # Streamed (soft-)WPMI: "bfloat16" multiplies the embeddings in bfloat16 with float32
-  # accumulation (faster on accelerators; label agreement in BENCHMARKS.md).
+  # accumulation (faster on accelerators), then recomputes each unit's best 4 concepts
+  # with float32 products before labelling (label agreement in BENCHMARKS.md).
   config.similarity_dtype = "float32"
   # rank_reorder: neurons per chunk (0: chosen from a memory budget).
   config.neuron_chunk_size = 0

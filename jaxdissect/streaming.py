@@ -29,6 +29,14 @@ CHUNK_BUDGET_BYTES = 256 * 2**20
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Neurons per vectorised step of (soft-)WPMI at most: bounds the padding of small layers.
 MAX_NEURON_CHUNK = 32
+# With bfloat16 products, each neuron's best concepts by the bfloat16 scores whose L is
+# recomputed with float32 products before the prior and the labels. On random
+# CLIP-like data (50,000 images x 20,000 concepts x 2,048 neurons, soft-WPMI, whose
+# labels are full of near ties), 98.9% of the labels equalled float32's without it and
+# 99.8% with the top 2 to 16 (BENCHMARKS.md).
+RESCORED_CANDIDATES = 4
+# Neurons per step of that recomputation: (neurons x top_k x dim) gathered rows.
+RESCORE_CHUNK = 64
 STREAMING_FUNCTIONS = registry.STREAMING_FUNCTIONS
 _SOFT = registry.SIMILARITY["soft_wpmi"].defaults
 _WPMI = registry.SIMILARITY["wpmi"].defaults
@@ -42,7 +50,8 @@ def _rows(images, texts, compute_dtype: str = "float32"):
   """P rows for some images: (..., D) x (M, D) -> (..., M), float32.
 
   compute_dtype "bfloat16": the products in bfloat16, accumulated in float32 (the
-  matmul is the FLOP-heavy part on an accelerator; softmax and logs stay float32).
+  matmul is the FLOP-heavy part on an accelerator; softmax and logs stay float32; the
+  labels' candidates are recomputed in float32, _rescored).
   """
   if compute_dtype == "bfloat16":
     return jnp.matmul(images.astype(jnp.bfloat16), texts.astype(jnp.bfloat16).T,
@@ -76,7 +85,7 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
                           min_prob, name, membership=None, term_floor=None,
                           top_images=None, mesh: Mesh | None = None,
                           kernel: str = "auto", compute_dtype: str = "float32",
-                          block_size: int | None = None):
+                          block_size: int | None = None, rescore_lam=None):
   """L (num_neurons, num_concepts): for each neuron, the sum over its top_k images of
   log(S + min_prob) (wpmi; membership None) or log(1 + p_j (S - 1) + min_prob)
   (soft_wpmi), S = softmax(a P) at those images (likelihood.py's blocked plan, the P
@@ -91,6 +100,9 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   (Pallas only where it was measured faster: kernels.PALLAS_MEASURED_FASTER_ON).
   compute_dtype: "float32" or "bfloat16" (the P rows' products; see _rows).
   block_size: concepts per block (jnp path); None: from likelihood.BLOCK_BYTES.
+  rescore_lam: with bfloat16, the prior's weight of the scores that pick each neuron's
+  RESCORED_CANDIDATES concepts whose L is then recomputed with float32 products (the
+  row normalisers stay the bfloat16 pass's); None: no recomputation.
   """
   if compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"{name}: compute_dtype must be one of {COMPUTE_DTYPES}, got "
@@ -144,17 +156,74 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
     body = _kernel_body(float(a), float(min_prob), jax.default_backend() == "cpu")
   with kernels.lowering_context() if pallas else contextlib.nullcontext():
     if devices == 1:
-      return _jitted(body)(*args, **statics)[:num_neurons]
-    out = _sharded_log_likelihood(mesh, body, **statics)(*args)
-  # Gathered to the host: the prior (a logsumexp over all neurons) is then computed as
-  # in the unsharded case, so sharding cannot change a single bit of the scores.
-  return np.asarray(out)[:num_neurons]
+      out, top_lse = _jitted(body)(*args, **statics)
+    else:
+      # Gathered to the host: the prior (a logsumexp over all neurons) is then computed
+      # as in the unsharded case, so sharding cannot change a single bit of the scores.
+      out, top_lse = (np.asarray(x) for x in
+                      _sharded_log_likelihood(mesh, body, **statics)(*args))
+  out, top_lse = out[:num_neurons], top_lse[:num_neurons]
+  if compute_dtype == "bfloat16" and rescore_lam is not None:
+    out = _rescored(out, top_lse, args, rescore_lam, soft)
+  return out
+
+
+def _rescored(log_likelihood, top_lse, args, lam, soft):
+  """log_likelihood with each neuron's RESCORED_CANDIDATES best concepts by
+  L - lam * prior recomputed with float32 products; top_lse: (num_neurons, top_k) the
+  row normalisers at the neurons' top images; args: _top_k_log_likelihood's."""
+  images, texts, top_images, membership, a, min_prob = args
+  num_neurons = log_likelihood.shape[0]
+  count = min(RESCORED_CANDIDATES, texts.shape[0])
+  if count == 0:
+    return log_likelihood
+  scores = similarity.subtract_prior(jnp.asarray(log_likelihood), lam)
+  _, candidates = jax.lax.top_k(scores, count)
+  exact = _candidate_log_likelihood(images, texts, jnp.asarray(top_images[:num_neurons]),
+                                    jnp.asarray(top_lse), candidates, membership, a,
+                                    min_prob, soft=soft)
+  rescored = jnp.asarray(log_likelihood).at[
+      jnp.arange(num_neurons)[:, None], candidates].set(exact)
+  return np.asarray(rescored) if isinstance(log_likelihood, np.ndarray) else rescored
+
+
+@functools.partial(jax.jit, static_argnames=("soft",))
+def _candidate_log_likelihood(images, texts, top_images, top_lse, candidates,
+                              membership, a, min_prob, *, soft):
+  """(num_neurons, candidates) L at given concepts, float32 products, a sum of logs.
+
+  images: (rows, dim) normalised; top_images: (num_neurons, top_k) rows of images;
+  top_lse: (num_neurons, top_k) their row normalisers; candidates: (num_neurons, c).
+  """
+  num_neurons = top_images.shape[0]
+  chunk = min(RESCORE_CHUNK, num_neurons)
+  padded = -(-num_neurons // chunk) * chunk
+
+  def pad(x):
+    return jnp.pad(x, ((0, padded - num_neurons),) + ((0, 0),) * (x.ndim - 1))
+
+  def neurons(xs):
+    ids, lse, concepts = xs
+    logits = a * jnp.einsum("njd,ncd->njc", images[ids], texts[concepts],
+                            precision=jax.lax.Precision.HIGHEST)
+    probs = jnp.exp(logits - lse[:, :, None])
+    weights = membership[None, :, None] if soft else None
+    return jnp.sum(jnp.log(likelihood.likelihood_terms(probs, weights, min_prob)), axis=1)
+
+  top_k = top_lse.shape[1]
+  out = jax.lax.map(neurons, (pad(top_images[:, :top_k]).reshape(-1, chunk, top_k),
+                              pad(top_lse).reshape(-1, chunk, top_k),
+                              pad(candidates).reshape(-1, chunk, candidates.shape[1])))
+  return out.reshape(padded, -1)[:num_neurons]
 
 
 def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, *,
                             soft, chunk, block, group, compute_dtype="float32"):
   """likelihood.py's plan with the logits recomputed from the embeddings: whole rows
-  for the normalisers, then (rows, dim) x (block, dim) per block of concepts for L."""
+  for the normalisers, then (rows, dim) x (block, dim) per block of concepts for L.
+
+  Every plan returns (L, the row normalisers at each neuron's top images (neurons,
+  top_k)), the latter for _rescored."""
   del chunk  # the kernel's
   num_concepts = texts.shape[0]
 
@@ -167,9 +236,10 @@ def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, 
                                     texts, compute_dtype),
       images.shape[0],
       likelihood.rows_per_block(num_concepts, likelihood.MATMUL_ROW_BLOCK_BYTES))
-  return likelihood.log_likelihood(block_logits, row_lse, top_images,
-                                   membership if soft else None, min_prob,
-                                   num_concepts=num_concepts, block=block, group=group)
+  return (likelihood.log_likelihood(block_logits, row_lse, top_images,
+                                    membership if soft else None, min_prob,
+                                    num_concepts=num_concepts, block=block, group=group),
+          row_lse[top_images])
 
 
 def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_prob, *,
@@ -189,21 +259,25 @@ def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_pr
   top_images, membership = likelihood.pad_ranks(top_images, membership if soft else None,
                                                 group)
 
-  def neurons(ids):  # (chunk, padded top_k) -> (chunk, num_concepts)
-    def add_log_of_group(group_index, acc):
+  def neurons(ids):  # (chunk, padded top_k) -> (chunk, num_concepts), (chunk, top_k)
+    def add_log_of_group(group_index, carry):
+      acc, lse = carry
       group_ids = jax.lax.dynamic_slice_in_dim(ids, group_index * group, group, axis=1)
       logits = a * _rows(images[group_ids.reshape(-1)], texts, compute_dtype)
-      probs = jnp.exp(logits - likelihood.logsumexp_rows(logits)[:, None]).reshape(
-          ids.shape[0], group, -1)
+      group_lse = likelihood.logsumexp_rows(logits)
+      probs = jnp.exp(logits - group_lse[:, None]).reshape(ids.shape[0], group, -1)
+      lse = jax.lax.dynamic_update_slice_in_dim(
+          lse, group_lse.reshape(ids.shape[0], group), group_index * group, axis=1)
       return acc + likelihood.log_of_group(
           lambda rank: probs[:, rank - group_index * group], group_index * group, group,
-          top_k, membership, min_prob)
+          top_k, membership, min_prob), lse
 
     return jax.lax.fori_loop(0, num_groups, add_log_of_group,
-                             jnp.zeros((ids.shape[0], texts.shape[0]), jnp.float32))
+                             (jnp.zeros((ids.shape[0], texts.shape[0]), jnp.float32),
+                              jnp.zeros(ids.shape, jnp.float32)))
 
-  out = jax.lax.map(neurons, top_images.reshape(num_neurons // chunk, chunk, -1))
-  return out.reshape(num_neurons, -1)
+  out, lse = jax.lax.map(neurons, top_images.reshape(num_neurons // chunk, chunk, -1))
+  return out.reshape(num_neurons, -1), lse.reshape(num_neurons, -1)[:, :top_k]
 
 
 def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *, soft,
@@ -218,7 +292,7 @@ def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *
       lambda ids: kernels._log_likelihood(
           images, texts, row_lse, ids, membership, a=a_value, min_prob=min_prob_value,
           soft=soft, group=group, interpret=interpret), blocks)
-  return out.reshape(-1, texts.shape[0])
+  return out.reshape(-1, texts.shape[0]), row_lse[top_images]
 
 
 @functools.lru_cache(maxsize=32)
@@ -247,7 +321,7 @@ def _sharded_log_likelihood(mesh, body, soft, chunk, block, group, compute_dtype
                                  replicated),
       # The loops' zero-initialised carries are per-device values; the neuron split
       # is all that varies.
-      out_specs=split, check_vma=False))
+      out_specs=(split, split), check_vma=False))
 
 
 def wpmi(image_embeddings, text_embeddings, activations, top_k=_WPMI["top_k"],
@@ -261,7 +335,7 @@ def wpmi(image_embeddings, text_embeddings, activations, top_k=_WPMI["top_k"],
                                          top_k, a, min_prob, "wpmi",
                                          top_images=top_images, mesh=mesh, kernel=kernel,
                                          compute_dtype=compute_dtype,
-                                         block_size=block_size)
+                                         block_size=block_size, rescore_lam=lam)
   scores = similarity.subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 
@@ -279,7 +353,7 @@ def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=_SOFT["top_k
       membership=similarity.soft_wpmi_membership(top_k, p_start, p_end),
       term_floor=likelihood.soft_wpmi_term_floor(p_start, p_end, min_prob),
       top_images=top_images, mesh=mesh, kernel=kernel, compute_dtype=compute_dtype,
-      block_size=block_size)
+      block_size=block_size, rescore_lam=lam)
   scores = similarity.subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 

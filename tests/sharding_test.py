@@ -35,6 +35,10 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
       from_top = np.asarray(fn(images, texts, None, top_images=running.ids.T, mesh=mesh))
       assert np.array_equal(one, eight), (name, np.abs(one - eight).max())
       assert np.array_equal(one, from_top), (name, np.abs(one - from_top).max())
+      # bfloat16 products, then each neuron's candidates rescored in float32.
+      one, eight = (np.asarray(fn(images, texts, acts, mesh=m, compute_dtype="bfloat16"))
+                    for m in (None, mesh))
+      assert np.array_equal(one, eight), (name, np.abs(one - eight).max())
     # 5 neurons over 3,000 images share few top images: the rank-group plan.
     wide = rng.standard_normal((3000, 24)).astype(np.float32)
     few = rng.random((3000, 5)).astype(np.float32)

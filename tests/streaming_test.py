@@ -1,4 +1,6 @@
 """Streaming similarity (no images x concepts matrix) equals the in-memory functions."""
+from unittest import mock
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import pytest
@@ -53,10 +55,17 @@ class StreamingTest(parameterized.TestCase):
             jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
             jnp.float32(10.0 if soft else 2.0), jnp.float32(1e-7))
     statics = {"soft": soft, "block": 5, "group": likelihood.log_group_size(floor, top_k)}
-    blocked = streaming._neurons_log_likelihood(*args, chunk=1, **statics)  # pylint: disable=protected-access
-    ranked = streaming._rank_groups_log_likelihood(*args, chunk=3, **statics)  # pylint: disable=protected-access
+    blocked, blocked_lse = streaming._neurons_log_likelihood(*args, chunk=1, **statics)  # pylint: disable=protected-access
+    ranked, ranked_lse = streaming._rank_groups_log_likelihood(*args, chunk=3, **statics)  # pylint: disable=protected-access
     np.testing.assert_allclose(np.asarray(ranked), np.asarray(blocked), rtol=2e-6,
                                atol=2e-4)
+    # The row normalisers at each neuron's top images, which _rescored reads.
+    logits = np.asarray(args[4]) * (np.asarray(args[0], np.float64)
+                                    @ np.asarray(args[1], np.float64).T)
+    lse = np.log(np.exp(logits).sum(axis=1))[top_rows]
+    for got in (blocked_lse, ranked_lse):
+      self.assertEqual(got.shape, (6, top_k))
+      np.testing.assert_allclose(np.asarray(got), lse, rtol=1e-6, atol=1e-5)
 
   def test_small_chunks_change_nothing(self):
     images, texts, activations = embeddings(700, 12, 9, seed=3)
@@ -113,6 +122,46 @@ class BFloat16Test(absltest.TestCase):
       # bfloat16 keeps 8 bits of mantissa: the scores move, but little.
       self.assertLess(np.abs(bf16 - f32).max(), 0.05 * np.abs(f32).max())
       self.assertGreater(np.abs(bf16 - f32).max(), 0.0)
+
+  def test_rescoring_repairs_the_labels_bfloat16_flips(self):
+    # Random embeddings and ReLU activations: near ties everywhere, where bfloat16's
+    # 8-bit products flip some labels (as at the benchmark's sizes).
+    rng = np.random.default_rng(5)
+    images = rng.standard_normal((3000, 64)).astype(np.float32)
+    texts = rng.standard_normal((2000, 64)).astype(np.float32)
+    activations = np.maximum(rng.standard_normal((3000, 256)), 0).astype(np.float32)
+    for fn in (streaming.soft_wpmi, streaming.wpmi):
+      f32 = np.asarray(fn(images, texts, activations)).argmax(1)
+      with mock.patch.object(streaming, "RESCORED_CANDIDATES", 0):
+        raw = np.asarray(fn(images, texts, activations, compute_dtype="bfloat16"))
+      rescored = np.asarray(fn(images, texts, activations, compute_dtype="bfloat16"))
+      raw_agreement = np.mean(raw.argmax(1) == f32)
+      self.assertLess(raw_agreement, 1.0, fn.__name__)  # there are flips to repair
+      self.assertGreater(np.mean(rescored.argmax(1) == f32), raw_agreement, fn.__name__)
+      self.assertGreaterEqual(np.mean(rescored.argmax(1) == f32), 0.99, fn.__name__)
+
+  def test_candidate_log_likelihood_equals_float64(self):
+    rng = np.random.default_rng(2)
+    images = similarity.l2_normalise(rng.standard_normal((50, 8)), xp=np)
+    texts = similarity.l2_normalise(rng.standard_normal((30, 8)), xp=np)
+    top = rng.integers(0, 50, (5, 7))
+    candidates = rng.integers(0, 30, (5, 3))
+    logits = 10.0 * images @ texts.T
+    lse = np.log(np.exp(logits).sum(axis=1))
+    membership = similarity.soft_wpmi_membership(7, 0.998, 0.97)
+    probs = np.exp(logits - lse[:, None])
+    for soft in (True, False):
+      expected = np.empty((5, 3))
+      for n in range(5):
+        s = probs[top[n]][:, candidates[n]]
+        terms = 1 + membership[:, None] * (s - 1) + 1e-7 if soft else s + 1e-7
+        expected[n] = np.log(terms).sum(axis=0)
+      got = streaming._candidate_log_likelihood(  # pylint: disable=protected-access
+          jnp.asarray(images, jnp.float32), jnp.asarray(texts, jnp.float32),
+          jnp.asarray(top), jnp.asarray(lse[top], jnp.float32), jnp.asarray(candidates),
+          jnp.asarray(membership, jnp.float32), jnp.float32(10.0), jnp.float32(1e-7),
+          soft=soft)
+      np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-6, atol=1e-4)
 
   def test_unknown_dtype_is_refused(self):
     with self.assertRaisesRegex(ValueError, "compute_dtype"):
