@@ -18,6 +18,13 @@ P for the candidates' concepts a chunk of images at a time, the (images x units 
 expressions) values reduced to sums in the chunk (jitted, units split over the mesh),
 the sums accumulated in float64. Memory: chunk x units x expressions, never
 images x concepts.
+
+Selection share (with the run's bootstrap weights): the share of the resamples of the
+fit images in which the unit's expression is chosen again among the same candidate
+expressions (the beam is the run's: re-selecting it per resample would re-run the
+beam's correlations, and the shares ask how firmly the choice among these candidates
+holds). The resamples' AND / OR sums come from the same pass, one more weighted sum
+per resample; singles and prompts from the resamples' moments.
 """
 import dataclasses
 import functools
@@ -43,10 +50,12 @@ AND, OR = "AND", "OR"
 class Compositions:
   """expression: (K,) the best expression of each unit ("" for units left out);
   fit_score, score: (K,) its correlation on the fit and the held-out images (NaN for
-  units left out)."""
+  units left out); selection_share: (K,) the share of the bootstrap resamples of the
+  fit images that choose the same expression (NaN for units left out), or None."""
   expression: list
   fit_score: np.ndarray
   score: np.ndarray
+  selection_share: np.ndarray | None = None
 
 
 def pairs(beam: int) -> list[tuple[int, int]]:
@@ -58,10 +67,11 @@ def _pair_body(images, acts, split_weights, texts, means, inv_stds, ids, beam):
   its square and its product with the unit's activation.
 
   images: (C, D) normalised, acts: (C, B) the chunk's activations of B units,
-  split_weights: (2, C) 1 where the image is in the fit / held-out split (0 for
+  split_weights: (S, C) each image's weight in each sum: 1 where it is in the fit /
+  held-out split, then its bootstrap count in each resample of the fit images (0 for
   padding rows), texts: (U, D) the candidates' concepts; means, inv_stds: (U,) of their
   P columns on the fit images; ids: (B, beam) each unit's candidates as rows of texts.
-  Returns (3, 2, 2E, B) float32: sum x, sum x^2, sum x a per split.
+  Returns (3, S, 2E, B) float32: sum x, sum x^2, sum x a per row of split_weights.
   """
   # A matmul per beam position rather than a gather from P's (C, U) columns: gathers
   # are slow on CPU, and U is up to beam x B anyway.
@@ -89,8 +99,10 @@ def _pair_sums(mesh: Mesh | None, beam: int):
 
 
 def _pair_correlations(image_embeddings, activations, texts, means, inv_stds,
-                       ids: np.ndarray, held_out: np.ndarray, mesh):
-  """(fit, held-out) correlations of each unit's ANDs then ORs: (K, 2E) each."""
+                       ids: np.ndarray, held_out: np.ndarray, mesh, weights=None):
+  """Correlations of each unit's ANDs then ORs, (K, 2E) each: on the fit images, on
+  the held-out ones, then on each resample of the fit images (weights: (R, N)
+  bootstrap counts, or None for none)."""
   num_images, num_units = activations.shape
   beam = ids.shape[1]
   devices = 1 if mesh is None else mesh.devices.size
@@ -104,9 +116,10 @@ def _pair_correlations(image_embeddings, activations, texts, means, inv_stds,
   device_args = [jnp.asarray(a) for a in (np.asarray(texts, np.float32),
                                           np.asarray(means, np.float32),
                                           np.asarray(inv_stds, np.float32), ids_padded)]
-  sums = np.zeros((3, 2, width, num_units))
-  act_sums = np.zeros((2, 2, num_units))
-  counts = np.zeros(2)
+  num_sums = 2 + (0 if weights is None else len(weights))
+  sums = np.zeros((3, num_sums, width, num_units))
+  act_sums = np.zeros((num_sums, 2, num_units))
+  counts = np.zeros(num_sums)
   for start in range(0, num_images, chunk):
     stop = min(start + chunk, num_images)
     block = np.zeros((chunk, image_embeddings.shape[1]), np.float32)
@@ -115,17 +128,19 @@ def _pair_correlations(image_embeddings, activations, texts, means, inv_stds,
     act_block = np.zeros((chunk, padded_units), np.float32)
     act_block[:stop - start, :num_units] = acts
     held = np.asarray(held_out[start:stop], bool)
-    split_weights = np.zeros((2, chunk), np.float32)
-    split_weights[0, :stop - start] = ~held
-    split_weights[1, :stop - start] = held
+    rows = [~held, held]
+    if weights is not None:
+      rows += list(np.asarray(weights[:, start:stop], np.float64) * ~held)
+    row_weights = np.stack(rows).astype(np.float64)  # (num_sums, stop - start)
+    split_weights = np.zeros((num_sums, chunk), np.float32)
+    split_weights[:, :stop - start] = row_weights
     out = fn(jnp.asarray(block), jnp.asarray(act_block), jnp.asarray(split_weights),
              *device_args)
     sums += np.asarray(out, np.float64)[..., :num_units]
-    for index, rows in enumerate((~held, held)):
-      act_sums[index] += np.stack([acts[rows].sum(0), np.square(acts[rows]).sum(0)])
-      counts[index] += rows.sum()
+    act_sums += np.stack([row_weights @ acts, row_weights @ np.square(acts)], axis=1)
+    counts += row_weights.sum(axis=1)
   out = []
-  for split in (0, 1):
+  for split in range(num_sums):
     n = max(counts[split], 1)
     s_x, s_xx, s_xa = (sums[k, split].T for k in range(3))
     s_a, s_aa = act_sums[split][0][:, None], act_sums[split][1][:, None]
@@ -136,20 +151,24 @@ def _pair_correlations(image_embeddings, activations, texts, means, inv_stds,
     with np.errstate(invalid="ignore", divide="ignore"):
       out.append(np.where(denominator > 1e-12, covariance / np.where(
           denominator > 0, denominator, 1.0), np.nan))
-  return out[0], out[1]
+  return out
 
 
 def compose(activations, image_embeddings, text_embeddings, concepts: Sequence[str],
             usable: np.ndarray, held_out: np.ndarray, *, beam: int = DEFAULT_BEAM,
             embed_texts: Callable[[list[str]], np.ndarray] | None = None,
-            mesh=None, moments=None, geometry=None) -> Compositions:
+            mesh=None, moments=None, geometry=None, weights=None,
+            resampled=None) -> Compositions:
   """The best expression of each usable unit.
 
   activations: (N, K), image_embeddings: (N, D), either may be a memmap;
   text_embeddings: (M, D) of `concepts`; held_out: (N,) bool, the images the reported
   score is measured on; embed_texts: texts -> (len, D) CLIP text embeddings for the
   "X Y" prompts (None leaves them out); moments: linear.image_moments(...) of the same
-  split, and geometry: linear.concept_geometry of the fit moments, if already computed.
+  split, and geometry: linear.concept_geometry of the fit moments, if already computed;
+  weights: (R, N) bootstrap counts (stability.poisson_weights) for the selection
+  shares, or None; resampled: linear.resampled_moments(..., ~held_out, weights) if
+  already computed.
   """
   if beam < 1:
     raise ValueError(f"beam must be at least 1, got {beam}.")
@@ -167,16 +186,24 @@ def compose(activations, image_embeddings, text_embeddings, concepts: Sequence[s
   test_single = linear.simulation_matrix(texts, ids, test_moments)
   names = [[concepts[c] for c in row] for row in ids]
   fit_scores, test_scores, expressions = [fit_single], [test_single], [names]
+  if weights is not None and resampled is None:
+    resampled = linear.resampled_moments(image_embeddings, activations, ~held_out,
+                                         weights)
+  # Per resample, the same candidates' fit correlations, in the same order.
+  resample_scores = ([[linear.simulation_matrix(texts, ids, m)] for m in resampled]
+                     if weights is not None else [])
   if beam >= 2:
     means = texts @ fit_moments.image_mean
     # P only for the concepts some unit's beam holds.
     union, local_ids = np.unique(ids, return_inverse=True)
-    fit_pairs, test_pairs = _pair_correlations(
+    fit_pairs, test_pairs, *resample_pairs = _pair_correlations(
         image_embeddings, activations, texts[union], means[union],
         geometry.inv_std[union],
-        local_ids.reshape(ids.shape), held_out, mesh)
+        local_ids.reshape(ids.shape), held_out, mesh, weights)
     fit_scores.append(fit_pairs)
     test_scores.append(test_pairs)
+    for scores, pair_scores in zip(resample_scores, resample_pairs):
+      scores.append(pair_scores)
     expressions.append([[f"{row[i]} {op} {row[j]}" for op in (AND, OR)
                          for i, j in pairs(beam)] for row in names])
     if embed_texts is not None:
@@ -191,15 +218,26 @@ def compose(activations, image_embeddings, text_embeddings, concepts: Sequence[s
         fit_scores.append(linear.simulation_matrix(prompt_texts, prompt_ids, fit_moments))
         test_scores.append(linear.simulation_matrix(prompt_texts, prompt_ids,
                                                     test_moments))
+        for scores, m in zip(resample_scores, resampled or []):
+          scores.append(linear.simulation_matrix(prompt_texts, prompt_ids, m))
         expressions.append([[f"{row[i]} {row[j]}" for i, j in ordered] for row in names])
   fit_all = np.concatenate(fit_scores, axis=1)
   test_all = np.concatenate(test_scores, axis=1)
   labels = [sum((part[u] for part in expressions), []) for u in range(num_units)]
   expression, fit_best, test_best = [""] * num_units, np.full(num_units, np.nan), \
       np.full(num_units, np.nan)
+  best = _best(fit_all)
   for unit in np.flatnonzero(usable):
-    scores = np.where(np.isnan(fit_all[unit]), -np.inf, fit_all[unit])
-    best = int(np.argmax(scores))
-    expression[unit] = labels[unit][best]
-    fit_best[unit], test_best[unit] = fit_all[unit, best], test_all[unit, best]
-  return Compositions(expression, fit_best, test_best)
+    expression[unit] = labels[unit][best[unit]]
+    fit_best[unit], test_best[unit] = fit_all[unit, best[unit]], test_all[unit, best[unit]]
+  share = None
+  if resample_scores:
+    chosen = np.stack([_best(np.concatenate(scores, axis=1)) for scores in resample_scores])
+    share = np.where(usable, np.mean(chosen == best[None], axis=0), np.nan)
+  return Compositions(expression, fit_best, test_best, share)
+
+
+def _best(scores: np.ndarray) -> np.ndarray:
+  """(K,) each row's best column of (K, E) correlations, NaN as the worst; the first
+  of equals."""
+  return np.argmax(np.where(np.isnan(scores), -np.inf, scores), axis=1)

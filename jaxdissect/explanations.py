@@ -86,6 +86,11 @@ class LayerExplanations:
     if self.compositions is not None:
       scores = self.compositions.score[~np.isnan(self.compositions.score)]
       out["simulation_compositional"] = float(scores.mean()) if scores.size else None
+      shares = self.compositions.selection_share
+      if shares is not None:
+        shares = shares[~np.isnan(shares)]
+        out["compositional_selection_share"] = (float(shares.mean()) if shares.size
+                                                else None)
     if self.simulator is not None:
       for key, value in self.simulator.summary().items():
         if key.startswith("simulation_") or key in ("recommended_label",
@@ -121,7 +126,8 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
   concepts, beam, embed_texts: with beam > 0, also each unit's compositional label
   (compositional.compose over the same split; embed_texts for the "X Y" prompts).
   weights: (R, N) bootstrap weights (stability.poisson_weights) or None: with them,
-  each resample of the fit images is fitted again for the selection shares.
+  each resample of the fit images is fitted again for the selection shares (the
+  linear explanations' concepts' and the compositional labels').
   correlation_ids: (K,) the single label scored as the correlation label's simulation
   instead of this P's own (a simulator scores CLIP's), or None.
   """
@@ -145,17 +151,19 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
   label_ids = np.where(usable, np.asarray(label_ids, np.int64), -1)
   p_value = linear.correlation_p_values(simulation, test_moments.count)
   q_value = linear.benjamini_hochberg(p_value)
-  selection_share = None
+  selection_share = resampled = None
   if weights is not None:
-    selection_share = _selection_share(explanation.concept_ids, linear.resampled_moments(
-        image_embeddings, activations, ~held_out, weights), text_embeddings, usable,
-        max_concepts, mesh)
+    resampled = linear.resampled_moments(image_embeddings, activations, ~held_out,
+                                         weights)
+    selection_share = _selection_share(explanation.concept_ids, resampled,
+                                       text_embeddings, usable, max_concepts, mesh)
   compositions = None
   if beam > 0:
     compositions = compositional_lib.compose(
         activations, image_embeddings, text_embeddings, concepts, usable, held_out,
         beam=beam, embed_texts=embed_texts, mesh=mesh,
-        moments=(fit_moments, test_moments, all_moments), geometry=geometry)
+        moments=(fit_moments, test_moments, all_moments), geometry=geometry,
+        weights=weights, resampled=resampled)
   return LayerExplanations(
       explanation, simulation,
       held_out_simulation(linear.concept_directions(text_embeddings, label_ids)),

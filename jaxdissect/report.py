@@ -228,9 +228,13 @@ def _explanation_lines(explained, unit: int, concepts, simulation: float) -> str
           "<div class='note'>unexplained: no explanation predicts this unit on held-out "
           "images better than chance (Benjamini-Hochberg, 5%)</div>")
   composed = explained.compositions
+  composed_share = (np.nan if composed is None or composed.selection_share is None
+                    else float(composed.selection_share[unit]))
   composition = ("" if composed is None or not composed.expression[unit] else
                  f"<div class='alt'>compositional: {esc(composed.expression[unit])} "
-                 f"({_number(float(composed.score[unit]), 3)})</div>")
+                 f"({_number(float(composed.score[unit]), 3)})"
+                 + ("" if np.isnan(composed_share) else
+                    f"&nbsp;<small>[{composed_share:.0%}]</small>") + "</div>")
   return (f"<div class='alt'>correlation label: "
           f"{esc(concepts[correlation]) if correlation >= 0 else '-'}</div>{composition}"
           f"<div class='alt'>linear: {terms or '-'} &middot; simulation "
@@ -249,7 +253,8 @@ def _recommendation(summary) -> str:
           f"<b>{_EXPLANATION_NAMES[summary['recommended_label']]}</b>; best explanation: "
           f"<b>{_EXPLANATION_NAMES[summary['best_explanation']]}</b> "
           f"(explanations.csv; [n%] after a concept: the share of bootstrap resamples "
-          f"whose linear explanation also chooses it). {summary['explained_units']} of "
+          f"whose linear explanation also chooses it, after a compositional label the "
+          f"share that chooses the same expression). {summary['explained_units']} of "
           "the units are explained (significant on the held-out images); the others are "
           "greyed out.</p>")
 

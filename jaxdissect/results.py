@@ -101,22 +101,25 @@ class DissectionResult:
     return {name: text for name, text in files.items() if text is not None}
 
   def compositional_csv(self) -> str | None:
-    """compositional.csv: layer,unit,expression,score, each live unit's best expression
-    (a concept, "X AND Y", "X OR Y" or the prompt "X Y") and its held-out correlation;
-    None where no layer has them."""
+    """compositional.csv: layer,unit,expression,score,selection_share, each live unit's
+    best expression (a concept, "X AND Y", "X OR Y" or the prompt "X Y"), its held-out
+    correlation and the share of the bootstrap resamples that choose it again (empty
+    without trust_bootstrap); None where no layer has them."""
     layers = {name: t.explanations.compositions for name, t in self.trust.items()
               if t.explanations is not None and t.explanations.compositions is not None}
     if not layers:
       return None
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["layer", "unit", "expression", "score"])
+    writer.writerow(["layer", "unit", "expression", "score", "selection_share"])
     for name in self.layers:
       if name in layers:
         found = layers[name]
         for unit, expression in enumerate(found.expression):
           if expression:
-            writer.writerow([name, unit, expression, _fmt_or_empty(found.score[unit])])
+            writer.writerow([name, unit, expression, _fmt_or_empty(found.score[unit]),
+                             "" if found.selection_share is None
+                             else _fmt_or_empty(found.selection_share[unit])])
     return out.getvalue()
 
   def explanations_csv(self, simulator: bool = False) -> str | None:

@@ -77,6 +77,46 @@ class ComposeTest(absltest.TestCase):
     self.assertEqual(chunked.expression, got.expression)
     np.testing.assert_allclose(chunked.score, got.score, rtol=1e-5)
 
+  def test_selection_shares_equal_explicit_weighted_choices(self):
+    rng, images, texts, P = _world(num_images=900, seed=4)
+    held = linear.holdout_mask(len(images), 0.25, 1)
+    z = _standardised(P, ~held)
+    acts = np.concatenate([
+        np.stack([np.minimum(z[:, 3], z[:, 7]) + 0.05 * rng.normal(size=900),
+                  P[:, :6] @ rng.normal(size=6) + 0.02 * rng.normal(size=900)], axis=1),
+        rng.normal(size=(900, 10))], axis=1)  # 10 units of noise
+    weights = rng.poisson(1.0, (7, 900))
+    usable = np.ones(12, bool)
+    got = compositional.compose(acts, images, texts, CONCEPTS, usable, held, beam=4,
+                                weights=weights)
+    ids, _ = linear.top_correlated(linear.image_moments(images, acts, held)[0], texts,
+                                   usable, 4)
+
+    def weighted_corr(x, y, w):
+      x, y = x - np.average(x, weights=w), y - np.average(y, weights=w)
+      return np.sum(w * x * y) / np.sqrt(np.sum(w * x * x) * np.sum(w * y * y))
+
+    for unit in range(12):
+      candidates = {CONCEPTS[c]: P[:, c] for c in ids[unit]}
+      for i, j in compositional.pairs(4):
+        a, b = z[:, ids[unit, i]], z[:, ids[unit, j]]
+        candidates[f"{CONCEPTS[ids[unit, i]]} AND {CONCEPTS[ids[unit, j]]}"] = \
+            np.minimum(a, b)
+        candidates[f"{CONCEPTS[ids[unit, i]]} OR {CONCEPTS[ids[unit, j]]}"] = \
+            np.maximum(a, b)
+      kept = 0
+      for w in weights:
+        fit_w = np.where(held, 0, w).astype(np.float64)
+        scores = {k: weighted_corr(v, acts[:, unit], fit_w) for k, v in candidates.items()}
+        kept += max(scores, key=scores.get) == got.expression[unit]
+      self.assertAlmostEqual(got.selection_share[unit], kept / len(weights), msg=unit)
+    self.assertEqual(got.selection_share[0], 1.0)  # planted red AND striped
+    self.assertLess(np.mean(got.selection_share[2:]), 0.6)  # noise: 0.30 measured
+    without = compositional.compose(acts, images, texts, CONCEPTS, usable, held, beam=4)
+    self.assertIsNone(without.selection_share)
+    self.assertEqual(without.expression, got.expression)
+    np.testing.assert_allclose(without.score, got.score, rtol=1e-6)
+
   def test_prompt_pairs_are_embedded_and_can_win(self):
     rng, images, texts, _ = _world(seed=3)
     held = linear.holdout_mask(len(images), 0.25, 0)

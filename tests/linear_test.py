@@ -257,6 +257,15 @@ class LayerExplanationsTest(absltest.TestCase):
     self.assertTrue(np.isnan(resampled.selection_share[47]).all())
     self.assertEqual(resampled.summary()["first_concept_selection_share"],
                      float(np.nanmean(resampled.selection_share[:, 0])))
+    # The compositional labels' shares come from the same resamples.
+    composed = explanations.layer_explanations(
+        acts, images, texts, labels, usable, seed=0, weights=weights, beam=3,
+        concepts=[f"c{i}" for i in range(len(texts))])
+    shares = composed.compositions.selection_share
+    np.testing.assert_array_equal(shares[:8], 1.0)
+    self.assertTrue(np.isnan(shares[47]))
+    self.assertEqual(composed.summary()["compositional_selection_share"],
+                     float(np.nanmean(shares)))
     # With the right label for every unit, both single labels simulate alike; the
     # run's label wins the tie.
     again = explanations.layer_explanations(planted, images, texts, np.arange(8),
