@@ -24,6 +24,17 @@ def _standardised(P, fit_rows):
   return (P - P[fit_rows].mean(0)) / P[fit_rows].std(0)
 
 
+def _candidates(P, z, ids):
+  """{expression: (N,) values} of one unit's singles (raw P columns) and the AND / OR
+  of each pair of them (min / max of the standardised columns z)."""
+  out = {CONCEPTS[c]: P[:, c] for c in ids}
+  for i, j in compositional.pairs(len(ids)):
+    a, b = z[:, ids[i]], z[:, ids[j]]
+    out[f"{CONCEPTS[ids[i]]} AND {CONCEPTS[ids[j]]}"] = np.minimum(a, b)
+    out[f"{CONCEPTS[ids[i]]} OR {CONCEPTS[ids[j]]}"] = np.maximum(a, b)
+  return out
+
+
 class ComposeTest(absltest.TestCase):
 
   def test_planted_and_or_and_single_units(self):
@@ -54,13 +65,7 @@ class ComposeTest(absltest.TestCase):
     ids, _ = linear.top_correlated(fit_moments, texts, usable, 4)
     z = _standardised(P, ~held)
     for unit in (0, 1, 3):
-      candidates = {CONCEPTS[c]: P[:, c] for c in ids[unit]}
-      for i, j in compositional.pairs(4):
-        a, b = z[:, ids[unit, i]], z[:, ids[unit, j]]
-        candidates[f"{CONCEPTS[ids[unit, i]]} AND {CONCEPTS[ids[unit, j]]}"] = \
-            np.minimum(a, b)
-        candidates[f"{CONCEPTS[ids[unit, i]]} OR {CONCEPTS[ids[unit, j]]}"] = \
-            np.maximum(a, b)
+      candidates = _candidates(P, z, ids[unit])
       fit = {k: np.corrcoef(v[~held], acts[~held, unit])[0, 1]
              for k, v in candidates.items()}
       best = max(fit, key=fit.get)
@@ -97,13 +102,7 @@ class ComposeTest(absltest.TestCase):
       return np.sum(w * x * y) / np.sqrt(np.sum(w * x * x) * np.sum(w * y * y))
 
     for unit in range(12):
-      candidates = {CONCEPTS[c]: P[:, c] for c in ids[unit]}
-      for i, j in compositional.pairs(4):
-        a, b = z[:, ids[unit, i]], z[:, ids[unit, j]]
-        candidates[f"{CONCEPTS[ids[unit, i]]} AND {CONCEPTS[ids[unit, j]]}"] = \
-            np.minimum(a, b)
-        candidates[f"{CONCEPTS[ids[unit, i]]} OR {CONCEPTS[ids[unit, j]]}"] = \
-            np.maximum(a, b)
+      candidates = _candidates(P, z, ids[unit])
       kept = 0
       for w in weights:
         fit_w = np.where(held, 0, w).astype(np.float64)
