@@ -94,7 +94,8 @@ def _fold_rows(step, init, x):
 
 
 def _best_neuron_parts(log_likelihood: jax.Array):
-  """(is_best (K, M) bool, logsumexp over all neurons (M,), over all but the best (M,)).
+  """(is_best (K, M) bool, logsumexp over all neurons (M,), over all but the best (M,),
+  the best neuron's L (M,)).
 
   The best neuron is the first with the largest L (jnp.argmax's rule).
   """
@@ -123,7 +124,8 @@ def _best_neuron_parts(log_likelihood: jax.Array):
   zeros = jnp.zeros((num_concepts,), log_likelihood.dtype)
   all_sum, other_sum = _fold_rows(sum_step, (zeros, zeros), log_likelihood)
   is_best = jnp.arange(num_neurons)[:, None] == best[None, :]
-  return is_best, best_value + jnp.log(all_sum), second_shift + jnp.log(other_sum)
+  return (is_best, best_value + jnp.log(all_sum), second_shift + jnp.log(other_sum),
+          best_value)
 
 
 def prior_score(log_likelihood, gap, lam: float, num_neurons: int):
@@ -183,9 +185,11 @@ def prior_labels(log_likelihood: jax.Array, lam: float) -> jax.Array:
 
 def _prior_scores(log_likelihood, parts, lam):
   """subtract_prior from _best_neuron_parts(log_likelihood)."""
-  is_best, lse_all, lse_without_best = parts
-  gap = jnp.where(is_best, jax.nn.softplus(lse_without_best[None, :] - log_likelihood),
-                  lse_all[None, :] - log_likelihood)
+  is_best, lse_all, lse_without_best, best_value = parts
+  # The best neuron's L is best_value, so its softplus is one per concept, not one per
+  # entry (12 ms of a 256 x 20,000 prior on 2 CPU cores).
+  best_gap = jax.nn.softplus(lse_without_best - best_value)
+  gap = jnp.where(is_best, best_gap[None, :], lse_all[None, :] - log_likelihood)
   return prior_score(log_likelihood, gap, lam, log_likelihood.shape[0])
 
 
@@ -194,7 +198,7 @@ def _prior_margins(log_likelihood, parts):
   which has no other to be compared with."""
   if log_likelihood.shape[0] == 1:
     return jnp.full_like(log_likelihood, jnp.inf)
-  is_best, lse_all, lse_without_best = parts
+  is_best, lse_all, lse_without_best, _ = parts
   return jnp.where(is_best, log_likelihood - lse_without_best[None, :],
                    log_likelihood - lse_all[None, :])
 
