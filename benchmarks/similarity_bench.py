@@ -15,8 +15,8 @@ process (peak RSS per measurement):
     prior), written from the paper's formulas the way the authors' loop computes them
     (torch.gather with an expanded index), one call; skipped with a note where torch is
     not installed;
-  - torch_index: the same loop reading the rows as probs[top[:, k]], faster than the
-    authors' gather (a stricter bar), one call;
+  - torch_index: the same loop reading the rows as probs[top[:, k]], usually faster
+    than the authors' gather (a stricter bar), one call;
   - numpy: the same per-neuron loop in NumPy on the same P, one call;
   - stability, with --stability, for (soft-)WPMI: the label stability of every neuron
     (stability.py, 20 bootstrap resamples, trust_bootstrap's default) from the
@@ -107,8 +107,8 @@ def torch_baseline(name, P, activations, rows="gather"):
 
   rows "gather": each neuron's top rows read as the authors' loop reads them,
   probs.gather(0, top[:, k:k+1].expand(-1, concepts)) (an int64 index per element);
-  "index": probs[top[:, k]], a faster way to read the same rows, kept as a stricter
-  bar than the authors' code (about 1.4x faster at 10k x 20k x 256 on 2 cores).
+  "index": probs[top[:, k]], the same rows read faster in most runs (1.3-1.5x for
+  soft-WPMI at 10k x 20k x 256 on 2 cores, one-off), kept as a stricter bar.
   """
   import math  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top

@@ -186,12 +186,13 @@ def compose(activations, image_embeddings, text_embeddings, concepts: Sequence[s
   test_single = linear.simulation_matrix(texts, ids, test_moments)
   names = [[concepts[c] for c in row] for row in ids]
   fit_scores, test_scores, expressions = [fit_single], [test_single], [names]
-  if weights is not None and resampled is None:
+  if weights is None:
+    resampled = []
+  elif resampled is None:
     resampled = linear.resampled_moments(image_embeddings, activations, ~held_out,
                                          weights)
   # Per resample, the same candidates' fit correlations, in the same order.
-  resample_scores = ([[linear.simulation_matrix(texts, ids, m)] for m in resampled]
-                     if weights is not None else [])
+  resample_scores = [[linear.simulation_matrix(texts, ids, m)] for m in resampled]
   if beam >= 2:
     means = texts @ fit_moments.image_mean
     # P only for the concepts some unit's beam holds.
@@ -218,7 +219,7 @@ def compose(activations, image_embeddings, text_embeddings, concepts: Sequence[s
         fit_scores.append(linear.simulation_matrix(prompt_texts, prompt_ids, fit_moments))
         test_scores.append(linear.simulation_matrix(prompt_texts, prompt_ids,
                                                     test_moments))
-        for scores, m in zip(resample_scores, resampled or []):
+        for scores, m in zip(resample_scores, resampled):
           scores.append(linear.simulation_matrix(prompt_texts, prompt_ids, m))
         expressions.append([[f"{row[i]} {row[j]}" for i, j in ordered] for row in names])
   fit_all = np.concatenate(fit_scores, axis=1)

@@ -34,7 +34,7 @@ MAX_NEURON_CHUNK = 32
 # round until each neuron's best is a recomputed one (_rescored). On random
 # CLIP-like data (50,000 images x 20,000 concepts x 2,048 neurons, soft-WPMI, whose
 # labels are full of near ties), 98.9% of the labels equalled float32's without it and
-# 99.8% with the top 2 to 16 (BENCHMARKS.md).
+# 99.7% with it (BENCHMARKS.md).
 RESCORED_CANDIDATES = 4
 # Neurons per step of that recomputation: (neurons x top_k x dim) gathered rows.
 RESCORE_CHUNK = 64
