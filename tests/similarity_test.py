@@ -223,6 +223,46 @@ class SimilarityTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(values[0]), [3, 3, 3, 2])
     np.testing.assert_array_equal(np.asarray(idx[1]), [0, 1, 2, 3])
 
+  @parameterized.parameters(
+      ("normal", 3001, 7, 28), ("ties", 2000, 5, 100), ("relu", 997, 3, 9),
+      ("rising", 3000, 4, 60), ("negative", 1000, 3, 20), ("special", 1500, 6, 50),
+      ("low", 400, 5, 20), ("special", 40, 4, 40), ("normal", 50, 2, 3))
+  def test_top_activations_equals_a_total_order_sort(self, kind, num_images, num_neurons,
+                                                     k):
+    # Independent reference: a stable NumPy sort on the IEEE total order of the bits
+    # (NaN above +inf, -NaN below -inf, +0 above -0), the order lax.top_k uses; the
+    # shapes take both the two-stage path (chunks that do not divide the images) and
+    # the direct one.
+    rng = np.random.default_rng(num_images + k)
+    if kind == "normal":
+      A = rng.standard_normal((num_images, num_neurons))
+    elif kind == "ties":
+      A = rng.integers(0, 4, (num_images, num_neurons)).astype(float)
+    elif kind == "relu":
+      A = np.maximum(rng.standard_normal((num_images, num_neurons)), 0)
+    elif kind == "rising":  # later images larger, with ties across chunks
+      A = np.round(np.arange(num_images)[:, None] / 400
+                   + rng.standard_normal((num_images, num_neurons)))
+    elif kind == "negative":
+      A = -np.exp(rng.standard_normal((num_images, num_neurons)))
+    else:
+      negative_nan = np.uint32(0xFFC00000).view(np.float32)
+      special = np.array([0.0, -0.0, 1.0, -2.0, np.inf, -np.inf, np.nan, negative_nan])
+      # Rare large values, so that the top k reach the zeros (or -inf and -NaN).
+      weights = ([0.0, 0.0, 0.0, 0.02, 0.0, 0.49, 0.0, 0.49] if kind == "low" else
+                 [0.33, 0.33, 0.01, 0.1, 0.005, 0.1, 0.005, 0.12])
+      A = rng.choice(special, (num_images, num_neurons), p=weights)
+    A = A.astype(np.float32)
+    bits = A.view(np.int32).astype(np.int64)
+    keys = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    expected = np.argsort(-keys, axis=0, kind="stable")[:k].T
+    values, idx = similarity.top_activations(A, k)
+    np.testing.assert_array_equal(np.asarray(idx), expected)
+    np.testing.assert_array_equal(np.asarray(values).view(np.int32),
+                                  np.take_along_axis(A.T, expected, axis=1).view(np.int32))
+    two_stage = similarity.top_k_chunk(num_images, k) >= similarity.MIN_TOP_K_CHUNK
+    self.assertEqual(two_stage, num_images >= 16 * k)
+
   @parameterized.parameters("soft_wpmi", "wpmi")
   def test_planted_concepts_are_recovered(self, name):
     # Concept c(k) is present in a random 15% of images; neuron k fires there.
