@@ -83,7 +83,7 @@ def top_activations(activations: jax.Array, k: int) -> tuple[jax.Array, jax.Arra
   chunk = top_k_chunk(num_images, k)
   if chunk < MIN_TOP_K_CHUNK:
     return jax.lax.top_k(activations.T, k)
-  return _chunked_top_k(activations, k, chunk)
+  return _chunked_top_k(activations, k=k, chunk=chunk)
 
 
 # Below this many images per chunk the two stages of top_activations save little.
@@ -113,6 +113,7 @@ def total_order_key_inverse(bits: jax.Array) -> jax.Array:
 _LEAST_FLOAT32 = np.frombuffer(np.uint32(0xFFFFFFFF).tobytes(), np.float32)[0]
 
 
+@functools.partial(jax.jit, static_argnames=("k", "chunk"))
 def _chunked_top_k(activations, k: int, chunk: int):
   num_images, num_neurons = activations.shape
   num_chunks = -(-num_images // chunk)
