@@ -44,7 +44,9 @@ is over 10 minutes, so BENCHMARKS.md runs that size with --functions soft_wpmi,w
 import argparse
 import multiprocessing
 import os
+import queue as queue_lib
 import resource
+import sys
 import time
 
 import numpy as np
@@ -224,11 +226,26 @@ def _measure(kind, name, size, queue):
 
 
 def measure(kind, name, size):
+  """One measurement in a fresh process: its record, or None when the process died
+  before reporting (a note names it and its exit code; -9 is usually the kernel's OOM
+  killer). Waiting on the queue alone would hang for ever on a killed process."""
+  print(f"# {kind} {name} {'x'.join(map(str, size))} ...", file=sys.stderr, flush=True)
   ctx = multiprocessing.get_context("spawn")
   queue = ctx.Queue()
   proc = ctx.Process(target=_measure, args=(kind, name, size, queue))
   proc.start()
-  result = queue.get()
+  while True:
+    try:
+      result = queue.get(timeout=5)
+      break
+    except queue_lib.Empty:
+      if not proc.is_alive():
+        proc.join()
+        print(f"(the {kind} measurement of {name} at {'x'.join(map(str, size))} died with "
+              f"exit code {proc.exitcode} before reporting"
+              f"{': killed, most likely out of memory' if proc.exitcode == -9 else ''}; "
+              f"its columns stay empty)", flush=True)
+        return None
   proc.join()
   return result
 
@@ -264,7 +281,10 @@ def _agreement(a, b):
 
 
 def _against(kind, baseline, ours, stream):
-  """A baseline's record fields: its time and memory, ratios, label agreement."""
+  """A baseline's record fields: its time and memory, ratios, label agreement (none
+  when its measurement died)."""
+  if baseline is None:
+    return {f"{kind}_failed": True}
   return {f"{kind}_seconds": baseline["seconds"],
           f"speedup_vs_{kind}": baseline["seconds"] / ours["seconds"],
           f"streaming_speedup_vs_{kind}": baseline["seconds"] / stream["seconds"],
@@ -296,6 +316,8 @@ def main(argv=None):
     for index, name in enumerate(args.functions.split(",")):
       ours = measure("ours", name, size)
       stream = measure("streaming", name, size)
+      if ours is None or stream is None:
+        continue  # every ratio needs both
       record = {"function": name, "images": size[0], "concepts": size[1],
                 "neurons": size[2], "ours_seconds": ours["seconds"],
                 "streaming_seconds": stream["seconds"],
@@ -316,20 +338,22 @@ def main(argv=None):
         print("(torch not installed: the official-algorithm baseline is skipped)")
       if name in registry.PRIOR_FUNCTIONS:
         bf16 = measure("streaming_bf16", name, size)
-        record.update(bf16_streaming_seconds=bf16["seconds"],
-                      bf16_label_agreement_with_f32=_agreement(bf16, stream))
-        if args.kernels:
-          record["pallas_streaming_seconds"] = measure("streaming_pallas", name,
-                                                       size)["seconds"]
-        if args.stability:
-          resampled = measure("stability", name, size)
+        if bf16 is not None:
+          record.update(bf16_streaming_seconds=bf16["seconds"],
+                        bf16_label_agreement_with_f32=_agreement(bf16, stream))
+        pallas = measure("streaming_pallas", name, size) if args.kernels else None
+        if pallas is not None:
+          record["pallas_streaming_seconds"] = pallas["seconds"]
+        resampled = measure("stability", name, size) if args.stability else None
+        if resampled is not None:
           record.update(stability_seconds=resampled["seconds"],
                         stability_over_ours=resampled["seconds"] / ours["seconds"],
                         stability_peak_rss_gb=resampled["peak_rss_gb"],
                         mean_stability=resampled["mean_stability"])
-      if args.explanations and index == 0:
-        for kind in ("explanations", "compositional", "selection"):
-          timed = measure(kind, name, size)
+      for kind in (("explanations", "compositional", "selection")
+                   if args.explanations and index == 0 else ()):
+        timed = measure(kind, name, size)
+        if timed is not None:
           record.update({f"{kind}_seconds": timed["seconds"],
                          f"{kind}_over_ours": timed["seconds"] / ours["seconds"],
                          f"{kind}_peak_rss_gb": timed["peak_rss_gb"]})
