@@ -225,6 +225,17 @@ def _measure(kind, name, size, queue):
              "labels": np.asarray(scores).argmax(axis=1).tolist(), **extra})
 
 
+# glibc malloc settings of the torch loops' processes. With the defaults, the loop's
+# per-unit temporaries (three 8 MB tensors at 20k concepts) moved to fresh pages at
+# every unit in most runs at 50k x 20k x 2048: the process grew by about 6 MB per unit
+# to 24 GB and was killed, and the same loop's time varied 3x between runs (WPMI 6.8 s
+# in one, 21.8 s in another). A fixed mmap threshold of 32 MB keeps those
+# temporaries on the heap and a high trim threshold keeps the heap, so they are
+# reused: the baseline at its best, not slowed by page faults.
+TORCH_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+                    "MALLOC_TRIM_THRESHOLD_": str(8 * 2**30)}
+
+
 def measure(kind, name, size):
   """One measurement in a fresh process: its record, or None when the process died
   before reporting (a note names it and its exit code; -9 is usually the kernel's OOM
@@ -233,7 +244,14 @@ def measure(kind, name, size):
   ctx = multiprocessing.get_context("spawn")
   queue = ctx.Queue()
   proc = ctx.Process(target=_measure, args=(kind, name, size, queue))
-  proc.start()
+  saved = dict(os.environ)
+  if kind.startswith("torch"):
+    os.environ.update(TORCH_MALLOC_ENV)  # the spawned process starts with these
+  try:
+    proc.start()
+  finally:
+    os.environ.clear()
+    os.environ.update(saved)
   while True:
     try:
       result = queue.get(timeout=5)
