@@ -13,8 +13,9 @@ process (peak RSS per measurement):
     P (float32, no autograd, torch threads = cores; softmax over concepts once, top-k of
     the activations, then per neuron a gather of its top rows, log and sum, and the
     prior), written from the paper's formulas the way the authors' loop computes them
-    (torch.gather with an expanded index), one call; skipped with a note where torch is
-    not installed;
+    (torch.gather with an expanded index), one call, its process started with glibc
+    malloc settings that let the loop reuse its temporaries (TORCH_MALLOC_ENV);
+    skipped with a note where torch is not installed;
   - torch_index: the same loop reading the rows as probs[top[:, k]], usually faster
     than the authors' gather (a stricter bar), one call;
   - numpy: the same per-neuron loop in NumPy on the same P, one call;
@@ -36,7 +37,8 @@ process (peak RSS per measurement):
 For (soft-)WPMI also streaming with bfloat16 products (float32 accumulation): its time
 and its label agreement with float32 streaming; with --kernels, streaming through the
 fused Pallas kernel (kernels.py; only meaningful on a GPU or TPU, the CPU interprets it).
-Inputs are random CLIP-like embeddings (dim 64) and ReLU activations, seeded; P is
+A measurement whose process dies (out of memory) is reported with its exit code and
+leaves its columns empty. Inputs are random CLIP-like embeddings (dim 64) and ReLU activations, seeded; P is
 computed from them outside every timer.
 cos_similarity's NumPy baseline reads all of P once per neuron: at 50000x20000x2048 that
 is over 10 minutes, so BENCHMARKS.md runs that size with --functions soft_wpmi,wpmi.
