@@ -38,8 +38,8 @@ For (soft-)WPMI also streaming with bfloat16 products (float32 accumulation): it
 and its label agreement with float32 streaming; with --kernels, streaming through the
 fused Pallas kernel (kernels.py; only meaningful on a GPU or TPU, the CPU interprets it).
 A measurement whose process dies (out of memory) is reported with its exit code and
-leaves its columns empty. Inputs are random CLIP-like embeddings (dim 64) and ReLU activations, seeded; P is
-computed from them outside every timer.
+leaves its columns empty. Inputs are random CLIP-like embeddings (dim 64) and ReLU
+activations, seeded; P is computed from them outside every timer.
 cos_similarity's NumPy baseline reads all of P once per neuron: at 50000x20000x2048 that
 is over 10 minutes, so BENCHMARKS.md runs that size with --functions soft_wpmi,wpmi.
 """
