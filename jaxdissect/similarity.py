@@ -68,9 +68,9 @@ def top_activations(activations: jax.Array, k: int) -> tuple[jax.Array, jax.Arra
   order. The k largest lie in those chunks: an image outside them sits in a chunk
   whose maximum is below, or tied with and after, k chosen chunks, each of which holds
   an image that ranks above it. Why: lax.top_k along the images needs the
-  (neurons, images) transpose, and the two were 0.70 s of soft-WPMI's 3.3 s at
-  50,000 images x 2,048 neurons on 2 CPU cores; the two stages took 0.10 s for k = 28
-  and 0.27 s for k = 100 (BENCHMARKS.md).
+  (neurons, images) transpose, and the two took 0.58-0.82 s at 50,000 images x 2,048
+  neurons on 2 CPU cores; the two stages 0.27 s for k = 28 and 0.41 s for k = 100
+  (BENCHMARKS.md).
 
   Args:
     activations: (num_images, num_neurons).
@@ -96,21 +96,15 @@ def top_k_chunk(num_images: int, k: int) -> int:
   return int(math.isqrt(num_images // max(1, k))) if k <= num_images else 0
 
 
-def total_order_key(values: jax.Array) -> jax.Array:
-  """int32 keys ordered as lax.top_k orders float32 values: -NaN < -inf < ... < -0 <
-  +0 < ... < +inf < NaN (the IEEE total order on the bits)."""
-  return total_order_key_inverse(
-      jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32))
-
-
-def total_order_key_inverse(bits: jax.Array) -> jax.Array:
-  """Flips the non-sign bits of negative int32s: maps float32 bits to total_order_key
-  and, being its own inverse, keys back to float32 bits."""
+def _flip_negative_bits(bits: jax.Array) -> jax.Array:
+  """int32 float bits -> keys ordered as lax.top_k orders float32 values (-NaN < -inf
+  < ... < -0 < +0 < ... < +inf < NaN, the IEEE total order), by flipping the non-sign
+  bits of negatives; its own inverse, so it also maps keys back to float bits."""
   return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 # The least float32 of the total order (a negative NaN): padding never outranks an image.
-_LEAST_FLOAT32 = np.frombuffer(np.uint32(0xFFFFFFFF).tobytes(), np.float32)[0]
+_LEAST_FLOAT32 = np.uint32(0xFFFFFFFF).view(np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk"))
@@ -122,11 +116,10 @@ def _chunked_top_k(activations, k: int, chunk: int):
   # activations fuses into the maximum; padding the int32 keys ran 6x slower on CPU.)
   padded = jnp.pad(activations, ((0, num_chunks * chunk - num_images), (0, 0)),
                    constant_values=_LEAST_FLOAT32)
-  chunk_max = jnp.max(total_order_key(padded).reshape(num_chunks, chunk, num_neurons),
-                      axis=1)
-  # Back to float32 (the key map is its own inverse): lax.top_k over int32 ran 25x
-  # slower than over float32 on CPU.
-  chunk_max = jax.lax.bitcast_convert_type(total_order_key_inverse(chunk_max), jnp.float32)
+  keys = _flip_negative_bits(jax.lax.bitcast_convert_type(padded, jnp.int32))
+  chunk_max = jnp.max(keys.reshape(num_chunks, chunk, num_neurons), axis=1)
+  # Back to float32: lax.top_k over int32 ran 25x slower than over float32 on CPU.
+  chunk_max = jax.lax.bitcast_convert_type(_flip_negative_bits(chunk_max), jnp.float32)
   _, chunks = jax.lax.top_k(chunk_max.T, k)  # (num_neurons, k)
   # Candidates in image order, so that lax.top_k's tie rule picks the lower image.
   candidates = (jnp.sort(chunks, axis=1)[:, :, None] * chunk
