@@ -81,6 +81,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # turns them off too: they share its held-out images).
   config.compose_beam = 6
   config.compose_prompts = True
+  # The concepts the explanations above (and unit_trust.csv's correlation_label) choose
+  # among: those the probe images show, i.e. that at least visible_min_images images
+  # rank among their top max(5, visible_top_share x concepts) by CLIP similarity
+  # (concept_visibility.csv; 0 images: every concept). descriptions.csv's labels are
+  # always chosen among all concepts.
+  config.visible_top_share = 0.01
+  config.visible_min_images = 5
   # Another CLIP (HF id or directory) as a second simulator: its own image and text
   # embeddings give its own P, the linear explanations fitted on it go to
   # explanations_simulator.csv and its held-out simulations to evaluation.json
@@ -184,8 +191,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0.0 < float(config[field]) < 1.0:
       raise errors.UserError(field, f"must lie in (0, 1), got {config[field]!r}.",
                              f"set --config.{field}={suggested}.")
+  if not 0.0 <= float(config.visible_top_share) <= 1.0:
+    raise errors.UserError("visible_top_share",
+                           f"must lie in [0, 1], got {config.visible_top_share!r}.",
+                           "set --config.visible_top_share=0.01.")
   for field, suggested in (("trust_permutations", 100), ("explain_concepts", 5),
-                           ("compose_beam", 6)):
+                           ("compose_beam", 6), ("visible_min_images", 5)):
     if int(config[field]) < 0:
       raise errors.UserError(field, f"must be 0 (off) or more, got {config[field]!r}.",
                              f"set --config.{field}={suggested}.")

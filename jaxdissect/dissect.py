@@ -115,10 +115,12 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
   truths = evaluate.layer_truths(target, layer_infos)
   result = labeling.label_with_config(config, probe, text_embeddings, concepts,
                                       list(truths), mesh)
+  result.visibility = trust.run_visibility(config, probe.image_embeddings, text_embeddings)
   result.trust = trust.layer_trust(
       config, probe, result, text_embeddings, mesh,
       lambda texts: np.asarray(clip_lib.embed_texts(clip, texts, config.text_batch_size)),
-      probe_pass.simulator_embeddings(config, probe_set, target, pass_mesh, concepts))
+      probe_pass.simulator_embeddings(config, probe_set, target, pass_mesh, concepts),
+      result.visibility)
   evaluation = evaluate.evaluate_run(config, result, truths, concepts, text_embeddings, clip,
                                      probe=probe, annotations=probe_set.annotations())
   config_json = {"config": config.to_dict(), "workdir": os.path.abspath(workdir),

@@ -217,8 +217,9 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
           "results", f"the stored activations give other labels for {name} than "
           f"{result_dir}/descriptions.csv holds.",
           "the CSVs were edited or come from another run; rerun main.py.")
+  result.visibility = trust.run_visibility(config, probe.image_embeddings, text_embeddings)
   result.trust = trust.layer_trust(
-      config, probe, result, text_embeddings,
+      config, probe, result, text_embeddings, visibility=result.visibility,
       embed_texts=lambda texts: np.asarray(clip_lib.embed_texts(
           run.clip, texts, config.text_batch_size)),
       simulator=probe_pass.simulator_embeddings(config, run.probe_set, run.target,

@@ -17,6 +17,11 @@ Per layer, from one streaming pass over the stored activations and image embeddi
 - the layer's recommendation: the single label (the run's label or the correlation
   label) with the higher mean held-out simulation over the layer's units, and the best
   of all three. Nothing here reads the annotations of the probe images.
+Every choice of a concept (the linear explanations, the correlation labels, the
+compositional candidates) is among the concepts the probe images show (`visible`,
+visibility.py): a word no image ranks highly can still track a unit by sharing
+directions with what the images do show, and is then right by every score here and
+wrong about the images.
 The correlation_label column of unit_trust.csv is the correlation label over all images.
 """
 import dataclasses
@@ -117,7 +122,7 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
                        holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
                        mesh=None, concepts=None, beam: int = 0,
                        embed_texts=None, weights=None,
-                       correlation_ids=None) -> LayerExplanations:
+                       correlation_ids=None, visible=None) -> LayerExplanations:
   """All of the above for one layer.
 
   activations: (N, K), image_embeddings: (N, D), either may be a memmap;
@@ -130,13 +135,16 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
   linear explanations' concepts' and the compositional labels').
   correlation_ids: (K,) the single label scored as the correlation label's simulation
   instead of this P's own (a simulator scores CLIP's), or None.
+  visible: (M,) bool, the concepts the linear explanations, the correlation labels and
+  the compositional candidates may choose (visibility.concept_visibility), or None for
+  all.
   """
   num_images = activations.shape[0]
   usable = np.asarray(usable, bool)
   held_out = linear.holdout_mask(num_images, holdout, seed)
   fit_moments, test_moments, all_moments = linear.image_moments(
       image_embeddings, activations, held_out)
-  geometry = linear.concept_geometry(text_embeddings, fit_moments.image_cov)
+  geometry = linear.concept_geometry(text_embeddings, fit_moments.image_cov, visible)
   explanation = linear.fit(fit_moments, text_embeddings, usable, max_concepts, mesh,
                            geometry)
   fit_correlation = (linear.correlation_labels(fit_moments, text_embeddings, usable, mesh,
@@ -156,7 +164,8 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
     resampled = linear.resampled_moments(image_embeddings, activations, ~held_out,
                                          weights)
     selection_share = _selection_share(explanation.concept_ids, resampled,
-                                       text_embeddings, usable, max_concepts, mesh)
+                                       text_embeddings, usable, max_concepts, mesh,
+                                       visible)
   compositions = None
   if beam > 0:
     compositions = compositional_lib.compose(
@@ -169,17 +178,22 @@ def layer_explanations(activations, image_embeddings, text_embeddings,
       held_out_simulation(linear.concept_directions(text_embeddings, label_ids)),
       held_out_simulation(linear.concept_directions(text_embeddings, fit_correlation)),
       p_value, q_value, np.nan_to_num(q_value, nan=1.0) < SIGNIFICANCE,
-      linear.correlation_labels(all_moments, text_embeddings, usable, mesh),
+      linear.correlation_labels(
+          all_moments, text_embeddings, usable, mesh,
+          linear.concept_geometry(text_embeddings, all_moments.image_cov, visible)),
       int(test_moments.count), compositions, selection_share, fit_correlation)
 
 
 def _selection_share(concept_ids: np.ndarray, resampled, text_embeddings, usable,
-                     max_concepts: int, mesh) -> np.ndarray:
+                     max_concepts: int, mesh, visible=None) -> np.ndarray:
   """(K, k) share of the resamples' fits (resampled: their fit moments) that choose
-  each of concept_ids' concepts for the same unit; NaN where concept_ids is -1."""
+  each of concept_ids' concepts for the same unit, among the same `visible` concepts;
+  NaN where concept_ids is -1."""
   counts = np.zeros(concept_ids.shape)
   for moments in resampled:
-    chosen = linear.fit(moments, text_embeddings, usable, max_concepts, mesh).concept_ids
+    geometry = linear.concept_geometry(text_embeddings, moments.image_cov, visible)
+    chosen = linear.fit(moments, text_embeddings, usable, max_concepts, mesh,
+                        geometry).concept_ids
     counts += np.any(concept_ids[:, :, None] == chosen[:, None, :], axis=2)
   return np.where(concept_ids >= 0, counts / max(len(resampled), 1), np.nan)
 
@@ -187,13 +201,14 @@ def _selection_share(concept_ids: np.ndarray, resampled, text_embeddings, usable
 def run_explanations(name: str, activations, image_embeddings, text_embeddings,
                      label_ids, usable, config, mesh=None, concepts=None,
                      embed_texts=None, weights=None,
-                     simulator=None) -> LayerExplanations | None:
+                     simulator=None, visible=None) -> LayerExplanations | None:
   """layer_explanations with the run's settings (config.explain_concepts, 0: off;
   config.explain_holdout; config.compose_beam, 0: no compositional labels;
   config.compose_prompts: embed "X Y" prompts with embed_texts; config.trust_seed;
   weights: the run's bootstrap weights for the selection shares, or None;
-  simulator: (image embeddings (N, D'), text embeddings (M, D')) of another model, or
-  None), logged; None when off."""
+  simulator: (image embeddings (N, D'), text embeddings (M, D'), its visible concepts
+  (M,) bool or None) of another model, or None; visible: (M,) bool, the concepts
+  CLIP's probe images show, or None for all), logged; None when off."""
   max_concepts = int(config.get("explain_concepts", 0))
   if max_concepts <= 0:
     return None
@@ -204,13 +219,15 @@ def run_explanations(name: str, activations, image_embeddings, text_embeddings,
                            seed=int(config.trust_seed), mesh=mesh, concepts=concepts,
                            beam=int(config.get("compose_beam", 0)) if concepts else 0,
                            embed_texts=(embed_texts if config.get("compose_prompts", False)
-                                        else None), weights=weights)
+                                        else None), weights=weights,
+                           visible=visible)
   if simulator is not None:
     out.simulator = layer_explanations(
         activations, simulator[0], simulator[1], label_ids, usable,
         max_concepts=max_concepts,
         holdout=float(config.get("explain_holdout", DEFAULT_HOLDOUT)),
-        seed=int(config.trust_seed), mesh=mesh, correlation_ids=out.fit_correlation_label)
+        seed=int(config.trust_seed), mesh=mesh, correlation_ids=out.fit_correlation_label,
+        visible=simulator[2])
   summary = out.summary()
   logging.info("Layer %s: linear explanations (%d concepts) in %.1f s; held-out "
                "simulation label %s, correlation label %s, linear %s, compositional "

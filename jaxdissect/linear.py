@@ -27,7 +27,9 @@ at each step, (units x D) @ (D x concepts), is the costly part: jitted, in block
 units, split over the mesh. The small least-squares solves are batched float64 NumPy.
 
 The correlation label (correlation_labels) is the one-concept case with the sign kept:
-the concept whose P column correlates best with the unit.
+the concept whose P column correlates best with the unit. Every selection can be
+restricted to some concepts (concept_geometry's `allowed`: the run passes the concepts
+the probe images show, visibility.py).
 """
 import dataclasses
 import functools
@@ -269,11 +271,20 @@ class ConceptGeometry:
     return jnp.asarray(self.inv_std, jnp.float32)
 
 
-def concept_geometry(text_embeddings, image_cov: np.ndarray) -> ConceptGeometry:
+def concept_geometry(text_embeddings, image_cov: np.ndarray,
+                     allowed: np.ndarray | None = None) -> ConceptGeometry:
+  """allowed: (M,) bool, the concepts a selection may choose (visibility.py's visible
+  concepts), or None for all; the others get inv_std 0, as flat columns do."""
   texts = normalise_rows(text_embeddings)
   texts_cov = texts @ image_cov
   column_var = np.sum(texts_cov * texts, axis=1)
   varies = column_var > FLAT * max(float(column_var.max(initial=0.0)), 1e-300)
+  if allowed is not None:
+    allowed = np.asarray(allowed, bool)
+    if allowed.shape != varies.shape:
+      raise ValueError(f"allowed has shape {allowed.shape}, the concepts "
+                       f"{varies.shape}.")
+    varies &= allowed
   inv_std = np.where(varies, 1.0 / np.sqrt(np.where(varies, column_var, 1.0)), 0.0)
   return ConceptGeometry(texts, texts_cov, inv_std)
 

@@ -200,7 +200,8 @@ def write_report(report_dir: str, result: "results_lib.DissectionResult",
             "<div class='cards'>" + "".join(cards) + "</div>")
     _write(os.path.join(report_dir, filename), _page(f"jaxdissect: {name}", body))
   body = ("<h1>jaxdissect report</h1>"
-          f"<p>{len(result.concepts)} concepts, {len(result.image_ids)} probe images.</p>"
+          f"<p>{len(result.concepts)} concepts, {len(result.image_ids)} probe images."
+          + _visibility_line(result.visibility) + "</p>"
           "<table><thead><tr><th>layer</th><th>units</th><th>distinct labels</th>"
           "<th>dead</th><th>mean AUC</th><th>most common labels</th></tr></thead><tbody>"
           + "".join(index_rows) + "</tbody></table>" + _warning_list(warnings)
@@ -239,6 +240,19 @@ def _explanation_lines(explained, unit: int, concepts, simulation: float) -> str
           f"{esc(concepts[correlation]) if correlation >= 0 else '-'}</div>{composition}"
           f"<div class='alt'>linear: {terms or '-'} &middot; simulation "
           f"{_number(simulation, 3)}</div>{note}")
+
+
+def _visibility_line(visibility) -> str:
+  if visibility is None or visibility.min_images == 0:
+    return ""
+  if visibility.fallback:
+    return (f" No concept is among the top {visibility.rank} of "
+            f"{visibility.min_images} or more images: the explanations choose among "
+            "all concepts.")
+  return (f" The explanations and correlation labels choose among the "
+          f"{int(visibility.visible.sum())} concepts that {visibility.min_images} or more "
+          f"images rank in their top {visibility.rank} (concept_visibility.csv); the "
+          "labels among all.")
 
 
 def _recommendation(summary) -> str:

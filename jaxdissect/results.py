@@ -40,12 +40,15 @@ class DissectionResult:
   layers: layer name -> LayerLabels. scores: layer name -> (num_units, num_concepts).
   trust: layer name -> trust.UnitTrust (per-unit AUC, permutation p-value, label
     stability and each alternative's share of the bootstrap resamples).
+  visibility: the concepts the probe images show (visibility.ConceptVisibility), the
+    ones the explanations choose among; None where not computed.
   """
   concepts: list[str]
   image_ids: list[str]
   layers: dict[str, Any]  # labeling.LayerLabels
   scores: dict[str, Any] = dataclasses.field(default_factory=dict)
   trust: dict[str, Any] = dataclasses.field(default_factory=dict)
+  visibility: Any = None  # visibility.ConceptVisibility: the concepts the probe shows
 
   def description_rows(self) -> list[dict[str, Any]]:
     return [{"layer": name, "unit": unit, "description": layer.labels[unit],
@@ -97,7 +100,9 @@ class DissectionResult:
     """{file name: contents} of the explanation files this result has."""
     files = {"explanations.csv": self.explanations_csv(),
              "explanations_simulator.csv": self.explanations_csv(simulator=True),
-             "compositional.csv": self.compositional_csv()}
+             "compositional.csv": self.compositional_csv(),
+             "concept_visibility.csv": (None if self.visibility is None
+                                        else self.visibility.to_csv(self.concepts))}
     return {name: text for name, text in files.items() if text is not None}
 
   def compositional_csv(self) -> str | None:

@@ -35,6 +35,7 @@ from jaxdissect import results as results_lib
 from jaxdissect import similarity
 from jaxdissect import stability as stability_lib
 from jaxdissect import store
+from jaxdissect import visibility as visibility_lib
 
 DEFAULT_TOP_FRACTION = 0.05
 DEFAULT_NUM_PERMUTATIONS = 100
@@ -248,14 +249,32 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
   return UnitTrust(aucs, p_values)
 
 
+def run_visibility(config, image_embeddings, text_embeddings
+                   ) -> visibility_lib.ConceptVisibility | None:
+  """The concepts the probe images show (visibility.py) with the run's settings
+  (config.visible_top_share, config.visible_min_images; 0 images: every concept), or
+  None where the run has no explanations (config.explain_concepts 0) to restrict."""
+  if int(config.get("explain_concepts", 0)) <= 0:
+    return None
+  return visibility_lib.concept_visibility(
+      image_embeddings, text_embeddings,
+      float(config.get("visible_top_share", visibility_lib.DEFAULT_TOP_SHARE)),
+      int(config.get("visible_min_images", visibility_lib.DEFAULT_MIN_IMAGES)))
+
+
 def layer_trust(config, probe: store.ProbeActivations,
                 result: results_lib.DissectionResult, text_embeddings: np.ndarray,
-                mesh=None, embed_texts=None, simulator=None) -> dict[str, UnitTrust]:
+                mesh=None, embed_texts=None, simulator=None,
+                visibility=None) -> dict[str, UnitTrust]:
   """Per-unit AUC, permutation p-value, explanations (where the activations are held;
   with config.trust_bootstrap resamples, their concepts' selection shares) and
   ((soft-)WPMI only) label stability of every layer's labels; mesh: the devices of
   the stability and the explanations' fits; embed_texts: texts -> CLIP text
-  embeddings, for the compositional labels' prompts; simulator: (image embeddings, text embeddings) of config.simulator_model, or None."""
+  embeddings, for the compositional labels' prompts; simulator: (image embeddings, text embeddings) of config.simulator_model, or None; visibility: the concepts the probe
+  shows (run_visibility), which the explanations choose among, or None for all."""
+  if simulator is not None:
+    shown = run_visibility(config, *simulator)
+    simulator = (*simulator, None if shown is None else shown.visible)
   out = {}
   # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).
   resamples = int(config.get("trust_bootstrap", 0))
@@ -286,7 +305,8 @@ def layer_trust(config, probe: store.ProbeActivations,
       out[name].explanations = explanations_lib.run_explanations(
           name, activations, probe.image_embeddings, text_embeddings,
           layer.alternative_ids[:, 0], ~(layer.dead | layer.invalid), config, mesh,
-          result.concepts, embed_texts, weights, simulator)
+          result.concepts, embed_texts, weights, simulator,
+          None if visibility is None else visibility.visible)
     if bootstrap:
       started = time.time()
       unit_stability = stability_lib.layer_stability(

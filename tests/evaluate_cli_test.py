@@ -84,8 +84,10 @@ class EvaluateCliTest(absltest.TestCase):
     os.remove(os.path.join(results, "evaluation.json"))
     os.remove(os.path.join(results, "unit_trust.csv"))
     os.remove(os.path.join(results, "explanations.csv"))
+    os.remove(os.path.join(results, "concept_visibility.csv"))
     proc = synthetic_run.run_module("jaxdissect.evaluate", "--results", results)
-    for name in ("unit_trust.csv", "explanations.csv"):  # as main.py wrote them
+    for name in ("unit_trust.csv", "explanations.csv",
+                 "concept_visibility.csv"):  # as main.py wrote them
       with open(os.path.join(results, name), "rb") as f, \
           open(os.path.join(self.results, name), "rb") as g:
         self.assertEqual(f.read(), g.read(), name)

@@ -12,7 +12,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = (
     # Package __init__ files import nothing; "synthetic" is the empty package.
     ("foundations", ("errors", "registry", "resources", "config", "sharding", "topk",
-                     "likelihood", "similarity", "linear", "kernels", "results",
+                     "likelihood", "similarity", "linear", "visibility", "kernels", "results",
                      "tiny_models", "synthetic")),
     ("data and scoring math", ("data.*", "synthetic.world", "streaming", "store")),
     ("models", ("models.*",)),

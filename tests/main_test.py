@@ -272,8 +272,12 @@ class MainEndToEndTest(_TinyModels):
   def check_results(self, result_dir, units, concepts):
     expected = ["descriptions.csv", "descriptions_topk.csv", "top_images.csv",
                 "config.json", "report", "evaluation.json", "unit_trust.csv",
-                "explanations.csv", "compositional.csv"]
+                "explanations.csv", "compositional.csv", "concept_visibility.csv"]
     self.assertCountEqual(os.listdir(result_dir), expected)
+    shown = read_csv(os.path.join(result_dir, "concept_visibility.csv"))
+    self.assertEqual(shown[0], ["concept", "images_showing", "visible"])
+    self.assertEqual([r[0] for r in shown[1:]], list(concepts))
+    self.assertTrue({r[2] for r in shown[1:]} <= {"true", "false"})
     with open(os.path.join(result_dir, "evaluation.json"), encoding="utf-8") as f:
       evaluation = json.load(f)
     self.assertEqual(list(evaluation), list(units))

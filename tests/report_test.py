@@ -19,6 +19,7 @@ from jaxdissect import report
 from jaxdissect import results
 from jaxdissect import tiny_models
 from jaxdissect import trust
+from jaxdissect import visibility
 
 EVIL = ["<script>alert(1)</script>", "<img src=x onerror=alert(2)>", "a'b\"c&d"]
 # Each would mark the page if the browser ran it; the report must show them as text.
@@ -122,6 +123,24 @@ class ReportSourceTest(absltest.TestCase):
     report.write_report(out, make_result(), {}, None, [])
     with open(os.path.join(out, "index.html"), encoding="utf-8") as f:
       self.assertNotIn("Warnings during the run", f.read())
+
+  def test_index_says_which_concepts_the_explanations_choose_among(self):
+    out = self.create_tempdir().full_path
+    result = make_result()
+    result.visibility = visibility.ConceptVisibility(
+        np.array([9, 0, 4]), 2, 5, np.array([True, False, False]))
+    report.write_report(out, result, {})
+    with open(os.path.join(out, "index.html"), encoding="utf-8") as f:
+      self.assertIn("choose among the 1 concepts that 5 or more images rank in their "
+                    "top 2", f.read())
+    rows = list(csv.reader(io.StringIO(result.extra_files()["concept_visibility.csv"])))
+    self.assertEqual(rows, [["concept", "images_showing", "visible"],
+                            [EVIL[0], "9", "true"], [EVIL[1], "0", "false"],
+                            [EVIL[2], "4", "false"]])
+    result.visibility.fallback = True
+    report.write_report(out, result, {})
+    with open(os.path.join(out, "index.html"), encoding="utf-8") as f:
+      self.assertIn("choose among all concepts", f.read())
 
   def test_csv_quotes_commas_and_quotes(self):
     result = make_result()

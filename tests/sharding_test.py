@@ -106,7 +106,7 @@ class ShardedMainTest(absltest.TestCase):
     concepts = tiny_models.write_concepts(os.path.join(tmp, "concepts.txt"),
                                           main_test.CONCEPTS)
     names = ("descriptions.csv", "descriptions_topk.csv", "top_images.csv",
-             "explanations.csv", "unit_trust.csv")
+             "explanations.csv", "unit_trust.csv", "concept_visibility.csv")
 
     def run(workdir, env=None, **overrides):
       args = ["--config", main_test.BASE_CONFIG,

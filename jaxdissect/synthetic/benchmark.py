@@ -25,6 +25,7 @@ from jaxdissect import registry
 from jaxdissect import results
 from jaxdissect import stability as stability_lib
 from jaxdissect import trust
+from jaxdissect import visibility
 from jaxdissect.data import probe as probe_lib
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import targets as targets_lib
@@ -240,11 +241,13 @@ def stability_draw(num_images: int, seed: int, num_resamples: int = 20,
   out = StabilityDraw({}, {}, {})
   words = list(world.ATTRIBUTE_WORDS)
   annotations = world.annotation_matrix(data.scenes, words)
+  # The run's default: the explanations choose among the concepts the probe shows.
+  shown = visibility.concept_visibility(probe.image_embeddings, text).visible
   for name, layer in result.layers.items():
     live = ~(layer.dead | layer.invalid)
     explained = explanations.layer_explanations(
         probe.activations[name], probe.image_embeddings, text, layer.alternative_ids[:, 0],
-        live, concepts=concepts, beam=6,
+        live, concepts=concepts, beam=6, visible=shown,
         embed_texts=lambda texts: np.asarray(clip_lib.embed_texts(clip, texts)))
     result.trust[name] = trust.UnitTrust(np.full(layer.num_units, np.nan),
                                          np.full(layer.num_units, np.nan),
