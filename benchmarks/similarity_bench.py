@@ -30,6 +30,10 @@ process (peak RSS per measurement):
     a compiling call, and the explanations with their selection shares over 20
     bootstrap resamples (trust_bootstrap's default); /ours is what they add to a run's
     similarity time;
+  - visibility, with --explanations (once per size): which concepts the probe shows
+    (visibility.py: each image's top max(5, 1% of the concepts) by CLIP similarity, a
+    matmul and a top-k per block of images, once per run, not per layer), one call after
+    a compiling call;
   - copy: a plain copy of P into a buffer already in memory (NumPy), best of 3. It moves
     2 x images x concepts x 4 bytes, as many as ours reads (P twice: the softmax
     normalisers, then the blocks), so copy / ours is how close ours runs to the memory
@@ -186,6 +190,13 @@ def _measure(kind, name, size, queue):
     seconds, result = _best_of(1, explain)
     scores = np.eye(activations.shape[1], 1)  # no labels of its own
     extra["mean_simulation"] = float(np.nanmean(result.simulation))
+  elif kind == "visibility":
+    from jaxdissect import visibility  # pylint: disable=g-import-not-at-top
+    del P
+    visibility.concept_visibility(images, texts)  # compile
+    seconds, result = _best_of(1, lambda: visibility.concept_visibility(images, texts))
+    scores = np.eye(activations.shape[1], 1)  # no labels of its own
+    extra["visible_concepts"] = int(result.visible.sum())
   elif kind == "stability":
     from jaxdissect import stability, topk  # pylint: disable=g-import-not-at-top
     del P
@@ -293,7 +304,9 @@ COLUMNS = (  # (header, record key, width, digits)
     ("+compose s", "compositional_seconds", 10, 2),
     ("+compose/ours", "compositional_over_ours", 13, 2),
     ("+shares s", "selection_seconds", 9, 2),
-    ("+shares/ours", "selection_over_ours", 12, 2))
+    ("+shares/ours", "selection_over_ours", 12, 2),
+    ("visible s", "visibility_seconds", 9, 2),
+    ("visible/ours", "visibility_over_ours", 12, 2))
 
 
 def _agreement(a, b):
@@ -370,7 +383,7 @@ def main(argv=None):
                         stability_over_ours=resampled["seconds"] / ours["seconds"],
                         stability_peak_rss_gb=resampled["peak_rss_gb"],
                         mean_stability=resampled["mean_stability"])
-      for kind in (("explanations", "compositional", "selection")
+      for kind in (("explanations", "compositional", "selection", "visibility")
                    if args.explanations and index == 0 else ()):
         timed = measure(kind, name, size)
         if timed is not None:

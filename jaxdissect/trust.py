@@ -270,8 +270,10 @@ def layer_trust(config, probe: store.ProbeActivations,
   with config.trust_bootstrap resamples, their concepts' selection shares) and
   ((soft-)WPMI only) label stability of every layer's labels; mesh: the devices of
   the stability and the explanations' fits; embed_texts: texts -> CLIP text
-  embeddings, for the compositional labels' prompts; simulator: (image embeddings, text embeddings) of config.simulator_model, or None; visibility: the concepts the probe
-  shows (run_visibility), which the explanations choose among, or None for all."""
+  embeddings, for the compositional labels' prompts; simulator: (image embeddings,
+  text embeddings) of config.simulator_model, or None; visibility: the concepts the
+  probe shows (run_visibility), which the explanations choose among, or None for all;
+  the simulator's own are computed here from its embeddings."""
   if simulator is not None:
     shown = run_visibility(config, *simulator)
     simulator = (*simulator, None if shown is None else shown.visible)
