@@ -115,7 +115,8 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
   truths = evaluate.layer_truths(target, layer_infos)
   result = labeling.label_with_config(config, probe, text_embeddings, concepts,
                                       list(truths), mesh)
-  result.visibility = trust.run_visibility(config, probe.image_embeddings, text_embeddings)
+  result.visibility = trust.run_visibility(config, probe.image_embeddings, text_embeddings,
+                                           mesh)
   result.trust = trust.layer_trust(
       config, probe, result, text_embeddings, mesh,
       lambda texts: np.asarray(clip_lib.embed_texts(clip, texts, config.text_batch_size)),

@@ -249,17 +249,18 @@ def unit_trust(layer: str, similarity_fn: str, activations, image_embeddings,
   return UnitTrust(aucs, p_values)
 
 
-def run_visibility(config, image_embeddings, text_embeddings
+def run_visibility(config, image_embeddings, text_embeddings, mesh=None
                    ) -> visibility_lib.ConceptVisibility | None:
   """The concepts the probe images show (visibility.py) with the run's settings
   (config.visible_top_share, config.visible_min_images; 0 images: every concept), or
-  None where the run has no explanations (config.explain_concepts 0) to restrict."""
+  None where the run has no explanations (config.explain_concepts 0) to restrict;
+  mesh: the devices the images are split over, or None."""
   if int(config.get("explain_concepts", 0)) <= 0:
     return None
   return visibility_lib.concept_visibility(
       image_embeddings, text_embeddings,
       float(config.get("visible_top_share", visibility_lib.DEFAULT_TOP_SHARE)),
-      int(config.get("visible_min_images", visibility_lib.DEFAULT_MIN_IMAGES)))
+      int(config.get("visible_min_images", visibility_lib.DEFAULT_MIN_IMAGES)), mesh)
 
 
 def layer_trust(config, probe: store.ProbeActivations,
@@ -275,7 +276,7 @@ def layer_trust(config, probe: store.ProbeActivations,
   probe shows (run_visibility), which the explanations choose among, or None for all;
   the simulator's own are computed here from its embeddings."""
   if simulator is not None:
-    shown = run_visibility(config, *simulator)
+    shown = run_visibility(config, *simulator, mesh)
     simulator = (*simulator, None if shown is None else shown.visible)
   out = {}
   # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).

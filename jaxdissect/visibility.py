@@ -23,7 +23,8 @@ rank = max(MIN_RANK, ceil(top_share x concepts)): 5 of the synthetic world's 56
 concepts, 200 of the 20k-word set (an image of a red car may rank "red" far below the
 car's names, not below 1% of the words). One streaming pass over the image embeddings
 in blocks, the (block, concepts) similarities never more than BLOCK_BYTES; the counts
-are exact integers, independent of the block size.
+are exact integers, independent of the block size and of the devices the blocks'
+images are split over.
 """
 import csv
 import dataclasses
@@ -35,6 +36,10 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec
+
+from jaxdissect import sharding
 
 MIN_RANK = 5
 DEFAULT_TOP_SHARE = 0.01
@@ -69,7 +74,6 @@ def visible_rank(num_concepts: int, top_share: float = DEFAULT_TOP_SHARE) -> int
   return int(min(num_concepts, max(MIN_RANK, math.ceil(top_share * num_concepts))))
 
 
-@functools.partial(jax.jit, static_argnames=("rank",))
 def _block_counts(images, texts, valid, rank: int):
   """images: (B, D) f32 normalised, texts: (M, D) f32 normalised, valid: (B,) bool ->
   (M,) int32 how many valid images of the block rank each concept in their top `rank`."""
@@ -79,6 +83,20 @@ def _block_counts(images, texts, valid, rank: int):
   return jnp.zeros(texts.shape[0], jnp.int32).at[ids.ravel()].add(weights.ravel())
 
 
+@functools.lru_cache(maxsize=None)
+def _counter(mesh: Mesh | None, rank: int):
+  """_block_counts jitted; over a mesh, the block's images split over its devices and
+  the counts summed (integers: equal to the unsharded ones)."""
+  body = functools.partial(_block_counts, rank=rank)
+  if mesh is None or mesh.devices.size == 1:
+    return jax.jit(body)
+  split, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+  return jax.jit(jax.shard_map(
+      lambda images, texts, valid: jax.lax.psum(body(images, texts, valid),
+                                                sharding.DATA_AXIS),
+      mesh=mesh, in_specs=(split, replicated, split), out_specs=replicated))
+
+
 def _normalise(rows) -> np.ndarray:
   rows = np.asarray(rows, np.float32)
   norms = np.linalg.norm(rows, axis=1, keepdims=True)
@@ -86,17 +104,22 @@ def _normalise(rows) -> np.ndarray:
 
 
 def images_showing(image_embeddings, text_embeddings, rank: int,
-                   block_images: int | None = None) -> np.ndarray:
+                   block_images: int | None = None, mesh: Mesh | None = None
+                   ) -> np.ndarray:
   """(num_concepts,) int64: per concept, the images ranking it in their top `rank`.
 
   image_embeddings: (num_images, dim), may be a memmap (read a block at a time);
-  text_embeddings: (num_concepts, dim)."""
+  text_embeddings: (num_concepts, dim); mesh: each block's images split over its
+  devices, or None."""
   num_concepts = len(text_embeddings)
   if not 1 <= rank <= num_concepts:
     raise ValueError(f"rank must be between 1 and the {num_concepts} concepts, got {rank}.")
   texts = jnp.asarray(_normalise(text_embeddings))
   num_images = len(image_embeddings)
+  devices = 1 if mesh is None else mesh.devices.size
   block = block_images or max(1, min(num_images, BLOCK_BYTES // (4 * num_concepts)))
+  block = -(-block // devices) * devices
+  count_block = _counter(mesh, rank)
   counts = np.zeros(num_concepts, np.int64)
   for start in range(0, num_images, block):
     rows = _normalise(image_embeddings[start:start + block])
@@ -104,16 +127,17 @@ def images_showing(image_embeddings, text_embeddings, rank: int,
     valid[:len(rows)] = True
     padded = np.zeros((block, rows.shape[1]), np.float32)
     padded[:len(rows)] = rows  # one compilation: every block has the same shape
-    counts += np.asarray(_block_counts(jnp.asarray(padded), texts, jnp.asarray(valid),
-                                       rank), np.int64)
+    counts += np.asarray(count_block(jnp.asarray(padded), texts, jnp.asarray(valid)),
+                         np.int64)
   return counts
 
 
 def concept_visibility(image_embeddings, text_embeddings,
                        top_share: float = DEFAULT_TOP_SHARE,
-                       min_images: int = DEFAULT_MIN_IMAGES) -> ConceptVisibility:
+                       min_images: int = DEFAULT_MIN_IMAGES,
+                       mesh: Mesh | None = None) -> ConceptVisibility:
   """Which concepts the probe images show (module docstring). min_images = 0: every
-  concept is visible (the filter is off)."""
+  concept is visible (the filter is off); mesh: as images_showing."""
   if min_images < 0:
     raise ValueError(f"min_images must be 0 (off) or more, got {min_images}.")
   if not 0.0 <= top_share <= 1.0:
@@ -123,7 +147,7 @@ def concept_visibility(image_embeddings, text_embeddings,
   if min_images == 0:
     return ConceptVisibility(np.zeros(num_concepts, np.int64), rank, 0,
                              np.ones(num_concepts, bool))
-  counts = images_showing(image_embeddings, text_embeddings, rank)
+  counts = images_showing(image_embeddings, text_embeddings, rank, mesh=mesh)
   visible = counts >= min_images
   fallback = not visible.any()
   if fallback:

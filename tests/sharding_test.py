@@ -60,6 +60,12 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
     assert np.array_equal(one.weights, eight.weights)
     assert np.array_equal(linear.correlation_labels(moments, texts, np.ones(37, bool)),
                           linear.correlation_labels(moments, texts, np.ones(37, bool), mesh))
+    from jaxdissect import visibility
+    for block in (50, 96):  # 50 is rounded up to a multiple of the 8 devices
+      one, eight = (visibility.images_showing(images, texts, 5, block, m)
+                    for m in (None, mesh))
+      assert np.array_equal(one, eight), block
+      assert one.sum() == 5 * len(images)
     from jaxdissect import compositional
     held = linear.holdout_mask(700, 0.25, 0)
     names = [f"c{i}" for i in range(90)]
