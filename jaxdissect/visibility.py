@@ -14,8 +14,9 @@ hidden unit (it shares directions of the embedding space with what the images sh
 On the synthetic world two thirds of layer1's correlation labels were such words,
 right by every annotation-free score and wrong by construction; no image ranks any of
 them in its top 8 of the 56 concepts, while every word of the world is in the top 5
-of at least 139 of 2,000 images (BENCHMARKS.md). The correlation labels, the linear
-explanations and the compositional candidates choose among visible concepts;
+of at least 264 of 2,000 images on each of 3 draws (BENCHMARKS.md). The correlation
+labels, the linear explanations and the compositional candidates choose among visible
+concepts;
 descriptions.csv keeps the run's (soft-)WPMI label over all concepts, as the paper
 does.
 
