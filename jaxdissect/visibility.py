@@ -16,9 +16,8 @@ right by every annotation-free score and wrong by construction; no image ranks a
 them in its top 8 of the 56 concepts, while every word of the world is in the top 5
 of at least 264 of 2,000 images on each of 3 draws (BENCHMARKS.md). The correlation
 labels, the linear explanations and the compositional candidates choose among visible
-concepts;
-descriptions.csv keeps the run's (soft-)WPMI label over all concepts, as the paper
-does.
+concepts; descriptions.csv keeps the run's (soft-)WPMI label over all concepts, as the
+paper does.
 
 rank = max(MIN_RANK, ceil(top_share x concepts)): 5 of the synthetic world's 56
 concepts, 200 of the 20k-word set (an image of a red car may rank "red" far below the
