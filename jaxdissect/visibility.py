@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 
 from jaxdissect import sharding
+from jaxdissect import similarity
 
 MIN_RANK = 5
 DEFAULT_TOP_SHARE = 0.01
@@ -98,9 +99,8 @@ def _counter(mesh: Mesh | None, rank: int):
 
 
 def _normalise(rows) -> np.ndarray:
-  rows = np.asarray(rows, np.float32)
-  norms = np.linalg.norm(rows, axis=1, keepdims=True)
-  return rows / np.where(norms > 0, norms, 1.0)
+  """Rows as float32 unit vectors, as the similarity's P normalises them."""
+  return similarity.l2_normalise(np.asarray(rows, np.float32), axis=1, xp=np)
 
 
 def images_showing(image_embeddings, text_embeddings, rank: int,
