@@ -17,6 +17,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxdissect import errors
 
 DATA_AXIS = "data"
+# JAX's CPU client uses a NumPy array's memory in place when it is aligned to this many
+# bytes, and copies it otherwise.
+HOST_ALIGN_BYTES = 64
 
 
 def make_mesh(num_devices: int | None = None, local: bool = False) -> Mesh:
@@ -43,6 +46,28 @@ def mesh_from_config(config) -> Mesh:
 
 def is_multi_process(mesh: Mesh) -> bool:
   return len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def to_device(array, dtype=np.float32) -> jax.Array:
+  """`array` (NumPy, a memmap, or a jax.Array) as a jax.Array of `dtype` on the default
+  device.
+
+  On CPU an unaligned NumPy array is first copied into a HOST_ALIGN_BYTES-aligned buffer
+  by NumPy, which JAX then uses in place: JAX's own copy of an unaligned array is about
+  3x slower than NumPy's (400 MB, 50,000 x 2,048 activations, on 2 cores: 0.72 s
+  against 0.22 s). Elsewhere the host-to-device transfer is the copy.
+  """
+  if isinstance(array, jax.Array):
+    return array if array.dtype == dtype else array.astype(dtype)
+  host = np.asarray(array, dtype)
+  if (jax.default_backend() == "cpu" and host.nbytes and
+      (not host.flags.c_contiguous or host.ctypes.data % HOST_ALIGN_BYTES)):
+    raw = np.empty(host.nbytes + HOST_ALIGN_BYTES, np.uint8)
+    offset = -raw.ctypes.data % HOST_ALIGN_BYTES
+    aligned = raw[offset:offset + host.nbytes].view(host.dtype).reshape(host.shape)
+    np.copyto(aligned, host)
+    host = aligned
+  return jax.device_put(host)
 
 
 def put_local_batch(arrays, mesh: Mesh | None):

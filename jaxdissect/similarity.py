@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxdissect import likelihood
 from jaxdissect import registry
+from jaxdissect import sharding
 
 # Bytes one chunk's largest intermediate may take when chunk_size is None.
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
@@ -280,8 +281,8 @@ def cos_similarity(concept_activation, activations):
   Columns with zero norm (a neuron that is always 0) score 0 instead of NaN.
   """
   _check_inputs(concept_activation, activations, "cos_similarity")
-  return _cos_similarity(jnp.asarray(concept_activation, jnp.float32),
-                         jnp.asarray(activations, jnp.float32))
+  return _cos_similarity(sharding.to_device(concept_activation),
+                         sharding.to_device(activations))
 
 
 def max_abs(x):
@@ -304,8 +305,8 @@ def cos_similarity_cubed(concept_activation, activations,
                          min_norm=_CUBED["min_norm"]):
   """Cosine of centred, cubed columns (CLIP-Dissect's cos^3): (num_neurons, num_concepts)."""
   _check_inputs(concept_activation, activations, "cos_similarity_cubed")
-  return _cos_similarity_cubed(jnp.asarray(concept_activation, jnp.float32),
-                               jnp.asarray(activations, jnp.float32), min_norm)
+  return _cos_similarity_cubed(sharding.to_device(concept_activation),
+                               sharding.to_device(activations), min_norm)
 
 
 def centre_cube_normalise(x, min_norm):
@@ -357,8 +358,8 @@ def _top_k_log_likelihood(concept_activation, activations, top_k, a, min_prob,
   """
   num_images, num_concepts, _ = _check_inputs(concept_activation, activations, name)
   check_top_k(top_k, num_images, name)
-  concept_activation = jnp.asarray(concept_activation, jnp.float32)
-  _, top_images = top_activations(jnp.asarray(activations, jnp.float32), top_k)
+  concept_activation = sharding.to_device(concept_activation)
+  _, top_images = top_activations(sharding.to_device(activations), top_k)
   rows, top_rows = likelihood.unique_rows(top_images)
   num_rows = rows.size
   block = block_size or likelihood.block_size(num_rows, num_concepts)
@@ -450,8 +451,8 @@ def rank_reorder(concept_activation, activations, top_fraction=_RANK["top_fracti
   # argsort twice needs a few (num_top, num_concepts) int32 buffers per neuron.
   chunk = _chunk(chunk_size, num_neurons, 4 * num_top * num_concepts * 4)
   permutations = jnp.asarray(rank_reorder_baseline_permutations(num_top, seed))
-  return _rank_reorder(jnp.asarray(concept_activation, jnp.float32),
-                       jnp.asarray(activations, jnp.float32), permutations, p, scale_p,
+  return _rank_reorder(sharding.to_device(concept_activation),
+                       sharding.to_device(activations), permutations, p, scale_p,
                        num_top=num_top, chunk=chunk)
 
 

@@ -113,7 +113,7 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   similarity.check_top_k(top_k, num_images, name)
   if top_images is None:
     _check(image_embeddings, text_embeddings, activations, name)
-    _, top_images = similarity.top_activations(jnp.asarray(activations, jnp.float32),
+    _, top_images = similarity.top_activations(sharding.to_device(activations),
                                                top_k)
   else:
     if top_images.shape[1] < top_k:
@@ -430,7 +430,7 @@ def cos_similarity(image_embeddings, text_embeddings, activations, mesh=None):
   over image chunks. mesh: split the neurons over its devices."""
   _check(image_embeddings, text_embeddings, activations, "cos_similarity")
   images, texts = _normalise(image_embeddings), _normalise(text_embeddings)
-  activations = jnp.asarray(activations, jnp.float32)
+  activations = sharding.to_device(activations)
   # Scale-free: divide by the column max first, as the in-memory function does.
   activations = activations / similarity.max_abs(activations)
   neuron_norms = jnp.maximum(jnp.linalg.norm(activations, axis=0), similarity.TINY)
@@ -463,7 +463,7 @@ def cos_similarity_cubed(image_embeddings, text_embeddings, activations,
   the neurons over its devices."""
   _check(image_embeddings, text_embeddings, activations, "cos_similarity_cubed")
   images, texts = _normalise(image_embeddings), _normalise(text_embeddings)
-  activations = jnp.asarray(activations, jnp.float32)
+  activations = sharding.to_device(activations)
   num_images, num_concepts = activations.shape[0], texts.shape[0]
   chunks = _image_chunks(num_images, _image_chunk(num_images, num_concepts,
                                                   activations.shape[1]))

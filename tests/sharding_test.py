@@ -10,8 +10,11 @@ import tempfile
 import textwrap
 
 from absl.testing import absltest
+import jax
+import numpy as np
 import pytest
 
+from jaxdissect import sharding
 from jaxdissect import tiny_models
 from tests import main_test
 
@@ -87,6 +90,42 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
       assert "num_devices" in err.one_line(), err.one_line()
     print("SHARDED_OK")
 """)
+
+
+class ToDeviceTest(absltest.TestCase):
+
+  def test_values_dtype_and_alignment(self):
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1001, 37)).astype(np.float32)
+
+    def at_offset(offset):  # a copy of base starting `offset` bytes past a 64-byte line
+      raw = np.empty(base.nbytes + 128, np.uint8)
+      start = -raw.ctypes.data % 64 + offset
+      return raw[start:start + base.nbytes].view(np.float32).reshape(base.shape)
+
+    inputs = {
+        "aligned": at_offset(0),
+        "unaligned": at_offset(4),
+        "strided": np.asfortranarray(base),
+        "float64": base.astype(np.float64),
+        "jax": jax.numpy.asarray(base),
+    }
+    np.copyto(inputs["aligned"], base)
+    np.copyto(inputs["unaligned"], base)
+    self.assertNotEqual(inputs["unaligned"].ctypes.data % 64, 0)
+    for name, array in inputs.items():
+      out = sharding.to_device(array)
+      self.assertIsInstance(out, jax.Array, name)
+      self.assertEqual(out.dtype, np.float32, name)
+      np.testing.assert_array_equal(np.asarray(out), base, err_msg=name)
+      if jax.default_backend() == "cpu":
+        self.assertEqual(out.unsafe_buffer_pointer() % sharding.HOST_ALIGN_BYTES, 0, name)
+    # An aligned float32 array is used in place on CPU: no copy at all.
+    if jax.default_backend() == "cpu":
+      self.assertEqual(sharding.to_device(inputs["aligned"]).unsafe_buffer_pointer(),
+                       inputs["aligned"].ctypes.data)
+    self.assertEqual(sharding.to_device(np.zeros((0, 3))).shape, (0, 3))
+    self.assertEqual(sharding.to_device(np.arange(3), np.int32).dtype, np.int32)
 
 
 class ShardedSimilarityTest(absltest.TestCase):
