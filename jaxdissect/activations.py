@@ -123,15 +123,16 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
                    layers: Sequence[targets_lib.LayerInfo], batches: Iterable[dict],
                    num_images: int, pool_mode: str = "avg", token_pool: str = "cls",
                    mesh=None, log_every_s: float = 10.0, first_index: int = 0,
-                   step=None, shard_index: int = 0, num_shards: int = 1
+                   step=None, shard_offsets: np.ndarray | None = None
                    ) -> store.ProbeActivations:
   """Runs the probe step over every batch; padding rows are dropped by the mask.
 
-  The batches hold images first_index..first_index+num_images-1 (global indices); with
-  num_shards > 1 (one shard per process), only every num_shards-th of them from
-  shard_index (ProbeSet.batches' sharding), and the rows returned are those. The
-  running top-k is global: every process gets the same one. Pass the same `step`
-  (make_probe_step) to every chunk of one pass so it compiles once.
+  The batches hold images first_index..first_index+num_images-1 (global indices); in a
+  multi-process pass only this process's share of them, whose offsets from first_index
+  are shard_offsets (ascending; sharding.shard_offsets, ProbeSet.batches' layout), and
+  the rows returned are those. The running top-k is global: every process gets the
+  same one. Pass the same `step` (make_probe_step) to every chunk of one pass so it
+  compiles once.
   """
   step = step or make_probe_step(clip, target, layers, pool_mode, token_pool, mesh)
   # Parameters go to the device(s) once; left on the host they would be copied again
@@ -142,7 +143,9 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
     # A multi-process device_put replicates host data, not another device's arrays.
     params = jax.tree.map(np.asarray, params)
   clip_params, target_variables = jax.device_put(params, param_placement)
-  num_rows = len(range(shard_index, num_images, num_shards))
+  if shard_offsets is None:
+    shard_offsets = np.arange(num_images, dtype=np.int64)
+  num_rows = len(shard_offsets)
   embeddings = np.zeros((num_rows, clip.embedding_dim), np.float32)
   activations = {info.name: np.zeros((num_rows, info.num_units), np.float32)
                  for info in layers}
@@ -153,7 +156,7 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
   def collect(batch, outputs):
     out_embeddings, out_pooled = outputs
     mask = batch["mask"]
-    row = (batch["index"][mask] - first_index - shard_index) // num_shards
+    row = np.searchsorted(shard_offsets, batch["index"][mask] - first_index)
     embeddings[row] = sharding.local_rows(out_embeddings)[mask]
     for name, values in out_pooled.items():
       activations[name][row] = sharding.local_rows(values)[mask]
@@ -185,7 +188,7 @@ def run_probe_pass(clip: clip_lib.ClipModel, target: targets_lib.TargetModel,
   if seen.all():
     return store.ProbeActivations(embeddings, activations, image_ids, top=top)
   # The input pipeline drops images it cannot decode; they leave the rows here.
-  skipped = [first_index + shard_index + num_shards * int(i) for i in np.flatnonzero(~seen)]
+  skipped = [first_index + int(shard_offsets[i]) for i in np.flatnonzero(~seen)]
   logging.warning("%d of %d probe image(s) could not be decoded and were skipped.",
                   len(skipped), num_rows)
   return store.ProbeActivations(embeddings[seen], {k: v[seen] for k, v in activations.items()},

@@ -32,8 +32,8 @@ def load_or_run(config, probe_set, clip, target, layer_infos, mesh, num_concepts
   it is not stored. With several processes every process ends up holding the whole
   pass, and the returned mesh is this process's devices (each scores it alone)."""
   probe_key = probe_store_key(config, clip, target, layer_infos, probe_set, clip_hash)
-  shard_key = probe_key if jax.process_count() == 1 else (
-      f"{probe_key}.shard-{jax.process_index()}-of-{jax.process_count()}")
+  shard_key = probe_key if jax.process_count() == 1 else shard_store_key(
+      probe_key, config.batch_size // jax.process_count())
   # Memory-mapped: the (num_images, ...) arrays are read from disk as they are used.
   probe = store.load_probe(config.activation_dir, shard_key, mmap=True)
   if sharding.all_processes_agree(probe is not None):
@@ -53,9 +53,20 @@ def load_or_run(config, probe_set, clip, target, layer_infos, mesh, num_concepts
                   and config.num_top_images <= topk.RUNNING_TOP_K
                   and labeling.streams(config.similarity_fn, num_kept, num_concepts,
                                        config.concept_matrix_max_gb))
-    probe = gather_probe(probe, probe_set.num_images, with_activations=not top_k_only)
+    probe = gather_probe(probe, probe_set.num_images,
+                         config.batch_size // jax.process_count(),
+                         with_activations=not top_k_only)
     mesh = sharding.make_mesh(local=True)
   return probe, probe_key, mesh
+
+
+def shard_store_key(probe_key: str, local_batch: int) -> str:
+  """The store key of this process's shard of a multi-process pass. A shard's rows
+  depend on the local batch (sharding.shard_offsets), so it is in the key; "blocks"
+  also keeps shards of the earlier layout (every process_count-th image) from being
+  read as this one."""
+  return (f"{probe_key}.blocks-{local_batch}.shard-{jax.process_index()}-of-"
+          f"{jax.process_count()}")
 
 
 def load_or_embed_texts(config, clip, concepts: Sequence[str], clip_hash: str):
@@ -86,11 +97,13 @@ def resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos
   earlier (killed) run with the same key are reused, not recomputed. The chunks are then
   assembled into the store entry, which is returned memory-mapped.
 
-  In a multi-process run, probe_key names this process's shard; each process reads
-  every process_count-th image and a chunk is reused only where every process has it
-  (the steps are collective: all processes must run the same ones).
+  In a multi-process run, probe_key names this process's shard; each process reads its
+  slice of every global batch (sharding.shard_offsets) and a chunk is reused only
+  where every process has it (the steps are collective: all processes must run the
+  same ones).
   """
   shard_index, num_shards = jax.process_index(), jax.process_count()
+  local_batch = config.batch_size // num_shards
   chunks = probe_chunks(probe_set.num_images, config.probe_chunk_images, config.batch_size)
   step = activations_lib.make_probe_step(clip, target, layer_infos, config.pool_mode,
                                          config.token_pool, mesh)
@@ -106,14 +119,14 @@ def resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos
     if sharding.all_processes_agree(have):
       reused += 1
       continue
-    batches = probe_set.batches(clip.transform, target.transform,
-                                config.batch_size // num_shards,
+    batches = probe_set.batches(clip.transform, target.transform, local_batch,
                                 config.num_decode_threads, shard_index=shard_index,
                                 num_shards=num_shards, start=start, stop=stop)
     part = activations_lib.run_probe_pass(
         clip, target, layer_infos, batches, stop - start, config.pool_mode,
         config.token_pool, mesh, config.log_every_s, first_index=start, step=step,
-        shard_index=shard_index, num_shards=num_shards)
+        shard_offsets=sharding.shard_offsets(stop - start, local_batch, shard_index,
+                                             num_shards))
     try:
       store.save_probe_chunk(config.activation_dir, probe_key, start, stop, part)
     except OSError as err:
@@ -132,19 +145,20 @@ def resumable_probe_pass(config, probe_key, probe_set, clip, target, layer_infos
     raise errors.from_os_error("activation_dir", err, "assembling the probe pass") from None
 
 
-def gather_probe(local: store.ProbeActivations, num_images: int,
+def gather_probe(local: store.ProbeActivations, num_images: int, local_batch: int,
                  with_activations: bool = True) -> store.ProbeActivations:
-  """Every process's rows (each process holds every process_count-th image) in global
-  image order, in every process. The running top-k is global already.
+  """Every process's rows (each holds its slice of every global batch of process_count
+  x local_batch images, sharding.shard_offsets) in global image order, in every
+  process. The running top-k is global already.
 
   with_activations=False leaves the activation matrices out (zero-width): (soft-)WPMI
   from the running top-k needs only the embeddings.
   """
   shard_index, num_shards = jax.process_index(), jax.process_count()
-  width = -(-num_images // num_shards)
-  skipped = set(local.skipped)
-  indices = np.array([i for i in range(shard_index, num_images, num_shards)
-                      if i not in skipped], np.int64)
+  held = sharding.shard_offsets(num_images, local_batch, shard_index, num_shards)
+  # Process 0's slice of each global batch comes first, so it holds the most rows.
+  width = len(sharding.shard_offsets(num_images, local_batch, 0, num_shards))
+  indices = held[~np.isin(held, np.asarray(local.skipped, np.int64))]
 
   def padded(array, fill=0):
     array = np.asarray(array)
@@ -166,7 +180,7 @@ def gather_probe(local: store.ProbeActivations, num_images: int,
     id_bytes[row, :len(raw)] = np.frombuffer(raw, np.uint8)
   image_ids = [bytes(row).rstrip(b"\0").decode("utf-8") for row in gather(id_bytes)]
   all_skipped = sharding.allgather(
-      padded(np.array(sorted(skipped), np.int64), -1)).reshape(-1)
+      padded(np.array(sorted(local.skipped), np.int64), -1)).reshape(-1)
   activations = {
       name: gather(values) if with_activations else np.zeros((len(order), 0), np.float32)
       for name, values in local.activations.items()}

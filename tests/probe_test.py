@@ -9,6 +9,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from jaxdissect import errors
+from jaxdissect import sharding
 from jaxdissect import tiny_models
 from jaxdissect import topk
 from jaxdissect.data import preprocessing
@@ -96,12 +97,30 @@ class ProbeTest(absltest.TestCase):
       _, merged = collect(probe_set, 3)
       np.testing.assert_array_equal(merged["index"], np.arange(9))
       self.assertEqual([i.decode() for i in merged["image_id"][5:]], ["x", "y", "z", "w"])
-      seen = []
+      # Global batches of 2 x 2 images, each cut into two consecutive slices: every
+      # image at the position it has in one process's batches of 2.
+      expected = {0: [[0, 1], [4, 5], [8, -1]], 1: [[2, 3], [6, 7], [-1, -1]]}
       for shard in range(2):
         batches, part = collect(probe_set, 2, shard_index=shard, num_shards=2)
-        self.assertLen(batches, 3)  # ceil(ceil(9 / 2) / 2): the same on every shard
-        seen += list(part["index"][part["mask"]])
-      self.assertEqual(sorted(seen), list(range(9)))
+        self.assertEqual([list(b["index"]) for b in batches], expected[shard])
+        np.testing.assert_array_equal(
+            part["index"][part["mask"]],
+            sharding.shard_offsets(9, 2, shard, 2))
+
+  def test_undecodable_image_keeps_its_place(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      tiny_models.write_image_folder(tmp, 5)
+      with open(os.path.join(tmp, "img_00001b.png"), "wb") as f:
+        f.write(b"not an image")
+      probe_set = probe.ProbeSet([probe.folder_source(tmp)])
+      self.assertEqual(probe_set.num_images, 6)
+      _, merged = collect(probe_set, 4)
+      bad = probe_set.sources[0].image_ids.index("img_00001b.png")
+      # Masked in place: the images after it sit where they would without it.
+      np.testing.assert_array_equal(merged["index"][:6], np.arange(6))
+      np.testing.assert_array_equal(merged["mask"],
+                                    (np.arange(8) < 6) & (np.arange(8) != bad))
+      self.assertFalse(merged["clip_pixels"][bad].any())
 
   def test_image_range_reads_the_same_images_as_a_full_pass(self):
     with tempfile.TemporaryDirectory() as tmp:

@@ -92,6 +92,25 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
 """)
 
 
+class ShardOffsetsTest(absltest.TestCase):
+
+  def test_slices_of_global_batches(self):
+    np.testing.assert_array_equal(sharding.shard_offsets(11, 2, 1, 3), [2, 3, 8, 9])
+    np.testing.assert_array_equal(sharding.shard_offsets(5, 4, 0, 1), np.arange(5))
+    for count, local_batch, num_shards in ((141, 16, 2), (100, 3, 4), (7, 5, 3)):
+      shards = [sharding.shard_offsets(count, local_batch, p, num_shards)
+                for p in range(num_shards)]
+      # Disjoint, covering, ascending; process 0 holds the most rows.
+      np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(count))
+      for rows in shards:
+        self.assertTrue(np.all(np.diff(rows) > 0))
+        self.assertLessEqual(len(rows), len(shards[0]))
+        # The k-th row of a shard sits at position k % local_batch of its local
+        # batch, as the image does in one process's batches of local_batch.
+        np.testing.assert_array_equal(np.arange(len(rows)) % local_batch,
+                                      rows % local_batch)
+
+
 class ToDeviceTest(absltest.TestCase):
 
   def test_values_dtype_and_alignment(self):

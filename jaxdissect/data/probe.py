@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxdissect import errors
 from jaxdissect import resources
+from jaxdissect import sharding
 from jaxdissect.data import broden
 from jaxdissect.data import decode
 from jaxdissect.data import preprocessing
@@ -467,9 +468,12 @@ class ProbeSet:
     int64 global image index (-1 for padding), mask (B,) bool, image_id (B,) bytes.
 
     Only images start..stop-1 are read (a chunk of a resumable pass); the images before
-    start are skipped before decoding. With num_shards > 1, this process reads every
-    num_shards-th image of that range starting at shard_index and pads to the same
-    number of batches as every other shard.
+    start are skipped before decoding. With num_shards > 1, batch_size is this
+    process's share of a global batch of num_shards x batch_size consecutive images,
+    and the process reads its slice of each (sharding.shard_offsets), padded to the
+    same number of batches as every other shard. An image that cannot be decoded keeps
+    its place as a masked blank row, so no image's batch position depends on another
+    image's file.
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     for name, transform in (("clip_model", clip_transform),
@@ -482,9 +486,9 @@ class ProbeSet:
     if not 0 <= start < stop:
       raise ValueError(f"empty image range [{start}, {stop}) of {self.num_images} images")
     count = stop - start
-    per_shard = -(-count // num_shards)
-    num_batches = -(-per_shard // batch_size)
-    local_count = len(range(shard_index, count, num_shards))
+    global_batch = batch_size * num_shards
+    num_batches = -(-count // global_batch)
+    local_count = len(sharding.shard_offsets(count, batch_size, shard_index, num_shards))
     parallel = tf.data.AUTOTUNE if num_parallel_calls in (None, -1) else num_parallel_calls
     limits = self.limits
     blank = [np.zeros((*t.output_size, 3), np.float32)
@@ -521,16 +525,15 @@ class ProbeSet:
         part = source.make_dataset().enumerate(start=offset).map(
             lambda i, x: {**x, "index": i}).skip(lo - offset).take(hi - lo)
         if num_shards > 1:
-          part = part.filter(
-              lambda x: (x["index"] - start) % num_shards == shard_index)
+          part = part.filter(lambda x: (x["index"] - start) % global_batch // batch_size
+                             == shard_index)
         part = part.map(lambda x, source=source: prepare(x, source),
                         num_parallel_calls=parallel, deterministic=True)
         ds = part if ds is None else ds.concatenate(part)
       offset += source.num_images
-    # A record that cannot be decoded is dropped here; its index never reaches the probe
-    # step, which reports it as skipped. Padding without end, cut at num_batches, keeps
-    # the batch count (equal on every shard) whatever was dropped.
-    ds = ds.filter(lambda x: x["mask"])
+    # A record that cannot be decoded stays as a masked row (mask False): the probe step
+    # ignores it and reports it as skipped. Padding without end, cut at num_batches,
+    # gives every shard the same batch count.
     padding = {
         "clip_pixels": tf.zeros((*clip_transform.output_size, 3), tf.float32),
         "target_pixels": tf.zeros((*target_transform.output_size, 3), tf.float32),
