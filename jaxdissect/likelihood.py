@@ -95,11 +95,11 @@ def rows_per_block(num_concepts: int, budget_bytes: int = ROW_BLOCK_BYTES) -> in
   return int(max(1, budget_bytes // (4 * max(1, num_concepts))))
 
 
-def _num_blocks(num_concepts: int, block: int) -> int:
+def num_blocks(num_concepts: int, block: int) -> int:
   return -(-num_concepts // block)
 
 
-def _block_start(index, num_concepts: int, block: int):
+def block_start(index, num_concepts: int, block: int):
   """The last block is moved back to end at num_concepts, so every block is full."""
   return jnp.minimum(index * block, num_concepts - block)
 
@@ -149,7 +149,7 @@ def log_likelihood(block_logits: Callable, row_lse: jax.Array, top_rows: jax.Arr
   top_rows, membership = pad_ranks(top_rows, membership, group)
 
   def block_body(index, out):
-    start = _block_start(index, num_concepts, block)
+    start = block_start(index, num_concepts, block)
     # Materialised once per block: fused into the gathers below it would be
     # recomputed for every (neuron, rank), 2.6 times per row at the benchmark's shape.
     probs = jax.lax.optimization_barrier(jnp.exp(block_logits(start) - row_lse[:, None]))
@@ -162,7 +162,7 @@ def log_likelihood(block_logits: Callable, row_lse: jax.Array, top_rows: jax.Arr
                             jnp.zeros((num_neurons, block), jnp.float32))
     return jax.lax.dynamic_update_slice(out, acc, (0, start))
 
-  return jax.lax.fori_loop(0, _num_blocks(num_concepts, block), block_body,
+  return jax.lax.fori_loop(0, num_blocks(num_concepts, block), block_body,
                            jnp.zeros((num_neurons, num_concepts), jnp.float32))
 
 

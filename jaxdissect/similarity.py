@@ -237,12 +237,24 @@ def prior_labels(log_likelihood: jax.Array, lam: float) -> jax.Array:
   lower concept index. One pass of _best_neuron_parts serves both keys, so relabelling
   a layer many times (stability.py's resamples) costs one prior per resample.
   """
+  return best_prior_concept(log_likelihood, lam)[2]
+
+
+def best_prior_concept(log_likelihood: jax.Array, lam: float):
+  """(score, margin, concept), each (num_neurons,): every neuron's best column of
+  log_likelihood (num_neurons, columns) in prior_labels' order, with its score and
+  prior margin. Columns are independent, so a running best over blocks of concepts
+  that keeps the earlier block on equal (score, margin) gives prior_labels' label
+  (streaming.resampled_labels)."""
   parts = _best_neuron_parts(log_likelihood)
   scores = _prior_scores(log_likelihood, parts, lam)
   margin = _prior_margins(log_likelihood, parts)
   best = jnp.max(scores, axis=1, keepdims=True)
+  key = jnp.where(scores == best, margin, -jnp.inf)
   # argmax returns the first of equal keys: the lower concept index.
-  return jnp.argmax(jnp.where(scores == best, margin, -jnp.inf), axis=1).astype(jnp.int32)
+  concept = jnp.argmax(key, axis=1)
+  return (best[:, 0], jnp.take_along_axis(key, concept[:, None], axis=1)[:, 0],
+          concept.astype(jnp.int32))
 
 
 def _prior_scores(log_likelihood, parts, lam):

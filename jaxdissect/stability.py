@@ -24,14 +24,14 @@ units whose label a fresh draw reproduces. `shares` gives, per concept listed, t
 share of resamples that label the unit with it.
 
 Cost: R relabellings of the layer, each the similarity's (top_k x concepts) terms for
-every unit, stacked as R x K extra units through streaming.log_likelihood (from the
-embeddings, S never held; sharded over the mesh like the similarity).
+every unit, in one pass over blocks of concepts (streaming.resampled_labels: from the
+embeddings, S never held; the rows' normalisers and each block's softmax rows once for
+all resamples; the resamples split over the mesh).
 """
 import dataclasses
 import time
 
 from absl import logging
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import registry
@@ -42,8 +42,6 @@ DEFAULT_NUM_RESAMPLES = 20
 # Top images per unit the resamples draw from: max(DEPTH x top_k, top_k + MIN_EXTRA).
 DEPTH = 2
 MIN_EXTRA = 64
-# Bytes of the (resamples x units, concepts) float32 L returned per batch of resamples.
-BATCH_BYTES = 256 * 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -113,7 +111,7 @@ def pairwise_agreement(labels: np.ndarray) -> np.ndarray:
 def layer_stability(similarity_fn: str, image_embeddings, text_embeddings,
                     top_rows: np.ndarray, usable: np.ndarray, *,
                     num_resamples: int = DEFAULT_NUM_RESAMPLES, seed: int = 0,
-                    weights: np.ndarray | None = None, mesh=None, kernel: str = "auto",
+                    weights: np.ndarray | None = None, mesh=None,
                     compute_dtype: str = "float32",
                     block_size: int | None = None) -> UnitStability:
   """Stability of one layer's labels.
@@ -131,7 +129,6 @@ def layer_stability(similarity_fn: str, image_embeddings, text_embeddings,
   if num_resamples < 2:
     raise ValueError(f"stability needs at least 2 resamples, got {num_resamples}.")
   num_units = top_rows.shape[0]
-  num_concepts = len(text_embeddings)
   top_k = similarity.default_top_k(similarity_fn)
   num_top = min(depth(similarity_fn), len(image_embeddings))
   if top_rows.shape[1] < num_top:
@@ -139,22 +136,13 @@ def layer_stability(similarity_fn: str, image_embeddings, text_embeddings,
                      f"{top_rows.shape[1]}.")
   if weights is None:
     weights = poisson_weights(len(image_embeddings), num_resamples, seed)
-  lam = float(registry.SIMILARITY[similarity_fn].defaults["lam"])
-  batch = max(1, min(num_resamples, BATCH_BYTES // (4 * num_units * num_concepts)))
-  labels = np.empty((num_resamples, num_units), np.int32)
   started = time.time()
-  for start in range(0, num_resamples, batch):
-    stop = min(start + batch, num_resamples)
-    rows = resampled_top_rows(np.asarray(top_rows[:, :num_top]), weights[start:stop], top_k)
-    log_likelihood = streaming.log_likelihood(
-        similarity_fn, image_embeddings, text_embeddings,
-        rows.reshape(-1, top_k), mesh=mesh, kernel=kernel, compute_dtype=compute_dtype,
-        block_size=block_size).reshape(stop - start, num_units, num_concepts)
-    for r in range(stop - start):
-      labels[start + r] = np.asarray(similarity.prior_labels(
-          jnp.asarray(log_likelihood[r]), lam))
-    logging.log_every_n_seconds(
-        logging.INFO, "Stability: %d/%d resamples (%.1f s).", 10, stop, num_resamples,
-        time.time() - started)
+  rows = resampled_top_rows(np.asarray(top_rows[:, :num_top]), weights[:num_resamples],
+                            top_k)
+  labels = streaming.resampled_labels(similarity_fn, image_embeddings, text_embeddings,
+                                      rows, mesh=mesh, compute_dtype=compute_dtype,
+                                      block_size=block_size)
+  logging.info("Stability: %d resamples of %d units in %.1f s.", num_resamples, num_units,
+               time.time() - started)
   stability = np.where(np.asarray(usable, bool), pairwise_agreement(labels), np.nan)
   return UnitStability(stability, labels)

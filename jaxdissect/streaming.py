@@ -369,26 +369,123 @@ def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=_SOFT["top_k
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
-def log_likelihood(similarity_fn: str, image_embeddings, text_embeddings, top_images,
-                   mesh=None, kernel="auto", compute_dtype="float32", block_size=None):
-  """L (num_neurons, num_concepts) of wpmi / soft_wpmi with their default parameters,
-  for given top images (num_neurons, >= top_k), without the prior: for callers that
-  score many sets of top images against one layer's prior each (stability.py's
-  resamples, stacked as extra neurons)."""
+def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
+                     resampled_rows: np.ndarray, mesh=None, compute_dtype="float32",
+                     block_size=None) -> np.ndarray:
+  """Each resample's label of every unit, as similarity.prior_labels gives it from
+  log_likelihood(similarity_fn, ..., resampled_rows[r]): (R, num_units) int32.
+
+  resampled_rows: (R, num_units, >= top_k) image rows, highest activation first.
+  One pass over blocks of concepts serves every resample: the rows' normalisers once,
+  each block's softmax rows once, then per resample the units' L on the block, the
+  prior over units (a per-concept quantity) and a running best concept with
+  prior_labels' order (score, then prior margin, then the lower concept index).
+  Stacking the resamples as extra units instead recomputes the normalisers and the
+  blocks' logits for every batch of resamples that fits in memory: one resample per
+  batch at 2,048 units x 20,000 concepts. mesh: the resamples split over its devices.
+  """
   params = dict(_WPMI if similarity_fn == "wpmi" else _SOFT)
-  extra = {}
-  if similarity_fn == "soft_wpmi":
-    extra = {"membership": similarity.soft_wpmi_membership(
-        params["top_k"], params["p_start"], params["p_end"]),
-             "term_floor": likelihood.soft_wpmi_term_floor(
-                 params["p_start"], params["p_end"], params["min_prob"])}
-  elif similarity_fn != "wpmi":
-    raise ValueError(f"log_likelihood is defined for wpmi and soft_wpmi, not "
+  if similarity_fn not in ("wpmi", "soft_wpmi"):
+    raise ValueError(f"resampled_labels is defined for wpmi and soft_wpmi, not "
                      f"{similarity_fn!r}.")
-  return _top_k_log_likelihood(image_embeddings, text_embeddings, None, params["top_k"],
-                               params["a"], params["min_prob"], similarity_fn,
-                               top_images=top_images, mesh=mesh, kernel=kernel,
-                               compute_dtype=compute_dtype, block_size=block_size, **extra)
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"resampled_labels: compute_dtype must be one of {COMPUTE_DTYPES}, "
+                     f"got {compute_dtype!r}.")
+  soft = similarity_fn == "soft_wpmi"
+  top_k = params["top_k"]
+  resampled_rows = np.asarray(resampled_rows)[..., :top_k]
+  num_resamples, num_units = resampled_rows.shape[:2]
+  _check_width(image_embeddings, text_embeddings, "resampled_labels")
+  rows, local = likelihood.unique_rows(resampled_rows)
+  if rows.size and (rows[0] < 0 or rows[-1] >= image_embeddings.shape[0]):
+    raise ValueError(f"resampled_labels: rows outside 0..{image_embeddings.shape[0] - 1}.")
+  num_concepts = text_embeddings.shape[0]
+  membership = (similarity.soft_wpmi_membership(top_k, params["p_start"], params["p_end"])
+                if soft else np.ones(top_k))
+  floor = (likelihood.soft_wpmi_term_floor(params["p_start"], params["p_end"],
+                                           params["min_prob"]) if soft
+           else params["min_prob"])
+  devices = 1 if mesh is None else mesh.devices.size
+  # Copies of resample 0 give every device whole shares; dropped below.
+  padded = -(-num_resamples // devices) * devices
+  local = np.concatenate([local, np.repeat(local[:1], padded - num_resamples, axis=0)])
+  args = (_normalise(np.asarray(image_embeddings[rows], np.float32)),
+          _normalise(text_embeddings), jnp.asarray(local),
+          jnp.asarray(membership, jnp.float32), jnp.float32(params["a"]),
+          jnp.float32(params["min_prob"]))
+  # lam static, as in similarity.prior_labels: the same constants, the same bits.
+  statics = {"soft": soft, "compute_dtype": compute_dtype, "lam": float(params["lam"]),
+             "block": int(min(block_size or likelihood.block_size(rows.size, num_concepts),
+                              num_concepts)),
+             "group": likelihood.log_group_size(floor, top_k)}
+  if devices == 1:
+    labels = _jitted_resampled_labels(*args, **statics)
+  else:
+    labels = _sharded_resampled_labels(mesh, **statics)(*args)
+  return np.asarray(labels)[:num_resamples]
+
+
+def _resampled_labels_body(images, texts, top_rows, membership, a, min_prob, *, lam,
+                           soft, compute_dtype, block, group):
+  """(R, K) labels. images: (rows, dim) and texts: (M, dim) normalised; top_rows:
+  (R, K, top_k) indices into images."""
+  num_resamples, num_units, top_k = top_rows.shape
+  num_concepts = texts.shape[0]
+  num_groups = -(-top_k // group)
+  row_lse = likelihood.row_log_normalisers(
+      lambda start, size: a * _rows(jax.lax.dynamic_slice_in_dim(images, start, size),
+                                    texts, compute_dtype),
+      images.shape[0],
+      likelihood.rows_per_block(num_concepts, likelihood.MATMUL_ROW_BLOCK_BYTES))
+  padded_rows, padded_membership = jax.vmap(
+      lambda rows: likelihood.pad_ranks(rows, membership if soft else None, group)[0]
+  )(top_rows), likelihood.pad_ranks(top_rows[0], membership if soft else None, group)[1]
+
+  def block_body(index, best):
+    start = likelihood.block_start(index, num_concepts, block)
+    logits = a * _rows(images, jax.lax.dynamic_slice_in_dim(texts, start, block),
+                       compute_dtype)
+    probs = jax.lax.optimization_barrier(jnp.exp(logits - row_lse[:, None]))
+
+    def resample_body(r, best):
+      rows = padded_rows[r]
+
+      def add_log_of_group(group_index, acc):
+        return acc + likelihood.log_of_group(
+            lambda rank: probs[rows[:, rank]], group_index * group, group, top_k,
+            padded_membership, min_prob)
+
+      log_likelihood = jax.lax.fori_loop(0, num_groups, add_log_of_group,
+                                         jnp.zeros((num_units, block), jnp.float32))
+      score, margin, label = similarity.best_prior_concept(log_likelihood, lam)
+      best_score, best_margin, best_label = (x[r] for x in best)
+      better = (score > best_score) | ((score == best_score) & (margin > best_margin))
+      return tuple(x.at[r].set(jnp.where(better, new, old)) for x, new, old in
+                   zip(best, (score, margin, label + start),
+                       (best_score, best_margin, best_label)))
+
+    return jax.lax.fori_loop(0, num_resamples, resample_body, best)
+
+  low = jnp.full((num_resamples, num_units), -jnp.inf, jnp.float32)
+  best = (low, low, jnp.zeros((num_resamples, num_units), jnp.int32))
+  best = jax.lax.fori_loop(0, likelihood.num_blocks(num_concepts, block), block_body, best)
+  return best[2]
+
+
+_jitted_resampled_labels = jax.jit(
+    _resampled_labels_body,
+    static_argnames=("lam", "soft", "compute_dtype", "block", "group"))
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_resampled_labels(mesh, lam, soft, compute_dtype, block, group):
+  """jit(shard_map(...)): the resamples split over the mesh axis, the rest replicated."""
+  replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
+  body = functools.partial(_resampled_labels_body, lam=lam, soft=soft,
+                           compute_dtype=compute_dtype, block=block, group=group)
+  return jax.jit(jax.shard_map(
+      body, mesh=mesh, in_specs=(replicated, replicated, split) + (replicated,) * 3,
+      out_specs=split, check_vma=False))
 
 
 def _image_chunks(num_images: int, size: int):

@@ -316,7 +316,7 @@ def layer_trust(config, probe: store.ProbeActivations,
           config.similarity_fn, probe.image_embeddings, text_embeddings,
           top_ids, ~(layer.dead | layer.invalid),
           num_resamples=bootstrap, weights=weights, mesh=mesh,
-          kernel=config.similarity_kernel, compute_dtype=config.similarity_dtype,
+          compute_dtype=config.similarity_dtype,
           block_size=config.concept_block_size or None)
       out[name].stability = unit_stability.stability
       out[name].alternative_shares = unit_stability.shares(layer.alternative_ids)

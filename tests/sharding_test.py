@@ -56,6 +56,15 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
       # The matmul is split by rows across devices: equal to float32 rounding.
       np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-6, err_msg=name)
       assert np.array_equal(one.argmax(1), eight.argmax(1)), name
+    # Stability's resamples split over the devices (3 of them: padded to 8).
+    from jaxdissect import stability
+    for name in ("soft_wpmi", "wpmi"):
+      rows = stability.resampled_top_rows(running.ids[:stability.depth(name)].T,
+                                          stability.poisson_weights(700, 3, 0),
+                                          stability.similarity.default_top_k(name))
+      one, eight = (streaming.resampled_labels(name, images, texts, rows, mesh=m)
+                    for m in (None, mesh))
+      assert np.array_equal(one, eight), name
     from jaxdissect import linear
     moments = linear.image_moments(images, acts)[0]
     one, eight = (linear.fit(moments, texts, np.ones(37, bool), 4, m) for m in (None, mesh))

@@ -67,6 +67,29 @@ class StreamingTest(parameterized.TestCase):
       self.assertEqual(got.shape, (6, top_k))
       np.testing.assert_allclose(np.asarray(got), lse, rtol=1e-6, atol=1e-5)
 
+  @parameterized.product(name=["soft_wpmi", "wpmi"], block_size=[None, 3, 5])
+  def test_resampled_labels_equal_relabelling_each_resample(self, name, block_size):
+    images, texts, activations = embeddings(600, 13, 9, seed=7)
+    # Concept 9 is concept 2 again: exact ties in score and margin, across blocks of
+    # 3 and 5, which the lower index must win as in prior_labels.
+    texts[9] = texts[2]
+    top_k = similarity.default_top_k(name)
+    _, top = similarity.top_activations(activations, 200)
+    rng = np.random.default_rng(3)
+    resampled = np.stack([np.sort(rng.choice(np.asarray(top), top_k, axis=1), axis=1)
+                          for _ in range(4)])
+    got = streaming.resampled_labels(name, images, texts, resampled,
+                                     block_size=block_size)
+    lam = similarity.registry.SIMILARITY[name].defaults["lam"]
+    for r in range(4):
+      _, log_likelihood = streaming.FUNCTIONS[name](
+          images, texts, None, top_images=resampled[r], return_log_likelihood=True)
+      np.testing.assert_array_equal(
+          got[r], np.asarray(similarity.prior_labels(jnp.asarray(log_likelihood), lam)))
+    self.assertNotIn(9, got)
+    with self.assertRaisesRegex(ValueError, "not 'cos_similarity'"):
+      streaming.resampled_labels("cos_similarity", images, texts, resampled)
+
   def test_small_chunks_change_nothing(self):
     images, texts, activations = embeddings(700, 12, 9, seed=3)
     whole = {n: np.asarray(f(images, texts, activations))
