@@ -145,25 +145,41 @@ def log_likelihood(block_logits: Callable, row_lse: jax.Array, top_rows: jax.Arr
   neurons are split over devices.
   """
   num_neurons, top_k = top_rows.shape
-  num_groups = -(-top_k // group)
   top_rows, membership = pad_ranks(top_rows, membership, group)
 
   def block_body(index, out):
     start = block_start(index, num_concepts, block)
-    # Materialised once per block: fused into the gathers below it would be
-    # recomputed for every (neuron, rank), 2.6 times per row at the benchmark's shape.
-    probs = jax.lax.optimization_barrier(jnp.exp(block_logits(start) - row_lse[:, None]))
-
-    def add_log_of_group(group_index, acc):
-      return acc + log_of_group(lambda rank: probs[top_rows[:, rank]],
-                                group_index * group, group, top_k, membership, min_prob)
-
-    acc = jax.lax.fori_loop(0, num_groups, add_log_of_group,
-                            jnp.zeros((num_neurons, block), jnp.float32))
+    acc = block_log_likelihood(block_probs(block_logits(start), row_lse), top_rows,
+                               membership, min_prob, top_k=top_k, group=group)
     return jax.lax.dynamic_update_slice(out, acc, (0, start))
 
   return jax.lax.fori_loop(0, num_blocks(num_concepts, block), block_body,
                            jnp.zeros((num_neurons, num_concepts), jnp.float32))
+
+
+def block_probs(logits: jax.Array, row_lse: jax.Array) -> jax.Array:
+  """S on one block of concepts, (rows, block), from its logits and the rows' lse.
+
+  Materialised once per block: fused into the gathers of block_log_likelihood it would
+  be recomputed for every (neuron, rank), 2.6 times per row at the benchmark's shape.
+  """
+  return jax.lax.optimization_barrier(jnp.exp(logits - row_lse[:, None]))
+
+
+def block_log_likelihood(probs: jax.Array, top_rows: jax.Array, membership, min_prob, *,
+                         top_k: int, group: int) -> jax.Array:
+  """Every neuron's L on one block: (num_neurons, block).
+
+  probs: block_probs; top_rows (num_neurons, ranks) and membership: pad_ranks' output
+  for top_k ranks in groups of `group`.
+  """
+
+  def add_log_of_group(group_index, acc):
+    return acc + log_of_group(lambda rank: probs[top_rows[:, rank]],
+                              group_index * group, group, top_k, membership, min_prob)
+
+  return jax.lax.fori_loop(0, top_rows.shape[1] // group, add_log_of_group,
+                           jnp.zeros((top_rows.shape[0], probs.shape[1]), jnp.float32))
 
 
 def pad_ranks(top_rows, membership, group: int):

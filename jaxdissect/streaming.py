@@ -228,6 +228,22 @@ def _candidate_log_likelihood(images, texts, top_images, top_lse, candidates,
   return out.reshape(padded, -1)[:num_neurons]
 
 
+def _row_log_normalisers(images, texts, a, compute_dtype):
+  """(rows,) each image row's logsumexp of a P over all concepts, whole rows of logits
+  recomputed from the embeddings a few at a time (likelihood.row_log_normalisers)."""
+  return likelihood.row_log_normalisers(
+      lambda start, size: a * _rows(jax.lax.dynamic_slice_in_dim(images, start, size),
+                                    texts, compute_dtype),
+      images.shape[0],
+      likelihood.rows_per_block(texts.shape[0], likelihood.MATMUL_ROW_BLOCK_BYTES))
+
+
+def _block_logits(images, texts, a, start, block: int, compute_dtype):
+  """(rows, block) a P for concepts start..start + block - 1."""
+  return a * _rows(images, jax.lax.dynamic_slice_in_dim(texts, start, block),
+                   compute_dtype)
+
+
 def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, *,
                             soft, chunk, block, group, compute_dtype="float32"):
   """likelihood.py's plan with the logits recomputed from the embeddings: whole rows
@@ -236,21 +252,11 @@ def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, 
   Every plan returns (L, the row normalisers at each neuron's top images (neurons,
   top_k)), the latter for _rescored."""
   del chunk  # the kernel's
-  num_concepts = texts.shape[0]
-
-  def block_logits(start):
-    return a * _rows(images, jax.lax.dynamic_slice_in_dim(texts, start, block),
-                     compute_dtype)
-
-  row_lse = likelihood.row_log_normalisers(
-      lambda start, size: a * _rows(jax.lax.dynamic_slice_in_dim(images, start, size),
-                                    texts, compute_dtype),
-      images.shape[0],
-      likelihood.rows_per_block(num_concepts, likelihood.MATMUL_ROW_BLOCK_BYTES))
-  return (likelihood.log_likelihood(block_logits, row_lse, top_images,
-                                    membership if soft else None, min_prob,
-                                    num_concepts=num_concepts, block=block, group=group),
-          row_lse[top_images])
+  row_lse = _row_log_normalisers(images, texts, a, compute_dtype)
+  return (likelihood.log_likelihood(
+      lambda start: _block_logits(images, texts, a, start, block, compute_dtype),
+      row_lse, top_images, membership if soft else None, min_prob,
+      num_concepts=texts.shape[0], block=block, group=group), row_lse[top_images])
 
 
 def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_prob, *,
@@ -431,32 +437,19 @@ def _resampled_labels_body(images, texts, top_rows, membership, a, min_prob, *, 
   (R, K, top_k) indices into images."""
   num_resamples, num_units, top_k = top_rows.shape
   num_concepts = texts.shape[0]
-  num_groups = -(-top_k // group)
-  row_lse = likelihood.row_log_normalisers(
-      lambda start, size: a * _rows(jax.lax.dynamic_slice_in_dim(images, start, size),
-                                    texts, compute_dtype),
-      images.shape[0],
-      likelihood.rows_per_block(num_concepts, likelihood.MATMUL_ROW_BLOCK_BYTES))
-  padded_rows, padded_membership = jax.vmap(
-      lambda rows: likelihood.pad_ranks(rows, membership if soft else None, group)[0]
-  )(top_rows), likelihood.pad_ranks(top_rows[0], membership if soft else None, group)[1]
+  row_lse = _row_log_normalisers(images, texts, a, compute_dtype)
+  padded_rows, membership = likelihood.pad_ranks(top_rows.reshape(-1, top_k),
+                                                 membership if soft else None, group)
+  padded_rows = padded_rows.reshape(num_resamples, num_units, -1)
 
   def block_body(index, best):
     start = likelihood.block_start(index, num_concepts, block)
-    logits = a * _rows(images, jax.lax.dynamic_slice_in_dim(texts, start, block),
-                       compute_dtype)
-    probs = jax.lax.optimization_barrier(jnp.exp(logits - row_lse[:, None]))
+    probs = likelihood.block_probs(
+        _block_logits(images, texts, a, start, block, compute_dtype), row_lse)
 
     def resample_body(r, best):
-      rows = padded_rows[r]
-
-      def add_log_of_group(group_index, acc):
-        return acc + likelihood.log_of_group(
-            lambda rank: probs[rows[:, rank]], group_index * group, group, top_k,
-            padded_membership, min_prob)
-
-      log_likelihood = jax.lax.fori_loop(0, num_groups, add_log_of_group,
-                                         jnp.zeros((num_units, block), jnp.float32))
+      log_likelihood = likelihood.block_log_likelihood(
+          probs, padded_rows[r], membership, min_prob, top_k=top_k, group=group)
       score, margin, label = similarity.best_prior_concept(log_likelihood, lam)
       best_score, best_margin, best_label = (x[r] for x in best)
       better = (score > best_score) | ((score == best_score) & (margin > best_margin))

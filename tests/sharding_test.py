@@ -57,11 +57,11 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
       np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-6, err_msg=name)
       assert np.array_equal(one.argmax(1), eight.argmax(1)), name
     # Stability's resamples split over the devices (3 of them: padded to 8).
-    from jaxdissect import stability
+    from jaxdissect import similarity, stability
     for name in ("soft_wpmi", "wpmi"):
       rows = stability.resampled_top_rows(running.ids[:stability.depth(name)].T,
                                           stability.poisson_weights(700, 3, 0),
-                                          stability.similarity.default_top_k(name))
+                                          similarity.default_top_k(name))
       one, eight = (streaming.resampled_labels(name, images, texts, rows, mesh=m)
                     for m in (None, mesh))
       assert np.array_equal(one, eight), name
