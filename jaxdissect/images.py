@@ -96,7 +96,9 @@ def save_png(path: str, image: np.ndarray, min_side: int = 128, title: str = "")
     picture = titled
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   temporary = f"{path}.tmp-{os.getpid()}.png"
-  picture.save(temporary)
+  # zlib level 1, not PIL's 6: a report strip (492 x 100) encodes in 8.5 ms instead of
+  # 32-37, for files 10% larger; a ResNet-50 report writes 3,904 of them.
+  picture.save(temporary, compress_level=1)
   os.replace(temporary, path)
 
 
