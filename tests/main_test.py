@@ -338,14 +338,7 @@ class MainEndToEndTest(_TinyModels):
     self.assertEqual([r[:3] for r in rows7], [r[:3] for r in rows])
     for r7, r32 in zip(rows7[1:], rows[1:]):
       self.assertAlmostEqual(float(r7[3]), float(r32[3]), places=3)
-
-    # Data-parallel over 8 (fake CPU) devices: the same labels.
-    sharded = tempfile.mkdtemp(dir=self.tmp)
-    eight = run_main(*self.args(sharded, batch_size=32),
-                     env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    self.assertIn("8 local device(s)", eight.stderr)
-    rows8 = read_csv(os.path.join(sharded, "results", "descriptions.csv"))
-    self.assertEqual([r[:3] for r in rows8], [r[:3] for r in rows])
+    # The same labels on 8 devices: sharding_test.ShardedMainTest.
 
   def test_bottleneck_with_class_name_concepts(self):
     workdir = tempfile.mkdtemp(dir=self.tmp)

@@ -81,7 +81,12 @@ class TwoProcessTest(absltest.TestCase):
                             ("streaming", {"concept_matrix_max_gb": 1e-9})):
       with self.subTest(name):
         single = os.path.join(self.tmp, f"single_{name}")
-        main_test.run_main(*self.args(single, batch_size=16, **overrides)[2:])
+        # The streaming run scores the in-memory run's stored activations.
+        store = ({} if name == "in_memory" else
+                 {"activation_dir": os.path.join(self.tmp, "single_in_memory", "activations")})
+        single_log = main_test.run_main(*self.args(single, batch_size=16, **store,
+                                                   **overrides)[2:]).stderr
+        self.assertEqual("Probe activations reused" in single_log, name == "streaming")
         double = os.path.join(self.tmp, "double")
         logs = self.run_two(double, batch_size=32, overwrite=True, **overrides)
         self.assertIn("JAX process 1 of 2", logs[1])
