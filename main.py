@@ -4,7 +4,6 @@ Intentionally short: flags, logging of the process layout, then jaxdissect.cli.r
 (jaxdissect.dissect.run, with bad input reported in one line).
 User errors end with one line naming the config field at fault and exit status 2.
 """
-import gc
 import logging as std_logging
 import os
 import sys
@@ -14,14 +13,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # op that oneDNN replaces runs, so its start-up notice about oneDNN round-off says
 # nothing about this run, and only this switch silences it.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-# transformers imports PyTorch and TensorFlow at start-up when they are installed, for
-# its PyTorch and TF classes. This package uses only its Flax models, tokenizers and
-# image processors, which need neither (it reads PyTorch-format safetensors with
-# safetensors' NumPy/Flax loaders), and tf.data imports TensorFlow later on its own.
-# Measured on the synthetic smoke run with torch installed: 14-16 s to the loaded
-# target, 4.5-5 s with these two.
-os.environ.setdefault("USE_TORCH", "0")
-os.environ.setdefault("USE_TF", "0")
+
+from jaxdissect import entry  # noqa: E402
+
+entry.prepare()  # before anything imports transformers
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -98,11 +93,7 @@ def main(argv):
   try:
     status = cli.run(config, _WORKDIR.value, _LIST_LAYERS.value)
   finally:
-    # Python's last collections at exit scan every object that TensorFlow, JAX and
-    # transformers made: 4 s of the synthetic smoke run's 45. Frozen objects are freed
-    # by reference counting as before, and the atexit handlers (JAX's, distributed
-    # shutdown) still run; only cyclic garbage is left to the OS.
-    gc.freeze()
+    entry.finish()
   if status:
     sys.exit(status)
 

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 from absl import logging
 import numpy as np
 
+from jaxdissect import entry
 from jaxdissect import errors
 from jaxdissect import labeling
 from jaxdissect import metrics
@@ -265,4 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  entry.prepare()
+  exit_status = main()
+  entry.finish()
+  sys.exit(exit_status)

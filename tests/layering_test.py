@@ -11,7 +11,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Bottom to top; a module may import its own layer and those below it.
 LAYERS = (
     # Package __init__ files import nothing; "synthetic" is the empty package.
-    ("foundations", ("errors", "registry", "resources", "config", "sharding", "topk",
+    ("foundations", ("errors", "entry", "registry", "resources", "config", "sharding", "topk",
                      "likelihood", "similarity", "linear", "visibility", "kernels", "results",
                      "tiny_models", "synthetic")),
     ("data and scoring math", ("data.*", "synthetic.world", "streaming", "store")),

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect import entry
 from jaxdissect import errors
 from jaxdissect import rundir
 from jaxdissect.applications import common
@@ -208,4 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  entry.prepare()
+  exit_status = main()
+  entry.finish()
+  sys.exit(exit_status)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import activations as activations_lib
+from jaxdissect import entry
 from jaxdissect import errors
 from jaxdissect import rundir
 from jaxdissect.applications import common
@@ -234,4 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  entry.prepare()
+  exit_status = main()
+  entry.finish()
+  sys.exit(exit_status)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdissect import entry
 from jaxdissect import errors
 from jaxdissect import images as images_lib
 from jaxdissect import rundir
@@ -266,4 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  entry.prepare()
+  exit_status = main()
+  entry.finish()
+  sys.exit(exit_status)

@@ -25,6 +25,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from jaxdissect import entry
 from jaxdissect import errors
 from jaxdissect.models import loading
 
@@ -253,4 +254,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  entry.prepare()
+  exit_status = main()
+  entry.finish()
+  sys.exit(exit_status)

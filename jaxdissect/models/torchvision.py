@@ -44,6 +44,7 @@ from typing import Sequence
 from absl import logging
 import numpy as np
 
+from jaxdissect import entry
 from jaxdissect import errors
 from jaxdissect import registry
 from jaxdissect import resources
@@ -417,4 +418,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  entry.prepare()
   main()
+  entry.finish()

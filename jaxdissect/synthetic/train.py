@@ -20,6 +20,7 @@ import time
 from absl import logging
 import numpy as np
 
+from jaxdissect import entry
 from jaxdissect import registry
 from jaxdissect import similarity
 from jaxdissect.data import preprocessing
@@ -332,4 +333,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  entry.prepare()
   main()
+  entry.finish()

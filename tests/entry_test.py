@@ -1,0 +1,34 @@
+"""entry.prepare() keeps transformers from importing PyTorch (and TensorFlow) in the
+entry points' processes; what they need from transformers still loads."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = """
+import sys
+from jaxdissect import entry
+entry.prepare()
+import transformers
+from transformers import AutoImageProcessor, FlaxCLIPModel
+print(sorted(name for name in ("torch", "tensorflow") if name in sys.modules))
+"""
+
+
+class PrepareTest(absltest.TestCase):
+
+  def test_transformers_imports_neither_torch_nor_tensorflow(self):
+    if importlib.util.find_spec("torch") is None:
+      self.skipTest("torch is not installed: nothing for transformers to import")
+    env = {k: v for k, v in os.environ.items() if k not in ("USE_TORCH", "USE_TF")}
+    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertEqual(proc.stdout.strip().splitlines()[-1], "[]")
+
+
+if __name__ == "__main__":
+  absltest.main()
