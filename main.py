@@ -83,12 +83,14 @@ def main(argv):
         config.coordinator_address or None,
         num_processes=config.num_processes or None,
         process_id=config.process_id if config.process_id >= 0 else None)
+  cache_dir = entry.use_compilation_cache(config.compilation_cache_dir)
   # Known, harmless start-up notices: JAX looking for a TPU on machines without one, and
   # transformers announcing that v5 drops Flax (this project pins transformers<5).
   std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
   std_logging.getLogger("transformers.modeling_flax_utils").setLevel(std_logging.ERROR)
-  logging.info("JAX process %d of %d, %d local device(s).", jax.process_index(),
-               jax.process_count(), jax.local_device_count())
+  logging.info("JAX process %d of %d, %d local device(s); compilation cache: %s.",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               cache_dir or "off")
   from jaxdissect import cli  # pylint: disable=g-import-not-at-top
   try:
     status = cli.run(config, _WORKDIR.value, _LIST_LAYERS.value)

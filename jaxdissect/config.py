@@ -119,6 +119,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.num_decode_threads = -1
   # Seconds between progress log lines.
   config.log_every_s = 10.0
+  # JAX's persistent compilation cache: a rerun (another layer, concept set, or the same
+  # command after an interruption) loads compiled programs instead of compiling them
+  # again. "auto": $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/jaxdissect/
+  # jax (~/.cache/jaxdissect/jax); a path (local or gs://) sets it; "" turns it off.
+  config.compilation_cache_dir = "auto"
   # Devices of the mesh (axis "data": the probe batch and the similarity's neurons are
   # split over it); 0: every device of every process.
   config.num_devices = 0

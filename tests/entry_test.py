@@ -1,11 +1,14 @@
 """entry.prepare() keeps transformers from importing PyTorch (and TensorFlow) in the
-entry points' processes; what they need from transformers still loads."""
+entry points' processes, while what they need from transformers still loads; the
+compilation cache's directory follows config.compilation_cache_dir."""
 import importlib.util
 import os
 import subprocess
 import sys
 
 from absl.testing import absltest
+
+from jaxdissect import entry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
@@ -28,6 +31,25 @@ class PrepareTest(absltest.TestCase):
                           capture_output=True, text=True, timeout=300)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertEqual(proc.stdout.strip().splitlines()[-1], "[]")
+
+
+class CompilationCacheDirTest(absltest.TestCase):
+
+  def test_auto_prefers_jax_variable_then_xdg_then_home(self):
+    home = os.path.expanduser("~")
+    self.assertEqual(entry.compilation_cache_dir("auto", {}),
+                     os.path.join(home, ".cache", "jaxdissect", "jax"))
+    self.assertEqual(entry.compilation_cache_dir("auto", {"XDG_CACHE_HOME": "/x"}),
+                     "/x/jaxdissect/jax")
+    self.assertEqual(entry.compilation_cache_dir(
+        "auto", {"XDG_CACHE_HOME": "/x", "JAX_COMPILATION_CACHE_DIR": "/j"}), "/j")
+
+  def test_explicit_path_or_off(self):
+    env = {"JAX_COMPILATION_CACHE_DIR": "/j"}
+    self.assertEqual(entry.compilation_cache_dir("~/c", env),
+                     os.path.join(os.path.expanduser("~"), "c"))
+    self.assertEqual(entry.compilation_cache_dir("gs://bucket/c", env), "gs://bucket/c")
+    self.assertEqual(entry.compilation_cache_dir("", env), "")
 
 
 if __name__ == "__main__":

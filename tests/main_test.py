@@ -332,8 +332,11 @@ class MainEndToEndTest(_TinyModels):
     self.assertEqual(read_csv(os.path.join(workdir, "results", "descriptions.csv")), rows)
 
     other = tempfile.mkdtemp(dir=self.tmp)
-    small = run_main(*self.args(other, batch_size=7))
+    cache = os.path.join(self.tmp, "compilation-cache")
+    small = run_main(*self.args(other, batch_size=7, compilation_cache_dir=cache))
     self.assertNotIn("reused", small.stderr)
+    self.assertIn(f"compilation cache: {cache}.", small.stderr)
+    self.assertNotEmpty(os.listdir(cache))  # the run's programs, for the next run
     rows7 = read_csv(os.path.join(other, "results", "descriptions.csv"))
     self.assertEqual([r[:3] for r in rows7], [r[:3] for r in rows])
     for r7, r32 in zip(rows7[1:], rows[1:]):
