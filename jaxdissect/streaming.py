@@ -82,6 +82,14 @@ def _check(image_embeddings, text_embeddings, activations, name):
   _check_width(image_embeddings, text_embeddings, name)
 
 
+def _checked_rows(top_rows, num_images: int, name: str, what: str):
+  """likelihood.unique_rows(top_rows), every row inside 0..num_images - 1."""
+  rows, local = likelihood.unique_rows(top_rows)
+  if rows.size and (rows[0] < 0 or rows[-1] >= num_images):
+    raise ValueError(f"{name}: {what} holds rows outside 0..{num_images - 1}.")
+  return rows, local
+
+
 def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k, a,
                           min_prob, name, membership=None, term_floor=None,
                           top_images=None, mesh: Mesh | None = None,
@@ -121,9 +129,8 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
                        f"fewer than top_k={top_k}.")
   # Only the rows of the top images are read: a memmap of a million embeddings stays
   # on disk, and the device gets at most num_neurons x top_k rows.
-  rows, top_images = likelihood.unique_rows(np.asarray(top_images)[:, :top_k])
-  if rows.size and (rows[0] < 0 or rows[-1] >= num_images):
-    raise ValueError(f"{name}: top_images holds rows outside 0..{num_images - 1}.")
+  rows, top_images = _checked_rows(np.asarray(top_images)[:, :top_k], num_images, name,
+                                   "top_images")
   images = np.asarray(image_embeddings[rows], np.float32)
   num_concepts = text_embeddings.shape[0]
   soft = membership is not None
@@ -402,9 +409,8 @@ def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
   resampled_rows = np.asarray(resampled_rows)[..., :top_k]
   num_resamples, num_units = resampled_rows.shape[:2]
   _check_width(image_embeddings, text_embeddings, "resampled_labels")
-  rows, local = likelihood.unique_rows(resampled_rows)
-  if rows.size and (rows[0] < 0 or rows[-1] >= image_embeddings.shape[0]):
-    raise ValueError(f"resampled_labels: rows outside 0..{image_embeddings.shape[0] - 1}.")
+  rows, local = _checked_rows(resampled_rows, image_embeddings.shape[0], "resampled_labels",
+                              "resampled_rows")
   num_concepts = text_embeddings.shape[0]
   membership = (similarity.soft_wpmi_membership(top_k, params["p_start"], params["p_end"])
                 if soft else np.ones(top_k))

@@ -89,6 +89,12 @@ class StreamingTest(parameterized.TestCase):
     self.assertNotIn(9, got)
     with self.assertRaisesRegex(ValueError, "not 'cos_similarity'"):
       streaming.resampled_labels("cos_similarity", images, texts, resampled)
+    outside = resampled.copy()
+    outside[1, 2, 3] = 600  # one past the last image
+    with self.assertRaisesRegex(ValueError, "resampled_rows holds rows outside 0..599"):
+      streaming.resampled_labels(name, images, texts, outside)
+    with self.assertRaisesRegex(ValueError, "top_images holds rows outside 0..599"):
+      streaming.FUNCTIONS[name](images, texts, None, top_images=outside[1])
 
   def test_small_chunks_change_nothing(self):
     images, texts, activations = embeddings(700, 12, 9, seed=3)
