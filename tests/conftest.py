@@ -18,6 +18,13 @@ if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
 
 
+def pytest_configure(config):
+  """xdist's loadscope otherwise reorders the classes by their number of tests, most
+  first, which puts the one-test whole-run classes (memory, multihost) last again."""
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
   """Slow tests first (stable otherwise): with `-n 2 --dist loadscope` each worker takes
   the next class when it is free, so the minutes-long whole-run classes start early and
