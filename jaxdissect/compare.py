@@ -122,7 +122,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  entry.prepare()
-  exit_status = main()
-  entry.finish()
-  sys.exit(exit_status)
+  entry.run(main)

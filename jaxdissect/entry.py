@@ -20,6 +20,8 @@ use_compilation_cache(), once the config is read: JAX's persistent compilation c
 """
 import gc
 import os
+import sys
+from typing import Callable, NoReturn
 
 
 def prepare() -> None:
@@ -29,6 +31,15 @@ def prepare() -> None:
 
 def finish() -> None:
   gc.freeze()
+
+
+def run(main: Callable[[], int | None]) -> NoReturn:
+  """A `python -m jaxdissect.X` entry point: prepare(), main(), finish(), then exit
+  with main's status (None: 0)."""
+  prepare()
+  status = main()
+  finish()
+  sys.exit(status)
 
 
 def compilation_cache_dir(setting: str, environ=None) -> str:

@@ -1,10 +1,13 @@
 """entry.prepare() keeps transformers from importing PyTorch (and TensorFlow) in the
 entry points' processes, while what they need from transformers still loads; the
 compilation cache's directory follows config.compilation_cache_dir."""
+import gc
 import importlib.util
 import os
 import subprocess
 import sys
+
+from unittest import mock
 
 from absl.testing import absltest
 
@@ -31,6 +34,24 @@ class PrepareTest(absltest.TestCase):
                           capture_output=True, text=True, timeout=300)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertEqual(proc.stdout.strip().splitlines()[-1], "[]")
+
+
+class RunTest(absltest.TestCase):
+
+  def test_exits_with_mains_status_after_prepare_and_finish(self):
+    with mock.patch.dict(os.environ, clear=False), mock.patch.object(
+        entry.gc, "freeze") as freeze:
+      os.environ.pop("USE_TORCH", None)
+      with self.assertRaises(SystemExit) as caught:
+        entry.run(lambda: 3)
+      self.assertEqual(os.environ["USE_TORCH"], "0")
+    freeze.assert_called_once()
+    self.assertEqual(caught.exception.code, 3)
+    with mock.patch.dict(os.environ, clear=False), mock.patch.object(entry.gc, "freeze"), \
+        self.assertRaises(SystemExit) as caught:
+      entry.run(lambda: None)
+    self.assertIsNone(caught.exception.code)
+    self.assertEqual(gc.get_freeze_count(), 0)  # the test process's collector untouched
 
 
 class CompilationCacheDirTest(absltest.TestCase):

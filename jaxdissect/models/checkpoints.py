@@ -254,7 +254,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  entry.prepare()
-  exit_status = main()
-  entry.finish()
-  sys.exit(exit_status)
+  entry.run(main)

@@ -418,6 +418,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  entry.prepare()
-  main()
-  entry.finish()
+  entry.run(main)
