@@ -1,6 +1,7 @@
 """entry.prepare() keeps transformers from importing PyTorch (and TensorFlow) in the
 entry points' processes, while what they need from transformers still loads; the
-compilation cache's directory follows config.compilation_cache_dir."""
+compilation cache's directory follows config.compilation_cache_dir, bounded in size on a
+local disk."""
 import gc
 import importlib.util
 import os
@@ -71,6 +72,49 @@ class CompilationCacheDirTest(absltest.TestCase):
                      os.path.join(os.path.expanduser("~"), "c"))
     self.assertEqual(entry.compilation_cache_dir("gs://bucket/c", env), "gs://bucket/c")
     self.assertEqual(entry.compilation_cache_dir("", env), "")
+
+
+CACHE_PROBE = """
+import os, sys
+import jax, jax.numpy as jnp
+from jaxdissect import entry
+entry.use_compilation_cache(sys.argv[1])
+print(jax.config.jax_compilation_cache_max_size)
+if "://" not in sys.argv[1]:
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(7)).block_until_ready()
+  print(sorted(os.listdir(sys.argv[1])))
+"""
+
+
+class CacheBoundTest(absltest.TestCase):
+  """In fresh processes: use_compilation_cache changes JAX's global config."""
+
+  def _probe(self, directory, **env):
+    env = {**{k: v for k, v in os.environ.items()
+              if k != "JAX_COMPILATION_CACHE_MAX_SIZE"}, **env}
+    proc = subprocess.run([sys.executable, "-c", CACHE_PROBE, directory], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    return proc.stdout.strip().splitlines()
+
+  def test_local_cache_is_bounded_and_evictable(self):
+    directory = self.create_tempdir().full_path
+    size, files = self._probe(directory)
+    self.assertEqual(int(size), entry.MAX_CACHE_BYTES)
+    # JAX keeps an access time beside each entry only when it may evict.
+    self.assertTrue(any(name.endswith("-atime") for name in printed_names(files)), files)
+
+  def test_users_bound_wins_and_remote_store_is_not_bounded(self):
+    directory = self.create_tempdir().full_path
+    self.assertEqual(int(self._probe(directory, JAX_COMPILATION_CACHE_MAX_SIZE="12345")[0]),
+                     12345)
+    self.assertEqual(int(self._probe("gs://bucket/cache")[0]), -1)
+
+
+def printed_names(text):
+  """The probe's printed list of file names."""
+  return [name.strip(" '") for name in text.strip("[]").split(",") if name.strip()]
 
 
 if __name__ == "__main__":
