@@ -102,6 +102,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Largest images x concepts matrix P held in memory (GB); above it soft_wpmi, wpmi and
   # the cosines stream P from the embeddings.
   config.concept_matrix_max_gb = registry.DEFAULT_CONCEPT_MATRIX_MAX_GB
+  # Multi-process runs: every process gathers all layers' (images x units) activations
+  # (the AUC, correlation labels and explanations read them) up to this many GB; beyond
+  # it a streamed (soft-)WPMI run gathers only the running top-k and the embeddings,
+  # and unit_trust.csv has no AUC or explanation columns (a warning says so).
+  config.activation_gather_max_gb = 4.0
   # (soft-)WPMI from the embeddings: "jnp", "pallas" (a fused kernel, jaxdissect/
   # kernels.py) or "auto" (Pallas only on platforms where a benchmark measured it
   # faster: none yet).
@@ -193,6 +198,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError("similarity_dtype",
                            f"unknown dtype {config.similarity_dtype!r}.",
                            f"use one of {', '.join(registry.COMPUTE_DTYPES)}.")
+  if not float(config.activation_gather_max_gb) >= 0.0:
+    raise errors.UserError("activation_gather_max_gb",
+                           f"must be 0 or more (GB), got "
+                           f"{config.activation_gather_max_gb!r}.",
+                           "set --config.activation_gather_max_gb=4.")
   for field, suggested in (("trust_top_fraction", 0.05), ("explain_holdout", 0.25)):
     if not 0.0 < float(config[field]) < 1.0:
       raise errors.UserError(field, f"must lie in (0, 1), got {config[field]!r}.",

@@ -47,17 +47,40 @@ def load_or_run(config, probe_set, clip, target, layer_infos, mesh, num_concepts
   if jax.process_count() > 1:
     num_kept = probe_set.num_images - int(
         sharding.allgather(np.array([len(probe.skipped)])).sum())
-    # More listed top images than the running top-k keeps are recomputed from the
-    # matrices, which then have to be gathered too.
-    top_k_only = (config.similarity_fn in labeling.PRIOR_FUNCTIONS
-                  and config.num_top_images <= topk.RUNNING_TOP_K
-                  and labeling.streams(config.similarity_fn, num_kept, num_concepts,
-                                       config.concept_matrix_max_gb))
+    top_k_only = _top_k_only(config, probe, num_kept, num_concepts)
     probe = gather_probe(probe, probe_set.num_images,
                          config.batch_size // jax.process_count(),
                          with_activations=not top_k_only)
     mesh = sharding.make_mesh(local=True)
   return probe, probe_key, mesh
+
+
+def _top_k_only(config, probe: store.ProbeActivations, num_images: int,
+                num_concepts: int) -> bool:
+  """Whether a multi-process run gathers only the running top-k and the embeddings,
+  not the (images x units) activations: a streamed (soft-)WPMI labels from those, but
+  the AUC, the correlation labels and the explanations read the activations, so they
+  are gathered unless they exceed config.activation_gather_max_gb (a warning then
+  says what is left out). More listed top images than the running top-k keeps are
+  recomputed from the activations, which then are always gathered."""
+  if not (config.similarity_fn in labeling.PRIOR_FUNCTIONS
+          and config.num_top_images <= topk.RUNNING_TOP_K
+          and labeling.streams(config.similarity_fn, num_images, num_concepts,
+                               config.concept_matrix_max_gb)):
+    return False
+  units = sum(values.shape[1] for values in probe.activations.values())
+  gather_gb = 4 * num_images * units / 1e9
+  if gather_gb <= float(config.activation_gather_max_gb):
+    return False
+  logging.warning(
+      "The activations of %d images x %d units (%.1f GB) exceed "
+      "activation_gather_max_gb=%g: each process keeps its own rows, and the labels "
+      "come from the gathered running top-k. unit_trust.csv gets no AUC, correlation "
+      "label or simulation, and no explanations are written; set "
+      "--config.activation_gather_max_gb=%d to gather them (that much memory in every "
+      "process).", num_images, units, gather_gb, config.activation_gather_max_gb,
+      int(gather_gb) + 1)
+  return True
 
 
 def shard_store_key(probe_key: str, local_batch: int) -> str:

@@ -51,6 +51,17 @@ class ConfigTest(absltest.TestCase):
       with self.assertRaisesRegex(errors.UserError, f"^{field}: must be 0"):
         config_lib.validate(config)
 
+  def test_activation_gather_budget_is_not_negative(self):
+    for value in (-1.0, float("nan")):
+      config = config_lib.get_base_config()
+      config.activation_gather_max_gb = value
+      with self.assertRaisesRegex(errors.UserError, "^activation_gather_max_gb: must be 0 "
+                                  "or more.*--config.activation_gather_max_gb=4"):
+        config_lib.validate(config)
+    config = config_lib.get_base_config()
+    config.activation_gather_max_gb = 0.0
+    config_lib.validate(config)
+
   def test_trust_bootstrap_is_off_or_at_least_two(self):
     for value in (-1, 1):
       config = config_lib.get_base_config()

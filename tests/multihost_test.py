@@ -1,5 +1,7 @@
 """Two real JAX processes on 127.0.0.1 (jax.distributed, CPU collectives) write the same
 results as one process."""
+import csv
+import io
 import os
 import socket
 import subprocess
@@ -12,8 +14,10 @@ import pytest
 from jaxdissect import tiny_models
 from tests import main_test
 
+# Always written; every other CSV the one-process run writes (trust, explanations,
+# compositional labels, visibility) is compared too.
 RESULT_FILES = ("descriptions.csv", "descriptions_topk.csv", "top_images.csv",
-                "skipped_images.csv")
+                "skipped_images.csv", "unit_trust.csv")
 
 
 def _free_port() -> int:
@@ -69,9 +73,16 @@ class TwoProcessTest(absltest.TestCase):
     return outputs
 
   def read(self, workdir):
+    """{name: bytes} of every CSV under the results directory."""
     results = os.path.join(workdir, "results")
-    return {name: open(os.path.join(results, name), "rb").read()
-            for name in RESULT_FILES}
+    found = {}
+    for folder, _, names in os.walk(results):
+      for name in names:
+        if name.endswith(".csv"):
+          path = os.path.join(folder, name)
+          with open(path, "rb") as f:
+            found[os.path.relpath(path, results)] = f.read()
+    return found
 
   def test_two_processes_equal_one(self):
     # The global batch of 32 is 16 images per process, as one process with a batch of
@@ -103,8 +114,31 @@ class TwoProcessTest(absltest.TestCase):
           self.assertIn("Probe activations reused", logs[1])
         one, two = self.read(single), self.read(double)
         self.assertIn(b"img_00070b.png", one["skipped_images.csv"])
-        for result_file in RESULT_FILES:
+        self.assertContainsSubset(RESULT_FILES, one)
+        self.assertIn("explanations.csv", one)
+        self.assertEqual(sorted(two), sorted(one))
+        for result_file in one:
           self.assertEqual(two[result_file], one[result_file], result_file)
+    # `one` and `double` are the streaming leg's. Beyond activation_gather_max_gb a
+    # streamed run gathers only the running top-k:
+    # the same labels and stability, no AUC or explanations, and a warning says so.
+    logs = self.run_two(double, batch_size=32, overwrite=True, concept_matrix_max_gb=1e-9,
+                        activation_gather_max_gb=0)
+    self.assertIn("exceed activation_gather_max_gb=0", logs[0])
+    self.assertIn("unit_trust.csv gets no AUC", logs[1])
+    top_k_only = self.read(double)
+    self.assertNotIn("explanations.csv", top_k_only)
+    for result_file in RESULT_FILES[:-1]:
+      self.assertEqual(top_k_only[result_file], one[result_file], result_file)
+    trust_one, trust_two = (list(csv.DictReader(io.StringIO(x["unit_trust.csv"].decode())))
+                            for x in (one, top_k_only))
+    needs_activations = ("auc", "correlation_label", "simulation", "explained")
+    for column in trust_one[0]:
+      values = [r[column] for r in trust_two]
+      if column in needs_activations:
+        self.assertEqual(set(values), {""}, column)
+      else:
+        self.assertEqual(values, [r[column] for r in trust_one], column)
 
 
 if __name__ == "__main__":
