@@ -9,6 +9,10 @@ process (peak RSS per measurement):
     of 3 after a compiling call on the same shapes;
   - streaming: streaming.<function>(image embeddings, text embeddings, activations),
     which never holds P (it recomputes P's blocks), best of 3 likewise;
+  - with_P: what a one-layer main.py run does when it holds P, from the same
+    embeddings as streaming: P = labeling.concept_activation(images, texts), then
+    ours on it, both inside the timer, best of 3 (stream/with_P is the choice a user
+    makes with concept_matrix_max_gb; a run of several layers builds P once);
   - torch, for (soft-)WPMI: the official tool's algorithm as a PyTorch loop on the same
     P (float32, no autograd, torch threads = cores; softmax over concepts once, top-k of
     the activations, then per neuron a gather of its top rows, log and sum, and the
@@ -43,7 +47,9 @@ and its label agreement with float32 streaming; with --kernels, streaming throug
 fused Pallas kernel (kernels.py; only meaningful on a GPU or TPU, the CPU interprets it).
 A measurement whose process dies (out of memory) is reported with its exit code and
 leaves its columns empty. Inputs are random CLIP-like embeddings (dim 64) and ReLU
-activations, seeded; P is computed from them outside every timer.
+activations, seeded; P is computed from them outside every timer except with_P's, and
+only in the processes of the measurements that take P (so the streaming processes' peak
+memory is their own).
 cos_similarity's NumPy baseline reads all of P once per neuron: at 50000x20000x2048 that
 is over 10 minutes, so BENCHMARKS.md runs that size with --functions soft_wpmi,wpmi.
 """
@@ -161,7 +167,10 @@ def _measure(kind, name, size, queue):
   import jax  # pylint: disable=g-import-not-at-top
   from jaxdissect import similarity, streaming  # pylint: disable=g-import-not-at-top
   images, texts, activations = make_inputs(*size)
-  P = numpy_concept_activation(images, texts)
+  # Only the measurements on P get it: a P made and dropped would still be in the
+  # others' peak memory (ru_maxrss), 4 GB at 50k x 20k.
+  P = (numpy_concept_activation(images, texts)
+       if kind in ("ours", "numpy", "torch", "torch_index") else None)
   extra = {}
   if kind == "numpy":
     seconds, scores = _best_of(1, lambda: numpy_baseline(name, P, activations))
@@ -223,6 +232,10 @@ def _measure(kind, name, size, queue):
                                         compute_dtype="bfloat16", kernel="jnp")
       elif kind == "streaming_pallas":
         out = streaming.FUNCTIONS[name](images, texts, activations, kernel="pallas")
+      elif kind == "with_P":
+        from jaxdissect import labeling  # pylint: disable=g-import-not-at-top
+        out = similarity.SIMILARITY_FUNCTIONS[name](
+            labeling.concept_activation(images, texts), activations)
       else:
         out = similarity.SIMILARITY_FUNCTIONS[name](P_device, activations)
       return np.asarray(jax.block_until_ready(out))
@@ -291,6 +304,7 @@ COLUMNS = (  # (header, record key, width, digits)
     ("torch idx s", "torch_index_seconds", 11, 2),
     ("vs torch idx", "speedup_vs_torch_index", 12, 1),
     ("vs numpy", "speedup_vs_numpy", 8, 1), ("stream/ours", "streaming_over_ours", 11, 2),
+    ("with P s", "with_P_seconds", 8, 2), ("stream/with P", "streaming_over_with_P", 13, 2),
     ("copy/ours", "memory_floor_fraction", 9, 2), ("ours GB", "ours_peak_rss_gb", 7, 2),
     ("stream GB", "streaming_peak_rss_gb", 9, 2), ("torch GB", "torch_peak_rss_gb", 8, 2),
     ("agree torch", "label_agreement_with_torch", 11, 3),
@@ -359,6 +373,12 @@ def main(argv=None):
                 "memory_floor_fraction": ours["copy_seconds"] / ours["seconds"],
                 "ours_peak_rss_gb": ours["peak_rss_gb"],
                 "streaming_peak_rss_gb": stream["peak_rss_gb"]}
+      with_p = measure("with_P", name, size)
+      if with_p is not None:
+        record.update(with_P_seconds=with_p["seconds"],
+                      streaming_over_with_P=stream["seconds"] / with_p["seconds"],
+                      with_P_peak_rss_gb=with_p["peak_rss_gb"],
+                      with_P_label_agreement=_agreement(with_p, ours))
       if not args.no_numpy:
         record.update(_against("numpy", measure("numpy", name, size), ours, stream))
       if args.no_torch:
