@@ -144,6 +144,39 @@ class ProbeTest(absltest.TestCase):
                      [(0, 384), (384, 768), (768, 1000)])
     self.assertEqual(probe_pass.probe_chunks(10, 10240, 4), [(0, 10)])
 
+  def test_multi_process_runs_gather_activations_within_the_budget(self):
+    """probe_pass._top_k_only: the activations stay ungathered only for a streamed
+    (soft-)WPMI beyond activation_gather_max_gb, with a warning that names the fix."""
+    import types  # pylint: disable=g-import-not-at-top
+    from jaxdissect import config as config_lib  # pylint: disable=g-import-not-at-top
+    from jaxdissect import probe_pass  # pylint: disable=g-import-not-at-top
+    # 1,000,000 images x (100 + 150) units x 4 bytes: 1.0 GB; P (1e6 x 1,000) streams.
+    probe = types.SimpleNamespace(activations={"a": np.zeros((3, 100), np.float32),
+                                               "b": np.zeros((3, 150), np.float32)})
+
+    def top_k_only(**fields):  # for the cases that gather: no warning either
+      config = config_lib.get_base_config()
+      config.concept_matrix_max_gb = 1e-9
+      config.update(fields)
+      with mock.patch.object(probe_pass.logging, "warning") as warning:
+        decided = probe_pass._top_k_only(config, probe, 1_000_000, 1_000)
+      warning.assert_not_called()
+      return decided
+
+    self.assertFalse(top_k_only(activation_gather_max_gb=1.0))
+    self.assertFalse(top_k_only(activation_gather_max_gb=0.5, concept_matrix_max_gb=100.0))
+    self.assertFalse(top_k_only(activation_gather_max_gb=0.5, similarity_fn="cos_similarity"))
+    self.assertFalse(top_k_only(activation_gather_max_gb=0.5,
+                                num_top_images=topk.RUNNING_TOP_K + 1))
+    config = config_lib.get_base_config()
+    config.concept_matrix_max_gb = 1e-9
+    config.activation_gather_max_gb = 0.5
+    with self.assertLogs(level="WARNING") as logs:
+      self.assertTrue(probe_pass._top_k_only(config, probe, 1_000_000, 1_000))
+    self.assertIn("1000000 images x 250 units (1.0 GB) exceed activation_gather_max_gb=0.5",
+                  logs.output[0])
+    self.assertIn("--config.activation_gather_max_gb=2", logs.output[0])
+
   def test_probe_step_compiles_once_across_chunks(self):
     from jaxdissect import activations  # pylint: disable=g-import-not-at-top
     from jaxdissect.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
