@@ -225,9 +225,10 @@ def check_enough_images(num_images: int, similarity_fn: str, field: str = "d_pro
         f"least {needed} (its top-k).", f"give at least {needed} probe images.")
 
 
-def _concept_matrix_gb(num_images: int, num_concepts: int) -> float:
-  """Size of P (float32) in GB."""
-  return num_images * num_concepts * 4 / 2**30
+def float32_matrix_gb(num_rows: int, num_columns: int) -> float:
+  """Size of a float32 (num_rows, num_columns) matrix in GB of 2**30 bytes, the unit of
+  every *_max_gb setting (P: images x concepts; activations: images x units)."""
+  return num_rows * num_columns * 4 / 2**30
 
 
 def _matrix_out_of_memory(err: Exception, doing: str, num_images: int, num_concepts: int,
@@ -236,7 +237,7 @@ def _matrix_out_of_memory(err: Exception, doing: str, num_images: int, num_conce
   if isinstance(err, jax.errors.JaxRuntimeError) and not any(
       s in str(err) for s in ("RESOURCE_EXHAUSTED", "Out of memory")):
     return err
-  gb = _concept_matrix_gb(num_images, num_concepts)
+  gb = float32_matrix_gb(num_images, num_concepts)
   how = (f"so that {similarity_fn} streams P" if similarity_fn in
          registry.STREAMING_FUNCTIONS else "and use a similarity_fn that streams P "
          f"({', '.join(registry.STREAMING_FUNCTIONS)})")
@@ -250,7 +251,7 @@ def streams(similarity_fn: str, num_images: int, num_concepts: int,
             concept_matrix_max_gb: float) -> bool:
   """Whether label_probe streams P from the embeddings instead of holding it."""
   return (similarity_fn in registry.STREAMING_FUNCTIONS
-          and _concept_matrix_gb(num_images, num_concepts) > concept_matrix_max_gb)
+          and float32_matrix_gb(num_images, num_concepts) > concept_matrix_max_gb)
 
 
 def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
@@ -273,7 +274,7 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
   scores go into the result's .scores.
   """
   num_images, num_concepts = len(probe.image_embeddings), len(text_embeddings)
-  matrix_gb = _concept_matrix_gb(num_images, num_concepts)
+  matrix_gb = float32_matrix_gb(num_images, num_concepts)
   stream = streams(similarity_fn, num_images, num_concepts, concept_matrix_max_gb)
   if stream:
     logging.info("P (%d images x %d concepts, %.2f GB) exceeds concept_matrix_max_gb=%g: "

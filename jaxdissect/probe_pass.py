@@ -69,7 +69,7 @@ def _top_k_only(config, probe: store.ProbeActivations, num_images: int,
                                config.concept_matrix_max_gb)):
     return False
   units = sum(values.shape[1] for values in probe.activations.values())
-  gather_gb = 4 * num_images * units / 1e9
+  gather_gb = labeling.float32_matrix_gb(num_images, units)
   if gather_gb <= float(config.activation_gather_max_gb):
     return False
   logging.warning(

@@ -150,16 +150,19 @@ class ProbeTest(absltest.TestCase):
     import types  # pylint: disable=g-import-not-at-top
     from jaxdissect import config as config_lib  # pylint: disable=g-import-not-at-top
     from jaxdissect import probe_pass  # pylint: disable=g-import-not-at-top
-    # 1,000,000 images x (100 + 150) units x 4 bytes: 1.0 GB; P (1e6 x 1,000) streams.
+    # 2**20 images x (100 + 156) units x 4 bytes: 1.0 GB; P (2**20 x 1,000) streams.
     probe = types.SimpleNamespace(activations={"a": np.zeros((3, 100), np.float32),
-                                               "b": np.zeros((3, 150), np.float32)})
+                                               "b": np.zeros((3, 156), np.float32)})
 
-    def top_k_only(**fields):  # for the cases that gather: no warning either
+    def config_with(**fields):
       config = config_lib.get_base_config()
       config.concept_matrix_max_gb = 1e-9
       config.update(fields)
+      return config
+
+    def top_k_only(**fields):  # for the cases that gather: no warning either
       with mock.patch.object(probe_pass.logging, "warning") as warning:
-        decided = probe_pass._top_k_only(config, probe, 1_000_000, 1_000)
+        decided = probe_pass._top_k_only(config_with(**fields), probe, 2**20, 1_000)
       warning.assert_not_called()
       return decided
 
@@ -168,12 +171,10 @@ class ProbeTest(absltest.TestCase):
     self.assertFalse(top_k_only(activation_gather_max_gb=0.5, similarity_fn="cos_similarity"))
     self.assertFalse(top_k_only(activation_gather_max_gb=0.5,
                                 num_top_images=topk.RUNNING_TOP_K + 1))
-    config = config_lib.get_base_config()
-    config.concept_matrix_max_gb = 1e-9
-    config.activation_gather_max_gb = 0.5
     with self.assertLogs(level="WARNING") as logs:
-      self.assertTrue(probe_pass._top_k_only(config, probe, 1_000_000, 1_000))
-    self.assertIn("1000000 images x 250 units (1.0 GB) exceed activation_gather_max_gb=0.5",
+      self.assertTrue(probe_pass._top_k_only(config_with(activation_gather_max_gb=0.5),
+                                             probe, 2**20, 1_000))
+    self.assertIn("1048576 images x 256 units (1.0 GB) exceed activation_gather_max_gb=0.5",
                   logs.output[0])
     self.assertIn("--config.activation_gather_max_gb=2", logs.output[0])
 
