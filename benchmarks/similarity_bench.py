@@ -165,7 +165,7 @@ def _best_of(repeats, fn):
 
 def _measure(kind, name, size, queue):
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxdissect import similarity, streaming  # pylint: disable=g-import-not-at-top
+  from jaxdissect import labeling, similarity, streaming  # pylint: disable=g-import-not-at-top
   images, texts, activations = make_inputs(*size)
   # Only the measurements on P get it: a P made and dropped would still be in the
   # others' peak memory (ru_maxrss), 4 GB at 50k x 20k.
@@ -233,7 +233,6 @@ def _measure(kind, name, size, queue):
       elif kind == "streaming_pallas":
         out = streaming.FUNCTIONS[name](images, texts, activations, kernel="pallas")
       elif kind == "with_P":
-        from jaxdissect import labeling  # pylint: disable=g-import-not-at-top
         out = similarity.SIMILARITY_FUNCTIONS[name](
             labeling.concept_activation(images, texts), activations)
       else:
