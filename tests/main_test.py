@@ -323,6 +323,8 @@ class MainEndToEndTest(_TinyModels):
     workdir = tempfile.mkdtemp(dir=self.tmp)
     first = run_main(*self.args(workdir))
     self.assertIn("images/s", first.stderr)
+    # The p-values' pass over images x concepts runs once for the six layers.
+    self.assertEqual(first.stderr.count("Softmax normalisers of"), 1, first.stderr[-3000:])
     units = {"conv1": 8, "layer1": 8, "layer2": 16, "layer3": 16, "layer4": 24, "fc": 5}
     rows = self.check_results(os.path.join(workdir, "results"), units, CONCEPTS)
 

@@ -1,5 +1,7 @@
 """Per-unit AUC and permutation p-values against references and planted units."""
 
+from unittest import mock
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
@@ -67,6 +69,40 @@ class PriorNullTest(parameterized.TestCase):
     observed = np.asarray(fn(p.astype(np.float32), activations))[unit, concept]
     self.assertAlmostEqual(score, observed, delta=2e-3 * max(1.0, abs(observed)))
     np.testing.assert_allclose(null, expected, rtol=1e-3, atol=2e-3)
+
+
+class LogSoftmaxColumnsTest(absltest.TestCase):
+
+  def test_equal_the_float64_log_softmax_in_any_image_chunks(self):
+    images, texts = _embeddings(num_images=300, num_concepts=40)
+    logits = 10.0 * _p_matrix(images, texts)
+    top = logits.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    expected = logits - lse[:, None]
+    ids = np.array([3, 17, 39])
+    # 8-byte x 40-concept rows: 64 KiB chunks of 204 images, so 300 take two.
+    with mock.patch.object(trust, "_BLOCK_BYTES", 64 * 1024):
+      normalisers = trust.image_log_normalisers(images, texts, 10.0)
+      shared = trust.log_softmax_columns(images, texts, ids, 10.0, normalisers)
+      alone = trust.log_softmax_columns(images, texts, ids, 10.0)
+    # float32 products, float64 sums: within a few float32 ulps of the logits (|a P| <= 10).
+    np.testing.assert_allclose(normalisers, lse, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(shared, expected[:, ids], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(shared, alone)
+
+  def test_shared_normalisers_give_the_same_p_values(self):
+    images, texts = _embeddings(num_images=500, num_concepts=30)
+    rng = np.random.default_rng(5)
+    activations = rng.normal(size=(500, 5)).astype(np.float32)
+    top_ids = np.argsort(-activations, axis=0, kind="stable")[:128].T
+    args = ("layer", "soft_wpmi", activations, images, texts, np.array([0, 4, 9, 4, 2]),
+            np.ones(5, bool), top_ids)
+    alone = trust.unit_trust(*args, num_permutations=40)
+    shared = trust.unit_trust(*args, num_permutations=40,
+                              log_normalisers=trust.image_log_normalisers(images, texts,
+                                                                          10.0))
+    np.testing.assert_array_equal(alone.p_value, shared.p_value)
+    np.testing.assert_array_equal(alone.auc, shared.auc)
 
 
 class UnitTrustTest(parameterized.TestCase):
