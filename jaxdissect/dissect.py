@@ -24,6 +24,7 @@ from jaxdissect import resources
 from jaxdissect import results
 from jaxdissect import sharding
 from jaxdissect import similarity
+from jaxdissect import streaming
 from jaxdissect import trust
 from jaxdissect.data import concepts as concepts_lib
 from jaxdissect.data import probe as probe_lib
@@ -113,15 +114,18 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
   text_embeddings, text_key = probe_pass.load_or_embed_texts(config, clip, concepts, clip_hash)
   logging.info("Scoring %d layer(s) with %s.", len(layer_infos), config.similarity_fn)
   truths = evaluate.layer_truths(target, layer_infos)
+  # Each image's softmax normaliser over the concepts, computed once for the layers'
+  # streamed similarity and their label stability.
+  row_normalisers = streaming.RowNormalisers(probe.image_embeddings, text_embeddings)
   result = labeling.label_with_config(config, probe, text_embeddings, concepts,
-                                      list(truths), mesh)
+                                      list(truths), mesh, row_normalisers)
   result.visibility = trust.run_visibility(config, probe.image_embeddings, text_embeddings,
                                            mesh)
   result.trust = trust.layer_trust(
       config, probe, result, text_embeddings, mesh,
       lambda texts: np.asarray(clip_lib.embed_texts(clip, texts, config.text_batch_size)),
       probe_pass.simulator_embeddings(config, probe_set, target, pass_mesh, concepts),
-      result.visibility)
+      result.visibility, row_normalisers)
   evaluation = evaluate.evaluate_run(config, result, truths, concepts, text_embeddings, clip,
                                      probe=probe, annotations=probe_set.annotations())
   config_json = {"config": config.to_dict(), "workdir": os.path.abspath(workdir),

@@ -21,6 +21,7 @@ from jaxdissect import labeling
 from jaxdissect import metrics
 from jaxdissect import probe_pass
 from jaxdissect import sharding
+from jaxdissect import streaming
 from jaxdissect import trust
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import sentence as sentence_lib
@@ -210,8 +211,9 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
   else:
     truths = {name: truth for name, info in run.layer_infos.items()
               if (truth := run.target.truth_for(info)) is not None}
+  row_normalisers = streaming.RowNormalisers(probe.image_embeddings, text_embeddings)
   result = labeling.label_with_config(config, probe, text_embeddings, concepts,
-                                     list(truths))
+                                     list(truths), row_normalisers=row_normalisers)
   for name, layer in result.layers.items():
     if layer.labels != run.layers[name].labels:
       raise errors.UserError(
@@ -224,7 +226,8 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
       embed_texts=lambda texts: np.asarray(clip_lib.embed_texts(
           run.clip, texts, config.text_batch_size)),
       simulator=probe_pass.simulator_embeddings(config, run.probe_set, run.target,
-                                                sharding.make_mesh(), concepts))
+                                                sharding.make_mesh(), concepts),
+      row_normalisers=row_normalisers)
   evaluation = evaluate_run(config, result, truths, concepts, text_embeddings,
                             lambda: run.clip, log_table=False, probe=probe,
                             annotations=_annotations(run))

@@ -86,7 +86,7 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
                 embeddings: tuple[np.ndarray, np.ndarray] | None = None,
                 top: topk_lib.RunningTopK | None = None, mesh=None,
                 kernel: str = "auto", compute_dtype: str = "float32",
-                block_size: int | None = None) -> LayerScores:
+                block_size: int | None = None, row_normalisers=None) -> LayerScores:
   """Scores (num_units, num_concepts), with dead and invalid units flagged.
 
   concept_activations: P (num_images, num_concepts); or None with embeddings = (image
@@ -99,6 +99,8 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
   kernel, compute_dtype: with embeddings, (soft-)WPMI's kernel and matmul dtype
   (streaming._top_k_log_likelihood).
   block_size: (soft-)WPMI's concepts per block (likelihood.py); None: from a budget.
+  row_normalisers: with embeddings, the run's streaming.RowNormalisers (shared by its
+  layers and the label stability), or None.
   Non-finite units are zeroed before scoring so they cannot poison the (soft-)WPMI
   prior; dead units stay in it, as in the official method, so live scores are
   unchanged by flagging them.
@@ -124,6 +126,7 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
     if similarity_fn in PRIOR_FUNCTIONS:
       kwargs["kernel"] = kernel
       kwargs["compute_dtype"] = compute_dtype
+      kwargs["row_normalisers"] = row_normalisers
   else:
     fn = functools.partial(similarity.SIMILARITY_FUNCTIONS[similarity_fn],
                            concept_activations)
@@ -262,7 +265,8 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
                 concept_matrix_max_gb: float = registry.DEFAULT_CONCEPT_MATRIX_MAX_GB,
                 mesh=None, kernel: str = "auto",
                 compute_dtype: str = "float32",
-                concept_block_size: int | None = None) -> results_lib.DissectionResult:
+                concept_block_size: int | None = None,
+                row_normalisers=None) -> results_lib.DissectionResult:
   """Similarity and labels for every layer of a probe pass.
 
   P (num_images x num_concepts) is held in memory only while it takes at most
@@ -271,7 +275,9 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
   the neurons split over the devices of `mesh`. Which path is taken depends on the sizes
   only, never on the device count, so the labels are the same on any number of devices.
   keep_scores: True for every layer, or the names of the layers whose (units, concepts)
-  scores go into the result's .scores.
+  scores go into the result's .scores. row_normalisers: a streaming.RowNormalisers of
+  the probe's and the concepts' embeddings that the streamed layers share (and that the
+  run's label stability reuses), or None for one of this call's own.
   """
   num_images, num_concepts = len(probe.image_embeddings), len(text_embeddings)
   matrix_gb = float32_matrix_gb(num_images, num_concepts)
@@ -282,6 +288,8 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
                  concept_matrix_max_gb, similarity_fn)
     concept_activations = None
     embeddings = (probe.image_embeddings, text_embeddings)
+    if row_normalisers is None:
+      row_normalisers = streaming.RowNormalisers(*embeddings)
   else:
     try:
       concept_activations = concept_activation(probe.image_embeddings,
@@ -302,7 +310,8 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
                                     neuron_chunk_size, embeddings=embeddings, top=top,
                                     mesh=mesh if stream else None, kernel=kernel,
                                     compute_dtype=compute_dtype,
-                                    block_size=concept_block_size)
+                                    block_size=concept_block_size,
+                                    row_normalisers=row_normalisers)
     except (MemoryError, jax.errors.JaxRuntimeError) as err:
       raise _matrix_out_of_memory(err, f"scoring layer {name} with P", num_images,
                                   num_concepts, similarity_fn) from None
@@ -335,7 +344,8 @@ def _warn_of_ties_at_the_cap(name: str, similarity_fn: str, scored) -> None:
 
 def label_with_config(config, probe: store.ProbeActivations,
                       text_embeddings: np.ndarray, concepts: Sequence[str],
-                      keep_scores: Sequence[str], mesh=None) -> results_lib.DissectionResult:
+                      keep_scores: Sequence[str], mesh=None,
+                      row_normalisers=None) -> results_lib.DissectionResult:
   """label_probe with the similarity settings of `config` (main.py and the evaluate
   CLI label the same way)."""
   return label_probe(probe, text_embeddings, concepts, config.similarity_fn,
@@ -343,4 +353,5 @@ def label_with_config(config, probe: store.ProbeActivations,
                      config.neuron_chunk_size or None, keep_scores=keep_scores,
                      concept_matrix_max_gb=config.concept_matrix_max_gb, mesh=mesh,
                      kernel=config.similarity_kernel, compute_dtype=config.similarity_dtype,
-                     concept_block_size=config.concept_block_size or None)
+                     concept_block_size=config.concept_block_size or None,
+                     row_normalisers=row_normalisers)

@@ -113,7 +113,7 @@ def layer_stability(similarity_fn: str, image_embeddings, text_embeddings,
                     num_resamples: int = DEFAULT_NUM_RESAMPLES, seed: int = 0,
                     weights: np.ndarray | None = None, mesh=None,
                     compute_dtype: str = "float32",
-                    block_size: int | None = None) -> UnitStability:
+                    block_size: int | None = None, row_normalisers=None) -> UnitStability:
   """Stability of one layer's labels.
 
   image_embeddings: (num_images, dim), may be a memmap; text_embeddings:
@@ -121,7 +121,8 @@ def layer_stability(similarity_fn: str, image_embeddings, text_embeddings,
   rows, highest activation first (dead and invalid units too: the prior includes them).
   usable: (num_units,) False for dead or invalid units (stability NaN).
   weights: (num_resamples, num_images) from poisson_weights, shared by the layers of a
-  run; computed from (num_resamples, seed) when None.
+  run; computed from (num_resamples, seed) when None. row_normalisers: the run's
+  streaming.RowNormalisers (shared with its layers' similarity), or None.
   """
   if similarity_fn not in registry.PRIOR_FUNCTIONS:
     raise ValueError(f"stability is defined for {registry.PRIOR_FUNCTIONS}, not "
@@ -141,7 +142,8 @@ def layer_stability(similarity_fn: str, image_embeddings, text_embeddings,
                             top_k)
   labels = streaming.resampled_labels(similarity_fn, image_embeddings, text_embeddings,
                                       rows, mesh=mesh, compute_dtype=compute_dtype,
-                                      block_size=block_size)
+                                      block_size=block_size,
+                                      row_normalisers=row_normalisers)
   logging.info("Stability: %d resamples of %d units in %.1f s.", num_resamples, num_units,
                time.time() - started)
   stability = np.where(np.asarray(usable, bool), pairwise_agreement(labels), np.nan)

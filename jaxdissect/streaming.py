@@ -3,7 +3,9 @@
 The functions here take the CLIP embeddings instead of P and compute the parts of P they
 need on demand, so their peak memory does not grow with images x concepts:
   - (soft-)WPMI only reads P at each neuron's top_k images: those rows are recomputed
-    from the image and text embeddings, a chunk of neurons at a time;
+    from the image and text embeddings, a chunk of neurons at a time; their softmax
+    normalisers over all concepts come from a RowNormalisers, which a run shares between
+    its layers and its label stability, so each image's is computed once;
   - the cosine similarities are sums over images: accumulated over image chunks (cos^3
     in two passes, the column means first).
 Each equals its in-memory counterpart in similarity.py to float32 rounding (tested).
@@ -82,6 +84,19 @@ def _check(image_embeddings, text_embeddings, activations, name):
   _check_width(image_embeddings, text_embeddings, name)
 
 
+def _normalisers_of(row_normalisers, image_embeddings, text_embeddings, name):
+  """row_normalisers, checked against the embeddings, or a new RowNormalisers."""
+  if row_normalisers is None:
+    return RowNormalisers(image_embeddings, text_embeddings)
+  if (row_normalisers.num_images, row_normalisers.num_concepts) != (
+      image_embeddings.shape[0], text_embeddings.shape[0]):
+    raise ValueError(
+        f"{name}: row_normalisers are of {row_normalisers.num_images} images x "
+        f"{row_normalisers.num_concepts} concepts, the embeddings "
+        f"{image_embeddings.shape[0]} x {text_embeddings.shape[0]}.")
+  return row_normalisers
+
+
 def _checked_rows(top_rows, num_images: int, name: str, what: str):
   """likelihood.unique_rows(top_rows), every row inside 0..num_images - 1."""
   rows, local = likelihood.unique_rows(top_rows)
@@ -94,7 +109,8 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
                           min_prob, name, membership=None, term_floor=None,
                           top_images=None, mesh: Mesh | None = None,
                           kernel: str = "auto", compute_dtype: str = "float32",
-                          block_size: int | None = None, rescore_lam=None):
+                          block_size: int | None = None, rescore_lam=None,
+                          row_normalisers: "RowNormalisers | None" = None):
   """L (num_neurons, num_concepts): for each neuron, the sum over its top_k images of
   log(S + min_prob) (wpmi; membership None) or log(1 + p_j (S - 1) + min_prob)
   (soft_wpmi), S = softmax(a P) at those images (likelihood.py's blocked plan, the P
@@ -112,6 +128,8 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   rescore_lam: with bfloat16, the prior's weight of the scores that pick each neuron's
   RESCORED_CANDIDATES concepts whose L is then recomputed with float32 products (the
   row normalisers stay the bfloat16 pass's); None: no recomputation.
+  row_normalisers: a RowNormalisers of these embeddings shared by the calls of a run,
+  or None for one of this call's own.
   """
   if compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"{name}: compute_dtype must be one of {COMPUTE_DTYPES}, got "
@@ -152,9 +170,16 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   padded = -(-num_neurons // (devices * chunk)) * devices * chunk
   top_images = np.concatenate([top_images, np.repeat(top_images[:1],
                                                      padded - num_neurons, axis=0)])
+  if row_normalisers is not None:
+    _normalisers_of(row_normalisers, image_embeddings, text_embeddings, name)
+  if rank_groups:
+    row_lse = jnp.zeros((1,), jnp.float32)  # unused: that plan normalises its own rows
+  else:
+    row_lse = jnp.asarray(_normalisers_of(row_normalisers, image_embeddings,
+                                          text_embeddings, name).at(rows, a, compute_dtype))
   args = (_normalise(images), _normalise(text_embeddings), jnp.asarray(top_images),
           jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
-          jnp.float32(a), jnp.float32(min_prob))
+          jnp.float32(a), jnp.float32(min_prob), row_lse)
   statics = {"soft": soft, "chunk": chunk,
              "block": int(min(block_size or likelihood.block_size(rows.size, num_concepts),
                               num_concepts)),
@@ -184,7 +209,7 @@ def _rescored(log_likelihood, top_lse, args, lam, soft):
   top_lse: (num_neurons, top_k) the row normalisers at the neurons' top images; args:
   _top_k_log_likelihood's.
   """
-  images, texts, top_images, membership, a, min_prob = args
+  images, texts, top_images, membership, a, min_prob, _ = args
   num_neurons, num_concepts = log_likelihood.shape
   count = min(RESCORED_CANDIDATES, num_concepts)
   if count == 0:
@@ -235,14 +260,79 @@ def _candidate_log_likelihood(images, texts, top_images, top_lse, candidates,
   return out.reshape(padded, -1)[:num_neurons]
 
 
-def _row_log_normalisers(images, texts, a, compute_dtype):
+def _row_log_normalisers(images, texts, a, compute_dtype, rows_per_block=None):
   """(rows,) each image row's logsumexp of a P over all concepts, whole rows of logits
   recomputed from the embeddings a few at a time (likelihood.row_log_normalisers)."""
   return likelihood.row_log_normalisers(
       lambda start, size: a * _rows(jax.lax.dynamic_slice_in_dim(images, start, size),
                                     texts, compute_dtype),
       images.shape[0],
-      likelihood.rows_per_block(texts.shape[0], likelihood.MATMUL_ROW_BLOCK_BYTES))
+      rows_per_block or likelihood.rows_per_block(texts.shape[0],
+                                                  likelihood.MATMUL_ROW_BLOCK_BYTES))
+
+
+_jitted_row_log_normalisers = jax.jit(_row_log_normalisers,
+                                      static_argnames=("compute_dtype", "rows_per_block"))
+# Row blocks per call of RowNormalisers' fill (every call the same shape): at 20,000
+# concepts 832 rows, so a fill computes at most 831 rows of padding.
+MAX_FILL_BLOCKS = 8
+
+
+class RowNormalisers:
+  """Each probe image's softmax log-normaliser over all concepts, logsumexp_m a P[i, m],
+  computed on demand and at most once per image and setting (a, compute_dtype).
+
+  The (soft-)WPMI plan reads it at every unit's top images (likelihood.py, step 1), and
+  it depends on the image, the concepts and `a` only: one object per run serves the
+  similarity of every layer and the label stability of every layer (stability.py),
+  which otherwise each recompute it, a matmul over images x concepts x dim (at 512-d,
+  as long as the whole similarity's block pass). Memory: (num_images,) float32 per
+  setting.
+
+  The values are a function of the row alone: every call computes rows_per_fill rows
+  (the missing ones, padded with copies of one) by one compiled program, and XLA
+  computes each row of it alike wherever the row sits (tested), so what other rows a
+  call held, and in what order the layers asked, changes no bit. (Programs of other
+  shapes can round differently: an 8-row call and a 256-row call differed in 1 ulp of
+  16 of 97 rows.)
+  """
+
+  def __init__(self, image_embeddings, text_embeddings, rows_per_block=None):
+    """image_embeddings: (num_images, dim), may be a memmap (only the rows asked for
+    are read); text_embeddings: (num_concepts, dim). rows_per_block: rows of logits
+    per step (None: likelihood.MATMUL_ROW_BLOCK_BYTES of them, at most num_images)."""
+    _check_width(image_embeddings, text_embeddings, "RowNormalisers")
+    self._images = image_embeddings
+    self._texts = _normalise(text_embeddings)
+    self.num_images = image_embeddings.shape[0]
+    self.num_concepts = self._texts.shape[0]
+    self.rows_per_block = int(rows_per_block or min(
+        likelihood.rows_per_block(self.num_concepts, likelihood.MATMUL_ROW_BLOCK_BYTES),
+        max(1, self.num_images)))
+    self.rows_per_fill = self.rows_per_block * min(
+        MAX_FILL_BLOCKS, -(-max(1, self.num_images) // self.rows_per_block))
+    self._values = {}  # (a, compute_dtype) -> ((num_images,) float32, (num_images,) bool)
+    self.rows_computed = 0  # rows whose normaliser was computed, padding excluded
+
+  def at(self, rows: np.ndarray, a: float, compute_dtype: str = "float32") -> np.ndarray:
+    """(len(rows),) float32 normalisers of probe rows `rows` (int, 0..num_images - 1)."""
+    rows = np.asarray(rows, np.int64)
+    values, known = self._values.setdefault(
+        (float(a), compute_dtype), (np.zeros(self.num_images, np.float32),
+                                    np.zeros(self.num_images, bool)))
+    missing = np.unique(rows[~known[rows]])
+    for start in range(0, missing.size, self.rows_per_fill):
+      piece = missing[start:start + self.rows_per_fill]
+      read = np.concatenate([piece, np.repeat(piece[-1:],
+                                              self.rows_per_fill - piece.size)])
+      lse = _jitted_row_log_normalisers(
+          _normalise(np.asarray(self._images[read], np.float32)), self._texts,
+          jnp.float32(a), compute_dtype=compute_dtype,
+          rows_per_block=self.rows_per_block)
+      values[piece] = np.asarray(lse)[:piece.size]
+      known[piece] = True
+      self.rows_computed += piece.size
+    return values[rows]
 
 
 def _block_logits(images, texts, a, start, block: int, compute_dtype):
@@ -251,23 +341,24 @@ def _block_logits(images, texts, a, start, block: int, compute_dtype):
                    compute_dtype)
 
 
-def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, *,
-                            soft, chunk, block, group, compute_dtype="float32"):
-  """likelihood.py's plan with the logits recomputed from the embeddings: whole rows
-  for the normalisers, then (rows, dim) x (block, dim) per block of concepts for L.
+def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, row_lse,
+                            *, soft, chunk, block, group, compute_dtype="float32"):
+  """likelihood.py's plan with the logits recomputed from the embeddings: the rows'
+  normalisers row_lse (rows,) given (RowNormalisers), then (rows, dim) x (block, dim)
+  per block of concepts for L.
 
   Every plan returns (L, the row normalisers at each neuron's top images (neurons,
   top_k)), the latter for _rescored."""
   del chunk  # the kernel's
-  row_lse = _row_log_normalisers(images, texts, a, compute_dtype)
   return (likelihood.log_likelihood(
       lambda start: _block_logits(images, texts, a, start, block, compute_dtype),
       row_lse, top_images, membership if soft else None, min_prob,
       num_concepts=texts.shape[0], block=block, group=group), row_lse[top_images])
 
 
-def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_prob, *,
-                                soft, chunk, block, group, compute_dtype="float32"):
+def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_prob,
+                                row_lse, *, soft, chunk, block, group,
+                                compute_dtype="float32"):
   """The same L with whole rows of logits per (neuron, rank): `chunk` neurons and one
   group of ranks a step, one (chunk x group, dim) x (concepts, dim) matmul, each row's
   normaliser from its own row.
@@ -277,7 +368,7 @@ def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_pr
   that is 2 x rows matmul work against num_neurons x top_k here: at 1M images x 512
   units x 512-d embeddings, 16.4 s against about 8 on 2 CPU cores (BENCHMARKS.md).
   """
-  del block  # the blocked plan's
+  del block, row_lse  # the blocked plan's
   num_neurons, top_k = top_images.shape
   num_groups = -(-top_k // group)
   top_images, membership = likelihood.pad_ranks(top_images, membership if soft else None,
@@ -304,13 +395,12 @@ def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_pr
   return out.reshape(num_neurons, -1), lse.reshape(num_neurons, -1)[:, :top_k]
 
 
-def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, *, soft,
-                           chunk, block, group, a_value, min_prob_value, interpret,
-                           compute_dtype="float32"):
+def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, row_lse,
+                           *, soft, chunk, block, group, a_value, min_prob_value,
+                           interpret, compute_dtype="float32"):
   """_neurons_log_likelihood through the fused Pallas kernel, `chunk` neurons a call
   (float32 only)."""
   del a, min_prob, block, compute_dtype  # constants of the kernel (a_value, ...)
-  row_lse = kernels.row_log_normalisers(images, texts, a_value)
   blocks = top_images.reshape(-1, chunk, top_images.shape[1])
   out = jax.lax.map(
       lambda ids: kernels._log_likelihood(
@@ -342,7 +432,7 @@ def _sharded_log_likelihood(mesh, body, soft, chunk, block, group, compute_dtype
                            compute_dtype=compute_dtype)
   return jax.jit(jax.shard_map(
       body, mesh=mesh, in_specs=(replicated, replicated, split, replicated, replicated,
-                                 replicated),
+                                 replicated, replicated),
       # The loops' zero-initialised carries are per-device values; the neuron split
       # is all that varies.
       out_specs=(split, split), check_vma=False))
@@ -351,15 +441,16 @@ def _sharded_log_likelihood(mesh, body, soft, chunk, block, group, compute_dtype
 def wpmi(image_embeddings, text_embeddings, activations, top_k=_WPMI["top_k"],
          a=_WPMI["a"], lam=_WPMI["lam"], min_prob=_WPMI["min_prob"],
          return_log_likelihood=False, top_images=None, mesh=None,
-         kernel="auto", compute_dtype="float32", block_size=None):
+         kernel="auto", compute_dtype="float32", block_size=None, row_normalisers=None):
   """similarity.wpmi(P, A) without P. image_embeddings: (num_images, dim), may be a
-  memmap; top_images, mesh, kernel, compute_dtype, block_size: see
+  memmap; top_images, mesh, kernel, compute_dtype, block_size, row_normalisers: see
   _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(image_embeddings, text_embeddings, activations,
                                          top_k, a, min_prob, "wpmi",
                                          top_images=top_images, mesh=mesh, kernel=kernel,
                                          compute_dtype=compute_dtype,
-                                         block_size=block_size, rescore_lam=lam)
+                                         block_size=block_size, rescore_lam=lam,
+                                         row_normalisers=row_normalisers)
   scores = similarity.subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 
@@ -368,23 +459,23 @@ def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=_SOFT["top_k
               a=_SOFT["a"], lam=_SOFT["lam"], min_prob=_SOFT["min_prob"],
               p_start=_SOFT["p_start"], p_end=_SOFT["p_end"], return_log_likelihood=False,
               top_images=None, mesh=None, kernel="auto", compute_dtype="float32",
-              block_size=None):
+              block_size=None, row_normalisers=None):
   """similarity.soft_wpmi(P, A) without P. image_embeddings: (num_images, dim), may be
-  a memmap; top_images, mesh, kernel, compute_dtype, block_size: see
+  a memmap; top_images, mesh, kernel, compute_dtype, block_size, row_normalisers: see
   _top_k_log_likelihood."""
   log_likelihood = _top_k_log_likelihood(
       image_embeddings, text_embeddings, activations, top_k, a, min_prob, "soft_wpmi",
       membership=similarity.soft_wpmi_membership(top_k, p_start, p_end),
       term_floor=likelihood.soft_wpmi_term_floor(p_start, p_end, min_prob),
       top_images=top_images, mesh=mesh, kernel=kernel, compute_dtype=compute_dtype,
-      block_size=block_size, rescore_lam=lam)
+      block_size=block_size, rescore_lam=lam, row_normalisers=row_normalisers)
   scores = similarity.subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
 
 
 def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
                      resampled_rows: np.ndarray, mesh=None, compute_dtype="float32",
-                     block_size=None) -> np.ndarray:
+                     block_size=None, row_normalisers=None) -> np.ndarray:
   """Each resample's label of every unit, as similarity.prior_labels gives it from
   log_likelihood(similarity_fn, ..., resampled_rows[r]): (R, num_units) int32.
 
@@ -396,6 +487,8 @@ def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
   Stacking the resamples as extra units instead recomputes the normalisers and the
   blocks' logits for every batch of resamples that fits in memory: one resample per
   batch at 2,048 units x 20,000 concepts. mesh: the resamples split over its devices.
+  row_normalisers: a RowNormalisers of these embeddings shared by the calls of a run (the
+  layers' similarity and stability), or None for one of this call's own.
   """
   params = dict(_WPMI if similarity_fn == "wpmi" else _SOFT)
   if similarity_fn not in ("wpmi", "soft_wpmi"):
@@ -421,10 +514,12 @@ def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
   # Copies of resample 0 give every device whole shares; dropped below.
   padded = -(-num_resamples // devices) * devices
   local = np.concatenate([local, np.repeat(local[:1], padded - num_resamples, axis=0)])
+  row_lse = _normalisers_of(row_normalisers, image_embeddings, text_embeddings,
+                            "resampled_labels").at(rows, params["a"], compute_dtype)
   args = (_normalise(np.asarray(image_embeddings[rows], np.float32)),
           _normalise(text_embeddings), jnp.asarray(local),
           jnp.asarray(membership, jnp.float32), jnp.float32(params["a"]),
-          jnp.float32(params["min_prob"]))
+          jnp.float32(params["min_prob"]), jnp.asarray(row_lse))
   # lam static, as in similarity.prior_labels: the same constants, the same bits.
   statics = {"soft": soft, "compute_dtype": compute_dtype, "lam": float(params["lam"]),
              "block": int(min(block_size or likelihood.block_size(rows.size, num_concepts),
@@ -437,13 +532,12 @@ def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
   return np.asarray(labels)[:num_resamples]
 
 
-def _resampled_labels_body(images, texts, top_rows, membership, a, min_prob, *, lam,
-                           soft, compute_dtype, block, group):
+def _resampled_labels_body(images, texts, top_rows, membership, a, min_prob, row_lse, *,
+                           lam, soft, compute_dtype, block, group):
   """(R, K) labels. images: (rows, dim) and texts: (M, dim) normalised; top_rows:
-  (R, K, top_k) indices into images."""
+  (R, K, top_k) indices into images; row_lse: (rows,) their normalisers."""
   num_resamples, num_units, top_k = top_rows.shape
   num_concepts = texts.shape[0]
-  row_lse = _row_log_normalisers(images, texts, a, compute_dtype)
   padded_rows, membership = likelihood.pad_ranks(top_rows.reshape(-1, top_k),
                                                  membership if soft else None, group)
   padded_rows = padded_rows.reshape(num_resamples, num_units, -1)
@@ -483,7 +577,7 @@ def _sharded_resampled_labels(mesh, lam, soft, compute_dtype, block, group):
   body = functools.partial(_resampled_labels_body, lam=lam, soft=soft,
                            compute_dtype=compute_dtype, block=block, group=group)
   return jax.jit(jax.shard_map(
-      body, mesh=mesh, in_specs=(replicated, replicated, split) + (replicated,) * 3,
+      body, mesh=mesh, in_specs=(replicated, replicated, split) + (replicated,) * 4,
       out_specs=split, check_vma=False))
 
 

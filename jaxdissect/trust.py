@@ -35,6 +35,7 @@ from jaxdissect import results as results_lib
 from jaxdissect import similarity
 from jaxdissect import stability as stability_lib
 from jaxdissect import store
+from jaxdissect import streaming
 from jaxdissect import visibility as visibility_lib
 
 DEFAULT_TOP_FRACTION = 0.05
@@ -293,7 +294,7 @@ def run_visibility(config, image_embeddings, text_embeddings, mesh=None
 def layer_trust(config, probe: store.ProbeActivations,
                 result: results_lib.DissectionResult, text_embeddings: np.ndarray,
                 mesh=None, embed_texts=None, simulator=None,
-                visibility=None) -> dict[str, UnitTrust]:
+                visibility=None, row_normalisers=None) -> dict[str, UnitTrust]:
   """Per-unit AUC, permutation p-value, explanations (where the activations are held;
   with config.trust_bootstrap resamples, their concepts' selection shares) and
   ((soft-)WPMI only) label stability of every layer's labels; mesh: the devices of
@@ -301,7 +302,8 @@ def layer_trust(config, probe: store.ProbeActivations,
   embeddings, for the compositional labels' prompts; simulator: (image embeddings,
   text embeddings) of config.simulator_model, or None; visibility: the concepts the
   probe shows (run_visibility), which the explanations choose among, or None for all;
-  the simulator's own are computed here from its embeddings."""
+  the simulator's own are computed here from its embeddings; row_normalisers: the run's
+  streaming.RowNormalisers, which the layers' stability shares (None: one here)."""
   if simulator is not None:
     shown = run_visibility(config, *simulator, mesh)
     simulator = (*simulator, None if shown is None else shown.visible)
@@ -309,6 +311,8 @@ def layer_trust(config, probe: store.ProbeActivations,
   # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).
   resamples = int(config.get("trust_bootstrap", 0))
   bootstrap = resamples if config.similarity_fn in registry.PRIOR_FUNCTIONS else 0
+  if bootstrap and row_normalisers is None:
+    row_normalisers = streaming.RowNormalisers(probe.image_embeddings, text_embeddings)
   # The same resamples for every layer, the labels and the linear explanations.
   weights = (stability_lib.poisson_weights(len(probe.image_embeddings), resamples,
                                            config.trust_seed) if resamples else None)
@@ -354,7 +358,7 @@ def layer_trust(config, probe: store.ProbeActivations,
           top_ids, ~(layer.dead | layer.invalid),
           num_resamples=bootstrap, weights=weights, mesh=mesh,
           compute_dtype=config.similarity_dtype,
-          block_size=config.concept_block_size or None)
+          block_size=config.concept_block_size or None, row_normalisers=row_normalisers)
       out[name].stability = unit_stability.stability
       out[name].alternative_shares = unit_stability.shares(layer.alternative_ids)
       logging.info("Layer %s: label stability (%d resamples) in %.1f s; mean %.3f.",

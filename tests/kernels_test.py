@@ -31,7 +31,9 @@ class KernelTest(parameterized.TestCase):
     expected, _ = streaming._neurons_log_likelihood(  # pylint: disable=protected-access
         jnp.asarray(images), jnp.asarray(texts), jnp.asarray(top),
         jnp.asarray(membership if soft else np.ones(top_k, np.float32)),
-        jnp.float32(a), jnp.float32(1e-7), soft=soft, chunk=1, block=min(64, num_concepts),
+        jnp.float32(a), jnp.float32(1e-7),
+        jnp.asarray(streaming.RowNormalisers(images, texts).at(np.arange(250), a)),
+        soft=soft, chunk=1, block=min(64, num_concepts),
         group=group)
     # The kernel multiplies a power of two of ranks before each log (8 or 4 here).
     got = kernels.log_likelihood(images, texts, top, membership, a, 1e-7, soft=soft,

@@ -53,7 +53,9 @@ class StreamingTest(parameterized.TestCase):
     args = (streaming._normalise(images[rows]), streaming._normalise(texts),  # pylint: disable=protected-access
             jnp.asarray(top_rows),
             jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
-            jnp.float32(10.0 if soft else 2.0), jnp.float32(1e-7))
+            jnp.float32(10.0 if soft else 2.0), jnp.float32(1e-7),
+            jnp.asarray(streaming.RowNormalisers(images, texts).at(
+                rows, 10.0 if soft else 2.0)))
     statics = {"soft": soft, "block": 5, "group": likelihood.log_group_size(floor, top_k)}
     blocked, blocked_lse = streaming._neurons_log_likelihood(*args, chunk=1, **statics)  # pylint: disable=protected-access
     ranked, ranked_lse = streaming._rank_groups_log_likelihood(*args, chunk=3, **statics)  # pylint: disable=protected-access
@@ -128,6 +130,62 @@ class StreamingTest(parameterized.TestCase):
       self.assertEqual(streamed.layers[layer].labels, held.layers[layer].labels)
       np.testing.assert_array_equal(streamed.layers[layer].alternative_ids[:, :3],
                                     held.layers[layer].alternative_ids[:, :3])
+
+
+class RowNormalisersTest(parameterized.TestCase):
+
+  def test_each_row_once_and_bit_equal_however_filled(self):
+    images, texts, _ = embeddings(700, 23, 1, seed=3)
+    # 23 concepts would fit 700 rows in one block: 8-row blocks, 64 rows a call, as at
+    # 20,000 concepts a block is 104 rows.
+    whole = streaming.RowNormalisers(images, texts, rows_per_block=8)
+    self.assertEqual(whole.rows_per_fill, 8 * streaming.MAX_FILL_BLOCKS)
+    expected = whole.at(np.arange(700), 10.0)
+    logits = 10.0 * (streaming.similarity.l2_normalise(images.astype(np.float64), 1, np)
+                     @ streaming.similarity.l2_normalise(texts.astype(np.float64), 1, np).T)
+    np.testing.assert_allclose(expected, np.log(np.exp(logits).sum(axis=1)), rtol=1e-6)
+    # Asked in an order no layer would ask: other rows in each block, other padding,
+    # the same bits.
+    pieces = streaming.RowNormalisers(images, texts, rows_per_block=8)
+    order = np.random.default_rng(0).permutation(700)
+    for start in range(0, 700, 97):
+      asked = order[start:start + 97]
+      np.testing.assert_array_equal(pieces.at(asked, 10.0), expected[asked])
+    np.testing.assert_array_equal(pieces.at(np.arange(700), 10.0), expected)
+    self.assertEqual(pieces.rows_computed, 700)
+    # Another a is another setting, computed separately.
+    self.assertFalse(np.array_equal(pieces.at(np.arange(5), 2.0), expected[:5]))
+    self.assertEqual(pieces.rows_computed, 705)
+
+  @parameterized.parameters("soft_wpmi", "wpmi")
+  def test_layers_and_stability_share_them_without_changing_a_bit(self, name):
+    # 20 units x top_k ranks over 300 images: the blocked plan, which reads normalisers.
+    images, texts, activations = embeddings(300, 31, 40, seed=5)
+    first_layer, second_layer = activations[:, :20], activations[:, 20:]
+    shared = streaming.RowNormalisers(images, texts)
+    first = streaming.FUNCTIONS[name](images, texts, first_layer, row_normalisers=shared)
+    computed = shared.rows_computed
+    second = streaming.FUNCTIONS[name](images, texts, second_layer, row_normalisers=shared)
+    rows = np.random.default_rng(1).integers(0, 300, (3, 20, similarity.default_top_k(name)))
+    resampled = streaming.resampled_labels(name, images, texts, rows, row_normalisers=shared)
+    # The second layer and the resamples read rows the first layer's already held.
+    top_k = similarity.default_top_k(name)
+    tops = [np.asarray(similarity.top_activations(layer, top_k)[1])
+            for layer in (first_layer, second_layer)]
+    self.assertEqual(computed, len(np.unique(tops[0])))
+    self.assertEqual(shared.rows_computed,
+                     len(np.unique(np.concatenate([t.ravel() for t in tops] + [rows.ravel()]))))
+    np.testing.assert_array_equal(first, streaming.FUNCTIONS[name](images, texts, first_layer))
+    np.testing.assert_array_equal(second,
+                                  streaming.FUNCTIONS[name](images, texts, second_layer))
+    np.testing.assert_array_equal(
+        resampled, streaming.resampled_labels(name, images, texts, rows))
+
+  def test_normalisers_of_other_embeddings_are_refused(self):
+    images, texts, activations = embeddings(300, 9, 4)
+    other = streaming.RowNormalisers(images[:200], texts)
+    with self.assertRaisesRegex(ValueError, "row_normalisers are of 200 images x 9"):
+      streaming.soft_wpmi(images, texts, activations, row_normalisers=other)
 
 
 class BFloat16Test(absltest.TestCase):
