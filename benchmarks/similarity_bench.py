@@ -9,6 +9,11 @@ process (peak RSS per measurement):
     of 3 after a compiling call on the same shapes;
   - streaming: streaming.<function>(image embeddings, text embeddings, activations),
     which never holds P (it recomputes P's blocks), best of 3 likewise;
+  - streaming_shared, for (soft-)WPMI: streaming as every layer after the first of a
+    run computes it: each image's softmax normaliser over the concepts, which main.py
+    computes once per run (streaming.RowNormalisers), already held (computed outside
+    the timer), best of 3; a run of L layers streams in about
+    (stream - stream+) + L x stream+;
   - with_P: what a one-layer main.py run does when it holds P, from the same
     embeddings as streaming: P = labeling.concept_activation(images, texts), then
     ours on it, both inside the timer, best of 3 (stream/with_P is the choice a user
@@ -26,7 +31,9 @@ process (peak RSS per measurement):
   - stability, with --stability, for (soft-)WPMI: the label stability of every neuron
     (stability.py, 20 bootstrap resamples, trust_bootstrap's default) from the
     embeddings and each neuron's top images, one call after a compiling call;
-    stability/ours is what it adds to a run's similarity time;
+    stability/ours is what it adds to a run's similarity time; and the same with
+    the normalisers already held, as in a run, where the layers' similarity computed
+    them (stability+);
   - explanations, with --explanations (once per size, after the first function): the
     linear explanations of every neuron (explanations.py: 5 concepts, 25% held out,
     the moments pass, the fit, the simulations and the explained test), and the same
@@ -206,15 +213,18 @@ def _measure(kind, name, size, queue):
     seconds, result = _best_of(1, lambda: visibility.concept_visibility(images, texts))
     scores = np.eye(activations.shape[1], 1)  # no labels of its own
     extra["visible_concepts"] = int(result.visible.sum())
-  elif kind == "stability":
+  elif kind in ("stability", "stability_shared"):
     from jaxdissect import stability, topk  # pylint: disable=g-import-not-at-top
     del P
     depth = stability.depth(name)
     top_rows = topk.from_activations(activations, depth).ids[:depth].T.astype(np.int64)
     usable = np.ones(activations.shape[1], bool)
+    normalisers = (_held_normalisers(streaming, name, images, texts)
+                   if kind == "stability_shared" else None)
 
     def resampled():
-      return stability.layer_stability(name, images, texts, top_rows, usable)
+      return stability.layer_stability(name, images, texts, top_rows, usable,
+                                       row_normalisers=normalisers)
 
     resampled()  # compile
     seconds, result = _best_of(1, resampled)
@@ -223,10 +233,13 @@ def _measure(kind, name, size, queue):
   else:
     P_device = jax.device_put(P) if kind == "ours" else None
     del P
+    normalisers = (_held_normalisers(streaming, name, images, texts)
+                   if kind == "streaming_shared" else None)
 
     def ours():
-      if kind == "streaming":
-        out = streaming.FUNCTIONS[name](images, texts, activations)
+      if kind in ("streaming", "streaming_shared"):
+        out = streaming.FUNCTIONS[name](images, texts, activations,
+                                        row_normalisers=normalisers)
       elif kind == "streaming_bf16":
         out = streaming.FUNCTIONS[name](images, texts, activations,
                                         compute_dtype="bfloat16", kernel="jnp")
@@ -248,6 +261,14 @@ def _measure(kind, name, size, queue):
   peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   queue.put({"seconds": seconds, "peak_rss_gb": peak_gb,
              "labels": np.asarray(scores).argmax(axis=1).tolist(), **extra})
+
+
+def _held_normalisers(streaming, name, images, texts):
+  """A RowNormalisers holding every image's normaliser at the function's a, as a run
+  holds them after its first layer."""
+  normalisers = streaming.RowNormalisers(images, texts)
+  normalisers.at(np.arange(len(images)), registry.SIMILARITY[name].defaults["a"])
+  return normalisers
 
 
 # glibc malloc settings of the torch loops' processes. With the defaults, the loop's
@@ -303,6 +324,8 @@ COLUMNS = (  # (header, record key, width, digits)
     ("torch idx s", "torch_index_seconds", 11, 2),
     ("vs torch idx", "speedup_vs_torch_index", 12, 1),
     ("vs numpy", "speedup_vs_numpy", 8, 1), ("stream/ours", "streaming_over_ours", 11, 2),
+    ("stream+ s", "streaming_shared_seconds", 9, 2),
+    ("stream+/ours", "streaming_shared_over_ours", 12, 2),
     ("with P s", "with_P_seconds", 8, 2), ("stream/with P", "streaming_over_with_P", 13, 2),
     ("copy/ours", "memory_floor_fraction", 9, 2), ("ours GB", "ours_peak_rss_gb", 7, 2),
     ("stream GB", "streaming_peak_rss_gb", 9, 2), ("torch GB", "torch_peak_rss_gb", 8, 2),
@@ -312,6 +335,7 @@ COLUMNS = (  # (header, record key, width, digits)
     ("pallas s", "pallas_streaming_seconds", 8, 2),
     ("stability s", "stability_seconds", 11, 2),
     ("stability/ours", "stability_over_ours", 14, 2),
+    ("stability+/ours", "stability_shared_over_ours", 15, 2),
     ("explain s", "explanations_seconds", 9, 2),
     ("explain/ours", "explanations_over_ours", 12, 2),
     ("+compose s", "compositional_seconds", 10, 2),
@@ -389,6 +413,11 @@ def main(argv=None):
       elif name in registry.PRIOR_FUNCTIONS:
         print("(torch not installed: the official-algorithm baseline is skipped)")
       if name in registry.PRIOR_FUNCTIONS:
+        shared = measure("streaming_shared", name, size)
+        if shared is not None:
+          record.update(streaming_shared_seconds=shared["seconds"],
+                        streaming_shared_over_ours=shared["seconds"] / ours["seconds"],
+                        streaming_shared_label_agreement=_agreement(shared, stream))
         bf16 = measure("streaming_bf16", name, size)
         if bf16 is not None:
           record.update(bf16_streaming_seconds=bf16["seconds"],
@@ -402,6 +431,11 @@ def main(argv=None):
                         stability_over_ours=resampled["seconds"] / ours["seconds"],
                         stability_peak_rss_gb=resampled["peak_rss_gb"],
                         mean_stability=resampled["mean_stability"])
+        resampled = measure("stability_shared", name, size) if args.stability else None
+        if resampled is not None:
+          record.update(stability_shared_seconds=resampled["seconds"],
+                        stability_shared_over_ours=resampled["seconds"] / ours["seconds"],
+                        mean_stability_shared=resampled["mean_stability"])
       for kind in (("explanations", "compositional", "selection", "visibility")
                    if args.explanations and index == 0 else ()):
         timed = measure(kind, name, size)
