@@ -7,8 +7,9 @@ What a streamed main.py run does after the probe pass, for each layer: the (soft
 labels from the embeddings (streaming.soft_wpmi) and the label stability over bootstrap
 resamples (stability.layer_stability). Both read every top image's softmax normaliser
 over all concepts, a matmul over those images x concepts x dim:
-  - shared: one streaming.RowNormalisers for the run (what main.py does), so each
-    image's normaliser is computed once for all layers and the stability;
+  - shared: one streaming.RowNormalisers for the run, reused=True (what main.py does
+    when it computes the stability), so each image's normaliser is computed once for
+    all layers and the stability;
   - per call: each call computes its own (what main.py did before), twice per layer.
 Each variant in its own process after a compiling run on other embeddings of the same
 shapes, wall time of the whole loop over layers, one run. Labels and stabilities must be
@@ -44,7 +45,8 @@ def run_layers(images, texts, layers, shared, resamples):
   from jaxdissect import stability  # pylint: disable=g-import-not-at-top
   from jaxdissect import streaming  # pylint: disable=g-import-not-at-top
   started = time.perf_counter()
-  normalisers = streaming.RowNormalisers(images, texts) if shared else None
+  normalisers = (streaming.RowNormalisers(images, texts, reused=True) if shared
+                 else None)
   weights = stability.poisson_weights(len(images), resamples, 0)
   labels, stabilities = [], []
   for activations in layers:

@@ -116,7 +116,8 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
   truths = evaluate.layer_truths(target, layer_infos)
   # Each image's softmax normaliser over the concepts, computed once for the layers'
   # streamed similarity and their label stability.
-  row_normalisers = streaming.RowNormalisers(probe.image_embeddings, text_embeddings)
+  row_normalisers = streaming.RowNormalisers(probe.image_embeddings, text_embeddings,
+                                             reused=trust.computes_stability(config))
   result = labeling.label_with_config(config, probe, text_embeddings, concepts,
                                       list(truths), mesh, row_normalisers)
   result.visibility = trust.run_visibility(config, probe.image_embeddings, text_embeddings,
@@ -126,6 +127,10 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
       lambda texts: np.asarray(clip_lib.embed_texts(clip, texts, config.text_batch_size)),
       probe_pass.simulator_embeddings(config, probe_set, target, pass_mesh, concepts),
       result.visibility, row_normalisers)
+  logging.info("Softmax normalisers over the %d concepts: %d of %d images, each computed "
+               "once for the streamed similarity and the label stability of %d layer(s).",
+               len(concepts), row_normalisers.rows_computed, len(probe.image_embeddings),
+               len(layer_infos))
   evaluation = evaluate.evaluate_run(config, result, truths, concepts, text_embeddings, clip,
                                      probe=probe, annotations=probe_set.annotations())
   config_json = {"config": config.to_dict(), "workdir": os.path.abspath(workdir),

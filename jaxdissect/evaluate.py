@@ -211,7 +211,8 @@ def evaluate_directory(result_dir: str, truth_file: str | None = None,
   else:
     truths = {name: truth for name, info in run.layer_infos.items()
               if (truth := run.target.truth_for(info)) is not None}
-  row_normalisers = streaming.RowNormalisers(probe.image_embeddings, text_embeddings)
+  row_normalisers = streaming.RowNormalisers(probe.image_embeddings, text_embeddings,
+                                             reused=trust.computes_stability(config))
   result = labeling.label_with_config(config, probe, text_embeddings, concepts,
                                      list(truths), row_normalisers=row_normalisers)
   for name, layer in result.layers.items():

@@ -157,8 +157,12 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   pallas = kernels.use_pallas(kernel) and compute_dtype == "float32"
   group = likelihood.log_group_size(term_floor if soft else min_prob, top_k)
   # Matmul rows of each plan (see _rank_groups_log_likelihood): the blocked plan's two
-  # passes over the distinct rows, or one row per (neuron, rank).
-  rank_groups = not pallas and num_neurons * top_k < 2 * rows.size
+  # passes over the distinct rows (one when the run reads their normalisers anyway), or
+  # one row per (neuron, rank). The rule depends on the run's settings, not on which
+  # rows earlier calls left in row_normalisers, so a layer's plan never depends on the
+  # other layers of the run.
+  passes = 1 if row_normalisers is not None and row_normalisers.reused else 2
+  rank_groups = not pallas and num_neurons * top_k < passes * rows.size
   # The kernel and the rank-group plan run `chunk` neurons a step; the blocked plan
   # takes all neurons at once.
   chunk = 1
@@ -297,15 +301,20 @@ class RowNormalisers:
   16 of 97 rows.)
   """
 
-  def __init__(self, image_embeddings, text_embeddings, rows_per_block=None):
+  def __init__(self, image_embeddings, text_embeddings, rows_per_block=None,
+               reused: bool = False):
     """image_embeddings: (num_images, dim), may be a memmap (only the rows asked for
     are read); text_embeddings: (num_concepts, dim). rows_per_block: rows of logits
-    per step (None: likelihood.MATMUL_ROW_BLOCK_BYTES of them, at most num_images)."""
+    per step (None: likelihood.MATMUL_ROW_BLOCK_BYTES of them, at most num_images).
+    reused: the run reads the normalisers of every unit's top images anyway (its label
+    stability resamples them), so the streamed similarity's blocked plan costs one
+    matmul pass over its rows instead of two (_top_k_log_likelihood's choice)."""
     _check_width(image_embeddings, text_embeddings, "RowNormalisers")
     self._images = image_embeddings
     self._texts = _normalise(text_embeddings)
     self.num_images = image_embeddings.shape[0]
     self.num_concepts = self._texts.shape[0]
+    self.reused = bool(reused)
     self.rows_per_block = int(rows_per_block or min(
         likelihood.rows_per_block(self.num_concepts, likelihood.MATMUL_ROW_BLOCK_BYTES),
         max(1, self.num_images)))

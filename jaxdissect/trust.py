@@ -291,6 +291,16 @@ def run_visibility(config, image_embeddings, text_embeddings, mesh=None
       int(config.get("visible_min_images", visibility_lib.DEFAULT_MIN_IMAGES)), mesh)
 
 
+def _resamples(config) -> int:
+  # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).
+  return int(config.get("trust_bootstrap", 0))
+
+
+def computes_stability(config) -> bool:
+  """Whether layer_trust resamples the labels (label stability) under `config`."""
+  return config.similarity_fn in registry.PRIOR_FUNCTIONS and _resamples(config) > 0
+
+
 def layer_trust(config, probe: store.ProbeActivations,
                 result: results_lib.DissectionResult, text_embeddings: np.ndarray,
                 mesh=None, embed_texts=None, simulator=None,
@@ -308,9 +318,8 @@ def layer_trust(config, probe: store.ProbeActivations,
     shown = run_visibility(config, *simulator, mesh)
     simulator = (*simulator, None if shown is None else shown.visible)
   out = {}
-  # Runs written before trust_bootstrap existed (the evaluate CLI reads their config).
-  resamples = int(config.get("trust_bootstrap", 0))
-  bootstrap = resamples if config.similarity_fn in registry.PRIOR_FUNCTIONS else 0
+  resamples = _resamples(config)
+  bootstrap = resamples if computes_stability(config) else 0
   if bootstrap and row_normalisers is None:
     row_normalisers = streaming.RowNormalisers(probe.image_embeddings, text_embeddings)
   # The same resamples for every layer, the labels and the linear explanations.

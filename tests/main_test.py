@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -323,8 +324,14 @@ class MainEndToEndTest(_TinyModels):
     workdir = tempfile.mkdtemp(dir=self.tmp)
     first = run_main(*self.args(workdir))
     self.assertIn("images/s", first.stderr)
-    # The p-values' pass over images x concepts runs once for the six layers.
+    # The p-values' pass over images x concepts runs once for the six layers, and the
+    # six layers' label stability shares the run's row normalisers: each image's is
+    # computed at most once, and some are (the stability used the run's object).
     self.assertEqual(first.stderr.count("Softmax normalisers of"), 1, first.stderr[-3000:])
+    shared = re.search(r"Softmax normalisers over the \d+ concepts: (\d+) of (\d+) images",
+                       first.stderr)
+    self.assertIsNotNone(shared, first.stderr[-3000:])
+    self.assertBetween(int(shared.group(1)), 1, int(shared.group(2)))
     units = {"conv1": 8, "layer1": 8, "layer2": 16, "layer3": 16, "layer4": 24, "fc": 5}
     rows = self.check_results(os.path.join(workdir, "results"), units, CONCEPTS)
 

@@ -181,6 +181,24 @@ class RowNormalisersTest(parameterized.TestCase):
     np.testing.assert_array_equal(
         resampled, streaming.resampled_labels(name, images, texts, rows))
 
+  @parameterized.parameters("soft_wpmi", "wpmi")
+  def test_a_run_that_reads_the_normalisers_anyway_takes_the_blocked_plan(self, name):
+    # 4 units x top_k ranks over 900 images: few shared rows, so on its own a call takes
+    # the rank-group plan, which reads no normalisers; in a run whose stability reads
+    # them anyway (reused), the blocked plan, one matmul pass over the rows.
+    images, texts, activations = embeddings(900, 17, 4, seed=9)
+    alone = streaming.RowNormalisers(images, texts)
+    in_a_run = streaming.RowNormalisers(images, texts, reused=True)
+    rank_groups = streaming.FUNCTIONS[name](images, texts, activations,
+                                            row_normalisers=alone)
+    blocked = streaming.FUNCTIONS[name](images, texts, activations,
+                                        row_normalisers=in_a_run)
+    self.assertEqual(alone.rows_computed, 0)
+    top = similarity.top_activations(activations, similarity.default_top_k(name))[1]
+    self.assertEqual(in_a_run.rows_computed, len(np.unique(np.asarray(top))))
+    np.testing.assert_allclose(blocked, rank_groups, rtol=2e-6, atol=2e-4)
+    np.testing.assert_array_equal(np.argmax(blocked, 1), np.argmax(rank_groups, 1))
+
   def test_normalisers_of_other_embeddings_are_refused(self):
     images, texts, activations = embeddings(300, 9, 4)
     other = streaming.RowNormalisers(images[:200], texts)

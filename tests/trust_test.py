@@ -4,6 +4,7 @@ from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import ml_collections
 import numpy as np
 
 from jaxdissect import similarity
@@ -103,6 +104,19 @@ class LogSoftmaxColumnsTest(absltest.TestCase):
                                                                           10.0))
     np.testing.assert_array_equal(alone.p_value, shared.p_value)
     np.testing.assert_array_equal(alone.auc, shared.auc)
+
+
+class ComputesStabilityTest(absltest.TestCase):
+
+  def test_only_for_prior_functions_with_resamples(self):
+    def config(fn, **fields):
+      return ml_collections.ConfigDict(dict(similarity_fn=fn, **fields))
+    self.assertTrue(trust.computes_stability(config("soft_wpmi", trust_bootstrap=20)))
+    self.assertTrue(trust.computes_stability(config("wpmi", trust_bootstrap=2)))
+    self.assertFalse(trust.computes_stability(config("soft_wpmi", trust_bootstrap=0)))
+    self.assertFalse(trust.computes_stability(config("cos_similarity", trust_bootstrap=20)))
+    # A run written before trust_bootstrap existed (the evaluate CLI reads its config).
+    self.assertFalse(trust.computes_stability(config("soft_wpmi")))
 
 
 class UnitTrustTest(parameterized.TestCase):
