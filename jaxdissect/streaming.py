@@ -174,13 +174,12 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   padded = -(-num_neurons // (devices * chunk)) * devices * chunk
   top_images = np.concatenate([top_images, np.repeat(top_images[:1],
                                                      padded - num_neurons, axis=0)])
-  if row_normalisers is not None:
-    _normalisers_of(row_normalisers, image_embeddings, text_embeddings, name)
-  if rank_groups:
-    row_lse = jnp.zeros((1,), jnp.float32)  # unused: that plan normalises its own rows
-  else:
-    row_lse = jnp.asarray(_normalisers_of(row_normalisers, image_embeddings,
-                                          text_embeddings, name).at(rows, a, compute_dtype))
+  if row_normalisers is not None or not rank_groups:
+    row_normalisers = _normalisers_of(row_normalisers, image_embeddings, text_embeddings,
+                                      name)
+  # The rank-group plan normalises each of its rows from the row's own logits.
+  row_lse = (jnp.zeros((1,), jnp.float32) if rank_groups
+             else jnp.asarray(row_normalisers.at(rows, a, compute_dtype)))
   args = (_normalise(images), _normalise(text_embeddings), jnp.asarray(top_images),
           jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
           jnp.float32(a), jnp.float32(min_prob), row_lse)
@@ -295,10 +294,10 @@ class RowNormalisers:
 
   The values are a function of the row alone: every call computes rows_per_fill rows
   (the missing ones, padded with copies of one) by one compiled program, and XLA
-  computes each row of it alike wherever the row sits (tested), so what other rows a
-  call held, and in what order the layers asked, changes no bit. (Programs of other
-  shapes can round differently: an 8-row call and a 256-row call differed in 1 ulp of
-  16 of 97 rows.)
+  computes each row of it alike wherever the row sits (tested on CPU), so what other
+  rows a call held, and in what order the layers asked, changes no bit. (Programs of
+  other shapes can round differently: an 8-row call and a 256-row call differed in 1
+  ulp of 16 of 97 rows.)
   """
 
   def __init__(self, image_embeddings, text_embeddings, rows_per_block=None,
