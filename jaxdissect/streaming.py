@@ -263,15 +263,14 @@ def _candidate_log_likelihood(images, texts, top_images, top_lse, candidates,
   return out.reshape(padded, -1)[:num_neurons]
 
 
-def _row_log_normalisers(images, texts, a, compute_dtype, rows_per_block=None):
+def _row_log_normalisers(images, texts, a, compute_dtype, rows_per_block):
   """(rows,) each image row's logsumexp of a P over all concepts, whole rows of logits
-  recomputed from the embeddings a few at a time (likelihood.row_log_normalisers)."""
+  recomputed from the embeddings rows_per_block at a time
+  (likelihood.row_log_normalisers; RowNormalisers' fills)."""
   return likelihood.row_log_normalisers(
       lambda start, size: a * _rows(jax.lax.dynamic_slice_in_dim(images, start, size),
                                     texts, compute_dtype),
-      images.shape[0],
-      rows_per_block or likelihood.rows_per_block(texts.shape[0],
-                                                  likelihood.MATMUL_ROW_BLOCK_BYTES))
+      images.shape[0], rows_per_block)
 
 
 _jitted_row_log_normalisers = jax.jit(_row_log_normalisers,
