@@ -54,7 +54,8 @@ For (soft-)WPMI also streaming with bfloat16 products (float32 accumulation): it
 and its label agreement with float32 streaming; with --kernels, streaming through the
 fused Pallas kernel (kernels.py; only meaningful on a GPU or TPU, the CPU interprets it).
 A measurement whose process dies (out of memory) is reported with its exit code and
-leaves its columns empty. Inputs are random CLIP-like embeddings (dim 64) and ReLU
+leaves its columns empty. Inputs are random CLIP-like embeddings (dim 64, or D with a
+size written NxMxKxD: CLIP ViT-B's 512 makes each recomputed P row 8x the FLOPs) and ReLU
 activations, seeded; P is computed from them outside every timer except with_P's, and
 only in the processes of the measurements that take P (so the streaming processes' peak
 memory is their own).
@@ -78,10 +79,10 @@ EMBED_DIM = 64
 DEFAULT_SIZES = "10000x20000x256,50000x20000x2048,20000x5000x512"
 
 
-def make_inputs(num_images, num_concepts, num_neurons, seed=0):
+def make_inputs(num_images, num_concepts, num_neurons, dim=EMBED_DIM, seed=0):
   rng = np.random.default_rng(seed)
-  images = rng.standard_normal((num_images, EMBED_DIM)).astype(np.float32)
-  texts = rng.standard_normal((num_concepts, EMBED_DIM)).astype(np.float32)
+  images = rng.standard_normal((num_images, dim)).astype(np.float32)
+  texts = rng.standard_normal((num_concepts, dim)).astype(np.float32)
   activations = np.maximum(rng.standard_normal((num_images, num_neurons)), 0).astype(
       np.float32)
   return images, texts, activations
@@ -390,7 +391,8 @@ def main(argv=None):
       if ours is None or stream is None:
         continue  # every ratio needs both
       record = {"function": name, "images": size[0], "concepts": size[1],
-                "neurons": size[2], "ours_seconds": ours["seconds"],
+                "neurons": size[2], "dim": size[3] if len(size) > 3 else EMBED_DIM,
+                "ours_seconds": ours["seconds"],
                 "streaming_seconds": stream["seconds"],
                 "streaming_over_ours": stream["seconds"] / ours["seconds"],
                 "copy_seconds": ours["copy_seconds"],
