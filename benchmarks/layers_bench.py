@@ -1,20 +1,27 @@
-"""Several layers of one streamed run: the row normalisers shared, or computed per call.
+"""Several layers of one streamed run: what it computes once, and what per layer.
 
     python benchmarks/layers_bench.py --out benchmarks/results/layers_bench.json \
         [--size 10000x20000x256] [--layers 3] [--dims 64,512] [--resamples 20]
 
-What a streamed main.py run does after the probe pass, for each layer: the (soft-)WPMI
-labels from the embeddings (streaming.soft_wpmi) and the label stability over bootstrap
+What a streamed main.py run does after the probe pass: the (soft-)WPMI labels of every
+layer from the embeddings and the label stability of every layer over bootstrap
 resamples (stability.layer_stability). Both read every top image's softmax normaliser
-over all concepts, a matmul over those images x concepts x dim:
+over all concepts, and the similarity recomputes its top images' P rows per block of
+concepts; each is a matmul over those images x concepts x dim. Three variants:
+  - per call: each layer's streaming.soft_wpmi and stability compute their own
+    normalisers, twice per layer (main.py before session 18);
   - shared: one streaming.RowNormalisers for the run, reused=True (what main.py does
     when it computes the stability), so each image's normaliser is computed once for
-    all layers and the stability;
-  - per call: each call computes its own (what main.py did before), twice per layer.
+    all layers and the stability; each layer's similarity its own pass over the
+    concepts (main.py in session 18);
+  - one pass: the same normalisers, and the similarity of all layers in one pass over
+    blocks of concepts (streaming.layers_log_likelihood: each block's P rows computed
+    once for the run; what label_probe does now).
 Each variant in its own process after a compiling run on other embeddings of the same
-shapes, wall time of the whole loop over layers, one run. Labels and stabilities must be
-equal between the variants (the normalisers are a function of the row alone); the table
-says whether they are. Inputs: random embeddings and ReLU activations, seeded, as in
+shapes, wall time of the whole run over the layers, one run. Labels and stabilities
+must be equal between the variants (up to the float32 rounding of a matmul of another
+shape, which can move a label where two concepts tie to rounding); the table says
+whether they are. Inputs: random embeddings and ReLU activations, seeded, as in
 similarity_bench.py.
 """
 import argparse
@@ -39,34 +46,44 @@ def make_inputs(num_images, num_concepts, num_units, num_layers, dim, seed):
   return images, texts, layers
 
 
-def run_layers(images, texts, layers, shared, resamples):
-  """(labels per layer, stability per layer, seconds)."""
+def run_layers(images, texts, layers, mode, resamples):
+  """(labels per layer, stability per layer, seconds); mode: "per_call", "shared" or
+  "one_pass" (the module docstring)."""
   from jaxdissect import similarity  # pylint: disable=g-import-not-at-top
   from jaxdissect import stability  # pylint: disable=g-import-not-at-top
   from jaxdissect import streaming  # pylint: disable=g-import-not-at-top
   started = time.perf_counter()
-  normalisers = (streaming.RowNormalisers(images, texts, reused=True) if shared
-                 else None)
-  weights = stability.poisson_weights(len(images), resamples, 0)
-  labels, stabilities = [], []
-  for activations in layers:
-    scores = streaming.soft_wpmi(images, texts, activations, row_normalisers=normalisers)
-    labels.append(np.asarray(np.argmax(scores, axis=1)))
-    _, top = similarity.top_activations(activations, stability.depth("soft_wpmi"))
-    stabilities.append(stability.layer_stability(
-        "soft_wpmi", images, texts, np.asarray(top), np.ones(activations.shape[1], bool),
-        num_resamples=resamples, weights=weights,
-        row_normalisers=normalisers).stability)
+  normalisers = (None if mode == "per_call"
+                 else streaming.RowNormalisers(images, texts, reused=True))
+  weights = stability.poisson_weights(len(images), resamples, 0) if resamples else None
+  depth = stability.depth("soft_wpmi")
+  tops = [np.asarray(similarity.top_activations(a, depth)[1]) for a in layers]
+  if mode == "one_pass":
+    lam = similarity.registry.SIMILARITY["soft_wpmi"].defaults["lam"]
+    labels = [np.asarray(np.argmax(similarity.subtract_prior(L, lam), axis=1))
+              for L in streaming.layers_log_likelihood(
+                  "soft_wpmi", images, texts, [t[:, :100] for t in tops],
+                  row_normalisers=normalisers)]
+  else:
+    labels = [np.asarray(np.argmax(streaming.soft_wpmi(
+        images, texts, None, top_images=top, row_normalisers=normalisers), axis=1))
+              for top in tops]
+  stabilities = [stability.layer_stability(
+      "soft_wpmi", images, texts, top, np.ones(top.shape[0], bool),
+      num_resamples=resamples, weights=weights, row_normalisers=normalisers).stability
+                 for top in tops] if resamples else []
   return labels, stabilities, time.perf_counter() - started
 
 
 def measure(args, queue):
-  size, num_layers, dim, shared, resamples = args
+  size, num_layers, dim, mode, resamples = args
   num_images, num_concepts, num_units = size
-  warm = make_inputs(num_images, num_concepts, num_units, 1, dim, seed=1)
-  run_layers(*warm, shared, resamples)  # compiles every program of the same shapes
+  warm = make_inputs(num_images, num_concepts, num_units, num_layers, dim, seed=1)
+  # Compiles the programs of the same shapes (those shaped by the distinct top images
+  # compile again in the timed run, in every variant alike).
+  run_layers(*warm, mode, resamples)
   labels, stabilities, seconds = run_layers(
-      *make_inputs(num_images, num_concepts, num_units, num_layers, dim, seed=0), shared,
+      *make_inputs(num_images, num_concepts, num_units, num_layers, dim, seed=0), mode,
       resamples)
   queue.put((labels, stabilities, seconds))
 
@@ -87,7 +104,8 @@ def main():
                       help="images x concepts x units per layer")
   parser.add_argument("--layers", type=int, default=3)
   parser.add_argument("--dims", default="64,512", help="embedding widths, comma-separated")
-  parser.add_argument("--resamples", type=int, default=20)
+  parser.add_argument("--resamples", type=int, default=20,
+                      help="bootstrap resamples of the stability; 0: labels only")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "layers_bench.json"))
   args = parser.parse_args()
@@ -95,21 +113,27 @@ def main():
   rows = []
   print(f"{args.size} x {args.layers} layers, soft_wpmi + stability ({args.resamples} "
         f"resamples), streamed")
-  print(f"{'dim':>5} {'per call s':>11} {'shared s':>9} {'speed-up':>9} {'same labels':>12} "
-        f"{'same stability':>15}")
+  print(f"{'dim':>5} {'per call s':>11} {'shared s':>9} {'one pass s':>11} "
+        f"{'speed-up':>9} {'same labels':>12} {'same stability':>15}")
   for dim in (int(d) for d in args.dims.split(",")):
-    per_call = in_process((size, args.layers, dim, False, args.resamples))
-    shared = in_process((size, args.layers, dim, True, args.resamples))
-    same_labels = all(np.array_equal(a, b) for a, b in zip(per_call[0], shared[0]))
-    same_stability = all(np.array_equal(a, b, equal_nan=True)
-                         for a, b in zip(per_call[1], shared[1]))
-    row = {"dim": dim, "per_call_s": per_call[2], "shared_s": shared[2],
-           "speed_up": per_call[2] / shared[2], "same_labels": same_labels,
-           "same_stability": same_stability}
+    runs = {mode: in_process((size, args.layers, dim, mode, args.resamples))
+            for mode in ("per_call", "shared", "one_pass")}
+    base = runs["per_call"]
+    same_labels = all(np.array_equal(a, b) for run in runs.values()
+                      for a, b in zip(base[0], run[0]))
+    same_stability = all(np.array_equal(a, b, equal_nan=True) for run in runs.values()
+                         for a, b in zip(base[1], run[1]))
+    row = {"dim": dim, "per_call_s": base[2], "shared_s": runs["shared"][2],
+           "one_pass_s": runs["one_pass"][2],
+           "speed_up": base[2] / runs["one_pass"][2],
+           "one_pass_over_shared": runs["one_pass"][2] / runs["shared"][2],
+           "same_labels": same_labels, "same_stability": same_stability,
+           "label_agreement": float(np.mean([np.mean(a == b) for a, b in zip(
+               base[0], runs["one_pass"][0])]))}
     rows.append(row)
     print(f"{dim:>5} {row['per_call_s']:>11.1f} {row['shared_s']:>9.1f} "
-          f"{row['speed_up']:>8.2f}x {str(same_labels):>12} {str(same_stability):>15}",
-          flush=True)
+          f"{row['one_pass_s']:>11.1f} {row['speed_up']:>8.2f}x {str(same_labels):>12} "
+          f"{str(same_stability):>15}", flush=True)
   common.write_json(args.out, {"size": args.size, "layers": args.layers,
                                "resamples": args.resamples, "rows": rows,
                                "device": common.device_info()})

@@ -2,6 +2,7 @@
 import dataclasses
 import functools
 import inspect
+import time
 from typing import Sequence
 
 from absl import logging
@@ -86,7 +87,8 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
                 embeddings: tuple[np.ndarray, np.ndarray] | None = None,
                 top: topk_lib.RunningTopK | None = None, mesh=None,
                 kernel: str = "auto", compute_dtype: str = "float32",
-                block_size: int | None = None, row_normalisers=None) -> LayerScores:
+                block_size: int | None = None, row_normalisers=None,
+                log_likelihood: np.ndarray | None = None) -> LayerScores:
   """Scores (num_units, num_concepts), with dead and invalid units flagged.
 
   concept_activations: P (num_images, num_concepts); or None with embeddings = (image
@@ -101,6 +103,9 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
   block_size: (soft-)WPMI's concepts per block (likelihood.py); None: from a budget.
   row_normalisers: with embeddings, the run's streaming.RowNormalisers (shared by its
   layers and the label stability), or None.
+  log_likelihood: with top and a (soft-)WPMI function, the layer's L (num_units,
+  num_concepts), already computed with the run's other layers
+  (streaming.layers_log_likelihood); the scores are then computed from it.
   Non-finite units are zeroed before scoring so they cannot poison the (soft-)WPMI
   prior; dead units stay in it, as in the official method, so live scores are
   unchanged by flagging them.
@@ -136,13 +141,20 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
     kwargs["block_size"] = block_size
   if similarity_fn not in PRIOR_FUNCTIONS:
     return LayerScores(np.asarray(fn(activations, **kwargs)), dead, invalid)
+  if log_likelihood is not None and "top_images" not in kwargs:
+    raise ValueError("score_layer: log_likelihood needs a (soft-)WPMI function, the "
+                     "embeddings and the layer's running top-k.")
   if num_units < MIN_UNITS_FOR_PRIOR:
     logging.warning("%s estimates each concept's prior from the other units of the layer; "
                     "this layer has %d unit(s), so every score is %s and the label "
                     "means little. Dissect it together with other units, or use "
                     "cos_similarity.", similarity_fn, num_units,
                     "0" if similarity_fn == "soft_wpmi" else "(1 - lam) L")
-  scores, log_likelihood = fn(activations, return_log_likelihood=True, **kwargs)
+  if log_likelihood is None:
+    scores, log_likelihood = fn(activations, return_log_likelihood=True, **kwargs)
+  else:
+    scores = similarity.subtract_prior(log_likelihood,
+                                       registry.SIMILARITY[similarity_fn].defaults["lam"])
   return LayerScores(np.asarray(scores), dead, invalid,
                      np.asarray(similarity.prior_margin(log_likelihood)))
 
@@ -301,17 +313,25 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
   layers, scores = {}, {}
   top_k = max(num_top_images, similarity.default_top_k(similarity_fn)
               if similarity_fn in PRIOR_FUNCTIONS else 0)
+  # The probe pass's running top-k: (soft-)WPMI and the listed top images need nothing
+  # else of the (num_images, num_units) matrix.
+  tops = {name: probe.top_for(name, min(top_k, num_images)) for name in probe.activations}
+  log_likelihoods = {}
+  if stream and similarity_fn in PRIOR_FUNCTIONS:
+    log_likelihoods = streamed_log_likelihoods(
+        similarity_fn, embeddings, tops, mesh=mesh, kernel=kernel,
+        compute_dtype=compute_dtype, block_size=concept_block_size,
+        row_normalisers=row_normalisers)
   for name, acts in probe.activations.items():
-    # The probe pass's running top-k: (soft-)WPMI and the listed top images need
-    # nothing else of the (num_images, num_units) matrix.
-    top = probe.top_for(name, min(top_k, num_images))
+    top = tops[name]
     try:
       scored = score_layer(similarity_fn, concept_activations, acts,
                                     neuron_chunk_size, embeddings=embeddings, top=top,
                                     mesh=mesh if stream else None, kernel=kernel,
                                     compute_dtype=compute_dtype,
                                     block_size=concept_block_size,
-                                    row_normalisers=row_normalisers)
+                                    row_normalisers=row_normalisers,
+                                    log_likelihood=log_likelihoods.get(name))
     except (MemoryError, jax.errors.JaxRuntimeError) as err:
       raise _matrix_out_of_memory(err, f"scoring layer {name} with P", num_images,
                                   num_concepts, similarity_fn) from None
@@ -325,6 +345,31 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
     logging.info("Layer %s: %d units labelled with %s (%d distinct labels).", name,
                  layers[name].num_units, similarity_fn, len(set(layers[name].labels)))
   return results_lib.DissectionResult(list(concepts), list(probe.image_ids), layers, scores)
+
+
+def streamed_log_likelihoods(similarity_fn: str, embeddings, tops: dict, *, mesh=None,
+                             kernel: str = "auto", compute_dtype: str = "float32",
+                             block_size: int | None = None,
+                             row_normalisers=None) -> dict[str, np.ndarray]:
+  """{layer: L (num_units, num_concepts)} of (soft-)WPMI for every layer whose running
+  top-k in `tops` holds the function's top_k, all in one pass over blocks of concepts
+  (streaming.layers_log_likelihood: each block's P rows recomputed once for the run, not
+  once per layer). embeddings: (image embeddings (num_images, dim), text embeddings
+  (num_concepts, dim)); the other arguments as score_layer's."""
+  top_k = similarity.default_top_k(similarity_fn)
+  names = [name for name, top in tops.items() if top.k >= top_k]
+  if not names:
+    return {}
+  started = time.time()
+  top_images = [top_images_of_zeroed(tops[name], top_k) for name in names]
+  values = streaming.layers_log_likelihood(
+      similarity_fn, *embeddings, top_images, mesh=mesh, kernel=kernel,
+      compute_dtype=compute_dtype, block_size=block_size, row_normalisers=row_normalisers)
+  logging.info("Streamed %s of %d layer(s) (%d units, %d distinct top images) in one pass "
+               "over the concepts: %.1f s.", similarity_fn, len(names),
+               sum(len(t) for t in top_images), np.unique(np.concatenate(
+                   [t.ravel() for t in top_images])).size, time.time() - started)
+  return dict(zip(names, (np.asarray(v) for v in values)))
 
 
 def _warn_of_ties_at_the_cap(name: str, similarity_fn: str, scored) -> None:

@@ -144,17 +144,37 @@ def log_likelihood(block_logits: Callable, row_lse: jax.Array, top_rows: jax.Arr
   number of neurons or the block, so a neuron's row is bit-identical however the
   neurons are split over devices.
   """
-  num_neurons, top_k = top_rows.shape
-  top_rows, membership = pad_ranks(top_rows, membership, group)
+  return layers_log_likelihood(block_logits, row_lse, (top_rows,), membership, min_prob,
+                               num_concepts=num_concepts, block=block, group=group)[0]
 
-  def block_body(index, out):
+
+def layers_log_likelihood(block_logits: Callable, row_lse: jax.Array,
+                          top_rows_by_layer: tuple, membership: jax.Array | None,
+                          min_prob, *, num_concepts: int, block: int, group: int) -> tuple:
+  """log_likelihood of several sets of neurons (a run's layers) reading the same rows:
+  a tuple of (num_neurons_l, num_concepts), one per top_rows_by_layer[l]
+  (num_neurons_l, top_k).
+
+  Why together: each block's logits and S are computed once for every layer. When the
+  logits are recomputed from the embeddings (streaming.py), that matmul is the pass's
+  main cost at CLIP widths on a CPU, and the layers' top images are mostly the same
+  images.
+  """
+  top_k = top_rows_by_layer[0].shape[1]
+  padded = [pad_ranks(top_rows, membership, group) for top_rows in top_rows_by_layer]
+  membership = padded[0][1]
+
+  def block_body(index, outs):
     start = block_start(index, num_concepts, block)
-    acc = block_log_likelihood(block_probs(block_logits(start), row_lse), top_rows,
-                               membership, min_prob, top_k=top_k, group=group)
-    return jax.lax.dynamic_update_slice(out, acc, (0, start))
+    probs = block_probs(block_logits(start), row_lse)
+    return tuple(
+        jax.lax.dynamic_update_slice(out, block_log_likelihood(
+            probs, top_rows, membership, min_prob, top_k=top_k, group=group), (0, start))
+        for out, (top_rows, _) in zip(outs, padded))
 
   return jax.lax.fori_loop(0, num_blocks(num_concepts, block), block_body,
-                           jnp.zeros((num_neurons, num_concepts), jnp.float32))
+                           tuple(jnp.zeros((top_rows.shape[0], num_concepts), jnp.float32)
+                                 for top_rows in top_rows_by_layer))
 
 
 def block_probs(logits: jax.Array, row_lse: jax.Array) -> jax.Array:

@@ -107,10 +107,7 @@ def _checked_rows(top_rows, num_images: int, name: str, what: str):
 
 def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k, a,
                           min_prob, name, membership=None, term_floor=None,
-                          top_images=None, mesh: Mesh | None = None,
-                          kernel: str = "auto", compute_dtype: str = "float32",
-                          block_size: int | None = None, rescore_lam=None,
-                          row_normalisers: "RowNormalisers | None" = None):
+                          top_images=None, **kwargs):
   """L (num_neurons, num_concepts): for each neuron, the sum over its top_k images of
   log(S + min_prob) (wpmi; membership None) or log(1 + p_j (S - 1) + min_prob)
   (soft_wpmi), S = softmax(a P) at those images (likelihood.py's blocked plan, the P
@@ -118,9 +115,34 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
 
   top_images: (num_neurons, >= top_k) image rows, highest activation first (the probe
   pass's running top-k); when given, activations is not read (it may be None).
-  mesh: shard the neurons over its devices (embeddings replicated). Each neuron's row
-  of L is computed by the same code on any device count, so L is bit-identical to the
-  unsharded one.
+  kwargs: _layers_top_k_log_likelihood's.
+  """
+  similarity.check_top_k(top_k, image_embeddings.shape[0], name)
+  if top_images is None:
+    _check(image_embeddings, text_embeddings, activations, name)
+    _, top_images = similarity.top_activations(sharding.to_device(activations),
+                                               top_k)
+  return _layers_top_k_log_likelihood(image_embeddings, text_embeddings, [top_images],
+                                      top_k, a, min_prob, name, membership, term_floor,
+                                      **kwargs)[0]
+
+
+def _layers_top_k_log_likelihood(image_embeddings, text_embeddings, top_images_by_layer,
+                                 top_k, a, min_prob, name, membership=None,
+                                 term_floor=None, mesh: Mesh | None = None,
+                                 kernel: str = "auto", compute_dtype: str = "float32",
+                                 block_size: int | None = None, rescore_lam=None,
+                                 row_normalisers: "RowNormalisers | None" = None) -> list:
+  """_top_k_log_likelihood of several layers in one pass over blocks of concepts:
+  [L_l (num_neurons_l, num_concepts)] for top_images_by_layer [(num_neurons_l, >= top_k)
+  image rows, highest activation first].
+
+  The blocked plan computes each block's logits (a matmul over the rows x block x dim)
+  and S once for the union of the layers' top images, so a run of L layers pays one
+  such pass, not L.
+  mesh: shard each layer's neurons over its devices (embeddings replicated). Each
+  neuron's row of L is computed by the same code on any device count, so L is
+  bit-identical to the unsharded one.
   kernel: "jnp", "pallas" (kernels.py, fused; the Pallas interpreter on CPU) or "auto"
   (Pallas only where it was measured faster: kernels.PALLAS_MEASURED_FASTER_ON).
   compute_dtype: "float32" or "bfloat16" (the P rows' products; see _rows).
@@ -137,22 +159,19 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   num_images = image_embeddings.shape[0]
   _check_width(image_embeddings, text_embeddings, name)
   similarity.check_top_k(top_k, num_images, name)
-  if top_images is None:
-    _check(image_embeddings, text_embeddings, activations, name)
-    _, top_images = similarity.top_activations(sharding.to_device(activations),
-                                               top_k)
-  else:
+  for top_images in top_images_by_layer:
     if top_images.shape[1] < top_k:
       raise ValueError(f"{name}: top_images has {top_images.shape[1]} images per neuron, "
                        f"fewer than top_k={top_k}.")
+  sizes = [int(top_images.shape[0]) for top_images in top_images_by_layer]
   # Only the rows of the top images are read: a memmap of a million embeddings stays
   # on disk, and the device gets at most num_neurons x top_k rows.
-  rows, top_images = _checked_rows(np.asarray(top_images)[:, :top_k], num_images, name,
-                                   "top_images")
+  rows, local = _checked_rows(np.concatenate([np.asarray(t)[:, :top_k]
+                                              for t in top_images_by_layer]),
+                              num_images, name, "top_images")
   images = np.asarray(image_embeddings[rows], np.float32)
   num_concepts = text_embeddings.shape[0]
   soft = membership is not None
-  num_neurons = top_images.shape[0]
   devices = 1 if mesh is None else mesh.devices.size
   pallas = kernels.use_pallas(kernel) and compute_dtype == "float32"
   group = likelihood.log_group_size(term_floor if soft else min_prob, top_k)
@@ -162,7 +181,7 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
   # rows earlier calls left in row_normalisers, so a layer's plan never depends on the
   # other layers of the run.
   passes = 1 if row_normalisers is not None and row_normalisers.reused else 2
-  rank_groups = not pallas and num_neurons * top_k < passes * rows.size
+  rank_groups = not pallas and sum(sizes) * top_k < passes * rows.size
   # The kernel and the rank-group plan run `chunk` neurons a step; the blocked plan
   # takes all neurons at once.
   chunk = 1
@@ -170,17 +189,20 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
     chunk = min(_neuron_chunk(top_k, num_concepts), MAX_NEURON_CHUNK)
   elif rank_groups:
     chunk = min(_neuron_chunk(group, num_concepts), MAX_NEURON_CHUNK)
-  # Padding (copies of neuron 0, dropped below) gives every device whole chunks.
-  padded = -(-num_neurons // (devices * chunk)) * devices * chunk
-  top_images = np.concatenate([top_images, np.repeat(top_images[:1],
-                                                     padded - num_neurons, axis=0)])
+  # Padding (copies of each layer's neuron 0, dropped below) gives every device whole
+  # chunks.
+  layers = []
+  for layer_rows in np.split(local, np.cumsum(sizes)[:-1]):
+    padded = -(-len(layer_rows) // (devices * chunk)) * devices * chunk
+    layers.append(jnp.asarray(np.concatenate(
+        [layer_rows, np.repeat(layer_rows[:1], padded - len(layer_rows), axis=0)])))
   if row_normalisers is not None or not rank_groups:
     row_normalisers = _normalisers_of(row_normalisers, image_embeddings, text_embeddings,
                                       name)
   # The rank-group plan normalises each of its rows from the row's own logits.
   row_lse = (jnp.zeros((1,), jnp.float32) if rank_groups
              else jnp.asarray(row_normalisers.at(rows, a, compute_dtype)))
-  args = (_normalise(images), _normalise(text_embeddings), jnp.asarray(top_images),
+  args = (_normalise(images), _normalise(text_embeddings), tuple(layers),
           jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
           jnp.float32(a), jnp.float32(min_prob), row_lse)
   statics = {"soft": soft, "chunk": chunk,
@@ -192,16 +214,21 @@ def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k,
     body = _kernel_body(float(a), float(min_prob), jax.default_backend() == "cpu")
   with kernels.lowering_context() if pallas else contextlib.nullcontext():
     if devices == 1:
-      out, top_lse = _jitted(body)(*args, **statics)
+      outs, top_lses = _jitted(body)(*args, **statics)
     else:
       # Gathered to the host: the prior (a logsumexp over all neurons) is then computed
       # as in the unsharded case, so sharding cannot change a single bit of the scores.
-      out, top_lse = (np.asarray(x) for x in
-                      _sharded_log_likelihood(mesh, body, **statics)(*args))
-  out, top_lse = out[:num_neurons], top_lse[:num_neurons]
-  if compute_dtype == "bfloat16" and rescore_lam is not None:
-    out = _rescored(out, top_lse, args, rescore_lam, soft)
-  return out
+      outs, top_lses = ([np.asarray(x) for x in part] for part in
+                        _sharded_log_likelihood(mesh, body, num_layers=len(layers),
+                                                **statics)(*args))
+  results = []
+  for size, out, top_lse, layer_rows in zip(sizes, outs, top_lses, layers):
+    out, top_lse = out[:size], top_lse[:size]
+    if compute_dtype == "bfloat16" and rescore_lam is not None:
+      out = _rescored(out, top_lse, args[:2] + (layer_rows,) + args[3:], rescore_lam,
+                      soft)
+    results.append(out)
+  return results
 
 
 def _rescored(log_likelihood, top_lse, args, lam, soft):
@@ -352,15 +379,18 @@ def _neurons_log_likelihood(images, texts, top_images, membership, a, min_prob, 
                             *, soft, chunk, block, group, compute_dtype="float32"):
   """likelihood.py's plan with the logits recomputed from the embeddings: the rows'
   normalisers row_lse (rows,) given (RowNormalisers), then (rows, dim) x (block, dim)
-  per block of concepts for L.
+  per block of concepts for the L of every layer.
 
-  Every plan returns (L, the row normalisers at each neuron's top images (neurons,
-  top_k)), the latter for _rescored."""
+  top_images: a tuple of (num_neurons_l, top_k) indices into images, one per layer.
+  Every plan returns (a tuple of L (num_neurons_l, num_concepts), a tuple of the row
+  normalisers at each neuron's top images (num_neurons_l, top_k)), the latter for
+  _rescored."""
   del chunk  # the kernel's
-  return (likelihood.log_likelihood(
+  return (likelihood.layers_log_likelihood(
       lambda start: _block_logits(images, texts, a, start, block, compute_dtype),
       row_lse, top_images, membership if soft else None, min_prob,
-      num_concepts=texts.shape[0], block=block, group=group), row_lse[top_images])
+      num_concepts=texts.shape[0], block=block, group=group),
+          tuple(row_lse[layer] for layer in top_images))
 
 
 def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_prob,
@@ -368,7 +398,7 @@ def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_pr
                                 compute_dtype="float32"):
   """The same L with whole rows of logits per (neuron, rank): `chunk` neurons and one
   group of ranks a step, one (chunk x group, dim) x (concepts, dim) matmul, each row's
-  normaliser from its own row.
+  normaliser from its own row; the layers one after another (they share no work).
 
   Why a second plan: the blocked one computes every read row's logits twice (the
   normalisers, then the blocks). When units share few top images (a large probe set),
@@ -376,10 +406,10 @@ def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_pr
   units x 512-d embeddings, 16.4 s against about 8 on 2 CPU cores (BENCHMARKS.md).
   """
   del block, row_lse  # the blocked plan's
-  num_neurons, top_k = top_images.shape
+  top_k = top_images[0].shape[1]
   num_groups = -(-top_k // group)
-  top_images, membership = likelihood.pad_ranks(top_images, membership if soft else None,
-                                                group)
+  membership = likelihood.pad_ranks(top_images[0], membership if soft else None,
+                                    group)[1]
 
   def neurons(ids):  # (chunk, padded top_k) -> (chunk, num_concepts), (chunk, top_k)
     def add_log_of_group(group_index, carry):
@@ -398,22 +428,31 @@ def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_pr
                              (jnp.zeros((ids.shape[0], texts.shape[0]), jnp.float32),
                               jnp.zeros(ids.shape, jnp.float32)))
 
-  out, lse = jax.lax.map(neurons, top_images.reshape(num_neurons // chunk, chunk, -1))
-  return out.reshape(num_neurons, -1), lse.reshape(num_neurons, -1)[:, :top_k]
+  outs, lses = [], []
+  for layer in top_images:
+    num_neurons = layer.shape[0]
+    padded = likelihood.pad_ranks(layer, None, group)[0]
+    out, lse = jax.lax.map(neurons, padded.reshape(num_neurons // chunk, chunk, -1))
+    outs.append(out.reshape(num_neurons, -1))
+    lses.append(lse.reshape(num_neurons, -1)[:, :top_k])
+  return tuple(outs), tuple(lses)
 
 
 def _kernel_log_likelihood(images, texts, top_images, membership, a, min_prob, row_lse,
                            *, soft, chunk, block, group, a_value, min_prob_value,
                            interpret, compute_dtype="float32"):
-  """_neurons_log_likelihood through the fused Pallas kernel, `chunk` neurons a call
-  (float32 only)."""
+  """_neurons_log_likelihood through the fused Pallas kernel, `chunk` neurons a call,
+  each layer in turn (float32 only)."""
   del a, min_prob, block, compute_dtype  # constants of the kernel (a_value, ...)
-  blocks = top_images.reshape(-1, chunk, top_images.shape[1])
-  out = jax.lax.map(
-      lambda ids: kernels._log_likelihood(
-          images, texts, row_lse, ids, membership, a=a_value, min_prob=min_prob_value,
-          soft=soft, group=group, interpret=interpret), blocks)
-  return out.reshape(-1, texts.shape[0]), row_lse[top_images]
+  outs = []
+  for layer in top_images:
+    out = jax.lax.map(
+        lambda ids: kernels._log_likelihood(
+            images, texts, row_lse, ids, membership, a=a_value, min_prob=min_prob_value,
+            soft=soft, group=group, interpret=interpret),
+        layer.reshape(-1, chunk, layer.shape[1]))
+    outs.append(out.reshape(-1, texts.shape[0]))
+  return tuple(outs), tuple(row_lse[layer] for layer in top_images)
 
 
 @functools.lru_cache(maxsize=32)
@@ -432,17 +471,20 @@ def _jitted(body):
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_log_likelihood(mesh, body, soft, chunk, block, group, compute_dtype):
-  """jit(shard_map(...)): top_images split over the mesh axis, the rest replicated."""
+def _sharded_log_likelihood(mesh, body, soft, chunk, block, group, compute_dtype,
+                            num_layers=1):
+  """jit(shard_map(...)): each layer's top_images split over the mesh axis, the rest
+  replicated."""
   replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
+  layers = (split,) * num_layers
   body = functools.partial(body, soft=soft, chunk=chunk, block=block, group=group,
                            compute_dtype=compute_dtype)
   return jax.jit(jax.shard_map(
-      body, mesh=mesh, in_specs=(replicated, replicated, split, replicated, replicated,
+      body, mesh=mesh, in_specs=(replicated, replicated, layers, replicated, replicated,
                                  replicated, replicated),
       # The loops' zero-initialised carries are per-device values; the neuron split
       # is all that varies.
-      out_specs=(split, split), check_vma=False))
+      out_specs=(layers, layers), check_vma=False))
 
 
 def wpmi(image_embeddings, text_embeddings, activations, top_k=_WPMI["top_k"],
@@ -478,6 +520,34 @@ def soft_wpmi(image_embeddings, text_embeddings, activations, top_k=_SOFT["top_k
       block_size=block_size, rescore_lam=lam, row_normalisers=row_normalisers)
   scores = similarity.subtract_prior(log_likelihood, lam)
   return (scores, log_likelihood) if return_log_likelihood else scores
+
+
+def layers_log_likelihood(similarity_fn: str, image_embeddings, text_embeddings,
+                          top_images_by_layer, mesh=None, kernel="auto",
+                          compute_dtype="float32", block_size=None,
+                          row_normalisers=None) -> list:
+  """The L of several layers under (soft-)WPMI at its default settings, in one pass over
+  blocks of concepts: each block's P rows are recomputed once for all the layers, not
+  once per layer. [(num_neurons_l, num_concepts)] for top_images_by_layer
+  [(num_neurons_l, >= top_k) image rows, highest activation first]; each layer's scores
+  are similarity.subtract_prior(L, lam), as soft_wpmi and wpmi compute them.
+  image_embeddings: (num_images, dim), may be a memmap; mesh, kernel, compute_dtype,
+  block_size, row_normalisers: see _layers_top_k_log_likelihood."""
+  if similarity_fn not in ("wpmi", "soft_wpmi"):
+    raise ValueError(f"layers_log_likelihood is defined for wpmi and soft_wpmi, not "
+                     f"{similarity_fn!r}.")
+  params = _SOFT if similarity_fn == "soft_wpmi" else _WPMI
+  membership = term_floor = None
+  if similarity_fn == "soft_wpmi":
+    membership = similarity.soft_wpmi_membership(params["top_k"], params["p_start"],
+                                                 params["p_end"])
+    term_floor = likelihood.soft_wpmi_term_floor(params["p_start"], params["p_end"],
+                                                 params["min_prob"])
+  return _layers_top_k_log_likelihood(
+      image_embeddings, text_embeddings, [np.asarray(t) for t in top_images_by_layer],
+      params["top_k"], params["a"], params["min_prob"], similarity_fn, membership,
+      term_floor, mesh=mesh, kernel=kernel, compute_dtype=compute_dtype,
+      block_size=block_size, rescore_lam=params["lam"], row_normalisers=row_normalisers)
 
 
 def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,

@@ -28,8 +28,8 @@ class KernelTest(parameterized.TestCase):
     a = 10.0 if soft else 2.0
     group = likelihood.log_group_size(
         likelihood.soft_wpmi_term_floor(0.998, 0.97, 1e-7) if soft else 1e-7, top_k)
-    expected, _ = streaming._neurons_log_likelihood(  # pylint: disable=protected-access
-        jnp.asarray(images), jnp.asarray(texts), jnp.asarray(top),
+    (expected,), _ = streaming._neurons_log_likelihood(  # pylint: disable=protected-access
+        jnp.asarray(images), jnp.asarray(texts), (jnp.asarray(top),),
         jnp.asarray(membership if soft else np.ones(top_k, np.float32)),
         jnp.float32(a), jnp.float32(1e-7),
         jnp.asarray(streaming.RowNormalisers(images, texts).at(np.arange(250), a)),

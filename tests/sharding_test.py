@@ -42,6 +42,12 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
       one, eight = (np.asarray(fn(images, texts, acts, mesh=m, compute_dtype="bfloat16"))
                     for m in (None, mesh))
       assert np.array_equal(one, eight), (name, np.abs(one - eight).max())
+    # Several layers in one pass over the concepts (3 neurons: fewer than the devices).
+    for name in ("soft_wpmi", "wpmi"):
+      tops = [running.ids.T, running.ids.T[:3, ::-1]]
+      one, eight = (streaming.layers_log_likelihood(name, images, texts, tops, mesh=m)
+                    for m in (None, mesh))
+      assert all(np.array_equal(a, b) for a, b in zip(one, eight)), name
     # 5 neurons over 3,000 images share few top images: the rank-group plan.
     wide = rng.standard_normal((3000, 24)).astype(np.float32)
     few = rng.random((3000, 5)).astype(np.float32)

@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxdissect import labeling
 from jaxdissect import likelihood
+from jaxdissect import registry
 from jaxdissect import similarity
 from jaxdissect import store
 from jaxdissect import streaming
@@ -51,14 +52,14 @@ class StreamingTest(parameterized.TestCase):
     membership = similarity.soft_wpmi_membership(top_k, 0.998, 0.97)
     floor = likelihood.soft_wpmi_term_floor(0.998, 0.97, 1e-7) if soft else 1e-7
     args = (streaming._normalise(images[rows]), streaming._normalise(texts),  # pylint: disable=protected-access
-            jnp.asarray(top_rows),
+            (jnp.asarray(top_rows),),
             jnp.asarray(membership if soft else np.ones(top_k), jnp.float32),
             jnp.float32(10.0 if soft else 2.0), jnp.float32(1e-7),
             jnp.asarray(streaming.RowNormalisers(images, texts).at(
                 rows, 10.0 if soft else 2.0)))
     statics = {"soft": soft, "block": 5, "group": likelihood.log_group_size(floor, top_k)}
-    blocked, blocked_lse = streaming._neurons_log_likelihood(*args, chunk=1, **statics)  # pylint: disable=protected-access
-    ranked, ranked_lse = streaming._rank_groups_log_likelihood(*args, chunk=3, **statics)  # pylint: disable=protected-access
+    (blocked,), (blocked_lse,) = streaming._neurons_log_likelihood(*args, chunk=1, **statics)  # pylint: disable=protected-access
+    (ranked,), (ranked_lse,) = streaming._rank_groups_log_likelihood(*args, chunk=3, **statics)  # pylint: disable=protected-access
     np.testing.assert_allclose(np.asarray(ranked), np.asarray(blocked), rtol=2e-6,
                                atol=2e-4)
     # The row normalisers at each neuron's top images, which _rescored reads.
@@ -68,6 +69,53 @@ class StreamingTest(parameterized.TestCase):
     for got in (blocked_lse, ranked_lse):
       self.assertEqual(got.shape, (6, top_k))
       np.testing.assert_allclose(np.asarray(got), lse, rtol=1e-6, atol=1e-5)
+
+  @parameterized.product(name=["soft_wpmi", "wpmi"],
+                         case=[("shared rows", False), ("shared rows", True),
+                               ("few shared rows", False)])
+  def test_layers_in_one_pass_equal_each_layer_alone(self, name, case):
+    # Three layers of different widths. Their top images overlap (the blocked plan,
+    # over the union of their rows), or, over a wide random probe without the run's
+    # normalisers, hardly (the rank-group plan, layer by layer).
+    data, reused = case
+    if data == "shared rows":
+      images, texts, wide = embeddings(700, 23, 12, seed=5)
+      narrow = wide[:, :2] * 0.5 + np.random.default_rng(6).random((700, 2))
+      layers = [wide, narrow.astype(np.float32), wide[:, ::-1][:, :5]]
+    else:
+      images, texts, _ = embeddings(3000, 23, 1, seed=5)
+      rng = np.random.default_rng(7)
+      layers = [rng.random((3000, units)).astype(np.float32) for units in (3, 1, 2)]
+    top_k = similarity.default_top_k(name)
+    tops = [np.asarray(similarity.top_activations(a, top_k)[1]) for a in layers]
+    normalisers = streaming.RowNormalisers(images, texts, reused=reused)
+    together = streaming.layers_log_likelihood(name, images, texts, tops,
+                                               row_normalisers=normalisers)
+    # The blocked plan reads the normalisers of the union of the layers' top images.
+    union = np.unique(np.concatenate([t.ravel() for t in tops])).size
+    self.assertEqual(normalisers.rows_computed, 0 if data == "few shared rows" else union)
+    self.assertLen(together, 3)
+    P = np.asarray(labeling.concept_activation(images, texts), np.float64)
+    for layer, got in zip(layers, together):
+      _, alone = streaming.FUNCTIONS[name](images, texts, layer, return_log_likelihood=True,
+                                           row_normalisers=normalisers)
+      self.assertEqual(got.shape, (layer.shape[1], 23))
+      # Equal to float32 rounding: the blocks' matmuls hold other rows.
+      np.testing.assert_allclose(got, np.asarray(alone), rtol=2e-6, atol=2e-5)
+      scores = similarity.subtract_prior(got, registry.SIMILARITY[name].defaults["lam"])
+      expected = similarity.SIMILARITY_FUNCTIONS[name](P, layer)
+      np.testing.assert_array_equal(np.argmax(scores, 1), np.argmax(expected, 1))
+
+  def test_layers_in_one_pass_refuse_bad_input(self):
+    images, texts, activations = embeddings(200, 9, 3)
+    _, top = similarity.top_activations(activations, 100)
+    with self.assertRaisesRegex(ValueError, "fewer than top_k=100"):
+      streaming.layers_log_likelihood("soft_wpmi", images, texts, [np.asarray(top)[:, :99]])
+    with self.assertRaisesRegex(ValueError, "not 'cos_similarity'"):
+      streaming.layers_log_likelihood("cos_similarity", images, texts, [np.asarray(top)])
+    with self.assertRaisesRegex(ValueError, "outside 0..199"):
+      streaming.layers_log_likelihood("soft_wpmi", images, texts,
+                                      [np.asarray(top), np.asarray(top) + 150])
 
   @parameterized.product(name=["soft_wpmi", "wpmi"], block_size=[None, 3, 5])
   def test_resampled_labels_equal_relabelling_each_resample(self, name, block_size):
@@ -125,6 +173,8 @@ class StreamingTest(parameterized.TestCase):
       streamed = labeling.label_probe(probe, texts, concepts, name,
                                       concept_matrix_max_gb=0.0)
     self.assertTrue(any("streaming" in m for m in logs.output))
+    if name in registry.PRIOR_FUNCTIONS:  # both layers' L in one pass over the concepts
+      self.assertLen([m for m in logs.output if f"Streamed {name} of 2 layer(s)" in m], 1)
     held = labeling.label_probe(probe, texts, concepts, name)
     for layer in ("a", "b"):
       self.assertEqual(streamed.layers[layer].labels, held.layers[layer].labels)
