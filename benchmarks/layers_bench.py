@@ -14,9 +14,10 @@ concepts; each is a matmul over those images x concepts x dim. Three variants:
     when it computes the stability), so each image's normaliser is computed once for
     all layers and the stability; each layer's similarity its own pass over the
     concepts (main.py in session 18);
-  - one pass: the same normalisers, and the similarity of all layers in one pass over
+  - one pass: the same normalisers, the similarity of all layers in one pass over
     blocks of concepts (streaming.layers_log_likelihood: each block's P rows computed
-    once for the run; what label_probe does now).
+    once for the run; what label_probe does now), and the stability of all layers in
+    another (stability.layers_stability; what trust.layer_trust does now).
 Each variant in its own process after a compiling run on other embeddings of the same
 shapes, wall time of the whole run over the layers, one run. Labels and stabilities
 must be equal between the variants (up to the float32 rounding of a matmul of another
@@ -68,10 +69,16 @@ def run_layers(images, texts, layers, mode, resamples):
     labels = [np.asarray(np.argmax(streaming.soft_wpmi(
         images, texts, None, top_images=top, row_normalisers=normalisers), axis=1))
               for top in tops]
-  stabilities = [stability.layer_stability(
-      "soft_wpmi", images, texts, top, np.ones(top.shape[0], bool),
-      num_resamples=resamples, weights=weights, row_normalisers=normalisers).stability
-                 for top in tops] if resamples else []
+  stabilities = []
+  if resamples and mode == "one_pass":
+    stabilities = [unit.stability for unit in stability.layers_stability(
+        "soft_wpmi", images, texts, tops, [np.ones(t.shape[0], bool) for t in tops],
+        num_resamples=resamples, weights=weights, row_normalisers=normalisers)]
+  elif resamples:
+    stabilities = [stability.layer_stability(
+        "soft_wpmi", images, texts, top, np.ones(top.shape[0], bool),
+        num_resamples=resamples, weights=weights, row_normalisers=normalisers).stability
+                   for top in tops]
   return labels, stabilities, time.perf_counter() - started
 
 

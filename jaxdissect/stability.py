@@ -26,7 +26,8 @@ share of resamples that label the unit with it.
 Cost: R relabellings of the layer, each the similarity's (top_k x concepts) terms for
 every unit, in one pass over blocks of concepts (streaming.resampled_labels: from the
 embeddings, S never held; the rows' normalisers and each block's softmax rows once for
-all resamples; the resamples split over the mesh).
+all resamples; the resamples split over the mesh). layers_stability relabels all the
+layers of a run in that one pass, so each block's P rows are computed once per run.
 """
 import dataclasses
 import time
@@ -109,17 +110,32 @@ def pairwise_agreement(labels: np.ndarray) -> np.ndarray:
 
 
 def layer_stability(similarity_fn: str, image_embeddings, text_embeddings,
-                    top_rows: np.ndarray, usable: np.ndarray, *,
-                    num_resamples: int = DEFAULT_NUM_RESAMPLES, seed: int = 0,
-                    weights: np.ndarray | None = None, mesh=None,
-                    compute_dtype: str = "float32",
-                    block_size: int | None = None, row_normalisers=None) -> UnitStability:
-  """Stability of one layer's labels.
+                    top_rows: np.ndarray, usable: np.ndarray, **kwargs) -> UnitStability:
+  """Stability of one layer's labels: layers_stability of this layer alone.
+
+  top_rows: (num_units, >= depth(similarity_fn)) every unit's top rows, highest
+  activation first; usable: (num_units,) False for dead or invalid units; kwargs:
+  layers_stability's.
+  """
+  return layers_stability(similarity_fn, image_embeddings, text_embeddings, [top_rows],
+                          [usable], **kwargs)[0]
+
+
+def layers_stability(similarity_fn: str, image_embeddings, text_embeddings,
+                     top_rows_by_layer, usable_by_layer, *,
+                     num_resamples: int = DEFAULT_NUM_RESAMPLES, seed: int = 0,
+                     weights: np.ndarray | None = None, mesh=None,
+                     compute_dtype: str = "float32", block_size: int | None = None,
+                     row_normalisers=None) -> list[UnitStability]:
+  """Stability of the labels of several layers, each relabelled with the prior over its
+  own units, in one pass over blocks of concepts (streaming.layers_resampled_labels:
+  each block's P rows computed once for all the layers, not once per layer).
 
   image_embeddings: (num_images, dim), may be a memmap; text_embeddings:
-  (num_concepts, dim). top_rows: (num_units, >= depth(similarity_fn)) every unit's top
-  rows, highest activation first (dead and invalid units too: the prior includes them).
-  usable: (num_units,) False for dead or invalid units (stability NaN).
+  (num_concepts, dim). top_rows_by_layer: [(num_units_l, >= depth(similarity_fn))]
+  every unit's top rows, highest activation first (dead and invalid units too: the
+  prior includes them). usable_by_layer: [(num_units_l,)] False for dead or invalid
+  units (stability NaN).
   weights: (num_resamples, num_images) from poisson_weights, shared by the layers of a
   run; computed from (num_resamples, seed) when None. row_normalisers: the run's
   streaming.RowNormalisers (shared with its layers' similarity), or None.
@@ -129,22 +145,23 @@ def layer_stability(similarity_fn: str, image_embeddings, text_embeddings,
                      f"{similarity_fn!r}.")
   if num_resamples < 2:
     raise ValueError(f"stability needs at least 2 resamples, got {num_resamples}.")
-  num_units = top_rows.shape[0]
   top_k = similarity.default_top_k(similarity_fn)
   num_top = min(depth(similarity_fn), len(image_embeddings))
-  if top_rows.shape[1] < num_top:
-    raise ValueError(f"stability needs each unit's top {num_top} images, got "
-                     f"{top_rows.shape[1]}.")
+  for top_rows in top_rows_by_layer:
+    if top_rows.shape[1] < num_top:
+      raise ValueError(f"stability needs each unit's top {num_top} images, got "
+                       f"{top_rows.shape[1]}.")
   if weights is None:
     weights = poisson_weights(len(image_embeddings), num_resamples, seed)
   started = time.time()
-  rows = resampled_top_rows(np.asarray(top_rows[:, :num_top]), weights[:num_resamples],
-                            top_k)
-  labels = streaming.resampled_labels(similarity_fn, image_embeddings, text_embeddings,
-                                      rows, mesh=mesh, compute_dtype=compute_dtype,
-                                      block_size=block_size,
-                                      row_normalisers=row_normalisers)
-  logging.info("Stability: %d resamples of %d units in %.1f s.", num_resamples, num_units,
+  rows = [resampled_top_rows(np.asarray(top_rows[:, :num_top]), weights[:num_resamples],
+                             top_k) for top_rows in top_rows_by_layer]
+  labels = streaming.layers_resampled_labels(
+      similarity_fn, image_embeddings, text_embeddings, rows, mesh=mesh,
+      compute_dtype=compute_dtype, block_size=block_size, row_normalisers=row_normalisers)
+  logging.info("Stability: %d resamples of %d layer(s), %d units, in %.1f s.",
+               num_resamples, len(rows), sum(len(t) for t in top_rows_by_layer),
                time.time() - started)
-  stability = np.where(np.asarray(usable, bool), pairwise_agreement(labels), np.nan)
-  return UnitStability(stability, labels)
+  return [UnitStability(np.where(np.asarray(usable, bool), pairwise_agreement(layer_labels),
+                                 np.nan), layer_labels)
+          for usable, layer_labels in zip(usable_by_layer, labels)]

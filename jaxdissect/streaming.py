@@ -567,6 +567,18 @@ def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
   row_normalisers: a RowNormalisers of these embeddings shared by the calls of a run (the
   layers' similarity and stability), or None for one of this call's own.
   """
+  return layers_resampled_labels(similarity_fn, image_embeddings, text_embeddings,
+                                 [resampled_rows], mesh, compute_dtype, block_size,
+                                 row_normalisers)[0]
+
+
+def layers_resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
+                            resampled_rows_by_layer, mesh=None, compute_dtype="float32",
+                            block_size=None, row_normalisers=None) -> list:
+  """resampled_labels of several layers (each a prior over its own units) in one pass
+  over blocks of concepts: each block's P rows and softmax computed once for the union
+  of the layers' rows. [(R, num_units_l) int32] for resampled_rows_by_layer
+  [(R, num_units_l, >= top_k)], the same R for every layer."""
   params = dict(_WPMI if similarity_fn == "wpmi" else _SOFT)
   if similarity_fn not in ("wpmi", "soft_wpmi"):
     raise ValueError(f"resampled_labels is defined for wpmi and soft_wpmi, not "
@@ -576,11 +588,15 @@ def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
                      f"got {compute_dtype!r}.")
   soft = similarity_fn == "soft_wpmi"
   top_k = params["top_k"]
-  resampled_rows = np.asarray(resampled_rows)[..., :top_k]
-  num_resamples, num_units = resampled_rows.shape[:2]
+  layers = [np.asarray(rows)[..., :top_k] for rows in resampled_rows_by_layer]
+  num_resamples = layers[0].shape[0]
+  if any(rows.shape[0] != num_resamples for rows in layers):
+    raise ValueError("resampled_labels: every layer needs the same number of resamples, "
+                     f"got {[rows.shape[0] for rows in layers]}.")
   _check_width(image_embeddings, text_embeddings, "resampled_labels")
-  rows, local = _checked_rows(resampled_rows, image_embeddings.shape[0], "resampled_labels",
-                              "resampled_rows")
+  rows, local = _checked_rows(
+      np.concatenate([layer.reshape(-1, top_k) for layer in layers]),
+      image_embeddings.shape[0], "resampled_labels", "resampled_rows")
   num_concepts = text_embeddings.shape[0]
   membership = (similarity.soft_wpmi_membership(top_k, params["p_start"], params["p_end"])
                 if soft else np.ones(top_k))
@@ -590,11 +606,16 @@ def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
   devices = 1 if mesh is None else mesh.devices.size
   # Copies of resample 0 give every device whole shares; dropped below.
   padded = -(-num_resamples // devices) * devices
-  local = np.concatenate([local, np.repeat(local[:1], padded - num_resamples, axis=0)])
+  sizes = [layer.shape[0] * layer.shape[1] for layer in layers]
+  locals_by_layer = []
+  for layer, layer_local in zip(layers, np.split(local, np.cumsum(sizes)[:-1])):
+    layer_local = layer_local.reshape(layer.shape)
+    locals_by_layer.append(jnp.asarray(np.concatenate(
+        [layer_local, np.repeat(layer_local[:1], padded - num_resamples, axis=0)])))
   row_lse = _normalisers_of(row_normalisers, image_embeddings, text_embeddings,
                             "resampled_labels").at(rows, params["a"], compute_dtype)
   args = (_normalise(np.asarray(image_embeddings[rows], np.float32)),
-          _normalise(text_embeddings), jnp.asarray(local),
+          _normalise(text_embeddings), tuple(locals_by_layer),
           jnp.asarray(membership, jnp.float32), jnp.float32(params["a"]),
           jnp.float32(params["min_prob"]), jnp.asarray(row_lse))
   # lam static, as in similarity.prior_labels: the same constants, the same bits.
@@ -605,41 +626,53 @@ def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
   if devices == 1:
     labels = _jitted_resampled_labels(*args, **statics)
   else:
-    labels = _sharded_resampled_labels(mesh, **statics)(*args)
-  return np.asarray(labels)[:num_resamples]
+    labels = _sharded_resampled_labels(mesh, num_layers=len(layers), **statics)(*args)
+  return [np.asarray(layer_labels)[:num_resamples] for layer_labels in labels]
 
 
 def _resampled_labels_body(images, texts, top_rows, membership, a, min_prob, row_lse, *,
                            lam, soft, compute_dtype, block, group):
-  """(R, K) labels. images: (rows, dim) and texts: (M, dim) normalised; top_rows:
-  (R, K, top_k) indices into images; row_lse: (rows,) their normalisers."""
-  num_resamples, num_units, top_k = top_rows.shape
+  """A tuple of (R, K_l) labels. images: (rows, dim) and texts: (M, dim) normalised;
+  top_rows: a tuple of (R, K_l, top_k) indices into images, one per layer; row_lse:
+  (rows,) their normalisers."""
   num_concepts = texts.shape[0]
-  padded_rows, membership = likelihood.pad_ranks(top_rows.reshape(-1, top_k),
-                                                 membership if soft else None, group)
-  padded_rows = padded_rows.reshape(num_resamples, num_units, -1)
+  top_k = top_rows[0].shape[2]
+  membership = likelihood.pad_ranks(top_rows[0][0], membership if soft else None,
+                                    group)[1]
+  padded_layers = []
+  for layer in top_rows:
+    num_resamples, num_units, _ = layer.shape
+    padded_layers.append(likelihood.pad_ranks(layer.reshape(-1, top_k), None, group)[0]
+                         .reshape(num_resamples, num_units, -1))
 
-  def block_body(index, best):
+  def block_body(index, bests):
     start = likelihood.block_start(index, num_concepts, block)
     probs = likelihood.block_probs(
         _block_logits(images, texts, a, start, block, compute_dtype), row_lse)
 
-    def resample_body(r, best):
-      log_likelihood = likelihood.block_log_likelihood(
-          probs, padded_rows[r], membership, min_prob, top_k=top_k, group=group)
-      score, margin, label = similarity.best_prior_concept(log_likelihood, lam)
-      best_score, best_margin, best_label = (x[r] for x in best)
-      better = (score > best_score) | ((score == best_score) & (margin > best_margin))
-      return tuple(x.at[r].set(jnp.where(better, new, old)) for x, new, old in
-                   zip(best, (score, margin, label + start),
-                       (best_score, best_margin, best_label)))
+    def layer_best(padded_rows, best):
+      def resample_body(r, best):
+        log_likelihood = likelihood.block_log_likelihood(
+            probs, padded_rows[r], membership, min_prob, top_k=top_k, group=group)
+        score, margin, label = similarity.best_prior_concept(log_likelihood, lam)
+        best_score, best_margin, best_label = (x[r] for x in best)
+        better = (score > best_score) | ((score == best_score) & (margin > best_margin))
+        return tuple(x.at[r].set(jnp.where(better, new, old)) for x, new, old in
+                     zip(best, (score, margin, label + start),
+                         (best_score, best_margin, best_label)))
 
-    return jax.lax.fori_loop(0, num_resamples, resample_body, best)
+      return jax.lax.fori_loop(0, padded_rows.shape[0], resample_body, best)
 
-  low = jnp.full((num_resamples, num_units), -jnp.inf, jnp.float32)
-  best = (low, low, jnp.zeros((num_resamples, num_units), jnp.int32))
-  best = jax.lax.fori_loop(0, likelihood.num_blocks(num_concepts, block), block_body, best)
-  return best[2]
+    return tuple(layer_best(padded_rows, best)
+                 for padded_rows, best in zip(padded_layers, bests))
+
+  bests = []
+  for layer in top_rows:
+    low = jnp.full(layer.shape[:2], -jnp.inf, jnp.float32)
+    bests.append((low, low, jnp.zeros(layer.shape[:2], jnp.int32)))
+  bests = jax.lax.fori_loop(0, likelihood.num_blocks(num_concepts, block), block_body,
+                            tuple(bests))
+  return tuple(best[2] for best in bests)
 
 
 _jitted_resampled_labels = jax.jit(
@@ -648,14 +681,16 @@ _jitted_resampled_labels = jax.jit(
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_resampled_labels(mesh, lam, soft, compute_dtype, block, group):
-  """jit(shard_map(...)): the resamples split over the mesh axis, the rest replicated."""
+def _sharded_resampled_labels(mesh, lam, soft, compute_dtype, block, group, num_layers=1):
+  """jit(shard_map(...)): each layer's resamples split over the mesh axis, the rest
+  replicated."""
   replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
+  layers = (split,) * num_layers
   body = functools.partial(_resampled_labels_body, lam=lam, soft=soft,
                            compute_dtype=compute_dtype, block=block, group=group)
   return jax.jit(jax.shard_map(
-      body, mesh=mesh, in_specs=(replicated, replicated, split) + (replicated,) * 4,
-      out_specs=split, check_vma=False))
+      body, mesh=mesh, in_specs=(replicated, replicated, layers) + (replicated,) * 4,
+      out_specs=layers, check_vma=False))
 
 
 def _image_chunks(num_images: int, size: int):

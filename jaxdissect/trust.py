@@ -334,6 +334,7 @@ def layer_trust(config, probe: store.ProbeActivations,
     logging.info("Softmax normalisers of %d images over %d concepts (shared by the "
                  "layers' p-values) in %.1f s.", len(probe.image_embeddings),
                  len(text_embeddings), time.time() - started)
+  top_ids_by_layer = {}
   for name, layer in result.layers.items():
     top_ids = None
     if config.similarity_fn in labeling.PRIOR_FUNCTIONS:
@@ -361,17 +362,25 @@ def layer_trust(config, probe: store.ProbeActivations,
           result.concepts, embed_texts, weights, simulator,
           None if visibility is None else visibility.visible)
     if bootstrap:
-      started = time.time()
-      unit_stability = stability_lib.layer_stability(
-          config.similarity_fn, probe.image_embeddings, text_embeddings,
-          top_ids, ~(layer.dead | layer.invalid),
-          num_resamples=bootstrap, weights=weights, mesh=mesh,
-          compute_dtype=config.similarity_dtype,
-          block_size=config.concept_block_size or None, row_normalisers=row_normalisers)
+      top_ids_by_layer[name] = top_ids
+  if top_ids_by_layer:
+    # Every layer's resamples in one pass over the concepts (each block's P rows once).
+    started = time.time()
+    names = list(top_ids_by_layer)
+    stabilities = stability_lib.layers_stability(
+        config.similarity_fn, probe.image_embeddings, text_embeddings,
+        [top_ids_by_layer[name] for name in names],
+        [~(result.layers[name].dead | result.layers[name].invalid) for name in names],
+        num_resamples=bootstrap, weights=weights, mesh=mesh,
+        compute_dtype=config.similarity_dtype,
+        block_size=config.concept_block_size or None, row_normalisers=row_normalisers)
+    logging.info("Label stability (%d resamples) of %d layer(s) in %.1f s.", bootstrap,
+                 len(names), time.time() - started)
+    for name, unit_stability in zip(names, stabilities):
       out[name].stability = unit_stability.stability
-      out[name].alternative_shares = unit_stability.shares(layer.alternative_ids)
-      logging.info("Layer %s: label stability (%d resamples) in %.1f s; mean %.3f.",
-                   name, bootstrap, time.time() - started,
+      out[name].alternative_shares = unit_stability.shares(
+          result.layers[name].alternative_ids)
+      logging.info("Layer %s: label stability mean %.3f.", name,
                    float(np.nanmean(unit_stability.stability))
                    if np.isfinite(unit_stability.stability).any() else float("nan"))
   return out

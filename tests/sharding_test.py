@@ -71,6 +71,11 @@ _FUNCTIONS_CHECK = textwrap.dedent("""
       one, eight = (streaming.resampled_labels(name, images, texts, rows, mesh=m)
                     for m in (None, mesh))
       assert np.array_equal(one, eight), name
+      # Two layers in one pass, each resample's prior over its own layer's units.
+      one, eight = (streaming.layers_resampled_labels(name, images, texts,
+                                                      [rows, rows[:, 3:9]], mesh=m)
+                    for m in (None, mesh))
+      assert all(np.array_equal(a, b) for a, b in zip(one, eight)), name
     from jaxdissect import linear
     moments = linear.image_moments(images, acts)[0]
     one, eight = (linear.fit(moments, texts, np.ones(37, bool), 4, m) for m in (None, mesh))

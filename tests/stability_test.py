@@ -6,7 +6,9 @@ import numpy as np
 
 from jaxdissect import metrics
 from jaxdissect import registry
+from jaxdissect import similarity
 from jaxdissect import stability
+from jaxdissect import streaming
 from jaxdissect import topk as topk_lib
 
 
@@ -77,6 +79,28 @@ class StabilityTest(parameterized.TestCase):
     # The case is not degenerate: stable and unstable units both occur.
     self.assertGreater(np.max(expected), 0.9)
     self.assertLess(np.min(expected), 0.3)
+
+  @parameterized.parameters("soft_wpmi", "wpmi")
+  def test_layers_in_one_pass_equal_a_direct_numpy_bootstrap_of_each(self, name):
+    # Three layers of 5, 7 and 6 units, each relabelled with the prior over its own
+    # units, in one pass over the concepts.
+    images, texts, P, activations = _world()
+    layers = [activations[:, :5], activations[:, 5:], activations[:, ::2]]
+    got = stability.layers_stability(
+        name, images, texts, [_top_rows(a, name) for a in layers],
+        [np.ones(a.shape[1], bool) for a in layers], num_resamples=10, seed=3)
+    self.assertLen(got, 3)
+    for layer, layer_got in zip(layers, got):
+      expected, expected_labels = _direct_stability(P, layer.astype(np.float64), name,
+                                                    10, 3)
+      np.testing.assert_array_equal(layer_got.labels, expected_labels)
+      np.testing.assert_allclose(layer_got.stability, expected, rtol=0, atol=1e-12)
+    with self.assertRaisesRegex(ValueError, "same number of resamples"):
+      rows = [stability.resampled_top_rows(_top_rows(a, name),
+                                           stability.poisson_weights(len(images), r, 0),
+                                           similarity.default_top_k(name))
+              for a, r in zip(layers[:2], (3, 4))]
+      streaming.layers_resampled_labels(name, images, texts, rows)
 
   def test_planted_unit_is_stable_and_noise_unit_is_not(self):
     rng = np.random.default_rng(0)
