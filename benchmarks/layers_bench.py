@@ -17,13 +17,17 @@ concepts; each is a matmul over those images x concepts x dim. Three variants:
   - one pass: the same normalisers, the similarity of all layers in one pass over
     blocks of concepts (streaming.layers_log_likelihood: each block's P rows computed
     once for the run; what label_probe does now), and the stability of all layers in
-    another (stability.layers_stability; what trust.layer_trust does now).
+    another (stability.layers_stability; what trust.layer_trust does now);
+  - in memory, with --in-memory: what a run does when P fits (concept_matrix_max_gb):
+    P = labeling.concept_activation(images, texts) once, then similarity.soft_wpmi(P,
+    activations) per layer; the stability as in one pass (it always streams). One pass
+    / in memory is what streaming costs a run against holding P.
 Each variant in its own process after a compiling run on other embeddings of the same
 shapes, wall time of the whole run over the layers, one run. Labels and stabilities
-must be equal between the variants (up to the float32 rounding of a matmul of another
-shape, which can move a label where two concepts tie to rounding); the table says
-whether they are. Inputs: random embeddings and ReLU activations, seeded, as in
-similarity_bench.py.
+must be equal between the streamed variants (up to the float32 rounding of a matmul of
+another shape, which can move a label where two concepts tie to rounding); the table
+says whether they are, and the JSON the in-memory labels' agreement with them.
+Inputs: random embeddings and ReLU activations, seeded, as in similarity_bench.py.
 """
 import argparse
 import multiprocessing
@@ -48,8 +52,9 @@ def make_inputs(num_images, num_concepts, num_units, num_layers, dim, seed):
 
 
 def run_layers(images, texts, layers, mode, resamples):
-  """(labels per layer, stability per layer, seconds); mode: "per_call", "shared" or
-  "one_pass" (the module docstring)."""
+  """(labels per layer, stability per layer, seconds); mode: "per_call", "shared",
+  "one_pass" or "in_memory" (the module docstring)."""
+  from jaxdissect import labeling  # pylint: disable=g-import-not-at-top
   from jaxdissect import similarity  # pylint: disable=g-import-not-at-top
   from jaxdissect import stability  # pylint: disable=g-import-not-at-top
   from jaxdissect import streaming  # pylint: disable=g-import-not-at-top
@@ -59,7 +64,11 @@ def run_layers(images, texts, layers, mode, resamples):
   weights = stability.poisson_weights(len(images), resamples, 0) if resamples else None
   depth = stability.depth("soft_wpmi")
   tops = [np.asarray(similarity.top_activations(a, depth)[1]) for a in layers]
-  if mode == "one_pass":
+  if mode == "in_memory":
+    P = labeling.concept_activation(images, texts)
+    labels = [np.asarray(np.argmax(similarity.soft_wpmi(P, a), axis=1)) for a in layers]
+    del P
+  elif mode == "one_pass":
     lam = similarity.registry.SIMILARITY["soft_wpmi"].defaults["lam"]
     labels = [np.asarray(np.argmax(similarity.subtract_prior(L, lam), axis=1))
               for L in streaming.layers_log_likelihood(
@@ -70,7 +79,7 @@ def run_layers(images, texts, layers, mode, resamples):
         images, texts, None, top_images=top, row_normalisers=normalisers), axis=1))
               for top in tops]
   stabilities = []
-  if resamples and mode == "one_pass":
+  if resamples and mode in ("one_pass", "in_memory"):
     stabilities = [unit.stability for unit in stability.layers_stability(
         "soft_wpmi", images, texts, tops, [np.ones(t.shape[0], bool) for t in tops],
         num_resamples=resamples, weights=weights, row_normalisers=normalisers)]
@@ -111,6 +120,8 @@ def main():
                       help="images x concepts x units per layer")
   parser.add_argument("--layers", type=int, default=3)
   parser.add_argument("--dims", default="64,512", help="embedding widths, comma-separated")
+  parser.add_argument("--in-memory", action="store_true",
+                      help="also time the run that holds P (labels in memory)")
   parser.add_argument("--resamples", type=int, default=20,
                       help="bootstrap resamples of the stability; 0: labels only")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
@@ -121,12 +132,15 @@ def main():
   print(f"{args.size} x {args.layers} layers, soft_wpmi + stability ({args.resamples} "
         f"resamples), streamed")
   print(f"{'dim':>5} {'per call s':>11} {'shared s':>9} {'one pass s':>11} "
-        f"{'speed-up':>9} {'same labels':>12} {'same stability':>15}")
+        f"{'speed-up':>9} {'in memory s':>12} {'one pass/in memory':>19} "
+        f"{'same labels':>12} {'same stability':>15}")
+  modes = ("per_call", "shared", "one_pass") + (("in_memory",) if args.in_memory else ())
   for dim in (int(d) for d in args.dims.split(",")):
     runs = {mode: in_process((size, args.layers, dim, mode, args.resamples))
-            for mode in ("per_call", "shared", "one_pass")}
+            for mode in modes}
     base = runs["per_call"]
-    same_labels = all(np.array_equal(a, b) for run in runs.values()
+    streamed = [runs[mode] for mode in ("per_call", "shared", "one_pass")]
+    same_labels = all(np.array_equal(a, b) for run in streamed
                       for a, b in zip(base[0], run[0]))
     same_stability = all(np.array_equal(a, b, equal_nan=True) for run in runs.values()
                          for a, b in zip(base[1], run[1]))
@@ -137,10 +151,17 @@ def main():
            "same_labels": same_labels, "same_stability": same_stability,
            "label_agreement": float(np.mean([np.mean(a == b) for a, b in zip(
                base[0], runs["one_pass"][0])]))}
+    if "in_memory" in runs:
+      row.update(in_memory_s=runs["in_memory"][2],
+                 in_memory_label_agreement=float(np.mean([np.mean(a == b) for a, b in zip(
+                     base[0], runs["in_memory"][0])])),
+                 one_pass_over_in_memory=runs["one_pass"][2] / runs["in_memory"][2])
     rows.append(row)
     print(f"{dim:>5} {row['per_call_s']:>11.1f} {row['shared_s']:>9.1f} "
-          f"{row['one_pass_s']:>11.1f} {row['speed_up']:>8.2f}x {str(same_labels):>12} "
-          f"{str(same_stability):>15}", flush=True)
+          f"{row['one_pass_s']:>11.1f} {row['speed_up']:>8.2f}x "
+          f"{row.get('in_memory_s', float('nan')):>12.1f} "
+          f"{row.get('one_pass_over_in_memory', float('nan')):>19.2f} "
+          f"{str(same_labels):>12} {str(same_stability):>15}", flush=True)
   common.write_json(args.out, {"size": args.size, "layers": args.layers,
                                "resamples": args.resamples, "rows": rows,
                                "device": common.device_info()})

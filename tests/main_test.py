@@ -332,6 +332,9 @@ class MainEndToEndTest(_TinyModels):
                        first.stderr)
     self.assertIsNotNone(shared, first.stderr[-3000:])
     self.assertBetween(int(shared.group(1)), 1, int(shared.group(2)))
+    # The six layers' resamples are relabelled in one pass over the concepts.
+    self.assertEqual(first.stderr.count("Label stability (20 resamples) of 6 layer(s)"), 1,
+                     first.stderr[-3000:])
     units = {"conv1": 8, "layer1": 8, "layer2": 16, "layer3": 16, "layer4": 24, "fc": 5}
     rows = self.check_results(os.path.join(workdir, "results"), units, CONCEPTS)
 
