@@ -19,9 +19,10 @@ concepts; each is a matmul over those images x concepts x dim. Three variants:
     once for the run; what label_probe does now), and the stability of all layers in
     another (stability.layers_stability; what trust.layer_trust does now);
   - in memory, with --in-memory: what a run does when P fits (concept_matrix_max_gb):
-    P = labeling.concept_activation(images, texts) once, then similarity.soft_wpmi(P,
-    activations) per layer; the stability as in one pass (it always streams). One pass
-    / in memory is what streaming costs a run against holding P.
+    P = labeling.concept_activation(images, texts) once, then the similarity of all
+    layers in one pass over P's column blocks (similarity.layers_log_likelihood, what
+    label_probe does with P); the stability as in one pass (it always streams). One
+    pass / in memory is what streaming costs a run against holding P.
 Each variant in its own process after a compiling run on other embeddings of the same
 shapes, wall time of the whole run over the layers, one run. Labels and stabilities
 must be equal between the streamed variants (up to the float32 rounding of a matmul of
@@ -66,7 +67,9 @@ def run_layers(images, texts, layers, mode, resamples):
   tops = [np.asarray(similarity.top_activations(a, depth)[1]) for a in layers]
   if mode == "in_memory":
     P = labeling.concept_activation(images, texts)
-    labels = [np.asarray(np.argmax(similarity.soft_wpmi(P, a), axis=1)) for a in layers]
+    lam = similarity.registry.SIMILARITY["soft_wpmi"].defaults["lam"]
+    labels = [np.asarray(np.argmax(similarity.subtract_prior(L, lam), axis=1))
+              for L in similarity.layers_log_likelihood("soft_wpmi", P, tops)]
     del P
   elif mode == "one_pass":
     lam = similarity.registry.SIMILARITY["soft_wpmi"].defaults["lam"]

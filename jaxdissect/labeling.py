@@ -104,14 +104,15 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
   row_normalisers: with embeddings, the run's streaming.RowNormalisers (shared by its
   layers and the label stability), or None.
   log_likelihood: with top and a (soft-)WPMI function, the layer's L (num_units,
-  num_concepts), already computed with the run's other layers
-  (streaming.layers_log_likelihood); the scores are then computed from it.
+  num_concepts), already computed with the run's other layers (layers_log_likelihood);
+  the scores are then computed from it.
   Non-finite units are zeroed before scoring so they cannot poison the (soft-)WPMI
   prior; dead units stay in it, as in the official method, so live scores are
   unchanged by flagging them.
   """
   kwargs = {}
-  if (top is not None and embeddings is not None and similarity_fn in PRIOR_FUNCTIONS
+  if (top is not None and (embeddings is not None or log_likelihood is not None)
+      and similarity_fn in PRIOR_FUNCTIONS
       and top.k >= similarity.default_top_k(similarity_fn)):
     invalid, dead = top.invalid, top.dead
     kwargs["top_images"] = top_images_of_zeroed(
@@ -142,8 +143,8 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
   if similarity_fn not in PRIOR_FUNCTIONS:
     return LayerScores(np.asarray(fn(activations, **kwargs)), dead, invalid)
   if log_likelihood is not None and "top_images" not in kwargs:
-    raise ValueError("score_layer: log_likelihood needs a (soft-)WPMI function, the "
-                     "embeddings and the layer's running top-k.")
+    raise ValueError("score_layer: log_likelihood needs a (soft-)WPMI function and the "
+                     "layer's running top-k.")
   if num_units < MIN_UNITS_FOR_PRIOR:
     logging.warning("%s estimates each concept's prior from the other units of the layer; "
                     "this layer has %d unit(s), so every score is %s and the label "
@@ -317,11 +318,18 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
   # else of the (num_images, num_units) matrix.
   tops = {name: probe.top_for(name, min(top_k, num_images)) for name in probe.activations}
   log_likelihoods = {}
-  if stream and similarity_fn in PRIOR_FUNCTIONS:
-    log_likelihoods = streamed_log_likelihoods(
-        similarity_fn, embeddings, tops, mesh=mesh, kernel=kernel,
-        compute_dtype=compute_dtype, block_size=concept_block_size,
-        row_normalisers=row_normalisers)
+  if similarity_fn in PRIOR_FUNCTIONS:
+    try:
+      log_likelihoods = layers_log_likelihood(
+          similarity_fn, tops, embeddings=embeddings,
+          concept_activations=concept_activations, mesh=mesh, kernel=kernel,
+          compute_dtype=compute_dtype, block_size=concept_block_size,
+          row_normalisers=row_normalisers)
+    except (MemoryError, jax.errors.JaxRuntimeError) as err:
+      if stream:
+        raise
+      raise _matrix_out_of_memory(err, "scoring the layers with P", num_images,
+                                  num_concepts, similarity_fn) from None
   for name, acts in probe.activations.items():
     top = tops[name]
     try:
@@ -347,28 +355,36 @@ def label_probe(probe: store.ProbeActivations, text_embeddings: np.ndarray,
   return results_lib.DissectionResult(list(concepts), list(probe.image_ids), layers, scores)
 
 
-def streamed_log_likelihoods(similarity_fn: str, embeddings, tops: dict, *, mesh=None,
-                             kernel: str = "auto", compute_dtype: str = "float32",
-                             block_size: int | None = None,
-                             row_normalisers=None) -> dict[str, np.ndarray]:
+def layers_log_likelihood(similarity_fn: str, tops: dict, *, embeddings=None,
+                          concept_activations=None, mesh=None, kernel: str = "auto",
+                          compute_dtype: str = "float32", block_size: int | None = None,
+                          row_normalisers=None) -> dict[str, np.ndarray]:
   """{layer: L (num_units, num_concepts)} of (soft-)WPMI for every layer whose running
-  top-k in `tops` holds the function's top_k, all in one pass over blocks of concepts
-  (streaming.layers_log_likelihood: each block's P rows recomputed once for the run, not
-  once per layer). embeddings: (image embeddings (num_images, dim), text embeddings
-  (num_concepts, dim)); the other arguments as score_layer's."""
+  top-k in `tops` holds the function's top_k, all in one pass over blocks of concepts:
+  from embeddings = (image embeddings (num_images, dim), text embeddings
+  (num_concepts, dim)) (streaming.layers_log_likelihood: each block's P rows recomputed
+  once for the run, not once per layer), or from P, concept_activations (num_images,
+  num_concepts) (similarity.layers_log_likelihood: one compiled program and one read of
+  P's blocks for all layers). The other arguments as score_layer's (streamed only)."""
   top_k = similarity.default_top_k(similarity_fn)
   names = [name for name, top in tops.items() if top.k >= top_k]
   if not names:
     return {}
   started = time.time()
   top_images = [top_images_of_zeroed(tops[name], top_k) for name in names]
-  values = streaming.layers_log_likelihood(
-      similarity_fn, *embeddings, top_images, mesh=mesh, kernel=kernel,
-      compute_dtype=compute_dtype, block_size=block_size, row_normalisers=row_normalisers)
-  logging.info("Streamed %s of %d layer(s) (%d units, %d distinct top images) in one pass "
-               "over the concepts: %.1f s.", similarity_fn, len(names),
-               sum(len(t) for t in top_images), np.unique(np.concatenate(
-                   [t.ravel() for t in top_images])).size, time.time() - started)
+  if embeddings is not None:
+    values = streaming.layers_log_likelihood(
+        similarity_fn, *embeddings, top_images, mesh=mesh, kernel=kernel,
+        compute_dtype=compute_dtype, block_size=block_size,
+        row_normalisers=row_normalisers)
+  else:
+    values = similarity.layers_log_likelihood(similarity_fn, concept_activations,
+                                              top_images, block_size=block_size)
+  logging.info("%s %s of %d layer(s) (%d units, %d distinct top images) in one pass over "
+               "the concepts: %.1f s.", "Streamed" if embeddings is not None else "Scored",
+               similarity_fn, len(names), sum(len(t) for t in top_images),
+               np.unique(np.concatenate([t.ravel() for t in top_images])).size,
+               time.time() - started)
   return dict(zip(names, (np.asarray(v) for v in values)))
 
 

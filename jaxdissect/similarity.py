@@ -368,26 +368,66 @@ def _top_k_log_likelihood(concept_activation, activations, top_k, a, min_prob,
   Only the rows some neuron's top_k holds are read; when that is every image, P's
   column blocks are sliced without a gather.
   """
-  num_images, num_concepts, _ = _check_inputs(concept_activation, activations, name)
+  num_images, _, _ = _check_inputs(concept_activation, activations, name)
   check_top_k(top_k, num_images, name)
-  concept_activation = sharding.to_device(concept_activation)
   _, top_images = top_activations(sharding.to_device(activations), top_k)
-  rows, top_rows = likelihood.unique_rows(top_images)
+  return _layers_top_k_log_likelihood(concept_activation, [np.asarray(top_images)], top_k,
+                                      a, min_prob, membership, term_floor, block_size)[0]
+
+
+def layers_log_likelihood(similarity_fn: str, concept_activation, top_images_by_layer,
+                          block_size=None) -> list:
+  """The L of several layers under (soft-)WPMI at its default settings, in one pass over
+  blocks of P's columns for all of them: [(num_neurons_l, num_concepts)] for
+  top_images_by_layer [(num_neurons_l, >= top_k) image rows, highest activation
+  first]; each layer's scores are subtract_prior(L, lam), as soft_wpmi and wpmi compute
+  them from the activations. concept_activation: P (num_images, num_concepts)."""
+  if similarity_fn not in ("wpmi", "soft_wpmi"):
+    raise ValueError(f"layers_log_likelihood is defined for wpmi and soft_wpmi, not "
+                     f"{similarity_fn!r}.")
+  params = _SOFT if similarity_fn == "soft_wpmi" else _WPMI
+  top_k = params["top_k"]
+  check_top_k(top_k, concept_activation.shape[0], similarity_fn)
+  for top_images in top_images_by_layer:
+    if np.shape(top_images)[1] < top_k:
+      raise ValueError(f"{similarity_fn}: top_images has {np.shape(top_images)[1]} images "
+                       f"per neuron, fewer than top_k={top_k}.")
+  membership, floor = None, params["min_prob"]
+  if similarity_fn == "soft_wpmi":
+    membership = soft_wpmi_membership(top_k, params["p_start"], params["p_end"])
+    floor = likelihood.soft_wpmi_term_floor(params["p_start"], params["p_end"],
+                                            params["min_prob"])
+  return _layers_top_k_log_likelihood(
+      concept_activation, [np.asarray(t)[:, :top_k] for t in top_images_by_layer], top_k,
+      params["a"], params["min_prob"], membership, floor, block_size)
+
+
+def _layers_top_k_log_likelihood(concept_activation, top_images_by_layer, top_k, a,
+                                 min_prob, membership, term_floor, block_size) -> list:
+  """[L_l] of top_images_by_layer [(num_neurons_l, top_k)], in one pass over P's column
+  blocks (likelihood.layers_log_likelihood) reading the union of their rows."""
+  num_images, num_concepts = concept_activation.shape
+  concept_activation = sharding.to_device(concept_activation)
+  sizes = [len(t) for t in top_images_by_layer]
+  rows, top_rows = likelihood.unique_rows(np.concatenate(top_images_by_layer))
+  if rows.size and (rows[0] < 0 or rows[-1] >= num_images):
+    raise ValueError(f"top_images holds rows outside 0..{num_images - 1}.")
   num_rows = rows.size
   block = block_size or likelihood.block_size(num_rows, num_concepts)
   block = int(min(block, num_concepts))
-  return _blocked_log_likelihood(
+  return list(_blocked_log_likelihood(
       concept_activation, None if num_rows == num_images else jnp.asarray(rows),
-      jnp.asarray(top_rows), None if membership is None else jnp.asarray(membership,
-                                                                        jnp.float32),
+      tuple(jnp.asarray(t) for t in np.split(top_rows, np.cumsum(sizes)[:-1])),
+      None if membership is None else jnp.asarray(membership, jnp.float32),
       jnp.float32(a), jnp.float32(min_prob), block=block,
-      group=likelihood.log_group_size(term_floor, top_k))
+      group=likelihood.log_group_size(term_floor, top_k)))
 
 
 @functools.partial(jax.jit, static_argnames=("block", "group"))
 def _blocked_log_likelihood(concept_activation, rows, top_rows, membership, a, min_prob,
                             *, block, group):
-  """rows: (num_rows,) image rows read, or None for all; top_rows index them."""
+  """rows: (num_rows,) image rows read, or None for all; top_rows: a tuple, per layer,
+  of (num_neurons_l, top_k) indices into them."""
   num_concepts = concept_activation.shape[1]
 
   def block_logits(start):
@@ -403,8 +443,9 @@ def _blocked_log_likelihood(concept_activation, rows, top_rows, membership, a, m
 
   row_lse = likelihood.row_log_normalisers(row_logits, num_rows,
                                            likelihood.rows_per_block(num_concepts))
-  return likelihood.log_likelihood(block_logits, row_lse, top_rows, membership, min_prob,
-                                   num_concepts=num_concepts, block=block, group=group)
+  return likelihood.layers_log_likelihood(block_logits, row_lse, top_rows, membership,
+                                          min_prob, num_concepts=num_concepts, block=block,
+                                          group=group)
 
 
 def soft_wpmi_membership(top_k: int, p_start: float, p_end: float) -> np.ndarray:

@@ -200,7 +200,7 @@ class SimilarityTest(parameterized.TestCase):
     block = likelihood.block_size(images, concepts)
     compiled = similarity._blocked_log_likelihood.lower(  # pylint: disable=protected-access
         jax.ShapeDtypeStruct((images, concepts), jnp.float32), None,
-        jax.ShapeDtypeStruct((neurons, top_k), jnp.int32),
+        (jax.ShapeDtypeStruct((neurons, top_k), jnp.int32),),
         jax.ShapeDtypeStruct((top_k,), jnp.float32), jnp.float32(10.0),
         jnp.float32(1e-7), block=block,
         group=likelihood.log_group_size(0.002, top_k)).compile()
@@ -368,6 +368,35 @@ class PriorSaturationTest(parameterized.TestCase):
                         for m in logs.output), logs.output)
     self.assertIn(result.layers["small"].labels[0], ("a", "b"))
     self.assertEqual(result.layers["small"].labels[1], "c")
+
+  @parameterized.parameters("soft_wpmi", "wpmi")
+  def test_label_probe_scores_the_layers_with_P_in_one_pass(self, name):
+    # Three layers (one with a NaN unit, one with a dead unit) scored together from the
+    # running top-k equal each layer scored alone from its activations.
+    rng = np.random.default_rng(9)
+    images = rng.standard_normal((400, 12)).astype(np.float32)
+    texts = rng.standard_normal((17, 12)).astype(np.float32)
+    layers = {"a": rng.random((400, 6)), "b": rng.random((400, 3)) ** 3,
+              "c": rng.standard_normal((400, 5))}
+    layers = {k: v.astype(np.float32) for k, v in layers.items()}
+    layers["b"][5, 1] = np.nan
+    layers["c"][:, 2] = 0.25
+    probe = store.ProbeActivations(images, layers, [str(i) for i in range(400)])
+    concepts = [f"c{i}" for i in range(17)]
+    with self.assertLogs(level="INFO") as logs:
+      result = labeling.label_probe(probe, texts, concepts, name, keep_scores=True)
+    self.assertLen([m for m in logs.output if f"Scored {name} of 3 layer(s)" in m], 1)
+    P = np.asarray(labeling.concept_activation(images, texts))
+    for layer, acts in layers.items():
+      alone = labeling.score_layer(name, P, acts)
+      np.testing.assert_allclose(result.scores[layer], alone.scores, rtol=1e-5, atol=1e-4)
+      expected = labeling.label_units(alone.scores, acts, concepts, alone.dead,
+                                      alone.invalid, tiebreak=alone.tiebreak)
+      self.assertEqual(result.layers[layer].labels, expected.labels)
+    self.assertEqual(result.layers["b"].labels[1], labeling.INVALID_LABEL)
+    self.assertEqual(result.layers["c"].labels[2], labeling.DEAD_LABEL)
+    with self.assertRaisesRegex(ValueError, "fewer than top_k"):
+      similarity.layers_log_likelihood(name, P, [np.zeros((2, 5), np.int64)])
 
   @parameterized.parameters(0.6, 1.0)
   def test_prior_labels_equal_the_labels_of_scores_and_margin(self, lam):
