@@ -140,11 +140,11 @@ def score_layer(similarity_fn: str, concept_activations, activations: np.ndarray
       kwargs["chunk_size"] = chunk_size
   if similarity_fn in PRIOR_FUNCTIONS and block_size:
     kwargs["block_size"] = block_size
-  if similarity_fn not in PRIOR_FUNCTIONS:
-    return LayerScores(np.asarray(fn(activations, **kwargs)), dead, invalid)
   if log_likelihood is not None and "top_images" not in kwargs:
     raise ValueError("score_layer: log_likelihood needs a (soft-)WPMI function and the "
                      "layer's running top-k.")
+  if similarity_fn not in PRIOR_FUNCTIONS:
+    return LayerScores(np.asarray(fn(activations, **kwargs)), dead, invalid)
   if num_units < MIN_UNITS_FOR_PRIOR:
     logging.warning("%s estimates each concept's prior from the other units of the layer; "
                     "this layer has %d unit(s), so every score is %s and the label "
@@ -365,27 +365,52 @@ def layers_log_likelihood(similarity_fn: str, tops: dict, *, embeddings=None,
   (num_concepts, dim)) (streaming.layers_log_likelihood: each block's P rows recomputed
   once for the run, not once per layer), or from P, concept_activations (num_images,
   num_concepts) (similarity.layers_log_likelihood: one compiled program and one read of
-  P's blocks for all layers). The other arguments as score_layer's (streamed only)."""
+  P's blocks for all layers). Layers whose L together exceeds MAX_PASS_SCORES_BYTES
+  take several passes. The other arguments as score_layer's (streamed only)."""
   top_k = similarity.default_top_k(similarity_fn)
-  names = [name for name, top in tops.items() if top.k >= top_k]
-  if not names:
-    return {}
-  started = time.time()
-  top_images = [top_images_of_zeroed(tops[name], top_k) for name in names]
-  if embeddings is not None:
-    values = streaming.layers_log_likelihood(
-        similarity_fn, *embeddings, top_images, mesh=mesh, kernel=kernel,
-        compute_dtype=compute_dtype, block_size=block_size,
-        row_normalisers=row_normalisers)
-  else:
-    values = similarity.layers_log_likelihood(similarity_fn, concept_activations,
-                                              top_images, block_size=block_size)
-  logging.info("%s %s of %d layer(s) (%d units, %d distinct top images) in one pass over "
-               "the concepts: %.1f s.", "Streamed" if embeddings is not None else "Scored",
-               similarity_fn, len(names), sum(len(t) for t in top_images),
-               np.unique(np.concatenate([t.ravel() for t in top_images])).size,
-               time.time() - started)
-  return dict(zip(names, (np.asarray(v) for v in values)))
+  num_concepts = (len(embeddings[1]) if embeddings is not None
+                  else concept_activations.shape[1])
+  out = {}
+  for names in _layer_groups({name: top.ids.shape[1] for name, top in tops.items()
+                              if top.k >= top_k}, num_concepts):
+    started = time.time()
+    top_images = [top_images_of_zeroed(tops[name], top_k) for name in names]
+    if embeddings is not None:
+      values = streaming.layers_log_likelihood(
+          similarity_fn, *embeddings, top_images, mesh=mesh, kernel=kernel,
+          compute_dtype=compute_dtype, block_size=block_size,
+          row_normalisers=row_normalisers)
+    else:
+      values = similarity.layers_log_likelihood(similarity_fn, concept_activations,
+                                                top_images, block_size=block_size)
+    logging.info("%s %s of %d layer(s) (%d units, %d distinct top images) in one pass "
+                 "over the concepts: %.1f s.",
+                 "Streamed" if embeddings is not None else "Scored", similarity_fn,
+                 len(names), sum(len(t) for t in top_images),
+                 np.unique(np.concatenate([t.ravel() for t in top_images])).size,
+                 time.time() - started)
+    out.update(zip(names, (np.asarray(v) for v in values)))
+  return out
+
+
+# The (units, concepts) float32 L that one pass over the concepts returns at most, for
+# all its layers together: a run's layers go in as few passes as keep within it (a
+# layer wider than that, alone).
+MAX_PASS_SCORES_BYTES = 2 * 2**30
+
+
+def _layer_groups(units: dict[str, int], num_concepts: int) -> list[list[str]]:
+  """The layers (name -> units), in order, cut into consecutive groups whose L
+  (units x num_concepts float32) together stays within MAX_PASS_SCORES_BYTES."""
+  groups, size = [], 0
+  for name, num_units in units.items():
+    layer_bytes = 4 * num_units * num_concepts
+    if not groups or size + layer_bytes > MAX_PASS_SCORES_BYTES:
+      groups.append([])
+      size = 0
+    groups[-1].append(name)
+    size += layer_bytes
+  return groups
 
 
 def _warn_of_ties_at_the_cap(name: str, similarity_fn: str, scored) -> None:

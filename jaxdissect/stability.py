@@ -145,6 +145,8 @@ def layers_stability(similarity_fn: str, image_embeddings, text_embeddings,
                      f"{similarity_fn!r}.")
   if num_resamples < 2:
     raise ValueError(f"stability needs at least 2 resamples, got {num_resamples}.")
+  if not top_rows_by_layer:
+    return []
   top_k = similarity.default_top_k(similarity_fn)
   num_top = min(depth(similarity_fn), len(image_embeddings))
   for top_rows in top_rows_by_layer:

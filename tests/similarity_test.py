@@ -1,5 +1,6 @@
 """Similarity functions against a NumPy float64 per-neuron reference written from docs/DESIGN.md."""
 import math
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -397,6 +398,19 @@ class PriorSaturationTest(parameterized.TestCase):
     self.assertEqual(result.layers["c"].labels[2], labeling.DEAD_LABEL)
     with self.assertRaisesRegex(ValueError, "fewer than top_k"):
       similarity.layers_log_likelihood(name, P, [np.zeros((2, 5), np.int64)])
+    # A budget of 7 units' scores: a (6 units), then b and c (3 + 5 > 7: apart).
+    with mock.patch.object(labeling, "MAX_PASS_SCORES_BYTES", 7 * 17 * 4):
+      with self.assertLogs(level="INFO") as logs:
+        parts = labeling.label_probe(probe, texts, concepts, name, keep_scores=True)
+    passes = [m for m in logs.output if f"Scored {name} of 1 layer(s)" in m]
+    self.assertLen(passes, 3)
+    for layer in layers:
+      self.assertEqual(parts.layers[layer].labels, result.layers[layer].labels)
+      np.testing.assert_allclose(parts.scores[layer], result.scores[layer], rtol=1e-5,
+                                 atol=1e-4)
+    with mock.patch.object(labeling, "MAX_PASS_SCORES_BYTES", 7 * 17 * 4):
+      self.assertEqual(labeling._layer_groups({"a": 6, "b": 3, "c": 1, "d": 9}, 17),  # pylint: disable=protected-access
+                       [["a"], ["b", "c"], ["d"]])
 
   @parameterized.parameters(0.6, 1.0)
   def test_prior_labels_equal_the_labels_of_scores_and_margin(self, lam):
