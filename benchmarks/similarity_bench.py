@@ -9,12 +9,12 @@ process (peak RSS per measurement):
     of 3 after a compiling call on the same shapes;
   - streaming: streaming.<function>(image embeddings, text embeddings, activations),
     which never holds P (it recomputes P's blocks), best of 3 likewise;
-  - streaming_shared, for (soft-)WPMI: streaming as every layer after the first of a
-    run computes it: each image's softmax normaliser over the concepts, which main.py
-    computes once per run (streaming.RowNormalisers), already held (computed outside
-    the timer) and, as in a run with label stability, reused (so the blocked plan is
-    taken), best of 3; a run of L layers streams in about (stream - stream+) + L x
-    stream+;
+  - streaming_shared, for (soft-)WPMI: one layer streamed with each image's softmax
+    normaliser over the concepts, which main.py computes once per run
+    (streaming.RowNormalisers), already held (computed outside the timer) and, as in a
+    run with label stability, reused (so the blocked plan is taken), best of 3. A run
+    now streams all its layers in one pass over the concepts, sharing each block's P
+    rows too (streaming.layers_log_likelihood): layers_bench.py times whole runs;
   - with_P: what a one-layer main.py run does when it holds P, from the same
     embeddings as streaming: P = labeling.concept_activation(images, texts), then
     ours on it, both inside the timer, best of 3 (stream/with_P is the choice a user

@@ -127,7 +127,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache: a rerun (another layer, concept set, or the same
   # command after an interruption) loads compiled programs instead of compiling them
   # again. "auto": $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/jaxdissect/
-  # jax (~/.cache/jaxdissect/jax); a path (local or gs://) sets it; "" turns it off.
+  # jax (~/.cache/jaxdissect/jax); a path (local or gs://) sets it; "" or "none" turns
+  # it off.
   # Kept under 1 GiB on a local disk (entry.MAX_CACHE_BYTES).
   config.compilation_cache_dir = "auto"
   # Devices of the mesh (axis "data": the probe batch and the similarity's neurons are

@@ -43,12 +43,20 @@ def run(main: Callable[[], int | None]) -> NoReturn:
   sys.exit(status)
 
 
+# Settings of config.compilation_cache_dir that turn the cache off, besides "": as a
+# path each would make a directory of that name wherever the run starts.
+OFF_SETTINGS = ("none", "off", "false", "0")
+
+
 def compilation_cache_dir(setting: str, environ=None) -> str:
   """config.compilation_cache_dir -> the directory JAX's persistent compilation cache
   uses ("" for none): "auto" is $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/
-  jaxdissect/jax, else ~/.cache/jaxdissect/jax; any other value is taken as given
-  (~ expanded)."""
+  jaxdissect/jax, else ~/.cache/jaxdissect/jax; "" and OFF_SETTINGS (any case) turn it
+  off (./none is a directory called none); any other value is taken as given (~
+  expanded)."""
   environ = os.environ if environ is None else environ
+  if setting.strip().lower() in OFF_SETTINGS:
+    return ""
   if setting != "auto":
     return os.path.expanduser(setting) if setting else ""
   if environ.get("JAX_COMPILATION_CACHE_DIR"):

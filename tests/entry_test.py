@@ -72,6 +72,10 @@ class CompilationCacheDirTest(absltest.TestCase):
                      os.path.join(os.path.expanduser("~"), "c"))
     self.assertEqual(entry.compilation_cache_dir("gs://bucket/c", env), "gs://bucket/c")
     self.assertEqual(entry.compilation_cache_dir("", env), "")
+    # Words for "off" are not directories named after them in the current directory.
+    for off in ("none", "None", "OFF", "false", "0"):
+      self.assertEqual(entry.compilation_cache_dir(off, env), "", off)
+    self.assertEqual(entry.compilation_cache_dir("./none", env), "./none")
 
 
 CACHE_PROBE = """

@@ -57,6 +57,18 @@ class KernelTest(parameterized.TestCase):
     streaming.FUNCTIONS[fn](images, texts, activations, kernel="pallas")
     self.assertEqual(streaming._jitted.cache_info().currsize, jitted)  # pylint: disable=protected-access
 
+  def test_layers_in_one_pass_through_the_kernel_equal_jnp(self):
+    rng = np.random.default_rng(2)
+    images, texts = _unit_rows(rng, 300, 16), _unit_rows(rng, 40, 16)
+    tops = [np.argsort(-rng.random((300, units)), axis=0)[:100].T for units in (5, 2)]
+    got, expected = (streaming.layers_log_likelihood("soft_wpmi", images, texts, tops,
+                                                     kernel=kernel)
+                     for kernel in ("pallas", "jnp"))
+    for layer_got, layer_expected, top in zip(got, expected, tops):
+      self.assertEqual(layer_got.shape, (len(top), 40))
+      np.testing.assert_allclose(np.asarray(layer_got), np.asarray(layer_expected),
+                                 rtol=1e-5, atol=1e-3)
+
   def test_lowers_for_tpu_and_cuda_in_one_export(self):
     exported = kernels.export_for(("tpu", "cuda"), num_neurons=32, top_k=100,
                                   rows=3200, num_concepts=20000, dim=512)
