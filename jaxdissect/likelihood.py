@@ -237,3 +237,16 @@ def unique_rows(top_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(sorted distinct image rows, top_images as int32 indices into them), host-side."""
   rows, local = np.unique(np.asarray(top_images), return_inverse=True)
   return rows, local.reshape(np.shape(top_images)).astype(np.int32)
+
+
+def layers_unique_rows(top_images_by_layer, num_images: int, name: str, what: str
+                       ) -> tuple[np.ndarray, list]:
+  """(sorted distinct image rows of all the layers, [each layer's top_images as int32
+  indices into them, its own shape]), host-side; a row outside 0..num_images - 1 is a
+  ValueError naming `what`."""
+  arrays = [np.asarray(t) for t in top_images_by_layer]
+  rows, local = unique_rows(np.concatenate([a.ravel() for a in arrays]))
+  if rows.size and (rows[0] < 0 or rows[-1] >= num_images):
+    raise ValueError(f"{name}: {what} holds rows outside 0..{num_images - 1}.")
+  parts = np.split(local, np.cumsum([a.size for a in arrays])[:-1])
+  return rows, [part.reshape(a.shape) for part, a in zip(parts, arrays)]

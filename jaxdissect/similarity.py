@@ -408,16 +408,14 @@ def _layers_top_k_log_likelihood(concept_activation, top_images_by_layer, top_k,
   blocks (likelihood.layers_log_likelihood) reading the union of their rows."""
   num_images, num_concepts = concept_activation.shape
   concept_activation = sharding.to_device(concept_activation)
-  sizes = [len(t) for t in top_images_by_layer]
-  rows, top_rows = likelihood.unique_rows(np.concatenate(top_images_by_layer))
-  if rows.size and (rows[0] < 0 or rows[-1] >= num_images):
-    raise ValueError(f"top_images holds rows outside 0..{num_images - 1}.")
+  rows, top_rows = likelihood.layers_unique_rows(top_images_by_layer, num_images,
+                                                 "similarity", "top_images")
   num_rows = rows.size
   block = block_size or likelihood.block_size(num_rows, num_concepts)
   block = int(min(block, num_concepts))
   return list(_blocked_log_likelihood(
       concept_activation, None if num_rows == num_images else jnp.asarray(rows),
-      tuple(jnp.asarray(t) for t in np.split(top_rows, np.cumsum(sizes)[:-1])),
+      tuple(jnp.asarray(t) for t in top_rows),
       None if membership is None else jnp.asarray(membership, jnp.float32),
       jnp.float32(a), jnp.float32(min_prob), block=block,
       group=likelihood.log_group_size(term_floor, top_k)))

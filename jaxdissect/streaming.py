@@ -97,14 +97,6 @@ def _normalisers_of(row_normalisers, image_embeddings, text_embeddings, name):
   return row_normalisers
 
 
-def _checked_rows(top_rows, num_images: int, name: str, what: str):
-  """likelihood.unique_rows(top_rows), every row inside 0..num_images - 1."""
-  rows, local = likelihood.unique_rows(top_rows)
-  if rows.size and (rows[0] < 0 or rows[-1] >= num_images):
-    raise ValueError(f"{name}: {what} holds rows outside 0..{num_images - 1}.")
-  return rows, local
-
-
 def _top_k_log_likelihood(image_embeddings, text_embeddings, activations, top_k, a,
                           min_prob, name, membership=None, term_floor=None,
                           top_images=None, **kwargs):
@@ -166,9 +158,9 @@ def _layers_top_k_log_likelihood(image_embeddings, text_embeddings, top_images_b
   sizes = [int(top_images.shape[0]) for top_images in top_images_by_layer]
   # Only the rows of the top images are read: a memmap of a million embeddings stays
   # on disk, and the device gets at most num_neurons x top_k rows.
-  rows, local = _checked_rows(np.concatenate([np.asarray(t)[:, :top_k]
-                                              for t in top_images_by_layer]),
-                              num_images, name, "top_images")
+  rows, local = likelihood.layers_unique_rows(
+      [np.asarray(t)[:, :top_k] for t in top_images_by_layer], num_images, name,
+      "top_images")
   images = np.asarray(image_embeddings[rows], np.float32)
   num_concepts = text_embeddings.shape[0]
   soft = membership is not None
@@ -192,7 +184,7 @@ def _layers_top_k_log_likelihood(image_embeddings, text_embeddings, top_images_b
   # Padding (copies of each layer's neuron 0, dropped below) gives every device whole
   # chunks.
   layers = []
-  for layer_rows in np.split(local, np.cumsum(sizes)[:-1]):
+  for layer_rows in local:
     padded = -(-len(layer_rows) // (devices * chunk)) * devices * chunk
     layers.append(jnp.asarray(np.concatenate(
         [layer_rows, np.repeat(layer_rows[:1], padded - len(layer_rows), axis=0)])))
@@ -594,9 +586,8 @@ def layers_resampled_labels(similarity_fn: str, image_embeddings, text_embedding
     raise ValueError("resampled_labels: every layer needs the same number of resamples, "
                      f"got {[rows.shape[0] for rows in layers]}.")
   _check_width(image_embeddings, text_embeddings, "resampled_labels")
-  rows, local = _checked_rows(
-      np.concatenate([layer.reshape(-1, top_k) for layer in layers]),
-      image_embeddings.shape[0], "resampled_labels", "resampled_rows")
+  rows, local = likelihood.layers_unique_rows(layers, image_embeddings.shape[0],
+                                              "resampled_labels", "resampled_rows")
   num_concepts = text_embeddings.shape[0]
   membership = (similarity.soft_wpmi_membership(top_k, params["p_start"], params["p_end"])
                 if soft else np.ones(top_k))
@@ -606,12 +597,9 @@ def layers_resampled_labels(similarity_fn: str, image_embeddings, text_embedding
   devices = 1 if mesh is None else mesh.devices.size
   # Copies of resample 0 give every device whole shares; dropped below.
   padded = -(-num_resamples // devices) * devices
-  sizes = [layer.shape[0] * layer.shape[1] for layer in layers]
-  locals_by_layer = []
-  for layer, layer_local in zip(layers, np.split(local, np.cumsum(sizes)[:-1])):
-    layer_local = layer_local.reshape(layer.shape)
-    locals_by_layer.append(jnp.asarray(np.concatenate(
-        [layer_local, np.repeat(layer_local[:1], padded - num_resamples, axis=0)])))
+  locals_by_layer = [jnp.asarray(np.concatenate(
+      [layer_local, np.repeat(layer_local[:1], padded - num_resamples, axis=0)]))
+                     for layer_local in local]
   row_lse = _normalisers_of(row_normalisers, image_embeddings, text_embeddings,
                             "resampled_labels").at(rows, params["a"], compute_dtype)
   args = (_normalise(np.asarray(image_embeddings[rows], np.float32)),
