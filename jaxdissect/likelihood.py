@@ -161,8 +161,8 @@ def layers_log_likelihood(block_logits: Callable, row_lse: jax.Array,
   images.
   """
   top_k = top_rows_by_layer[0].shape[1]
-  padded = [pad_ranks(top_rows, membership, group) for top_rows in top_rows_by_layer]
-  membership = padded[0][1]
+  padded = [pad_ranks(top_rows, None, group)[0] for top_rows in top_rows_by_layer]
+  membership = pad_membership(membership, top_k, group)
 
   def block_body(index, outs):
     start = block_start(index, num_concepts, block)
@@ -170,7 +170,7 @@ def layers_log_likelihood(block_logits: Callable, row_lse: jax.Array,
     return tuple(
         jax.lax.dynamic_update_slice(out, block_log_likelihood(
             probs, top_rows, membership, min_prob, top_k=top_k, group=group), (0, start))
-        for out, (top_rows, _) in zip(outs, padded))
+        for out, top_rows in zip(outs, padded))
 
   return jax.lax.fori_loop(0, num_blocks(num_concepts, block), block_body,
                            tuple(jnp.zeros((top_rows.shape[0], num_concepts), jnp.float32)
@@ -209,9 +209,16 @@ def pad_ranks(top_rows, membership, group: int):
   padding = -(-top_k // group) * group - top_k
   if padding:
     top_rows = jnp.pad(top_rows, ((0, 0), (0, padding)))
-    if membership is not None:
-      membership = jnp.pad(membership, (0, padding))
-  return top_rows, membership
+  return top_rows, pad_membership(membership, top_k, group)
+
+
+def pad_membership(membership, top_k: int, group: int):
+  """membership (top_k,) or None, padded to whole groups of ranks as pad_ranks pads
+  the rows (for layers that share it)."""
+  padding = -(-top_k // group) * group - top_k
+  if padding and membership is not None:
+    membership = jnp.pad(membership, (0, padding))
+  return membership
 
 
 def log_of_group(probs_at: Callable, first_rank, group: int, top_k: int,

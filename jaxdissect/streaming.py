@@ -400,8 +400,7 @@ def _rank_groups_log_likelihood(images, texts, top_images, membership, a, min_pr
   del block, row_lse  # the blocked plan's
   top_k = top_images[0].shape[1]
   num_groups = -(-top_k // group)
-  membership = likelihood.pad_ranks(top_images[0], membership if soft else None,
-                                    group)[1]
+  membership = likelihood.pad_membership(membership if soft else None, top_k, group)
 
   def neurons(ids):  # (chunk, padded top_k) -> (chunk, num_concepts), (chunk, top_k)
     def add_log_of_group(group_index, carry):
@@ -625,8 +624,7 @@ def _resampled_labels_body(images, texts, top_rows, membership, a, min_prob, row
   (rows,) their normalisers."""
   num_concepts = texts.shape[0]
   top_k = top_rows[0].shape[2]
-  membership = likelihood.pad_ranks(top_rows[0][0], membership if soft else None,
-                                    group)[1]
+  membership = likelihood.pad_membership(membership if soft else None, top_k, group)
   padded_layers = []
   for layer in top_rows:
     num_resamples, num_units, _ = layer.shape
