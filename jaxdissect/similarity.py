@@ -37,6 +37,9 @@ _RANK = registry.SIMILARITY["rank_reorder"].defaults
 _CUBED = registry.SIMILARITY["cos_similarity_cubed"].defaults
 NUM_BASELINE_SHUFFLES = 5
 FOLD_ROWS = 32
+# Below this many elements _fold_rows takes one row per iteration: the 32-row unrolled
+# body compiled in 1.6 s where the whole fold ran in well under a millisecond.
+FOLD_UNROLL_MIN_ELEMENTS = 2**20
 
 
 def _check_inputs(concept_activation, activations, name: str) -> tuple[int, int, int]:
@@ -138,10 +141,11 @@ def _fold_rows(step, init, x):
 
   Why: XLA:CPU runs a reduction over a major axis of (neurons, concepts) about 7x
   slower than this loop of row-wide elementwise steps, and one row per iteration 5x
-  slower than 32 (2,048 x 20,000, BENCHMARKS.md).
+  slower than 32 (2,048 x 20,000, BENCHMARKS.md). Small x: one row per iteration, as
+  its compile, not its run, is what costs (FOLD_UNROLL_MIN_ELEMENTS).
   """
   num_rows = x.shape[0]
-  per_step = min(FOLD_ROWS, num_rows)
+  per_step = min(FOLD_ROWS, num_rows) if x.size >= FOLD_UNROLL_MIN_ELEMENTS else 1
   full_steps = num_rows // per_step
 
   def body(index, carry):
@@ -198,7 +202,13 @@ def prior_score(log_likelihood, gap, lam: float, num_neurons: int):
   callers compute the gap without cancellation (subtract_prior below; trust's nulls,
   where the unit's L is replaced and gap = softplus(logsumexp of the others - L)).
   """
-  return (1.0 - lam) * log_likelihood + lam * (math.log(num_neurons) - gap)
+  return prior_score_at_log_size(log_likelihood, gap, lam, math.log(num_neurons))
+
+
+def prior_score_at_log_size(log_likelihood, gap, lam: float, log_size):
+  """prior_score with log K given: a Python float, or a float32 array that holds the
+  float32 a Python math.log(K) becomes (padded layers: stability's stacked prior)."""
+  return (1.0 - lam) * log_likelihood + lam * (log_size - gap)
 
 
 @jax.jit
@@ -240,14 +250,19 @@ def prior_labels(log_likelihood: jax.Array, lam: float) -> jax.Array:
   return best_prior_concept(log_likelihood, lam)[2]
 
 
-def best_prior_concept(log_likelihood: jax.Array, lam: float):
+def best_prior_concept(log_likelihood: jax.Array, lam: float, log_size=None):
   """(score, margin, concept), each (num_neurons,): every neuron's best column of
   log_likelihood (num_neurons, columns) in prior_labels' order, with its score and
   prior margin. Columns are independent, so a running best over blocks of concepts
   that keeps the earlier block on equal (score, margin) gives prior_labels' label
-  (streaming.resampled_labels)."""
+  (streaming.resampled_labels).
+
+  log_size: log K of the layer, when rows of L at -inf pad it (a traced float32 under
+  vmap over padded layers); None: log of the number of rows. A padded row changes no
+  sum, maximum or logsumexp bit, so a padded layer's rows score exactly as alone.
+  """
   parts = _best_neuron_parts(log_likelihood)
-  scores = _prior_scores(log_likelihood, parts, lam)
+  scores = _prior_scores(log_likelihood, parts, lam, log_size)
   margin = _prior_margins(log_likelihood, parts)
   best = jnp.max(scores, axis=1, keepdims=True)
   key = jnp.where(scores == best, margin, -jnp.inf)
@@ -257,19 +272,84 @@ def best_prior_concept(log_likelihood: jax.Array, lam: float):
           concept.astype(jnp.int32))
 
 
-def _prior_scores(log_likelihood, parts, lam):
+# Layers padded together into one prior (stacked_best_prior_concept): at most this
+# share of padding rows, or any padding while the stack is this small (elements).
+STACK_PADDING = 0.25
+SMALL_STACK_ELEMENTS = 2**22
+
+
+def prior_stacks(sizes, num_columns: int) -> tuple[tuple[int, ...], ...]:
+  """Groups of layer indices whose priors run as one vmapped program, each layer padded
+  to its group's widest.
+
+  sizes: each layer's units; num_columns: the concepts of L per call. Why: a program per
+  layer compiled 1.6 s a layer, however small (the synthetic default's 8 layers: 14 s
+  of stability for 0.1 s of work), while padding a small layer to a large one at scale
+  multiplies its prior's work. Layers are taken narrowest first; one joins the group
+  while the padded rows stay within STACK_PADDING of the real ones or the stack within
+  SMALL_STACK_ELEMENTS. Equal widths (a ViT's blocks) always share one program.
+  """
+  groups, current = [], []
+  for layer in sorted(range(len(sizes)), key=lambda index: (sizes[index], index)):
+    joined = current + [layer]
+    padded_rows = len(joined) * sizes[layer]
+    real_rows = sum(sizes[index] for index in joined)
+    if current and not (padded_rows <= (1.0 + STACK_PADDING) * real_rows or
+                        padded_rows * num_columns <= SMALL_STACK_ELEMENTS):
+      groups.append(tuple(current))
+      joined = [layer]
+    current = joined
+  if current:
+    groups.append(tuple(current))
+  return tuple(groups)
+
+
+def stacked_best_prior_concept(log_likelihood: jax.Array, lam: float, sizes, stacks):
+  """best_prior_concept of consecutive layers stacked in log_likelihood's rows, each with
+  the prior over its own rows, row for row the same bits as each layer alone.
+
+  log_likelihood: (sum(sizes), columns); stacks: prior_stacks(sizes, columns), static.
+  Each stack's layers are padded with rows of -inf to its widest and vmapped, so one
+  program serves the stack. Returns (score, margin, concept), each (sum(sizes),).
+  """
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  # A row of -inf, L's last, is every layer's padding.
+  padded = jnp.concatenate(
+      [log_likelihood, jnp.full((1, log_likelihood.shape[1]), -jnp.inf,
+                                log_likelihood.dtype)])
+  outs = [None] * len(sizes)
+  for stack in stacks:
+    width = max(sizes[layer] for layer in stack)
+    rows = np.full((len(stack), width), offsets[-1], np.int32)
+    for position, layer in enumerate(stack):
+      rows[position, :sizes[layer]] = np.arange(offsets[layer], offsets[layer + 1])
+    # The float32 that best_prior_concept's math.log(K) becomes, per layer.
+    log_sizes = np.asarray([math.log(sizes[layer]) for layer in stack], np.float32)
+    if width == 1:  # one neuron per layer: best_prior_concept's own +inf margins
+      results = jax.vmap(lambda x: best_prior_concept(x, lam))(padded[rows])
+    else:
+      results = jax.vmap(lambda x, log_size: best_prior_concept(x, lam, log_size))(
+          padded[rows], jnp.asarray(log_sizes))
+    for position, layer in enumerate(stack):
+      outs[layer] = tuple(result[position, :sizes[layer]] for result in results)
+  return tuple(jnp.concatenate([out[index] for out in outs]) for index in range(3))
+
+
+def _prior_scores(log_likelihood, parts, lam, log_size=None):
   """subtract_prior from _best_neuron_parts(log_likelihood)."""
   is_best, lse_all, lse_without_best, best_value = parts
   # The best neuron's L is best_value, so its softplus is one per concept, not one per
   # entry (12 ms of a 256 x 20,000 prior on 2 CPU cores).
   best_gap = jax.nn.softplus(lse_without_best - best_value)
   gap = jnp.where(is_best, best_gap[None, :], lse_all[None, :] - log_likelihood)
-  return prior_score(log_likelihood, gap, lam, log_likelihood.shape[0])
+  if log_size is None:
+    return prior_score(log_likelihood, gap, lam, log_likelihood.shape[0])
+  return prior_score_at_log_size(log_likelihood, gap, lam, log_size)
 
 
 def _prior_margins(log_likelihood, parts):
   """prior_margin from _best_neuron_parts(log_likelihood); +inf for a single neuron,
-  which has no other to be compared with."""
+  which has no other to be compared with (as padded: its lse_without_best is -inf)."""
   if log_likelihood.shape[0] == 1:
     return jnp.full_like(log_likelihood, jnp.inf)
   is_best, lse_all, lse_without_best, _ = parts

@@ -596,87 +596,81 @@ def layers_resampled_labels(similarity_fn: str, image_embeddings, text_embedding
   devices = 1 if mesh is None else mesh.devices.size
   # Copies of resample 0 give every device whole shares; dropped below.
   padded = -(-num_resamples // devices) * devices
-  locals_by_layer = [jnp.asarray(np.concatenate(
-      [layer_local, np.repeat(layer_local[:1], padded - num_resamples, axis=0)]))
-                     for layer_local in local]
+  # The layers' units side by side: one gather program for all of them.
+  stacked = np.concatenate(local, axis=1)
+  stacked = np.concatenate([stacked, np.repeat(stacked[:1], padded - num_resamples, axis=0)])
   row_lse = _normalisers_of(row_normalisers, image_embeddings, text_embeddings,
                             "resampled_labels").at(rows, params["a"], compute_dtype)
   args = (_normalise(np.asarray(image_embeddings[rows], np.float32)),
-          _normalise(text_embeddings), tuple(locals_by_layer),
+          _normalise(text_embeddings), jnp.asarray(stacked),
           jnp.asarray(membership, jnp.float32), jnp.float32(params["a"]),
           jnp.float32(params["min_prob"]), jnp.asarray(row_lse))
+  block = int(min(block_size or likelihood.block_size(rows.size, num_concepts),
+                  num_concepts))
+  sizes = tuple(int(layer.shape[1]) for layer in layers)
   # lam static, as in similarity.prior_labels: the same constants, the same bits.
   statics = {"soft": soft, "compute_dtype": compute_dtype, "lam": float(params["lam"]),
-             "block": int(min(block_size or likelihood.block_size(rows.size, num_concepts),
-                              num_concepts)),
-             "group": likelihood.log_group_size(floor, top_k)}
+             "block": block, "group": likelihood.log_group_size(floor, top_k),
+             "sizes": sizes, "stacks": similarity.prior_stacks(sizes, block)}
   if devices == 1:
     labels = _jitted_resampled_labels(*args, **statics)
   else:
-    labels = _sharded_resampled_labels(mesh, num_layers=len(layers), **statics)(*args)
-  return [np.asarray(layer_labels)[:num_resamples] for layer_labels in labels]
+    labels = _sharded_resampled_labels(mesh, **statics)(*args)
+  labels = np.asarray(labels)[:num_resamples]
+  return np.split(labels, np.cumsum(sizes)[:-1], axis=1)
 
 
 def _resampled_labels_body(images, texts, top_rows, membership, a, min_prob, row_lse, *,
-                           lam, soft, compute_dtype, block, group):
-  """A tuple of (R, K_l) labels. images: (rows, dim) and texts: (M, dim) normalised;
-  top_rows: a tuple of (R, K_l, top_k) indices into images, one per layer; row_lse:
-  (rows,) their normalisers."""
+                           lam, soft, compute_dtype, block, group, sizes, stacks):
+  """(R, sum(sizes)) labels. images: (rows, dim) and texts: (M, dim) normalised;
+  top_rows: (R, sum(sizes), top_k) indices into images, the layers' units side by side;
+  row_lse: (rows,) their normalisers. Each layer's prior is over its own units
+  (similarity.stacked_best_prior_concept, stacks as prior_stacks gives them)."""
   num_concepts = texts.shape[0]
-  top_k = top_rows[0].shape[2]
+  num_resamples, num_units, top_k = top_rows.shape
   membership = likelihood.pad_membership(membership if soft else None, top_k, group)
-  padded_layers = []
-  for layer in top_rows:
-    num_resamples, num_units, _ = layer.shape
-    padded_layers.append(likelihood.pad_ranks(layer.reshape(-1, top_k), None, group)[0]
-                         .reshape(num_resamples, num_units, -1))
+  padded_rows = likelihood.pad_ranks(top_rows.reshape(-1, top_k), None, group)[0].reshape(
+      num_resamples, num_units, -1)
 
-  def block_body(index, bests):
+  def block_body(index, best):
     start = likelihood.block_start(index, num_concepts, block)
     probs = likelihood.block_probs(
         _block_logits(images, texts, a, start, block, compute_dtype), row_lse)
 
-    def layer_best(padded_rows, best):
-      def resample_body(r, best):
-        log_likelihood = likelihood.block_log_likelihood(
-            probs, padded_rows[r], membership, min_prob, top_k=top_k, group=group)
-        score, margin, label = similarity.best_prior_concept(log_likelihood, lam)
-        best_score, best_margin, best_label = (x[r] for x in best)
-        better = (score > best_score) | ((score == best_score) & (margin > best_margin))
-        return tuple(x.at[r].set(jnp.where(better, new, old)) for x, new, old in
-                     zip(best, (score, margin, label + start),
-                         (best_score, best_margin, best_label)))
+    def resample_body(r, best):
+      log_likelihood = likelihood.block_log_likelihood(
+          probs, padded_rows[r], membership, min_prob, top_k=top_k, group=group)
+      score, margin, label = similarity.stacked_best_prior_concept(
+          log_likelihood, lam, sizes, stacks)
+      best_score, best_margin, best_label = (x[r] for x in best)
+      better = (score > best_score) | ((score == best_score) & (margin > best_margin))
+      return tuple(x.at[r].set(jnp.where(better, new, old)) for x, new, old in
+                   zip(best, (score, margin, label + start),
+                       (best_score, best_margin, best_label)))
 
-      return jax.lax.fori_loop(0, padded_rows.shape[0], resample_body, best)
+    return jax.lax.fori_loop(0, num_resamples, resample_body, best)
 
-    return tuple(layer_best(padded_rows, best)
-                 for padded_rows, best in zip(padded_layers, bests))
-
-  bests = []
-  for layer in top_rows:
-    low = jnp.full(layer.shape[:2], -jnp.inf, jnp.float32)
-    bests.append((low, low, jnp.zeros(layer.shape[:2], jnp.int32)))
-  bests = jax.lax.fori_loop(0, likelihood.num_blocks(num_concepts, block), block_body,
-                            tuple(bests))
-  return tuple(best[2] for best in bests)
+  low = jnp.full((num_resamples, num_units), -jnp.inf, jnp.float32)
+  best = jax.lax.fori_loop(0, likelihood.num_blocks(num_concepts, block), block_body,
+                           (low, low, jnp.zeros((num_resamples, num_units), jnp.int32)))
+  return best[2]
 
 
 _jitted_resampled_labels = jax.jit(
     _resampled_labels_body,
-    static_argnames=("lam", "soft", "compute_dtype", "block", "group"))
+    static_argnames=("lam", "soft", "compute_dtype", "block", "group", "sizes", "stacks"))
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_resampled_labels(mesh, lam, soft, compute_dtype, block, group, num_layers=1):
-  """jit(shard_map(...)): each layer's resamples split over the mesh axis, the rest
-  replicated."""
+def _sharded_resampled_labels(mesh, lam, soft, compute_dtype, block, group, sizes, stacks):
+  """jit(shard_map(...)): the resamples split over the mesh axis, the rest replicated."""
   replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
-  layers = (split,) * num_layers
   body = functools.partial(_resampled_labels_body, lam=lam, soft=soft,
-                           compute_dtype=compute_dtype, block=block, group=group)
+                           compute_dtype=compute_dtype, block=block, group=group,
+                           sizes=sizes, stacks=stacks)
   return jax.jit(jax.shard_map(
-      body, mesh=mesh, in_specs=(replicated, replicated, layers) + (replicated,) * 4,
-      out_specs=layers, check_vma=False))
+      body, mesh=mesh, in_specs=(replicated, replicated, split) + (replicated,) * 4,
+      out_specs=split, check_vma=False))
 
 
 def _image_chunks(num_images: int, size: int):

@@ -435,6 +435,55 @@ class PriorSaturationTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(similarity.subtract_prior(L, 1.0)), 0.0)
     self.assertTrue(np.all(np.isinf(np.asarray(similarity.prior_margin(L)))))
 
+  @parameterized.parameters(0.6, 1.0)
+  def test_stacked_layers_label_as_each_layer_alone(self, lam):
+    # Layers of 1, 3, 7, 7 and 2 units (the tie case, owned concepts, a lone unit)
+    # stacked in one L: each row's label and margin are its layer's alone, bit for bit,
+    # and its score to float32 rounding, in one stack or several.
+    rng = np.random.default_rng(4)
+    layers = [np.array([[-5.0, -1.0, -3.0, -9.0]], np.float32),
+              np.array([[-500.0, -300.0, -310.0, -200.0],
+                        [-200.0, -340.0, -370.0, -200.0],
+                        [-200.0, -345.0, -380.0, -200.0]], np.float32),
+              (rng.normal(0, 1, (7, 4)) - 300.0).astype(np.float32),
+              (rng.normal(0, 80, (7, 4)) - 300.0).astype(np.float32),
+              (rng.normal(0, 5, (2, 4)) - 300.0).astype(np.float32)]
+    sizes = tuple(len(layer) for layer in layers)
+    alone = [similarity.best_prior_concept(jnp.asarray(layer), lam) for layer in layers]
+    expected = [np.concatenate([np.asarray(out[i]) for out in alone]) for i in range(3)]
+    stacked = jnp.asarray(np.concatenate(layers))
+    for stacks in (similarity.prior_stacks(sizes, 4), ((0, 1, 2, 3, 4),),
+                   ((4, 1), (0,), (2, 3))):
+      score, margin, label = similarity.stacked_best_prior_concept(stacked, lam, sizes,
+                                                                    stacks)
+      np.testing.assert_array_equal(np.asarray(label), expected[2])
+      np.testing.assert_array_equal(np.asarray(margin), expected[1])
+      np.testing.assert_allclose(np.asarray(score), expected[0], rtol=1e-6)
+
+  def test_prior_stacks_cover_every_layer_once_and_bound_padding(self):
+    sizes = (16, 16, 32, 64, 128, 8, 8, 5)
+    self.assertEqual(similarity.prior_stacks(sizes, 56), ((7, 5, 6, 0, 1, 2, 3, 4),))
+    self.assertEqual(similarity.prior_stacks((768,) * 12, 20000), (tuple(range(12)),))
+    # ResNet-50's blocks at 4,096 concepts a block: only the two smallest pad together.
+    big = (64, 256, 512, 1024, 2048)
+    stacks = similarity.prior_stacks(big, 4096)
+    self.assertEqual(stacks, ((0, 1), (2,), (3,), (4,)))
+    for stack in stacks:
+      padded = len(stack) * max(big[i] for i in stack)
+      real = sum(big[i] for i in stack)
+      self.assertTrue(padded <= 1.25 * real or
+                      padded * 4096 <= similarity.SMALL_STACK_ELEMENTS)
+    self.assertEqual(sorted(sum(stacks, ())), list(range(5)))
+
+  def test_fold_unrolled_or_not_gives_the_same_bits(self):
+    L = jnp.asarray((np.random.default_rng(5).normal(0, 20, (70, 9)) - 300.0)
+                    .astype(np.float32))
+    with mock.patch.object(similarity, "FOLD_UNROLL_MIN_ELEMENTS", 0):
+      unrolled = [np.asarray(x) for x in similarity.best_prior_concept(L, 0.6)]
+    rolled = [np.asarray(x) for x in similarity.best_prior_concept(L, 0.6)]
+    for a, b in zip(unrolled, rolled):
+      np.testing.assert_array_equal(a, b)
+
 
 class BlockedLogTest(parameterized.TestCase):
 
