@@ -61,13 +61,25 @@ only in the processes of the measurements that take P (so the streaming processe
 memory is their own).
 cos_similarity's NumPy baseline reads all of P once per neuron: at 50000x20000x2048 that
 is over 10 minutes, so BENCHMARKS.md runs that size with --functions soft_wpmi,wpmi.
+
+    python benchmarks/similarity_bench.py --default-run 3 [--run-config configs/synthetic.py]
+
+times instead what the label stability adds to whole runs at the default settings:
+main.py on the config (the embedded synthetic default unless given), N times, each a
+fresh process with an empty workdir and no compilation cache, compiles included, from
+each run's config.json stage_seconds (similarity: every layer's scores and labels;
+label_stability: all layers' 20 resamples).
 """
 import argparse
+import json
 import multiprocessing
 import os
 import queue as queue_lib
 import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -364,6 +376,39 @@ def _against(kind, baseline, ours, stream):
           f"label_agreement_with_{kind}": _agreement(ours, baseline)}
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_runs(num_runs: int, config: str) -> list[dict]:
+  """Runs main.py on `config` num_runs times, each a fresh process with an empty workdir
+  and no compilation cache (what a first run costs), and returns each run's
+  config.json stage_seconds (similarity: scores and labels of every layer;
+  label_stability: its resamples, compiles included)."""
+  records = []
+  for run in range(num_runs):
+    with tempfile.TemporaryDirectory() as workdir:
+      started = time.perf_counter()
+      proc = subprocess.run(
+          [sys.executable, os.path.join(REPO, "main.py"), "--config", config,
+           "--workdir", workdir, "--config.compilation_cache_dir=none"],
+          capture_output=True, text=True, cwd=REPO, check=False)
+      if proc.returncode != 0:
+        raise SystemExit(f"main.py --config {config} failed:\n{proc.stderr[-3000:]}")
+      with open(os.path.join(workdir, "results", "config.json"), encoding="utf-8") as f:
+        seconds = json.load(f)["stage_seconds"]
+    record = {"run": run, "wall_seconds": time.perf_counter() - started, **seconds,
+              "stability_over_similarity": seconds["label_stability"] / seconds["similarity"]}
+    print(f"run {run}: similarity {seconds['similarity']:.2f} s, label stability "
+          f"{seconds['label_stability']:.2f} s, stability / similarity "
+          f"{record['stability_over_similarity']:.2f}, whole run "
+          f"{record['wall_seconds']:.1f} s", flush=True)
+    records.append(record)
+  ratios = [r["stability_over_similarity"] for r in records]
+  print(f"median stability / similarity over {num_runs} run(s): "
+        f"{statistics.median(ratios):.2f}")
+  return records
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -380,7 +425,17 @@ def main(argv=None):
                       help="also time the label stability (20 resamples) of (soft-)WPMI")
   parser.add_argument("--explanations", action="store_true",
                       help="also time the linear explanations and compositional labels")
+  parser.add_argument("--default-run", type=int, default=0, metavar="N",
+                      help="instead: N whole main.py runs of --run-config, the "
+                      "similarity and label stability stages' seconds of each")
+  parser.add_argument("--run-config", default=os.path.join(REPO, "configs", "synthetic.py"))
   args = parser.parse_args(argv)
+  if args.default_run:
+    records = default_runs(args.default_run, args.run_config)
+    if args.out:
+      common.write_json(args.out, {"device": common.device_info(), "config": args.run_config,
+                                   "runs": records})
+    return
   records = []
   print(" ".join(f"{h:>{w}}" for h, _, w, _ in COLUMNS), flush=True)
   for size_text in args.sizes.split(","):

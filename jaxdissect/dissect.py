@@ -6,6 +6,7 @@ evaluation and files. The module is callable: `jaxdissect.dissect(...)` always w
 import contextlib
 import os
 import sys
+import time
 import types
 
 from absl import logging
@@ -118,15 +119,22 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
   # streamed similarity and their label stability.
   row_normalisers = streaming.RowNormalisers(probe.image_embeddings, text_embeddings,
                                              reused=trust.computes_stability(config))
+  # Wall seconds of the stages after the probe pass, in config.json: what a run of these
+  # settings costs, compiles included (benchmarks/similarity_bench.py --default-run).
+  stage_seconds = {}
+  started = time.time()
   result = labeling.label_with_config(config, probe, text_embeddings, concepts,
                                       list(truths), mesh, row_normalisers)
+  stage_seconds["similarity"] = round(time.time() - started, 3)
+  started = time.time()
   result.visibility = trust.run_visibility(config, probe.image_embeddings, text_embeddings,
                                            mesh)
   result.trust = trust.layer_trust(
       config, probe, result, text_embeddings, mesh,
       lambda texts: np.asarray(clip_lib.embed_texts(clip, texts, config.text_batch_size)),
       probe_pass.simulator_embeddings(config, probe_set, target, pass_mesh, concepts),
-      result.visibility, row_normalisers)
+      result.visibility, row_normalisers, stage_seconds)
+  stage_seconds["unit_trust"] = round(time.time() - started, 3)
   logging.info("Softmax normalisers over the %d concepts: %d of %d images, each computed "
                "once for the streamed similarity and the label stability of %d layer(s).",
                len(concepts), row_normalisers.rows_computed, len(probe.image_embeddings),
@@ -136,7 +144,8 @@ def _run(config, workdir: str, warnings: list[str]) -> str:
   config_json = {"config": config.to_dict(), "workdir": os.path.abspath(workdir),
                  "layers": {i.name: {"path": i.path, "units": i.num_units} for i in layer_infos},
                  "num_images": probe_set.num_images, "num_concepts": len(concepts),
-                 "probe_key": probe_key, "text_key": text_key, **results.environment()}
+                 "probe_key": probe_key, "text_key": text_key, "stage_seconds": stage_seconds,
+                 **results.environment()}
   if jax.process_index() != 0:
     return config.result_dir
   kept = np.setdiff1d(np.arange(probe_set.num_images), np.asarray(probe.skipped, int))

@@ -304,7 +304,8 @@ def computes_stability(config) -> bool:
 def layer_trust(config, probe: store.ProbeActivations,
                 result: results_lib.DissectionResult, text_embeddings: np.ndarray,
                 mesh=None, embed_texts=None, simulator=None,
-                visibility=None, row_normalisers=None) -> dict[str, UnitTrust]:
+                visibility=None, row_normalisers=None,
+                stage_seconds: dict | None = None) -> dict[str, UnitTrust]:
   """Per-unit AUC, permutation p-value, explanations (where the activations are held;
   with config.trust_bootstrap resamples, their concepts' selection shares) and
   ((soft-)WPMI only) label stability of every layer's labels; mesh: the devices of
@@ -313,7 +314,8 @@ def layer_trust(config, probe: store.ProbeActivations,
   text embeddings) of config.simulator_model, or None; visibility: the concepts the
   probe shows (run_visibility), which the explanations choose among, or None for all;
   the simulator's own are computed here from its embeddings; row_normalisers: the run's
-  streaming.RowNormalisers, which the layers' stability shares (None: one here)."""
+  streaming.RowNormalisers, which the layers' stability shares (None: one here);
+  stage_seconds: where given, "label_stability" is set to the stability's wall time."""
   if simulator is not None:
     shown = run_visibility(config, *simulator, mesh)
     simulator = (*simulator, None if shown is None else shown.visible)
@@ -374,8 +376,11 @@ def layer_trust(config, probe: store.ProbeActivations,
         num_resamples=bootstrap, weights=weights, mesh=mesh,
         compute_dtype=config.similarity_dtype,
         block_size=config.concept_block_size or None, row_normalisers=row_normalisers)
+    seconds = time.time() - started
     logging.info("Label stability (%d resamples) of %d layer(s) in %.1f s.", bootstrap,
-                 len(names), time.time() - started)
+                 len(names), seconds)
+    if stage_seconds is not None:
+      stage_seconds["label_stability"] = round(seconds, 3)
     for name, unit_stability in zip(names, stabilities):
       out[name].stability = unit_stability.stability
       out[name].alternative_shares = unit_stability.shares(

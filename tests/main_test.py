@@ -314,6 +314,11 @@ class MainEndToEndTest(_TinyModels):
       config = json.load(f)
     self.assertEqual(config["num_images"], NUM_IMAGES)
     self.assertIn("jax", config["versions"])
+    # Stage wall times: the stability is part of the unit trust stage.
+    seconds = config["stage_seconds"]
+    self.assertEqual(set(seconds), {"similarity", "unit_trust", "label_stability"})
+    self.assertGreater(seconds["similarity"], 0.0)
+    self.assertLessEqual(seconds["label_stability"], seconds["unit_trust"])
     report = os.listdir(os.path.join(result_dir, "report"))
     self.assertIn("index.html", report)
     self.assertLen(report, 2 + len(units))  # index, a page per layer, images/

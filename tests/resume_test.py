@@ -3,7 +3,7 @@
 The runs are killed (SIGKILL, no chance to clean up) as soon as they log the line that
 opens a phase, restarted, and every result file is compared with an uninterrupted run's,
 byte for byte (config.json: all but the fields that name the run itself: its workdir
-paths and overwrite).
+paths, overwrite and its stages' wall times).
 """
 import json
 import os
@@ -66,9 +66,11 @@ def result_files(result_dir) -> dict[str, bytes]:
 
 
 def without_run_fields(config_json: bytes) -> dict:
-  """config.json less what names this run: its workdir, and overwrite (the restart sets it)."""
+  """config.json less what names this run: its workdir, overwrite (the restart sets it)
+  and its stages' wall times."""
   config = json.loads(config_json)
   config.pop("workdir")
+  config.pop("stage_seconds")
   for field in ("activation_dir", "result_dir", "overwrite"):
     config["config"].pop(field)
   return config
