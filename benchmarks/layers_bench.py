@@ -1,7 +1,8 @@
 """Several layers of one streamed run: what it computes once, and what per layer.
 
     python benchmarks/layers_bench.py --out benchmarks/results/layers_bench.json \
-        [--size 10000x20000x256] [--layers 3] [--dims 64,512] [--resamples 20]
+        [--size 10000x20000x256] [--layers 3] [--dims 64,512] [--resamples 20] \
+        [--widths 64,256,512,1024,2048] [--modes one_pass,in_memory]
 
 What a streamed main.py run does after the probe pass: the (soft-)WPMI labels of every
 layer from the embeddings and the label stability of every layer over bootstrap
@@ -43,12 +44,13 @@ import common
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def make_inputs(num_images, num_concepts, num_units, num_layers, dim, seed):
+def make_inputs(num_images, num_concepts, widths, dim, seed):
+  """widths: each layer's units."""
   rng = np.random.default_rng(seed)
   images = rng.standard_normal((num_images, dim)).astype(np.float32)
   texts = rng.standard_normal((num_concepts, dim)).astype(np.float32)
-  layers = [np.maximum(rng.standard_normal((num_images, num_units)), 0).astype(np.float32)
-            for _ in range(num_layers)]
+  layers = [np.maximum(rng.standard_normal((num_images, units)), 0).astype(np.float32)
+            for units in widths]
   return images, texts, layers
 
 
@@ -95,15 +97,14 @@ def run_layers(images, texts, layers, mode, resamples):
 
 
 def measure(args, queue):
-  size, num_layers, dim, mode, resamples = args
-  num_images, num_concepts, num_units = size
-  warm = make_inputs(num_images, num_concepts, num_units, num_layers, dim, seed=1)
+  size, widths, dim, mode, resamples = args
+  num_images, num_concepts = size[:2]
+  warm = make_inputs(num_images, num_concepts, widths, dim, seed=1)
   # Compiles the programs of the same shapes (those shaped by the distinct top images
   # compile again in the timed run, in every variant alike).
   run_layers(*warm, mode, resamples)
   labels, stabilities, seconds = run_layers(
-      *make_inputs(num_images, num_concepts, num_units, num_layers, dim, seed=0), mode,
-      resamples)
+      *make_inputs(num_images, num_concepts, widths, dim, seed=0), mode, resamples)
   queue.put((labels, stabilities, seconds))
 
 
@@ -122,6 +123,12 @@ def main():
   parser.add_argument("--size", default="10000x20000x256",
                       help="images x concepts x units per layer")
   parser.add_argument("--layers", type=int, default=3)
+  parser.add_argument("--widths", default=None,
+                      help="each layer's units, comma-separated (instead of --layers "
+                      "layers of the size's units), e.g. ResNet-50's 64,256,512,1024,2048")
+  parser.add_argument("--modes", default=None,
+                      help="only these variants, comma-separated (per_call, shared, "
+                      "one_pass, in_memory); the comparisons need per_call and one_pass")
   parser.add_argument("--dims", default="64,512", help="embedding widths, comma-separated")
   parser.add_argument("--in-memory", action="store_true",
                       help="also time the run that holds P (labels in memory)")
@@ -131,16 +138,26 @@ def main():
                                                     "layers_bench.json"))
   args = parser.parse_args()
   size = tuple(int(v) for v in args.size.split("x"))
+  widths = (tuple(int(w) for w in args.widths.split(",")) if args.widths
+            else (size[2],) * args.layers)
   rows = []
-  print(f"{args.size} x {args.layers} layers, soft_wpmi + stability ({args.resamples} "
-        f"resamples), streamed")
+  print(f"{size[0]}x{size[1]}, layers of {','.join(map(str, widths))} units, soft_wpmi + "
+        f"stability ({args.resamples} resamples), streamed")
   print(f"{'dim':>5} {'per call s':>11} {'shared s':>9} {'one pass s':>11} "
         f"{'speed-up':>9} {'in memory s':>12} {'one pass/in memory':>19} "
         f"{'same labels':>12} {'same stability':>15}")
   modes = ("per_call", "shared", "one_pass") + (("in_memory",) if args.in_memory else ())
+  if args.modes:
+    modes = tuple(args.modes.split(","))
   for dim in (int(d) for d in args.dims.split(",")):
-    runs = {mode: in_process((size, args.layers, dim, mode, args.resamples))
+    runs = {mode: in_process((size, widths, dim, mode, args.resamples))
             for mode in modes}
+    if not {"per_call", "one_pass"} <= set(runs):
+      row = {"dim": dim, **{f"{mode}_s": run[2] for mode, run in runs.items()}}
+      rows.append(row)
+      print(f"{dim:>5} " + " ".join(f"{mode} {run[2]:.1f} s" for mode, run in runs.items()),
+            flush=True)
+      continue
     base = runs["per_call"]
     streamed = [runs[mode] for mode in ("per_call", "shared", "one_pass")]
     same_labels = all(np.array_equal(a, b) for run in streamed
@@ -165,7 +182,7 @@ def main():
           f"{row.get('in_memory_s', float('nan')):>12.1f} "
           f"{row.get('one_pass_over_in_memory', float('nan')):>19.2f} "
           f"{str(same_labels):>12} {str(same_stability):>15}", flush=True)
-  common.write_json(args.out, {"size": args.size, "layers": args.layers,
+  common.write_json(args.out, {"size": args.size, "widths": widths,
                                "resamples": args.resamples, "rows": rows,
                                "device": common.device_info()})
 

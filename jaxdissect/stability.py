@@ -27,7 +27,10 @@ Cost: R relabellings of the layer, each the similarity's (top_k x concepts) term
 every unit, in one pass over blocks of concepts (streaming.resampled_labels: from the
 embeddings, S never held; the rows' normalisers and each block's softmax rows once for
 all resamples; the resamples split over the mesh). layers_stability relabels all the
-layers of a run in that one pass, so each block's P rows are computed once per run.
+layers of a run in that one pass, so each block's P rows are computed once per run, and
+in one program: one gather for all layers' units side by side and each layer's prior
+over its own units, layers of like width padded into one vmapped prior
+(similarity.prior_stacks), so compiling does not grow with the number of layers.
 """
 import dataclasses
 import time
