@@ -605,9 +605,13 @@ def layers_resampled_labels(similarity_fn: str, image_embeddings, text_embedding
           _normalise(text_embeddings), jnp.asarray(stacked),
           jnp.asarray(membership, jnp.float32), jnp.float32(params["a"]),
           jnp.float32(params["min_prob"]), jnp.asarray(row_lse))
-  block = int(min(block_size or likelihood.block_size(rows.size, num_concepts),
-                  num_concepts))
   sizes = tuple(int(layer.shape[1]) for layer in layers)
+  # Per block: the rows' softmax, and every unit's L about three times over (L, its
+  # stacked prior's padded copy, the scores), all layers' units at once: each within
+  # the block budget (a ViT's 12 x 3,072 MLP units would otherwise hold 1.8 GB).
+  block = int(min(block_size or min(likelihood.block_size(rows.size, num_concepts),
+                                    likelihood.block_size(3 * sum(sizes), num_concepts)),
+                  num_concepts))
   # lam static, as in similarity.prior_labels: the same constants, the same bits.
   statics = {"soft": soft, "compute_dtype": compute_dtype, "lam": float(params["lam"]),
              "block": block, "group": likelihood.log_group_size(floor, top_k),
