@@ -259,7 +259,8 @@ def best_prior_concept(log_likelihood: jax.Array, lam: float, log_size=None):
 
   log_size: log K of the layer, when rows of L at -inf pad it (a traced float32 under
   vmap over padded layers); None: log of the number of rows. A padded row changes no
-  sum, maximum or logsumexp bit, so a padded layer's rows score exactly as alone.
+  sum, maximum or logsumexp bit, so a padded layer's rows score exactly as the same
+  layer unpadded with the same log_size.
   """
   parts = _best_neuron_parts(log_likelihood)
   scores = _prior_scores(log_likelihood, parts, lam, log_size)
@@ -306,7 +307,9 @@ def prior_stacks(sizes, num_columns: int) -> tuple[tuple[int, ...], ...]:
 
 def stacked_best_prior_concept(log_likelihood: jax.Array, lam: float, sizes, stacks):
   """best_prior_concept of consecutive layers stacked in log_likelihood's rows, each with
-  the prior over its own rows, row for row the same bits as each layer alone.
+  the prior over its own rows: row for row the labels and margins of each layer alone,
+  bit for bit, and its scores to float32 rounding (log K is a traced value here, which
+  XLA cannot fold into the arithmetic as it folds the constant of a layer alone).
 
   log_likelihood: (sum(sizes), columns); stacks: prior_stacks(sizes, columns), static.
   Each stack's layers are padded with rows of -inf to its widest and vmapped, so one
