@@ -307,9 +307,10 @@ def prior_stacks(sizes, num_columns: int) -> tuple[tuple[int, ...], ...]:
 
 def stacked_best_prior_concept(log_likelihood: jax.Array, lam: float, sizes, stacks):
   """best_prior_concept of consecutive layers stacked in log_likelihood's rows, each with
-  the prior over its own rows: row for row the labels and margins of each layer alone,
-  bit for bit, and its scores to float32 rounding (log K is a traced value here, which
-  XLA cannot fold into the arithmetic as it folds the constant of a layer alone).
+  the prior over its own rows: row for row each layer's margins alone, bit for bit, its
+  scores to float32 rounding (log K is a traced value here, which XLA cannot fold into
+  the arithmetic as it folds the constant of a layer alone), so its labels unless two
+  concepts' scores tie to that rounding.
 
   log_likelihood: (sum(sizes), columns); stacks: prior_stacks(sizes, columns), static.
   Each stack's layers are padded with rows of -inf to its widest and vmapped, so one
