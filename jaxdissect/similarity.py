@@ -329,11 +329,8 @@ def stacked_best_prior_concept(log_likelihood: jax.Array, lam: float, sizes, sta
       rows[position, :sizes[layer]] = np.arange(offsets[layer], offsets[layer + 1])
     # The float32 that best_prior_concept's math.log(K) becomes, per layer.
     log_sizes = np.asarray([math.log(sizes[layer]) for layer in stack], np.float32)
-    if width == 1:  # one neuron per layer: best_prior_concept's own +inf margins
-      results = jax.vmap(lambda x: best_prior_concept(x, lam))(padded[rows])
-    else:
-      results = jax.vmap(lambda x, log_size: best_prior_concept(x, lam, log_size))(
-          padded[rows], jnp.asarray(log_sizes))
+    results = jax.vmap(lambda x, log_size: best_prior_concept(x, lam, log_size))(
+        padded[rows], jnp.asarray(log_sizes))
     for position, layer in enumerate(stack):
       outs[layer] = tuple(result[position, :sizes[layer]] for result in results)
   return tuple(jnp.concatenate([out[index] for out in outs]) for index in range(3))
@@ -347,7 +344,7 @@ def _prior_scores(log_likelihood, parts, lam, log_size=None):
   best_gap = jax.nn.softplus(lse_without_best - best_value)
   gap = jnp.where(is_best, best_gap[None, :], lse_all[None, :] - log_likelihood)
   if log_size is None:
-    return prior_score(log_likelihood, gap, lam, log_likelihood.shape[0])
+    log_size = math.log(log_likelihood.shape[0])
   return prior_score_at_log_size(log_likelihood, gap, lam, log_size)
 
 
