@@ -30,7 +30,10 @@ all resamples; the resamples split over the mesh). layers_stability relabels all
 layers of a run in that one pass, so each block's P rows are computed once per run, and
 in one program: one gather for all layers' units side by side and each layer's prior
 over its own units, layers of like width padded into one vmapped prior
-(similarity.prior_stacks), so compiling does not grow with the number of layers.
+(similarity.prior_stacks), so compiling does not grow with the number of layers. That
+program runs once per block of concepts, the running labels kept on the device(s), so
+the pass logs its rate and ETA: at ResNet-50's widths with 20,000 concepts it is about
+156 G terms, a minute or more on a CPU (BENCHMARKS.md).
 """
 import dataclasses
 import time
@@ -38,6 +41,7 @@ import time
 from absl import logging
 import numpy as np
 
+from jaxdissect import activations as activations_lib
 from jaxdissect import registry
 from jaxdissect import similarity
 from jaxdissect import streaming
@@ -129,7 +133,8 @@ def layers_stability(similarity_fn: str, image_embeddings, text_embeddings,
                      num_resamples: int = DEFAULT_NUM_RESAMPLES, seed: int = 0,
                      weights: np.ndarray | None = None, mesh=None,
                      compute_dtype: str = "float32", block_size: int | None = None,
-                     row_normalisers=None) -> list[UnitStability]:
+                     row_normalisers=None, log_every_s: float = 10.0
+                     ) -> list[UnitStability]:
   """Stability of the labels of several layers, each relabelled with the prior over its
   own units, in one pass over blocks of concepts (streaming.layers_resampled_labels:
   each block's P rows computed once for all the layers, not once per layer).
@@ -141,7 +146,8 @@ def layers_stability(similarity_fn: str, image_embeddings, text_embeddings,
   units (stability NaN).
   weights: (num_resamples, num_images) from poisson_weights, shared by the layers of a
   run; computed from (num_resamples, seed) when None. row_normalisers: the run's
-  streaming.RowNormalisers (shared with its layers' similarity), or None.
+  streaming.RowNormalisers (shared with its layers' similarity), or None. log_every_s:
+  seconds between rate logs of the pass over the concepts (absl INFO).
   """
   if similarity_fn not in registry.PRIOR_FUNCTIONS:
     raise ValueError(f"stability is defined for {registry.PRIOR_FUNCTIONS}, not "
@@ -158,15 +164,25 @@ def layers_stability(similarity_fn: str, image_embeddings, text_embeddings,
                        f"{top_rows.shape[1]}.")
   if weights is None:
     weights = poisson_weights(len(image_embeddings), num_resamples, seed)
+  num_units = sum(len(top_rows) for top_rows in top_rows_by_layer)
+  num_concepts = len(text_embeddings)
+  # What the pass costs is its terms: every resample relabels every unit over every
+  # concept from its top_k images (BENCHMARKS.md: about 3 G terms/s on 2 CPU cores).
+  logging.info("Label stability: %d resamples x %d units x %d ranks x %d concepts = "
+               "%.3g terms (trust_bootstrap sets the resamples; 0 skips this).",
+               num_resamples, num_units, top_k, num_concepts,
+               float(num_resamples) * num_units * top_k * num_concepts)
+  progress = activations_lib.RateLogger(num_concepts, "Label stability", log_every_s,
+                                        unit="concepts")
   started = time.time()
   rows = [resampled_top_rows(np.asarray(top_rows[:, :num_top]), weights[:num_resamples],
                              top_k) for top_rows in top_rows_by_layer]
   labels = streaming.layers_resampled_labels(
       similarity_fn, image_embeddings, text_embeddings, rows, mesh=mesh,
-      compute_dtype=compute_dtype, block_size=block_size, row_normalisers=row_normalisers)
+      compute_dtype=compute_dtype, block_size=block_size, row_normalisers=row_normalisers,
+      on_block=lambda done, _: progress.update(done - progress.done))
   logging.info("Stability: %d resamples of %d layer(s), %d units, in %.1f s.",
-               num_resamples, len(rows), sum(len(t) for t in top_rows_by_layer),
-               time.time() - started)
+               num_resamples, len(rows), num_units, time.time() - started)
   return [UnitStability(np.where(np.asarray(usable, bool), pairwise_agreement(layer_labels),
                                  np.nan), layer_labels)
           for usable, layer_labels in zip(usable_by_layer, labels)]

@@ -13,6 +13,7 @@ P is defined as in labeling.concept_activation: norm(I) @ norm(T).T.
 """
 import contextlib
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -565,11 +566,18 @@ def resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
 
 def layers_resampled_labels(similarity_fn: str, image_embeddings, text_embeddings,
                             resampled_rows_by_layer, mesh=None, compute_dtype="float32",
-                            block_size=None, row_normalisers=None) -> list:
+                            block_size=None, row_normalisers=None,
+                            on_block: Callable[[int, int], None] | None = None) -> list:
   """resampled_labels of several layers (each a prior over its own units) in one pass
   over blocks of concepts: each block's P rows and softmax computed once for the union
   of the layers' rows. [(R, num_units_l) int32] for resampled_rows_by_layer
-  [(R, num_units_l, >= top_k)], the same R for every layer."""
+  [(R, num_units_l, >= top_k)], the same R for every layer.
+
+  One compiled call per block of concepts, the running best carried from call to call
+  on the device(s): at a paper's scale the pass takes minutes on a CPU, and
+  on_block(concepts_done, num_concepts), called after each block has finished, lets
+  the caller log its rate (stability.layers_stability). None: no waiting between
+  blocks."""
   params = dict(_WPMI if similarity_fn == "wpmi" else _SOFT)
   if similarity_fn not in ("wpmi", "soft_wpmi"):
     raise ValueError(f"resampled_labels is defined for wpmi and soft_wpmi, not "
@@ -616,65 +624,72 @@ def layers_resampled_labels(similarity_fn: str, image_embeddings, text_embedding
   statics = {"soft": soft, "compute_dtype": compute_dtype, "lam": float(params["lam"]),
              "block": block, "group": likelihood.log_group_size(floor, top_k),
              "sizes": sizes, "stacks": similarity.prior_stacks(sizes, block)}
-  if devices == 1:
-    labels = _jitted_resampled_labels(*args, **statics)
-  else:
-    labels = _sharded_resampled_labels(mesh, **statics)(*args)
-  labels = np.asarray(labels)[:num_resamples]
+  step = (functools.partial(_jitted_resampled_labels_block, **statics) if devices == 1
+          else _sharded_resampled_labels_block(mesh, **statics))
+  low = np.full(stacked.shape[:2], -np.inf, np.float32)
+  best = (low, low, np.zeros(stacked.shape[:2], np.int32))
+  count = likelihood.num_blocks(num_concepts, block)
+  for index in range(count):
+    best = step(*args, best, jnp.int32(index))
+    if on_block is not None:
+      jax.block_until_ready(best)
+      on_block(min((index + 1) * block, num_concepts), num_concepts)
+  labels = np.asarray(best[2])[:num_resamples]
   return np.split(labels, np.cumsum(sizes)[:-1], axis=1)
 
 
-def _resampled_labels_body(images, texts, top_rows, membership, a, min_prob, row_lse, *,
-                           lam, soft, compute_dtype, block, group, sizes, stacks):
-  """(R, sum(sizes)) labels. images: (rows, dim) and texts: (M, dim) normalised;
+def _resampled_labels_block(images, texts, top_rows, membership, a, min_prob, row_lse,
+                            best, index, *, lam, soft, compute_dtype, block, group, sizes,
+                            stacks):
+  """The running best (score, prior margin, label), each (R, sum(sizes)), updated with
+  block `index` of concepts. images: (rows, dim) and texts: (M, dim) normalised;
   top_rows: (R, sum(sizes), top_k) indices into images, the layers' units side by side;
   row_lse: (rows,) their normalisers. Each layer's prior is over its own units
-  (similarity.stacked_best_prior_concept, stacks as prior_stacks gives them)."""
+  (similarity.stacked_best_prior_concept, stacks as prior_stacks gives them); a concept
+  beats the best so far by prior_labels' order (score, then margin, then the lower
+  index: blocks come in order), so a block seen twice changes nothing."""
   num_concepts = texts.shape[0]
   num_resamples, num_units, top_k = top_rows.shape
   membership = likelihood.pad_membership(membership if soft else None, top_k, group)
   padded_rows = likelihood.pad_ranks(top_rows.reshape(-1, top_k), None, group)[0].reshape(
       num_resamples, num_units, -1)
+  start = likelihood.block_start(index, num_concepts, block)
+  probs = likelihood.block_probs(
+      _block_logits(images, texts, a, start, block, compute_dtype), row_lse)
 
-  def block_body(index, best):
-    start = likelihood.block_start(index, num_concepts, block)
-    probs = likelihood.block_probs(
-        _block_logits(images, texts, a, start, block, compute_dtype), row_lse)
+  def resample_body(r, best):
+    log_likelihood = likelihood.block_log_likelihood(
+        probs, padded_rows[r], membership, min_prob, top_k=top_k, group=group)
+    score, margin, label = similarity.stacked_best_prior_concept(
+        log_likelihood, lam, sizes, stacks)
+    best_score, best_margin, best_label = (x[r] for x in best)
+    better = (score > best_score) | ((score == best_score) & (margin > best_margin))
+    return tuple(x.at[r].set(jnp.where(better, new, old)) for x, new, old in
+                 zip(best, (score, margin, label + start),
+                     (best_score, best_margin, best_label)))
 
-    def resample_body(r, best):
-      log_likelihood = likelihood.block_log_likelihood(
-          probs, padded_rows[r], membership, min_prob, top_k=top_k, group=group)
-      score, margin, label = similarity.stacked_best_prior_concept(
-          log_likelihood, lam, sizes, stacks)
-      best_score, best_margin, best_label = (x[r] for x in best)
-      better = (score > best_score) | ((score == best_score) & (margin > best_margin))
-      return tuple(x.at[r].set(jnp.where(better, new, old)) for x, new, old in
-                   zip(best, (score, margin, label + start),
-                       (best_score, best_margin, best_label)))
-
-    return jax.lax.fori_loop(0, num_resamples, resample_body, best)
-
-  low = jnp.full((num_resamples, num_units), -jnp.inf, jnp.float32)
-  best = jax.lax.fori_loop(0, likelihood.num_blocks(num_concepts, block), block_body,
-                           (low, low, jnp.zeros((num_resamples, num_units), jnp.int32)))
-  return best[2]
+  return jax.lax.fori_loop(0, num_resamples, resample_body, tuple(best))
 
 
-_jitted_resampled_labels = jax.jit(
-    _resampled_labels_body,
+_jitted_resampled_labels_block = jax.jit(
+    _resampled_labels_block,
     static_argnames=("lam", "soft", "compute_dtype", "block", "group", "sizes", "stacks"))
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_resampled_labels(mesh, lam, soft, compute_dtype, block, group, sizes, stacks):
-  """jit(shard_map(...)): the resamples split over the mesh axis, the rest replicated."""
+def _sharded_resampled_labels_block(mesh, lam, soft, compute_dtype, block, group, sizes,
+                                    stacks):
+  """jit(shard_map(...)): the resamples (top_rows and the running best) split over the
+  mesh axis, the rest replicated."""
   replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
-  body = functools.partial(_resampled_labels_body, lam=lam, soft=soft,
+  body = functools.partial(_resampled_labels_block, lam=lam, soft=soft,
                            compute_dtype=compute_dtype, block=block, group=group,
                            sizes=sizes, stacks=stacks)
   return jax.jit(jax.shard_map(
-      body, mesh=mesh, in_specs=(replicated, replicated, split) + (replicated,) * 4,
-      out_specs=split, check_vma=False))
+      body, mesh=mesh,
+      in_specs=(replicated, replicated, split) + (replicated,) * 4 + ((split,) * 3,
+                                                                      replicated),
+      out_specs=(split,) * 3, check_vma=False))
 
 
 def _image_chunks(num_images: int, size: int):

@@ -375,7 +375,8 @@ def layer_trust(config, probe: store.ProbeActivations,
         [~(result.layers[name].dead | result.layers[name].invalid) for name in names],
         num_resamples=bootstrap, weights=weights, mesh=mesh,
         compute_dtype=config.similarity_dtype,
-        block_size=config.concept_block_size or None, row_normalisers=row_normalisers)
+        block_size=config.concept_block_size or None, row_normalisers=row_normalisers,
+        log_every_s=config.log_every_s)
     seconds = time.time() - started
     logging.info("Label stability (%d resamples) of %d layer(s) in %.1f s.", bootstrap,
                  len(names), seconds)

@@ -146,6 +146,20 @@ class StreamingTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "top_images holds rows outside 0..599"):
       streaming.FUNCTIONS[name](images, texts, None, top_images=outside[1])
 
+  def test_resampled_labels_report_each_finished_block(self):
+    images, texts, activations = embeddings(300, 13, 4, seed=5)
+    _, top = similarity.top_activations(activations, 100)
+    resampled = np.stack([np.asarray(top)] * 2)
+    reports = []
+    with_reports = streaming.layers_resampled_labels(
+        "soft_wpmi", images, texts, [resampled], block_size=5,
+        on_block=lambda done, total: reports.append((done, total)))
+    # Blocks of 5 of 13 concepts: the last moved back to end at 13.
+    self.assertEqual(reports, [(5, 13), (10, 13), (13, 13)])
+    np.testing.assert_array_equal(
+        with_reports[0], streaming.resampled_labels("soft_wpmi", images, texts, resampled,
+                                                    block_size=5))
+
   def test_small_chunks_change_nothing(self):
     images, texts, activations = embeddings(700, 12, 9, seed=3)
     whole = {n: np.asarray(f(images, texts, activations))
