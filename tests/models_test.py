@@ -1,4 +1,5 @@
 """Target loading, layer names and capture: the jitted probe step against direct forwards."""
+import dataclasses
 import os
 import tempfile
 
@@ -120,6 +121,23 @@ class ModelsTest(parameterized.TestCase):
     theirs = theirs / np.linalg.norm(theirs, axis=1, keepdims=True)
     np.testing.assert_allclose(clip_lib.embed_texts(self.clip, texts, batch_size=2),
                                theirs, rtol=1e-4, atol=1e-5)
+
+  def test_text_batches_take_few_shapes_and_compile_once_each(self):
+    self.assertEqual([clip_lib.text_batch_rows(n, 256) for n in (1, 2, 3, 56, 64, 65, 206,
+                                                                 256, 257, 20000)],
+                     [1, 2, 4, 64, 64, 128, 256, 256, 256, 256])
+    self.assertEqual(clip_lib.text_batch_rows(5, 3), 3)
+    clip = dataclasses.replace(self.clip)  # its own jitted step, nothing compiled yet
+    texts = ["red", "a striped dog", "", "blue", "green"]
+    whole = clip_lib.embed_texts(clip, texts)
+    # 3 texts run as a batch of 4, as the 5 ran in a batch of 8: two compiled shapes,
+    # and more calls of those shapes compile nothing.
+    part = clip_lib.embed_texts(clip, texts[:3])
+    np.testing.assert_allclose(part, whole[:3], rtol=1e-5, atol=1e-6)
+    self.assertEqual(clip.jitted_text_embeddings._cache_size(), 2)
+    clip_lib.embed_texts(clip, texts[1:4])
+    clip_lib.embed_texts(clip, texts[:1] * 7)
+    self.assertEqual(clip.jitted_text_embeddings._cache_size(), 2)
 
   def test_unknown_layer_lists_valid_names(self):
     target = targets.load_target(self.basic_dir)
