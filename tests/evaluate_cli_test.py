@@ -9,6 +9,7 @@ from absl.testing import absltest
 import pytest
 import numpy as np
 
+from jaxdissect import errors
 from jaxdissect.models import sentence
 from tests import synthetic_run
 
@@ -58,6 +59,14 @@ class SentenceEncoderTest(absltest.TestCase):
     with self.assertLogs(level="WARNING") as logs:
       self.assertIsNone(sentence.load_optional("/no/such/sentence/model"))
     self.assertIn("sentence_cos", "\n".join(logs.output))
+
+  def test_architecture_without_flax_class_is_named(self):
+    import transformers
+    tmp = tempfile.mkdtemp()
+    transformers.DebertaConfig(vocab_size=9, hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2).save_pretrained(tmp)
+    with self.assertRaisesRegex(errors.UserError, "'deberta' model, which has no Flax"):
+      sentence.load(tmp)
 
 
 @pytest.mark.slow
