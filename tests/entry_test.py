@@ -37,6 +37,29 @@ class PrepareTest(absltest.TestCase):
     self.assertEqual(proc.stdout.strip().splitlines()[-1], "[]")
 
 
+ENVIRONMENT = """
+import sys
+from jaxdissect import entry
+entry.prepare()
+from jaxdissect import results
+versions = results.environment()["versions"]
+print("tensorflow" in sys.modules, versions.get("tensorflow"))
+"""
+
+
+class EnvironmentTest(absltest.TestCase):
+
+  def test_records_tensorflow_version_without_importing_it(self):
+    proc = subprocess.run([sys.executable, "-c", ENVIRONMENT], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    imported, version = proc.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    self.assertEqual(imported, "False")
+    if importlib.util.find_spec("tensorflow") is not None:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self.assertEqual(version, tf.__version__)
+
+
 class RunTest(absltest.TestCase):
 
   def test_exits_with_mains_status_after_prepare_and_finish(self):
