@@ -131,6 +131,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def compiled_batch_rows(num_rows: int, batch_size: int) -> int:
+  """Rows of each compiled batch when num_rows rows go through a step in batches of at
+  most batch_size, the last padded: batch_size, or the next power of two at or above
+  num_rows when that is smaller. Callers embed sets of many sizes (a run's concepts,
+  each layer's explanation prompts, the evaluation's labels), and every new batch shape
+  is a compile; powers of two bound them to a few, at most twice the rows' work."""
+  batch_size = max(1, int(batch_size))
+  return min(batch_size, 1 << max(0, int(num_rows) - 1).bit_length())
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   """batch_size is global: split evenly over every device of every process."""
   devices = mesh.devices.size

@@ -54,6 +54,14 @@ class SentenceEncoderTest(absltest.TestCase):
     mean = (hidden * mask).sum(1) / mask.sum(1)
     np.testing.assert_allclose(got, mean / np.linalg.norm(mean, axis=1, keepdims=True),
                                atol=1e-5)
+    # 3 and 4 texts share a batch of 4 rows: one compile for both, padding inert.
+    step = sentence._pooled_fn(encoder.module)  # pylint: disable=protected-access
+    four = encoder.embed(texts * 2)
+    compiled = step._cache_size()  # pylint: disable=protected-access
+    three = encoder.embed(texts + texts[:1])
+    self.assertEqual(step._cache_size(), compiled)  # pylint: disable=protected-access
+    np.testing.assert_allclose(three, four[:3], atol=1e-6)
+    np.testing.assert_allclose(three[:2], got, atol=1e-6)
 
   def test_missing_model_is_left_out_with_a_warning(self):
     with self.assertLogs(level="WARNING") as logs:

@@ -13,6 +13,7 @@ import transformers
 
 from jaxdissect import activations
 from jaxdissect import errors
+from jaxdissect import sharding
 from jaxdissect.data import preprocessing
 from jaxdissect.models import clip as clip_lib
 from jaxdissect.models import targets
@@ -123,10 +124,10 @@ class ModelsTest(parameterized.TestCase):
                                theirs, rtol=1e-4, atol=1e-5)
 
   def test_text_batches_take_few_shapes_and_compile_once_each(self):
-    self.assertEqual([clip_lib.text_batch_rows(n, 256) for n in (1, 2, 3, 56, 64, 65, 206,
-                                                                 256, 257, 20000)],
+    self.assertEqual([sharding.compiled_batch_rows(n, 256) for n in (1, 2, 3, 56, 64, 65,
+                                                                      206, 256, 257, 20000)],
                      [1, 2, 4, 64, 64, 128, 256, 256, 256, 256])
-    self.assertEqual(clip_lib.text_batch_rows(5, 3), 3)
+    self.assertEqual(sharding.compiled_batch_rows(5, 3), 3)
     clip = dataclasses.replace(self.clip)  # its own jitted step, nothing compiled yet
     texts = ["red", "a striped dog", "", "blue", "green"]
     whole = clip_lib.embed_texts(clip, texts)

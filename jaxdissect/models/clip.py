@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxdissect import errors
 from jaxdissect import registry
+from jaxdissect import sharding
 from jaxdissect import similarity
 from jaxdissect.data import preprocessing
 from jaxdissect.models import checkpoints
@@ -69,15 +70,6 @@ class ClipModel:
             encoded["attention_mask"].astype(np.int32))
 
 
-def text_batch_rows(num_texts: int, batch_size: int) -> int:
-  """Rows of each compiled text batch: batch_size, or the next power of two at or
-  above num_texts when that is smaller. A run embeds sets of many sizes (its concepts,
-  each layer's explanation prompts, the evaluation's), and every new batch shape is a
-  compile; powers of two bound them to a few, at most twice the rows' work."""
-  batch_size = max(1, int(batch_size))
-  return min(batch_size, 1 << max(0, int(num_texts) - 1).bit_length())
-
-
 def normalise(x, axis=-1):
   return similarity.l2_normalise(x, axis)
 
@@ -114,7 +106,7 @@ def embed_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256,
                 log_every: int = 20) -> np.ndarray:
   """L2-normalised text embeddings (len(texts), dim), batched under one compiled step."""
   texts = list(texts)
-  batch_size = text_batch_rows(len(texts), batch_size)
+  batch_size = sharding.compiled_batch_rows(len(texts), batch_size)
   step = clip.jitted_text_embeddings
   out = np.zeros((len(texts), clip.embedding_dim), np.float32)
   num_batches = -(-len(texts) // batch_size)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import errors
+from jaxdissect import sharding
 from jaxdissect import similarity
 from jaxdissect.models import checkpoints
 from jaxdissect.models import loading
@@ -48,10 +49,11 @@ class SentenceEncoder:
     if not texts:
       return np.zeros((0, int(self.module.config.hidden_size)), np.float32)
     outputs = []
-    for start in range(0, len(texts), batch_size):
-      part = texts[start:start + batch_size]
-      # Fixed batch and length: one compile whatever the number of texts.
-      padded = part + [""] * (batch_size - len(part)) if len(texts) > batch_size else part
+    # Few batch shapes, one length: a compile per shape, whatever the number of texts.
+    rows = sharding.compiled_batch_rows(len(texts), batch_size)
+    for start in range(0, len(texts), rows):
+      part = texts[start:start + rows]
+      padded = part + [""] * (rows - len(part))
       encoded = self.tokenizer(padded, padding="max_length", truncation=True,
                                max_length=self.max_length, return_tensors="np")
       vectors = _pooled_fn(self.module)(self.params,
