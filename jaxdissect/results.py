@@ -350,7 +350,7 @@ def environment() -> dict[str, Any]:
               "flax": flax.__version__, "transformers": transformers.__version__,
               "numpy": np.__version__}
   # Read from the installed distribution, not by importing it: a run that never used
-  # tf.data (the synthetic default) spent 5.5 s of its 50 importing TensorFlow here.
+  # tf.data (the synthetic default) spent 3.4 s importing TensorFlow here.
   for distribution in ("tensorflow", "tensorflow-cpu"):
     try:
       versions["tensorflow"] = importlib.metadata.version(distribution)
