@@ -118,14 +118,8 @@ def load(name: str, field: str = "sentence_model") -> SentenceEncoder:
         "model.safetensors.")
   # Made without random weights: building all-MiniLM-L6-v2 with them first took 6.3 s
   # on 2 CPU cores, against 0.4 s to read it.
-  verbosity = transformers.logging.get_verbosity()
-  # Its "weights not used: position_ids" notice is expected for every BERT checkpoint.
-  transformers.logging.set_verbosity_error()
   location = checkpoints.local_directory(location, field)
-  try:
-    model, params = checkpoints.load_flax_pretrained(model_class, location, config, field)
-  finally:
-    transformers.logging.set_verbosity(verbosity)
+  model, params = checkpoints.load_flax_pretrained(model_class, location, config, field)
   tokenizer = loading.load_or_explain(
       lambda: transformers.AutoTokenizer.from_pretrained(location), field,
       f"the tokenizer of {name!r}", "the model directory needs its tokenizer files.")
