@@ -36,7 +36,6 @@ the pass logs its rate and ETA: at ResNet-50's widths with 20,000 concepts it is
 156 G terms, a minute or more on a CPU (BENCHMARKS.md).
 """
 import dataclasses
-import time
 
 from absl import logging
 import numpy as np
@@ -174,15 +173,12 @@ def layers_stability(similarity_fn: str, image_embeddings, text_embeddings,
                float(num_resamples) * num_units * top_k * num_concepts)
   progress = activations_lib.RateLogger(num_concepts, "Label stability", log_every_s,
                                         unit="concepts")
-  started = time.time()
   rows = [resampled_top_rows(np.asarray(top_rows[:, :num_top]), weights[:num_resamples],
                              top_k) for top_rows in top_rows_by_layer]
   labels = streaming.layers_resampled_labels(
       similarity_fn, image_embeddings, text_embeddings, rows, mesh=mesh,
       compute_dtype=compute_dtype, block_size=block_size, row_normalisers=row_normalisers,
       on_block=lambda done, _: progress.update(done - progress.done))
-  logging.info("Stability: %d resamples of %d layer(s), %d units, in %.1f s.",
-               num_resamples, len(rows), num_units, time.time() - started)
   return [UnitStability(np.where(np.asarray(usable, bool), pairwise_agreement(layer_labels),
                                  np.nan), layer_labels)
           for usable, layer_labels in zip(usable_by_layer, labels)]
